@@ -1,0 +1,1 @@
+"""medtune.cli"""

@@ -1,0 +1,217 @@
+"""Arguments and handlers of each ``medtune`` command; each handler calls one API function."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def _fundus_options(value: str) -> dict[str, Any]:
+    """``--fundus none|crop[,ben-graham][,clahe]`` -> FundusOptions fields."""
+    parts = {p.strip() for p in value.split(",") if p.strip()}
+    allowed = {"none", "crop", "ben-graham", "clahe"}
+    if not parts <= allowed:
+        raise argparse.ArgumentTypeError(
+            f"unknown --fundus option(s) {sorted(parts - allowed)}; use {sorted(allowed)}"
+        )
+    return {"crop": "crop" in parts, "ben_graham": "ben-graham" in parts, "clahe": "clahe" in parts}
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--skip-bad",
+        action="store_true",
+        default=None,
+        help="skip unreadable images (listed in the output folder) instead of failing",
+    )
+    p.add_argument(
+        "--cache-dir",
+        help="where prepared images and features are cached "
+        "(default $MEDTUNE_CACHE or ~/.cache/medtune)",
+    )
+
+
+# ----------------------------------------------------------------------------------- prepare
+def add_prepare(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--data",
+        required=True,
+        help="class folders, a folder with labels.csv, a CSV file, or a MedMNIST .npz",
+    )
+    p.add_argument("--size", type=int, default=224, help="output side in pixels (default 224)")
+    p.add_argument(
+        "--fundus",
+        type=_fundus_options,
+        default={"crop": True, "ben_graham": False, "clahe": False},
+        help="fundus preprocessing: none, or crop[,ben-graham][,clahe] "
+        "(default crop: field-of-view crop, colours untouched)",
+    )
+    p.add_argument("--out", required=True, help="cache folder")
+    p.add_argument("--workers", type=int, default=0, help="decoding processes (default 0: inline)")
+    p.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="skip unreadable images (listed in skipped.csv) instead of failing",
+    )
+
+
+def run_prepare(args: argparse.Namespace) -> None:
+    import time
+
+    from medtune.data import load_imageset, prepare
+    from medtune.data.fundus import FundusOptions
+
+    started = time.perf_counter()
+    imageset = load_imageset(args.data, skip_bad=args.skip_bad)
+    cache = prepare(
+        imageset,
+        args.size,
+        FundusOptions.from_dict(args.fundus),
+        Path(args.out),
+        skip_bad=args.skip_bad,
+        num_workers=args.workers,
+    )
+    seconds = time.perf_counter() - started
+    print(
+        f"prepared {len(cache)} images ({len(cache.skipped)} skipped) in {seconds:.1f} s: "
+        f"{cache.dir}"
+    )
+
+
+# ----------------------------------------------------------------------------------- train
+def _devices(value: str) -> int | str:
+    return value if value == "auto" else int(value)
+
+
+TRAIN_FLAGS: list[tuple[str, dict[str, Any]]] = [
+    ("--data", {"help": "training images: class folders, folder with labels.csv, CSV, or .npz"}),
+    ("--val-data", {"help": "separate validation set (default: a group-aware split of --data)"}),
+    ("--test-data", {"help": "separate test set (default: a group-aware split of --data)"}),
+    ("--out", {"help": "run folder (default runs/run)"}),
+    ("--val-fraction", {"type": float, "help": "validation share when splitting (default 0.15)"}),
+    ("--test-fraction", {"type": float, "help": "test share when splitting (default 0.15)"}),
+    (
+        "--backbone",
+        {
+            "help": "efficientnet_lite0 (default, offline weights), googlenet, or any "
+            "timm / torchvision model name"
+        },
+    ),
+    ("--weights", {"help": "pretrained weights: 'default', a local .pth/.safetensors, or 'none'"}),
+    ("--image-size", {"type": int, "help": "input side (default: the backbone's pretrained size)"}),
+    ("--fundus", {"type": _fundus_options, "help": "none or crop[,ben-graham][,clahe]"}),
+    (
+        "--strategy",
+        {
+            "choices": ["linear-probe", "layer-probe", "finetune", "auto"],
+            "help": "transfer scenario (default finetune; auto asks the advisor)",
+        },
+    ),
+    ("--layer", {"help": "stage for layer-probe, or 'best' to try every stage"}),
+    ("--epochs", {"type": int}),
+    ("--batch-size", {"type": int}),
+    ("--lr", {"type": float, "help": "learning rate of the new head (default 0.01)"}),
+    ("--optimizer", {"choices": ["sgd", "adamw"]}),
+    (
+        "--backbone-lr-mult",
+        {"type": float, "help": "learning-rate factor of pretrained stages (default 0.1)"},
+    ),
+    ("--layer-decay", {"type": float, "help": "extra factor per stage towards the input"}),
+    ("--freeze", {"type": int, "help": "freeze the first N stages (BatchNorm stats too)"}),
+    ("--weight-decay", {"type": float, "help": "L2 weight decay (not on BN and biases)"}),
+    ("--l2sp", {"type": float, "help": "L2-SP strength: pull toward the pretrained weights"}),
+    ("--head-epochs", {"type": int, "help": "epochs that train only the head first"}),
+    ("--warmup-epochs", {"type": float}),
+    ("--schedule", {"choices": ["cosine", "step"]}),
+    ("--lr-floor", {"type": float, "help": "final learning rate as a fraction of the start"}),
+    ("--dropout", {"type": float}),
+    ("--class-weights", {"choices": ["auto", "none"]}),
+    ("--balanced-sampler", {"action": "store_true", "default": None}),
+    ("--hflip", {"action": "store_true", "default": None}),
+    ("--vflip", {"action": "store_true", "default": None}),
+    (
+        "--no-rot90",
+        {
+            "dest": "rot90",
+            "action": "store_false",
+            "default": None,
+            "help": "turn off the default 0/90/180/270 rotation augmentation",
+        },
+    ),
+    ("--early-stopping", {"type": int, "help": "patience in epochs (0 turns it off)"}),
+    ("--seed", {"type": int}),
+    ("--precision", {"help": "Lightning precision: bf16-mixed (default), 32-true, 16-mixed"}),
+    ("--workers", {"dest": "num_workers", "type": int, "help": "DataLoader workers"}),
+    ("--accelerator", {"help": "cpu, gpu or auto"}),
+    ("--devices", {"type": _devices, "help": "processes/GPUs per node (int or 'auto')"}),
+    ("--num-nodes", {"type": int}),
+    ("--dist-strategy", {"help": "Lightning strategy (default auto: DDP when >1 process)"}),
+    ("--sync-batchnorm", {"action": "store_true", "default": None}),
+    ("--max-steps-per-epoch", {"type": int, "help": "cap training batches per epoch"}),
+    ("--preset", {"choices": ["seed"], "help": "seed: the article's GoogLeNet recipe"}),
+]
+
+
+def add_train(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="a config.yaml (e.g. RUN/config.yaml); flags override it")
+    p.add_argument("--resume", metavar="RUN", help="continue an interrupted run")
+    for flag, kwargs in TRAIN_FLAGS:
+        p.add_argument(flag, **{"default": None, **kwargs})
+    _add_data_args(p)
+
+
+def train_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings given on the command line (flags left out keep config/default values)."""
+    skip = {"config", "resume", "handler", "debug", "verbose"}
+    values = {k: v for k, v in vars(args).items() if k not in skip and v is not None}
+    if values.get("weights") == "none":
+        values["weights"] = None
+    if values.get("early_stopping") == 0:
+        values["early_stopping"] = None
+    return values
+
+
+def run_train(args: argparse.Namespace) -> None:
+    from medtune.training import TrainConfig, resume, train
+
+    if args.resume:
+        result = resume(args.resume)
+    else:
+        config = TrainConfig.load(args.config) if args.config else None
+        result = train(config, **train_overrides(args))
+    print_run(result)
+
+
+def print_run(result: Any) -> None:
+    from medtune.evaluation.tables import metrics_table
+
+    print(metrics_table(result.metrics, synthetic=result.config.synthetic))
+    print(f"run folder: {result.dir}  ({result.seconds:.1f} s)")
+
+
+# ----------------------------------------------------------------------------------- demo
+def add_demo(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", help="run the demo on real data instead of the synthetic set")
+    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    p.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs (default 3)")
+
+
+def run_demo(args: argparse.Namespace) -> None:
+    from medtune.training.demo import run_demo as demo
+
+    demo(out=args.out, data=args.data, epochs=args.epochs)
+
+
+COMMANDS: dict[
+    str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], Any]]
+] = {
+    "demo": (
+        "run the main job end to end (synthetic fundus set unless --data)",
+        add_demo,
+        run_demo,
+    ),
+    "prepare": ("decode, preprocess and cache every image once", add_prepare, run_prepare),
+    "train": ("train a model with one of the four transfer scenarios", add_train, run_train),
+}

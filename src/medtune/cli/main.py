@@ -1,0 +1,74 @@
+"""``medtune`` command line: a thin layer over the Python API (one function per command)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from medtune import __version__
+from medtune.errors import MedtuneError
+
+EXIT_USER_ERROR = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s"
+    )
+    if not hasattr(args, "handler"):
+        parser.print_help()
+        return EXIT_USER_ERROR
+    try:
+        return args.handler(args) or 0
+    except MedtuneError as err:
+        if args.debug:
+            raise
+        print(f"medtune: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(
+            "medtune: interrupted; rerun the same command (or --resume) to continue",
+            file=sys.stderr,
+        )
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="medtune",
+        description="Transfer learning and fine-tuning of ImageNet-pretrained CNNs on medical "
+        "images (diabetic retinopathy grading first).",
+    )
+    parser.add_argument("--version", action="version", version=f"medtune {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress messages")
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+    from medtune.cli import commands
+
+    for name, (help_text, add_args, handler) in commands.COMMANDS.items():
+        cmd = sub.add_parser(name, help=help_text, description=help_text)
+        # Accept the global flags after the command too (SUPPRESS keeps a flag given before it).
+        cmd.add_argument(
+            "--debug",
+            action="store_true",
+            default=argparse.SUPPRESS,
+            help="show tracebacks on errors",
+        )
+        cmd.add_argument(
+            "-v",
+            "--verbose",
+            action="store_true",
+            default=argparse.SUPPRESS,
+            help="log progress messages",
+        )
+        add_args(cmd)
+        cmd.set_defaults(handler=handler)
+    return parser
+
+
+if __name__ == "__main__":
+    sys.exit(main())

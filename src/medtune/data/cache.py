@@ -1,0 +1,465 @@
+"""The prepared image cache: every image decoded, fundus-preprocessed and resized exactly once.
+
+``prepare`` writes ``out_dir/<key>/images.npy`` (uint8 ``N x S x S x 3``, read later as a
+read-only memmap), ``index.json`` (keys, labels, classes, groups, split, parameters, source
+identities, skipped images) and, when images were skipped, ``skipped.csv``. ``<key>`` hashes the
+source identities (file size + mtime, or npz content hash), labels, the size, the fundus options
+and :data:`FORMAT_VERSION`; any change gives a new key and a rebuild.
+
+Crash and concurrency safety: a build happens in ``out_dir/.tmp-<key>-<host>-<pid>`` with
+``index.json`` written last, then the folder is renamed to ``out_dir/<key>`` in one step. A killed
+build leaves only a ``.tmp-*`` folder (removed by the next ``prepare`` once its process is dead);
+when two processes build the same key the first rename wins and the other discards its copy. A
+renamed cache is never modified, so any number of readers may use it at once (others add feature
+caches inside it).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import contextlib
+import datetime as _dt
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import re
+import shutil
+import socket
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from medtune import io as mio
+from medtune.data.sources import ImageSet, decode_source
+from medtune.errors import BadImageError, MedtuneError
+
+if TYPE_CHECKING:
+    from medtune.data.fundus import FundusOptions
+
+__all__ = ["FORMAT_VERSION", "PreparedCache", "cache_key", "open_cache", "prepare"]
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+DECODE_SIDE_FACTOR = 2  # decode at most 2*size on the long side (JPEG draft), then preprocess
+_FOREIGN_TMP_AGE_S = 24 * 3600  # other hosts' temp folders are removed only when this old
+_REASON = re.compile(r"cannot read image \((.*)\); replace or delete")
+
+
+# --------------------------------------------------------------------------- PreparedCache
+
+
+@dataclass
+class PreparedCache:
+    """A built cache folder; ``images`` is opened lazily as a read-only memmap."""
+
+    dir: Path
+    key: str
+    size: int
+    keys: list[str]
+    labels: np.ndarray
+    class_names: list[str]
+    groups: list[str] | None
+    predefined_split: list[str] | None
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    source_indices: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    params: dict[str, Any] = field(default_factory=dict)
+    _images: np.ndarray | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def images(self) -> np.ndarray:
+        """``N x S x S x 3`` uint8, memory-mapped read-only (opened on first use per process)."""
+        if self._images is None:
+            self._images = np.load(self.dir / "images.npy", mmap_mode="r")
+        return self._images
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_images"] = None  # each process (e.g. DataLoader worker) maps the file itself
+        return state
+
+    def index_of(self, keys: Iterable[str]) -> np.ndarray:
+        """Row indices of the given image keys (``KeyError`` names the first unknown key)."""
+        lookup = {k: i for i, k in enumerate(self.keys)}
+        return np.asarray([lookup[k] for k in keys], dtype=np.int64)
+
+
+def open_cache(path: str | os.PathLike[str]) -> PreparedCache:
+    """Open a complete cache folder (``out_dir/<key>``) written by :func:`prepare`."""
+    path = Path(path)
+    index_path = path / "index.json"
+    if not index_path.is_file():
+        raise MedtuneError(
+            f"{path}: not a complete medtune cache (no index.json); delete the folder and run "
+            "prepare again"
+        )
+    meta = json.loads(index_path.read_text(encoding="utf-8"))
+    if meta.get("format") != FORMAT_VERSION:
+        raise MedtuneError(
+            f"{path}: cache format {meta.get('format')} is not {FORMAT_VERSION} (another medtune "
+            "version); delete the folder and run prepare again"
+        )
+    cache = PreparedCache(
+        dir=path,
+        key=meta["key"],
+        size=int(meta["size"]),
+        keys=list(meta["keys"]),
+        labels=np.asarray(meta["labels"], dtype=np.int64),
+        class_names=list(meta["class_names"]),
+        groups=meta["groups"],
+        predefined_split=meta["predefined_split"],
+        skipped=list(meta["skipped"]),
+        source_indices=np.asarray(meta["source_indices"], dtype=np.int64),
+        params=dict(meta["params"]),
+    )
+    expected = (len(cache.keys), cache.size, cache.size, 3)
+    try:
+        shape = cache.images.shape
+    except (OSError, ValueError) as err:
+        raise MedtuneError(f"{path}: cannot open images.npy ({err}); delete the folder") from None
+    if shape != expected:
+        raise MedtuneError(
+            f"{path}: images.npy has shape {shape}, index.json says {expected}; delete the folder"
+        )
+    return cache
+
+
+# --------------------------------------------------------------------------- prepare
+
+
+def prepare(
+    imageset: ImageSet,
+    size: int,
+    fundus_opts: FundusOptions | dict[str, Any] | None = None,
+    out_dir: str | os.PathLike[str] = "cache",
+    *,
+    skip_bad: bool = False,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> PreparedCache:
+    """Decode + preprocess + resize every image once into ``out_dir/<key>``; reuse when current.
+
+    ``fundus_opts``: :class:`~medtune.data.fundus.FundusOptions` or its dict (``None``: defaults).
+    ``skip_bad``: drop undecodable images (listed in ``skipped.csv`` and ``cache.skipped``)
+    instead of raising :class:`BadImageError`. ``num_workers > 0``: decode in that many ``spawn``
+    processes (a script calling this needs the usual ``if __name__ == "__main__":`` guard).
+    """
+    from medtune.data import fundus
+
+    if int(size) < 1:
+        raise MedtuneError(f"image size must be a positive number of pixels, got {size}")
+    size = int(size)
+    if fundus_opts is None or isinstance(fundus_opts, dict):
+        opts = fundus.FundusOptions.from_dict(fundus_opts)
+    else:
+        opts = fundus_opts
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    params = _params(size, opts, fundus)
+    identities = [imageset.identity(i) for i in range(len(imageset))]
+    key = cache_key(imageset, identities, params)
+    final = out / key
+    _cleanup_tmp(out)
+    if not (final / "index.json").is_file():
+        _discard_incomplete(final)
+        _build(imageset, final, key, params, identities, skip_bad, num_workers, progress)
+    else:
+        log.info("reusing prepared cache %s", final)
+    cache = open_cache(final)
+    if cache.skipped and not skip_bad:
+        first = cache.skipped[0]
+        raise BadImageError(first["path"], first["reason"])
+    return cache
+
+
+def _params(size: int, opts: Any, fundus: Any) -> dict[str, Any]:
+    return {
+        "format": FORMAT_VERSION,
+        "size": size,
+        "fundus": opts.to_dict(),
+        "fundus_version": getattr(fundus, "VERSION", None),
+        "decode_side": DECODE_SIDE_FACTOR * size,
+    }
+
+
+def cache_key(imageset: ImageSet, identities: Sequence[str], params: dict[str, Any]) -> str:
+    """Short sha256 of the keys + identities (in order), labels, classes, groups and params."""
+    payload = {
+        "params": params,
+        "items": [[k, ident] for k, ident in zip(imageset.keys, identities, strict=True)],
+        "labels": imageset.labels.tolist(),
+        "class_names": imageset.class_names,
+        "groups": imageset.groups,
+        "predefined_split": imageset.predefined_split,
+    }
+    blob = json.dumps(payload, sort_keys=True, ensure_ascii=False).encode("utf-8")
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- temp folders
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
+
+
+def _tmp_name(key: str) -> str:
+    return f".tmp-{key}-{_host()}-{os.getpid()}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _cleanup_tmp(out: Path) -> None:
+    """Remove ``.tmp-*`` folders of dead processes (other hosts': only when a day old)."""
+    host = _host()
+    for entry in out.iterdir():
+        match = re.fullmatch(r"\.tmp-[0-9a-f]+-(.+)-(\d+)", entry.name)
+        if match is None or not entry.is_dir():
+            continue
+        owner, pid = match.group(1), int(match.group(2))
+        dead = False
+        if owner == host:
+            dead = pid != os.getpid() and not _pid_alive(pid)
+        else:
+            with contextlib.suppress(OSError):
+                dead = time.time() - entry.stat().st_mtime > _FOREIGN_TMP_AGE_S
+        if dead:
+            log.info("removing leftover temp folder %s", entry)
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _discard_incomplete(final: Path) -> None:
+    """A ``<key>`` folder without index.json was not made by prepare's rename: move it away."""
+    if not final.exists():
+        return
+    trash = final.parent / _tmp_name(final.name + "0")
+    with contextlib.suppress(OSError):
+        os.rename(final, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _build(
+    imageset: ImageSet,
+    final: Path,
+    key: str,
+    params: dict[str, Any],
+    identities: list[str],
+    skip_bad: bool,
+    num_workers: int,
+    progress: bool,
+) -> None:
+    tmp = final.parent / _tmp_name(key)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        start = time.perf_counter()
+        npy = tmp / "images.npy"
+        size = params["size"]
+        mm = np.lib.format.open_memmap(
+            npy, mode="w+", dtype=np.uint8, shape=(len(imageset), size, size, 3)
+        )
+        del mm
+        failures = _fill(imageset, npy, params, skip_bad, num_workers, progress, key)
+        good = [i for i in range(len(imageset)) if i not in failures]
+        if not good:
+            raise MedtuneError(
+                f"{imageset.source}: none of the {len(imageset)} images could be decoded "
+                f"(first: {imageset.display_path(min(failures))}: {failures[min(failures)]}); "
+                "check the data folder"
+            )
+        if failures:
+            _compact(npy, good)
+        _fsync_path(npy)
+        skipped = [
+            {"key": imageset.keys[i], "path": imageset.display_path(i), "reason": failures[i]}
+            for i in sorted(failures)
+        ]
+        if skipped:
+            with mio.atomic_path(tmp / "skipped.csv") as f:
+                pd.DataFrame(skipped, columns=["key", "path", "reason"]).to_csv(f, index=False)
+        mio.write_json(tmp / "index.json", _index(imageset, key, params, identities, good, skipped))
+        _fsync_path(tmp)
+        _publish(tmp, final)
+        seconds = time.perf_counter() - start
+        log.info("prepared %d images in %.1f s -> %s", len(good), seconds, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Rename the finished temp folder into place; if another process won the race, keep theirs."""
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        if not (final / "index.json").is_file():
+            raise
+        log.info("another process prepared %s first; using it", final)
+        return
+    _fsync_path(final.parent)
+
+
+def _index(
+    imageset: ImageSet,
+    key: str,
+    params: dict[str, Any],
+    identities: list[str],
+    good: list[int],
+    skipped: list[dict[str, str]],
+) -> dict[str, Any]:
+    def pick(values: list[Any] | None) -> list[Any] | None:
+        return None if values is None else [values[i] for i in good]
+
+    return {
+        "format": FORMAT_VERSION,
+        "key": key,
+        "size": params["size"],
+        "params": params,
+        "source": imageset.source,
+        "root": str(imageset.root),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "keys": pick(imageset.keys),
+        "labels": imageset.labels[good].tolist(),
+        "class_names": list(imageset.class_names),
+        "groups": pick(imageset.groups),
+        "predefined_split": pick(imageset.predefined_split),
+        "source_indices": good,
+        "identities": pick(identities),
+        "skipped": skipped,
+    }
+
+
+def _chunks(n: int, num_workers: int) -> list[range]:
+    """In-process: 16 images per progress update; workers: ~8 chunks each, at most 64 images."""
+    step = 16 if num_workers <= 0 else max(1, min(64, n // (8 * num_workers)))
+    return [range(i, min(n, i + step)) for i in range(0, n, step)]
+
+
+def _fill(
+    imageset: ImageSet,
+    npy: Path,
+    params: dict[str, Any],
+    skip_bad: bool,
+    num_workers: int,
+    progress: bool,
+    key: str,
+) -> dict[int, str]:
+    """Write every row of ``npy``; returns ``{row: reason}`` for undecodable images."""
+    from tqdm.auto import tqdm
+
+    failures: dict[int, str] = {}
+    chunks = _chunks(len(imageset), num_workers)
+    bar = tqdm(total=len(imageset), desc=f"prepare {key}", unit="img", disable=not progress)
+
+    def take(rows: range, result: list[tuple[int, str]]) -> None:
+        failures.update(result)
+        bar.update(len(rows))
+        if result and not skip_bad:
+            row, reason = min(result)
+            raise BadImageError(imageset.display_path(row), reason)
+
+    def task(rows: range) -> tuple[Any, ...]:
+        items = [(i, imageset.source_of(i)) for i in rows]
+        return (str(npy), items, params["size"], params["fundus"], params["decode_side"])
+
+    with bar:
+        if num_workers <= 0:
+            for rows in chunks:
+                take(rows, _process_chunk(*task(rows)))
+            return failures
+        ctx = multiprocessing.get_context("spawn")
+        with cf.ProcessPoolExecutor(max_workers=num_workers, mp_context=ctx) as pool:
+            try:
+                _run_pool(pool, chunks, task, take, window=4 * num_workers)
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+    return failures
+
+
+def _run_pool(pool: cf.Executor, chunks: list[range], task: Any, take: Any, window: int) -> None:
+    """Submit chunks with at most ``window`` in flight (bounds memory for in-memory npz arrays)."""
+    pending: dict[cf.Future[list[tuple[int, str]]], range] = {}
+    todo = iter(chunks)
+    while True:
+        while len(pending) < window:
+            rows = next(todo, None)
+            if rows is None:
+                break
+            pending[pool.submit(_process_chunk, *task(rows))] = rows
+        if not pending:
+            return
+        done, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+        for fut in done:
+            take(pending.pop(fut), fut.result())
+
+
+def _process_chunk(
+    npy: str,
+    items: list[tuple[int, str | np.ndarray]],
+    size: int,
+    fundus_opts: dict[str, Any],
+    decode_side: int,
+) -> list[tuple[int, str]]:
+    """Decode + preprocess ``items`` into their rows of ``npy`` (runs in workers too)."""
+    from medtune.data import fundus
+
+    opts = fundus.FundusOptions.from_dict(fundus_opts)
+    mm = np.load(npy, mmap_mode="r+")
+    failures: list[tuple[int, str]] = []
+    try:
+        for row, src in items:
+            try:
+                arr = fundus.preprocess(decode_source(src, decode_side), size, opts)
+            except BadImageError as err:
+                match = _REASON.search(str(err))
+                failures.append((row, match.group(1) if match else str(err)))
+                continue
+            if arr.shape != (size, size, 3) or arr.dtype != np.uint8:
+                raise RuntimeError(f"preprocess returned {arr.shape} {arr.dtype} for row {row}")
+            mm[row] = arr
+        mm.flush()
+    finally:
+        del mm
+    return failures
+
+
+def _compact(npy: Path, good: list[int], block: int = 256) -> None:
+    """Rewrite ``npy`` keeping only the rows in ``good`` (after skipping bad images)."""
+    src = np.load(npy, mmap_mode="r")
+    tmp = npy.with_name("images.compact.npy")
+    shape = (len(good), *src.shape[1:])
+    dst = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+    for start in range(0, len(good), block):
+        dst[start : start + block] = src[good[start : start + block]]
+    dst.flush()
+    del dst, src
+    os.replace(tmp, npy)

@@ -1,0 +1,698 @@
+"""Labelled image sets: class folders, ``labels.csv``, Kaggle ``trainLabels.csv``, CSV files, npz.
+
+:func:`load_imageset` finds out what ``src`` is and returns an :class:`ImageSet`: stable keys,
+int64 labels, class names in a stable order, optional patient/duplicate groups and, for MedMNIST
+``.npz`` files, the official split. Only file existence and size are checked here (decoding 30k
+images up front would be too slow); undecodable images are found when the cache is built.
+Every user-fixable problem is a one-line :class:`~medtune.errors.MedtuneError` naming the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io as _io
+import os
+import posixpath
+import re
+import unicodedata
+import zipfile
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from medtune import io as mio
+from medtune.data.images import IMAGE_EXTENSIONS, is_image_file, load_rgb, to_rgb8
+from medtune.errors import BadImageError, MedtuneError
+
+__all__ = ["ImageSet", "load_imageset", "SPLIT_NAMES"]
+
+SPLIT_NAMES = ("train", "val", "test")
+IMAGE_COLUMNS = ("image", "id_code", "filename", "file", "path")
+LABEL_COLUMNS = ("label", "level", "diagnosis", "class", "grade")
+GROUP_COLUMNS = ("patient_id", "group", "patient", "dup_group")
+IMAGE_SUBDIRS = ("", "images/", "train/")  # where CSV image names are looked up, in this order
+_KAGGLE_EYE = re.compile(r"^(.+)_(left|right)$", re.IGNORECASE)
+_INT_LABEL = re.compile(r"^[+-]?\d+(\.0*)?$")
+
+
+# --------------------------------------------------------------------------- ImageSet
+
+
+@dataclass
+class ImageSet:
+    """A labelled image set; see ``docs/architecture.md`` (data contract)."""
+
+    keys: list[str]
+    labels: np.ndarray
+    class_names: list[str]
+    groups: list[str] | None
+    predefined_split: list[str] | None
+    root: Path
+    source: str
+    paths: list[Path] | None = field(default=None, repr=False)
+    skipped: list[tuple[str, str]] = field(default_factory=list, repr=False)
+    npz: _NpzStore | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.labels = np.asarray(self.labels, dtype=np.int64)
+        n = len(self.keys)
+        for name in ("labels", "groups", "predefined_split", "paths"):
+            value = getattr(self, name)
+            if value is not None and len(value) != n:
+                raise ValueError(f"ImageSet.{name} has {len(value)} entries for {n} keys")
+        if self.paths is None and self.npz is None:
+            raise ValueError("ImageSet needs file paths or an npz store")
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def load(self, i: int, max_side: int | None = None) -> Image.Image:
+        """Decode image ``i`` as 8-bit RGB (JPEG draft mode when ``max_side`` is given)."""
+        return decode_source(self.source_of(i), max_side)
+
+    def source_of(self, i: int) -> str | np.ndarray:
+        """What to decode for image ``i``: a file path, or the array itself for npz sets."""
+        if self.paths is not None:
+            return str(self.paths[i])
+        assert self.npz is not None
+        return self.npz.image(self.keys[i])
+
+    def display_path(self, i: int) -> str:
+        """A human-readable location of image ``i`` for error messages and logs."""
+        if self.paths is not None:
+            return str(self.paths[i])
+        return f"{self.source}[{self.keys[i]}]"
+
+    def identity(self, i: int) -> str:
+        """Changes when image ``i`` changes: ``size:mtime_ns`` of the file, or npz hash + key."""
+        if self.paths is not None:
+            try:
+                st = os.stat(self.paths[i])
+            except OSError:
+                return "missing"
+            return f"{st.st_size}:{st.st_mtime_ns}"
+        assert self.npz is not None
+        return f"{self.npz.digest()}:{self.keys[i]}"
+
+    def subset(self, indices: Sequence[int] | np.ndarray) -> ImageSet:
+        """A new ImageSet with the given items (class names unchanged)."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+
+        def pick(values: list[Any] | None) -> list[Any] | None:
+            return None if values is None else [values[int(i)] for i in idx]
+
+        return dataclasses.replace(
+            self,
+            keys=pick(self.keys),
+            labels=self.labels[idx],
+            groups=pick(self.groups),
+            predefined_split=pick(self.predefined_split),
+            paths=pick(self.paths),
+        )
+
+
+def decode_source(src: str | np.ndarray, max_side: int | None = None) -> Image.Image:
+    """Decode a file path with :func:`load_rgb` or convert an in-memory array to RGB."""
+    if isinstance(src, np.ndarray):
+        return to_rgb8(_array_to_pil(src), max_side=max_side)
+    return load_rgb(src, max_side=max_side)
+
+
+def _array_to_pil(arr: np.ndarray) -> Image.Image:
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    if arr.dtype == np.uint16:
+        arr = np.rint(arr.astype(np.float32) / 257.0).astype(np.uint8)
+    elif arr.dtype.kind == "f":
+        scale = 255.0 if arr.size and float(np.nanmax(arr)) <= 1.0 else 1.0
+        arr = np.clip(np.rint(np.nan_to_num(arr) * scale), 0, 255).astype(np.uint8)
+    elif arr.dtype != np.uint8:
+        arr = np.clip(arr, 0, 255).astype(np.uint8)
+    return Image.fromarray(np.ascontiguousarray(arr))
+
+
+class _NpzStore:
+    """Lazily loaded arrays of a MedMNIST-style ``.npz`` (pickles as just its path)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._arrays: dict[str, np.ndarray] = {}
+        self._digest: str | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path, "_arrays": {}, "_digest": self._digest}
+
+    def image(self, key: str) -> np.ndarray:
+        split, _, index = key.rpartition("/")
+        name = f"{split}_images" if split else "images"
+        if name not in self._arrays:
+            with np.load(self.path, allow_pickle=False) as z:
+                self._arrays[name] = z[name]
+        return self._arrays[name][int(index)]
+
+    def digest(self) -> str:
+        """sha256 of the file contents (computed once)."""
+        if self._digest is None:
+            h = hashlib.sha256()
+            with open(self.path, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+            self._digest = h.hexdigest()[:16]
+        return self._digest
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+@dataclass
+class _Rows:
+    """Intermediate result of a source reader, before labels are turned into class indices."""
+
+    keys: list[str]
+    raw_labels: list[str]
+    where: Path  # the file named in label errors
+    paths: list[Path] | None = None
+    groups: list[str] | None = None
+    split: list[str] | None = None
+    npz: _NpzStore | None = None
+    row_numbers: list[int] | None = None
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def load_imageset(
+    src: str | os.PathLike[str],
+    *,
+    skip_bad: bool = False,
+    skipped_log: str | os.PathLike[str] | None = None,
+    classes: Sequence[Any] | None = None,
+) -> ImageSet:
+    """Read a labelled image set from a folder, a CSV file or a MedMNIST ``.npz``.
+
+    ``src``: a class-folder root (``root/<class>/*.png``), a folder with ``labels.csv`` (columns
+    ``image,label`` and optional ``patient_id``/``group``; a ``metadata.csv`` with ``dup_group``
+    beside it adds duplicate groups), a folder with Kaggle ``trainLabels.csv`` (``image,level``),
+    a CSV path, or an ``.npz``. ``skip_bad``: skip missing/empty/unlabelled files instead of
+    raising; they are listed in ``ImageSet.skipped`` and, when given, in the ``skipped_log`` CSV
+    (``path,reason``). ``classes``: the expected class list (its order is kept).
+    """
+    path = Path(os.path.abspath(os.path.expanduser(os.fspath(src))))
+    if not path.exists():
+        raise MedtuneError(f"{path}: data path does not exist; check the path (and the drive)")
+    rows = _read_source(path, skip_bad)
+    imageset = _build(rows, path, str(src), classes)
+    if skipped_log is not None:
+        frame = pd.DataFrame(imageset.skipped, columns=["path", "reason"])
+        with mio.atomic_path(skipped_log) as tmp:
+            frame.to_csv(tmp, index=False)
+    return imageset
+
+
+def _read_source(path: Path, skip_bad: bool) -> _Rows:
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix == ".npz":
+            return _read_npz(path)
+        if suffix in (".csv", ".tsv", ".txt"):
+            # labels.csv / trainLabels.csv given directly behave as if their folder was given;
+            # any other CSV may list a subset of the folder (e.g. train.csv), so no stray check
+            name = path.name.lower()
+            standard = name in ("labels.csv", "trainlabels.csv")
+            kaggle = name == "trainlabels.csv"
+            return _read_csv_source(
+                path, path.parent, skip_bad, check_unlabelled=standard, kaggle=kaggle
+            )
+        raise MedtuneError(
+            f"{path}: unsupported data file; give a folder, a CSV (image,label) or an .npz"
+        )
+    for name, kaggle in (("labels.csv", False), ("trainlabels.csv", True)):
+        csv = _find_child(path, name)
+        if csv is not None:
+            return _read_csv_source(csv, path, skip_bad, check_unlabelled=True, kaggle=kaggle)
+    return _read_class_folders(path, skip_bad)
+
+
+def _find_child(folder: Path, name: str) -> Path | None:
+    """The file in ``folder`` whose name equals ``name`` case-insensitively (exact match first)."""
+    exact = folder / name
+    if exact.is_file():
+        return exact
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        if entry.is_file() and entry.name.lower() == name.lower():
+            return Path(entry.path)
+    return None
+
+
+# --------------------------------------------------------------------------- file listing
+
+
+def _nfc(text: str) -> str:
+    return unicodedata.normalize("NFC", text)
+
+
+def _list_images(root: Path) -> list[str]:
+    """Relative POSIX paths of all image files under ``root`` (hidden entries skipped), sorted."""
+    found: list[str] = []
+    visited: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in visited:  # a symlink cycle
+            dirnames[:] = []
+            continue
+        visited.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        rel_dir = os.path.relpath(dirpath, root)
+        for name in filenames:
+            if name.startswith(".") or not is_image_file(name):
+                continue
+            rel = name if rel_dir == "." else f"{rel_dir}/{name}"
+            found.append(rel.replace(os.sep, "/"))
+    return sorted(found)
+
+
+class _FileIndex:
+    """Looks up CSV image names among the files under ``root`` (exact, case-insensitive, stem)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.files = _list_images(root)
+        self.exact = {_nfc(f): f for f in self.files}
+        self.folded: dict[str, list[str]] = {}
+        self.stems: dict[str, list[str]] = {}
+        for f in self.files:
+            norm = _nfc(f).casefold()
+            self.folded.setdefault(norm, []).append(f)
+            self.stems.setdefault(posixpath.splitext(norm)[0], []).append(f)
+
+    def find(self, name: str) -> str | None:
+        """The relative path of the file ``name`` refers to, or ``None``."""
+        table = self.folded if is_image_file(name) else self.stems  # no extension: try them all
+        for prefix in IMAGE_SUBDIRS:
+            rel = _nfc(posixpath.normpath(prefix + name))
+            if rel in self.exact:
+                return self.exact[rel]
+            hits = table.get(rel.casefold())
+            if hits:
+                order = {e: i for i, e in enumerate(IMAGE_EXTENSIONS)}
+                return min(hits, key=lambda h: (order[posixpath.splitext(h)[1].lower()], h))
+        return None
+
+
+def _relative_name(name: str, root: Path, where: Path, row: int) -> str:
+    """Normalise a CSV image name to a path relative to ``root``; refuse names escaping it."""
+    name = name.replace("\\", "/")
+    if os.path.isabs(name):
+        rel = os.path.relpath(os.path.normpath(name), root).replace(os.sep, "/")
+    else:
+        rel = posixpath.normpath(name)
+    if rel == ".." or rel.startswith("../") or os.path.isabs(rel):
+        raise MedtuneError(
+            f"{where}: row {row}: image path '{name}' points outside the data folder {root}; "
+            "image paths must be relative to the CSV's folder"
+        )
+    return rel
+
+
+# --------------------------------------------------------------------------- CSV sources
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    """Read a small CSV: UTF-8 (BOM ok), ``,``/``;``/tab sniffed, headers stripped + lowercased."""
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise MedtuneError(
+            f"{path}: not UTF-8 text (byte {err.start}); save the CSV as UTF-8"
+        ) from None
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    sep = max((",", ";", "\t"), key=first.count) if first else ","
+    try:
+        frame = pd.read_csv(
+            _io.StringIO(text), sep=sep, dtype=str, keep_default_na=False, skip_blank_lines=True
+        )
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as err:
+        msg = " ".join(str(err).split())
+        raise MedtuneError(f"{path}: cannot parse CSV ({msg}); fix the file") from None
+    frame.columns = [str(c).strip().lower() for c in frame.columns]
+    dup = [c for c, n in Counter(frame.columns).items() if n > 1]
+    if dup:
+        raise MedtuneError(f"{path}: column '{dup[0]}' appears twice; rename one of them")
+    for col in frame.columns:
+        frame[col] = frame[col].str.strip()
+    return frame
+
+
+def _pick_column(frame: pd.DataFrame, names: Sequence[str]) -> str | None:
+    return next((n for n in names if n in frame.columns), None)
+
+
+def _required_columns(frame: pd.DataFrame, path: Path, kaggle: bool) -> tuple[str, str]:
+    image_col = _pick_column(frame, IMAGE_COLUMNS)
+    label_col = _pick_column(frame, LABEL_COLUMNS)
+    if image_col is None or label_col is None:
+        missing = [n for n, c in (("image", image_col), ("label", label_col)) if c is None]
+        need = "image,level" if kaggle else "image,label (optional patient_id or group)"
+        found = ",".join(frame.columns) or "none"
+        raise MedtuneError(
+            f"{path}: missing column(s) {', '.join(missing)}; found columns: {found}; "
+            f"the CSV needs columns {need}"
+        )
+    return image_col, label_col
+
+
+def _read_csv_source(
+    csv: Path, root: Path, skip_bad: bool, *, check_unlabelled: bool, kaggle: bool = False
+) -> _Rows:
+    frame = read_table(csv)
+    image_col, label_col = _required_columns(frame, csv, kaggle)
+    if frame.empty:
+        raise MedtuneError(f"{csv}: the CSV has no rows; add one row per image")
+    names = frame[image_col].tolist()
+    row_numbers = list(range(2, len(frame) + 2))
+    _check_duplicates(csv, names, row_numbers)
+    index = _FileIndex(root)
+    rows = _Rows(keys=[], raw_labels=[], where=csv, paths=[], row_numbers=[])
+    missing: list[tuple[int, str]] = []
+    keep: list[int] = []
+    for pos, (name, row) in enumerate(zip(names, row_numbers, strict=True)):
+        if not name:
+            raise MedtuneError(f"{csv}: row {row}: empty image name; fill it in or delete the row")
+        found = index.find(_relative_name(name, root, csv, row))
+        if found is None:
+            missing.append((row, name))
+            continue
+        keep.append(pos)
+        rows.keys.append(found)
+    _report_missing(csv, root, missing, skip_bad, rows)
+    _check_duplicates(csv, rows.keys, [row_numbers[p] for p in keep], resolved=True)
+    rows.raw_labels = [frame[label_col].iat[p] for p in keep]
+    rows.row_numbers = [row_numbers[p] for p in keep]
+    rows.paths = [root / k for k in rows.keys]
+    rows.groups = _groups_for(frame, csv, keep, rows.keys, kaggle)
+    if check_unlabelled:
+        _check_unlabelled(csv, root, index, rows, skip_bad)
+    return _drop_empty_files(rows, skip_bad)
+
+
+def _check_duplicates(
+    csv: Path, names: list[str], row_numbers: list[int], resolved: bool = False
+) -> None:
+    seen: dict[str, int] = {}
+    for name, row in zip(names, row_numbers, strict=True):
+        norm = _nfc(name)
+        if norm in seen:
+            what = "refer to the same file" if resolved else "list the same image"
+            raise MedtuneError(
+                f"{csv}: rows {seen[norm]} and {row} {what} '{name}'; remove the duplicate row"
+            )
+        seen[norm] = row
+
+
+def _report_missing(
+    csv: Path, root: Path, missing: list[tuple[int, str]], skip_bad: bool, rows: _Rows
+) -> None:
+    if not missing:
+        return
+    if skip_bad:
+        rows.skipped.extend((str(root / name), "image file not found") for _, name in missing)
+        return
+    row, name = missing[0]
+    more = f" (and {len(missing) - 1} more rows)" if len(missing) > 1 else ""
+    raise MedtuneError(
+        f"{csv}: row {row}: image file '{name}' not found in {root} or its images/ or train/ "
+        f"subfolder{more}; fix the CSV, add the file, or pass --skip-bad to skip missing images"
+    )
+
+
+def _check_unlabelled(
+    csv: Path, root: Path, index: _FileIndex, rows: _Rows, skip_bad: bool
+) -> None:
+    """Image files next to labelled ones but without a label row: an error unless skipped."""
+    labelled = set(rows.keys)
+    folders = {posixpath.dirname(k) for k in rows.keys}
+    extra = [f for f in index.files if f not in labelled and posixpath.dirname(f) in folders]
+    if not extra:
+        return
+    if skip_bad:
+        rows.skipped.extend((str(root / f), "no label row") for f in extra)
+        return
+    folder = root / posixpath.dirname(extra[0])
+    raise MedtuneError(
+        f"{csv}: {len(extra)} image file(s) in {folder} have no label row, e.g. "
+        f"'{posixpath.basename(extra[0])}'; add them to {csv.name}, move them out, "
+        "or pass --skip-bad to skip them"
+    )
+
+
+def _drop_empty_files(rows: _Rows, skip_bad: bool) -> _Rows:
+    assert rows.paths is not None
+    empty = [i for i, p in enumerate(rows.paths) if _is_empty(p)]
+    if not empty:
+        return rows
+    if not skip_bad:
+        raise BadImageError(rows.paths[empty[0]], "empty file")
+    rows.skipped.extend((str(rows.paths[i]), "empty file") for i in empty)
+    keep = sorted(set(range(len(rows.keys))) - set(empty))
+    return dataclasses.replace(
+        rows,
+        keys=[rows.keys[i] for i in keep],
+        raw_labels=[rows.raw_labels[i] for i in keep],
+        paths=[rows.paths[i] for i in keep],
+        groups=None if rows.groups is None else [rows.groups[i] for i in keep],
+        row_numbers=None if rows.row_numbers is None else [rows.row_numbers[i] for i in keep],
+    )
+
+
+def _is_empty(path: Path) -> bool:
+    try:
+        return os.stat(path).st_size == 0
+    except OSError:
+        return True
+
+
+# --------------------------------------------------------------------------- groups
+
+
+def _groups_for(
+    frame: pd.DataFrame, csv: Path, keep: list[int], keys: list[str], kaggle: bool
+) -> list[str] | None:
+    """Group ids: a patient/group column, ``metadata.csv`` dup groups, Kaggle ``<id>_left``."""
+    sources: list[list[str]] = []
+    col = _pick_column(frame, GROUP_COLUMNS)
+    if col is not None:
+        sources.append([frame[col].iat[p] for p in keep])
+    dup = _metadata_dup_groups(csv, frame, keep)
+    if dup is not None:
+        sources.append(dup)
+    if kaggle and col is None:
+        eyes = [_KAGGLE_EYE.match(posixpath.splitext(posixpath.basename(k))[0]) for k in keys]
+        if any(eyes):
+            sources.append([m.group(1) if m else "" for m in eyes])
+    if not sources:
+        return None
+    return _merge_groups(sources, keys)
+
+
+def _metadata_dup_groups(csv: Path, frame: pd.DataFrame, keep: list[int]) -> list[str] | None:
+    """``dup_group`` from a ``metadata.csv`` beside the labels CSV, aligned to the kept rows."""
+    meta_path = _find_child(csv.parent, "metadata.csv")
+    if meta_path is None or meta_path.samefile(csv):
+        return None
+    meta = read_table(meta_path)
+    image_col = _pick_column(meta, IMAGE_COLUMNS)
+    if image_col is None or "dup_group" not in meta.columns:
+        return None
+    lookup = dict(zip(meta[image_col].map(_nfc), meta["dup_group"], strict=True))
+    image_col_labels = _pick_column(frame, IMAGE_COLUMNS)
+    return [lookup.get(_nfc(frame[image_col_labels].iat[p]), "") for p in keep]
+
+
+def _merge_groups(sources: list[list[str]], keys: list[str]) -> list[str]:
+    """Combine group columns: images sharing any group id end up in one group (union-find)."""
+    if len(sources) == 1:
+        return [g if g else f"image:{k}" for g, k in zip(sources[0], keys, strict=True)]
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        while parent.setdefault(x, x) != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    per_image: list[list[str]] = []
+    for i, key in enumerate(keys):
+        nodes = [f"{j}:{src[i]}" for j, src in enumerate(sources) if src[i]] or [f"image:{key}"]
+        for node in nodes[1:]:
+            parent[find(node)] = find(nodes[0])
+        per_image.append(nodes)
+    return [find(nodes[0]) for nodes in per_image]
+
+
+# --------------------------------------------------------------------------- class folders
+
+
+def _read_class_folders(root: Path, skip_bad: bool) -> _Rows:
+    files = [f for f in _list_images(root) if "/" in f]
+    if not files:
+        raise MedtuneError(
+            f"{root}: no labels.csv, trainLabels.csv or class subfolders with images "
+            f"({', '.join(IMAGE_EXTENSIONS)}); put images in {root}/<class>/ or add a labels.csv"
+        )
+    rows = _Rows(
+        keys=files,
+        raw_labels=[f.split("/", 1)[0] for f in files],
+        where=root,
+        paths=[root / f for f in files],
+    )
+    return _drop_empty_files(rows, skip_bad)
+
+
+# --------------------------------------------------------------------------- npz
+
+
+def _npz_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Array shapes of an ``.npz`` without reading the data."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for member in zf.namelist():
+                if not member.endswith(".npy"):
+                    continue
+                with zf.open(member) as fh:
+                    version = np.lib.format.read_magic(fh)
+                    reader = (
+                        np.lib.format.read_array_header_1_0
+                        if version == (1, 0)
+                        else np.lib.format.read_array_header_2_0
+                    )
+                    shapes[member[:-4]] = tuple(reader(fh)[0])
+    except (zipfile.BadZipFile, ValueError, OSError) as err:
+        raise MedtuneError(f"{path}: not a readable .npz file ({err}); re-download it") from None
+    return shapes
+
+
+def _read_npz(path: Path) -> _Rows:
+    shapes = _npz_shapes(path)
+    splits = [s for s in SPLIT_NAMES if f"{s}_images" in shapes]
+    prefixes = [f"{s}_" for s in splits] or ([""] if "images" in shapes else [])
+    if not prefixes:
+        found = ", ".join(sorted(shapes)) or "none"
+        raise MedtuneError(
+            f"{path}: no train_images/train_labels (or images/labels) arrays, found: {found}; "
+            "give a MedMNIST-style .npz"
+        )
+    keys: list[str] = []
+    labels: list[str] = []
+    split: list[str] = []
+    with np.load(path, allow_pickle=False) as z:
+        for prefix, name in zip(prefixes, splits or [""], strict=True):
+            lab = _npz_labels(path, z, prefix, shapes)
+            n = len(lab)
+            keys.extend(f"{name}/{i}" if name else str(i) for i in range(n))
+            labels.extend(str(int(v)) for v in lab)
+            split.extend([name] * n)
+    return _Rows(
+        keys=keys,
+        raw_labels=labels,
+        where=path,
+        split=split if splits else None,
+        npz=_NpzStore(path),
+    )
+
+
+def _npz_labels(path: Path, z: Any, prefix: str, shapes: dict[str, tuple[int, ...]]) -> np.ndarray:
+    img_shape = shapes[f"{prefix}images"]
+    if f"{prefix}labels" not in shapes:
+        raise MedtuneError(f"{path}: has {prefix}images but no {prefix}labels; re-export it")
+    lab = np.asarray(z[f"{prefix}labels"])
+    if lab.ndim == 2 and lab.shape[1] == 1:
+        lab = lab[:, 0]
+    if lab.ndim != 1:
+        raise MedtuneError(
+            f"{path}: {prefix}labels has shape {lab.shape}; multi-label data is not supported, "
+            "give one integer class per image"
+        )
+    ok_img = len(img_shape) == 3 or (len(img_shape) == 4 and img_shape[3] in (1, 3, 4))
+    if not ok_img or img_shape[0] != len(lab):
+        raise MedtuneError(
+            f"{path}: {prefix}images has shape {img_shape} for {len(lab)} labels; expected "
+            "(N, H, W) or (N, H, W, 3) with one label per image"
+        )
+    if lab.dtype.kind not in "iub":
+        raise MedtuneError(f"{path}: {prefix}labels are {lab.dtype}, expected integer classes")
+    return lab
+
+
+# --------------------------------------------------------------------------- labels
+
+
+def _canon(value: Any) -> str:
+    """Canonical label text: integral numbers as plain ints ('2.0' -> '2'), others stripped."""
+    text = str(value).strip()
+    if _INT_LABEL.match(text):
+        return str(int(float(text)))
+    return text
+
+
+def _class_sort_key(name: str) -> tuple[int, int, str]:
+    return (0, int(name), "") if re.fullmatch(r"[+-]?\d+", name) else (1, 0, name)
+
+
+def _build(rows: _Rows, path: Path, source: str, classes: Sequence[Any] | None) -> ImageSet:
+    raw = [_canon(v) for v in rows.raw_labels]
+    numbers = rows.row_numbers
+    for i, value in enumerate(raw):
+        if not value:
+            row = f"row {numbers[i]}" if numbers else f"image '{rows.keys[i]}'"
+            raise MedtuneError(f"{rows.where}: {row}: empty label; fill it in or delete the row")
+    if classes is not None:
+        class_names = [_canon(c) for c in classes]
+        if len(set(class_names)) != len(class_names):
+            raise MedtuneError(f"{rows.where}: the given classes {class_names} contain duplicates")
+    else:
+        class_names = sorted(set(raw), key=_class_sort_key)
+    lookup = {c: i for i, c in enumerate(class_names)}
+    for i, value in enumerate(raw):
+        if value not in lookup:
+            row = f"row {numbers[i]}" if numbers else f"image '{rows.keys[i]}'"
+            raise MedtuneError(
+                f"{rows.where}: {row}: label '{value}' is not one of the classes {class_names}; "
+                "fix the label or the class list"
+            )
+    labels = np.array([lookup[v] for v in raw], dtype=np.int64)
+    _check_class_counts(rows.where, labels, class_names)
+    return ImageSet(
+        keys=rows.keys,
+        labels=labels,
+        class_names=class_names,
+        groups=rows.groups,
+        predefined_split=rows.split,
+        root=path if path.is_dir() else path.parent,
+        source=source,
+        paths=rows.paths,
+        skipped=rows.skipped,
+        npz=rows.npz,
+    )
+
+
+def _check_class_counts(where: Path, labels: np.ndarray, class_names: list[str]) -> None:
+    counts = np.bincount(labels, minlength=len(class_names))
+    present = [c for c, n in zip(class_names, counts, strict=True) if n > 0]
+    if len(present) < 2:
+        only = f"('{present[0]}')" if present else "(none)"
+        raise MedtuneError(
+            f"{where}: only one class {only} found; a classifier needs at least 2 classes "
+            "(check the label column or the class folders)"
+        )
+    for name, n in zip(class_names, counts, strict=True):
+        if n < 2:
+            raise MedtuneError(
+                f"{where}: class '{name}' has {n} image(s); every class needs at least 2 "
+                "(add images, merge the class into another, or remove it)"
+            )

@@ -1,0 +1,108 @@
+"""Batched inference with optional test-time augmentation (TTA).
+
+TTA views are the four ``torch.rot90`` rotations (``"rot90"``), or those and the four rotations of
+the horizontal mirror image (``"rot90+flip"``, the 8 symmetries of the square). All views of a
+batch are concatenated and run in ONE forward pass (so the effective batch is 4x or 8x larger).
+
+Aggregation: the LOGITS of the views are averaged (not the probabilities). Averaging logits
+commutes with temperature scaling (``mean(z_v) / T == mean(z_v / T)``), so a temperature fitted on
+TTA validation logits keeps its meaning, and the output stays a logit that ``softmax`` maps to
+probabilities. Fundus photographs have no canonical orientation, so rotations are label-preserving.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.special import softmax as _softmax
+from torch import nn
+from tqdm.auto import tqdm
+
+__all__ = ["TTA_MODES", "predict_logits", "softmax", "tta_views"]
+
+TTA_MODES = ("none", "rot90", "rot90+flip")
+
+
+def softmax(logits: np.ndarray, T: float = 1.0) -> np.ndarray:
+    """Row-wise ``softmax(logits / T)`` as float64 numpy."""
+    if not T > 0:
+        raise ValueError(f"temperature must be > 0, got {T}")
+    return _softmax(np.asarray(logits, dtype=np.float64) / float(T), axis=1)
+
+
+def tta_views(x: torch.Tensor, tta: str) -> torch.Tensor:
+    """Stack the TTA views of ``x`` (B, C, H, W) along the batch: (V * B, C, H, W), view-major."""
+    if tta == "none":
+        return x
+    if tta not in TTA_MODES:
+        raise ValueError(f"tta must be one of {TTA_MODES}, got {tta!r}")
+    if x.shape[-1] != x.shape[-2]:
+        raise ValueError(f"rot90 TTA needs square images, got {tuple(x.shape[-2:])}")
+    bases = [x, torch.flip(x, dims=(3,))] if tta == "rot90+flip" else [x]
+    return torch.cat([torch.rot90(b, k, dims=(2, 3)) for b in bases for k in range(4)])
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for t in model.parameters():
+        return t.device
+    return torch.device("cpu")
+
+
+def _images(batch: Any) -> torch.Tensor:
+    x = batch[0] if isinstance(batch, (tuple, list)) else batch
+    x = torch.as_tensor(x)
+    if x.ndim != 4 or x.shape[1] != 3 or x.dtype != torch.uint8:
+        raise ValueError(f"batches must be uint8 (B, 3, H, W), got {x.dtype} {tuple(x.shape)}")
+    return x
+
+
+def predict_logits(
+    model: nn.Module,
+    batches: Iterable[Any],
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    tta: str = "none",
+    bf16: bool = False,
+    channels_last: bool = True,
+    progress: bool = False,
+    device: torch.device | str | None = None,
+) -> np.ndarray:
+    """Logits (N, K) float32 for uint8 batches (B, 3, H, W) or ``(images, labels)`` tuples.
+
+    Each batch is moved to the model's device as uint8, scaled to [0, 1] and normalised with
+    ``mean``/``std`` (in [0, 1] units, as timm's data config gives them). The model runs in eval
+    mode under ``torch.inference_mode()`` (its training flag is restored afterwards); ``bf16``
+    enables bfloat16 autocast; ``channels_last`` converts the model and inputs to that memory
+    format (the caller's model is converted in place). TTA logits are averaged (module doc).
+    """
+    if tta not in TTA_MODES:
+        raise ValueError(f"tta must be one of {TTA_MODES}, got {tta!r}")
+    dev = torch.device(device) if device is not None else _model_device(model)
+    was_training = model.training
+    model.eval()
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    shift = torch.tensor(mean, dtype=torch.float32, device=dev).view(1, 3, 1, 1) * 255.0
+    scale = torch.tensor(std, dtype=torch.float32, device=dev).view(1, 3, 1, 1) * 255.0
+    outs: list[np.ndarray] = []
+    try:
+        with torch.inference_mode():
+            for batch in tqdm(batches, desc="predict", unit="batch", disable=not progress):
+                x = _images(batch).to(dev, non_blocking=True)
+                b = x.shape[0]
+                x = tta_views(x, tta).float().sub_(shift).div_(scale)
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=bf16):
+                    z = model(x)
+                z = z.float().reshape(-1, b, z.shape[-1]).mean(dim=0)
+                outs.append(z.cpu().numpy())
+    finally:
+        model.train(was_training)
+    if not outs:
+        raise ValueError("predict_logits: no batches")
+    return np.concatenate(outs).astype(np.float32, copy=False)

@@ -1,0 +1,240 @@
+"""Report figures as PNG bytes (matplotlib Agg canvas).
+
+Each function builds a :class:`matplotlib.figure.Figure` on an explicit Agg canvas: no pyplot,
+no global backend switch, no figure registry to leak. PNGs are saved without the "Software"
+metadata (which would carry a URL into the report).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from sklearn.metrics import roc_curve
+
+__all__ = [
+    "class_balance_png",
+    "confusion_png",
+    "gradcam_grid_png",
+    "reliability_png",
+    "roc_png",
+    "training_curves_png",
+]
+
+_DPI = 110
+
+
+def _png(fig: Figure) -> bytes:
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=_DPI, bbox_inches="tight", metadata={"Software": None})
+    return buf.getvalue()
+
+
+def class_balance_png(
+    counts: Mapping[str, int] | Mapping[str, Mapping[str, int]],
+    class_names: Sequence[str] | None = None,
+) -> bytes:
+    """Bar chart of images per class: ``{class: n}`` or grouped ``{split: {class: n}}``."""
+    grouped = bool(counts) and all(isinstance(v, Mapping) for v in counts.values())
+    series: dict[str, Mapping[str, int]] = dict(counts) if grouped else {"all": counts}  # type: ignore
+    names = list(class_names) if class_names else sorted({c for d in series.values() for c in d})
+    x = np.arange(len(names))
+    width = 0.8 / max(len(series), 1)
+    fig = Figure(figsize=(max(5.0, 0.9 * len(names) + 2), 3.6))
+    ax = fig.add_subplot()
+    for j, (split, d) in enumerate(series.items()):
+        vals = [int(d.get(c, 0)) for c in names]
+        bars = ax.bar(x + (j - (len(series) - 1) / 2) * width, vals, width, label=str(split))
+        ax.bar_label(bars, fontsize=7)
+    ax.set_xticks(x, names)
+    ax.set_xlabel("class")
+    ax.set_ylabel("images")
+    ax.set_title("Class balance")
+    if grouped:
+        ax.legend()
+    return _png(fig)
+
+
+def _read_curves(path: str | os.PathLike[str]) -> tuple[str, dict[str, dict[float, list[float]]]]:
+    """``(x column, {metric: {x: [values]}})`` from a Lightning CSVLogger ``metrics.csv`` (sparse
+    rows); x is ``epoch`` when the log has it, else ``step``."""
+    with open(path, newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows:
+        return "epoch", {}
+    xkey = "epoch" if "epoch" in rows[0] else "step"
+    out: dict[str, dict[float, list[float]]] = {}
+    for row in rows:
+        try:
+            x = float(row.get(xkey) or "nan")
+        except ValueError:
+            continue
+        if math.isnan(x):
+            continue
+        for key, val in row.items():
+            if key in ("epoch", "step") or key is None or val in (None, ""):
+                continue
+            try:
+                v = float(val)
+            except ValueError:
+                continue
+            if math.isfinite(v):
+                out.setdefault(key, {}).setdefault(x, []).append(v)
+    return xkey, out
+
+
+def _skip_curve(name: str) -> bool:
+    """Columns that are not quality metrics: learning rates, counts, timings."""
+    low = name.lower()
+    return low.startswith("lr") or "lr-" in low or low.endswith(("_n", "_count", "time"))
+
+
+def training_curves_png(path: str | os.PathLike[str]) -> bytes | None:
+    """Loss and metric curves from a Lightning ``metrics.csv`` (per-epoch means of whatever
+    columns exist; learning rates and counts skipped); ``None`` if nothing can be plotted."""
+    xkey, curves = _read_curves(path)
+    if not curves:
+        return None
+    losses = {k: v for k, v in curves.items() if "loss" in k.lower()}
+    others = {k: v for k, v in curves.items() if k not in losses and not _skip_curve(k)}
+    panels = [(t, d) for t, d in (("loss", losses), ("metrics", others)) if d]
+    fig = Figure(figsize=(5.2 * len(panels), 3.6))
+    for i, (title, d) in enumerate(panels, start=1):
+        ax = fig.add_subplot(1, len(panels), i)
+        for name, pts in sorted(d.items()):
+            xs = sorted(pts)
+            ax.plot(xs, [float(np.mean(pts[x])) for x in xs], marker="o", ms=3, label=name)
+        ax.set_xlabel(xkey)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def roc_png(
+    y_true: Sequence[int],
+    probs: np.ndarray,
+    class_names: Sequence[str],
+    *,
+    binary: tuple[str, np.ndarray, np.ndarray] | None = None,
+    operating_points: Mapping[str, Mapping[str, Any]] | None = None,
+) -> bytes:
+    """One-vs-rest ROC curve per class, plus a bold binary curve ``(name, y_bin, score)`` (e.g.
+    referable DR) with its operating points (``{name: {"sensitivity", "specificity"}}``)."""
+    y = np.asarray(y_true).astype(np.int64)
+    probs = np.asarray(probs, dtype=np.float64)
+    panels = 2 if binary is not None else 1
+    fig = Figure(figsize=(5.0 * panels, 4.6))
+    ax = fig.add_subplot(1, panels, 1)
+    for k, name in enumerate(class_names):
+        yk = y == k
+        if 0 < yk.sum() < len(y):
+            fpr, tpr, _ = roc_curve(yk, probs[:, k])
+            ax.plot(fpr, tpr, lw=1.2, label=f"class {name}")
+    _roc_axes(ax, "One-vs-rest ROC")
+    if binary is not None:
+        name, y_bin, score = binary
+        ax2 = fig.add_subplot(1, panels, 2)
+        y_bin = np.asarray(y_bin)
+        if 0 < y_bin.sum() < len(y_bin):
+            fpr, tpr, _ = roc_curve(y_bin, score)
+            ax2.plot(fpr, tpr, lw=2.2, color="black", label=name)
+        for op, d in (operating_points or {}).items():
+            if d.get("sensitivity") is not None and d.get("specificity") is not None:
+                ax2.plot(1 - d["specificity"], d["sensitivity"], "o", ms=7, label=f"{op} (test)")
+        _roc_axes(ax2, f"ROC: {name}")
+    return _png(fig)
+
+
+def _roc_axes(ax: Any, title: str) -> None:
+    ax.plot([0, 1], [0, 1], ls="--", lw=0.8, color="grey")
+    ax.set_xlim(-0.01, 1.01)
+    ax.set_ylim(-0.01, 1.01)
+    ax.set_xlabel("1 - specificity (false positive rate)")
+    ax.set_ylabel("sensitivity (true positive rate)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+
+
+def confusion_png(cm: Sequence[Sequence[int]], class_names: Sequence[str]) -> bytes:
+    """Confusion matrix (rows = true class): counts and row-normalised side by side."""
+    counts = np.asarray(cm, dtype=np.float64)
+    rows = counts.sum(axis=1, keepdims=True)
+    norm = np.divide(counts, rows, out=np.zeros_like(counts), where=rows > 0)
+    n = len(class_names)
+    fig = Figure(figsize=(2 * max(4.0, 0.7 * n + 2), max(3.6, 0.6 * n + 1.8)))
+    for i, (mat, title, fmt) in enumerate(
+        ((counts, "counts", "{:.0f}"), (norm, "row-normalised (recall)", "{:.2f}")), start=1
+    ):
+        ax = fig.add_subplot(1, 2, i)
+        im = ax.imshow(mat, cmap="Blues", vmin=0, vmax=mat.max() if mat.max() > 0 else 1)
+        for r in range(n):
+            for c in range(n):
+                dark = mat[r, c] > 0.6 * (mat.max() or 1)
+                ax.text(
+                    c,
+                    r,
+                    fmt.format(mat[r, c]),
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if dark else "black",
+                )
+        ax.set_xticks(range(n), class_names)
+        ax.set_yticks(range(n), class_names)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(title)
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    return _png(fig)
+
+
+def reliability_png(curve: Mapping[str, Any]) -> bytes:
+    """Reliability diagram from :func:`calibration.reliability_curve` data, with bin counts."""
+    edges = np.asarray(curve["bin_edges"], dtype=np.float64)
+    centers = (edges[:-1] + edges[1:]) / 2
+    width = np.diff(edges)
+    acc = np.array([np.nan if v is None else v for v in curve["accuracy"]], dtype=np.float64)
+    conf = np.array([np.nan if v is None else v for v in curve["confidence"]], dtype=np.float64)
+    fig = Figure(figsize=(5.0, 5.4))
+    ax = fig.add_subplot(4, 1, (1, 3))
+    ok = np.isfinite(acc)
+    ax.bar(centers[ok], acc[ok], width=width[ok], edgecolor="black", alpha=0.7, label="accuracy")
+    ax.plot(conf[ok], acc[ok], "o", color="darkred", ms=3, label="bin (mean confidence, accuracy)")
+    ax.plot([0, 1], [0, 1], ls="--", color="grey", label="perfect calibration")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"Reliability (top-label), ECE = {curve['ece']:.3f}")
+    ax.legend(fontsize=7, loc="upper left")
+    ax2 = fig.add_subplot(4, 1, 4)
+    ax2.bar(centers, curve["count"], width=width, color="grey", edgecolor="black")
+    ax2.set_xlim(0, 1)
+    ax2.set_xlabel("confidence")
+    ax2.set_ylabel("images")
+    return _png(fig)
+
+
+def gradcam_grid_png(examples: Sequence[tuple[np.ndarray, str]], ncols: int = 4) -> bytes:
+    """Grid of Grad-CAM overlays (uint8 H x W x 3) with captions."""
+    n = max(len(examples), 1)
+    ncols = min(ncols, n)
+    nrows = math.ceil(n / ncols)
+    fig = Figure(figsize=(3.0 * ncols, 3.3 * nrows))
+    for i, (img, caption) in enumerate(examples):
+        ax = fig.add_subplot(nrows, ncols, i + 1)
+        ax.imshow(np.asarray(img))
+        ax.set_title(str(caption), fontsize=8)
+        ax.axis("off")
+    return _png(fig)

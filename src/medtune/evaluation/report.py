@@ -1,0 +1,543 @@
+"""The evaluation report: a self-contained ``report.html``, ``summary.md`` and ``MODEL_CARD.md``.
+
+``report.html`` embeds every figure as a ``data:image/png;base64`` URI and its CSS inline; it has
+no scripts and no external references, so it opens from disk without a server. Figures sit in
+elements with stable ids (``FIGURE_IDS``); a figure that cannot be drawn (e.g. no training log)
+keeps its id and says why.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from medtune import io
+from medtune.evaluation import plots
+from medtune.evaluation.calibration import reliability_curve
+
+__all__ = ["FIGURE_IDS", "write_report"]
+
+FIGURE_IDS = (
+    "fig-class-balance",
+    "fig-curves",
+    "fig-roc",
+    "fig-confusion",
+    "fig-reliability",
+    "fig-gradcam",
+)
+
+# (key, label) of the headline table, in order; rows whose value is None everywhere are dropped
+_HEADLINE_ROWS = (
+    ("accuracy", "Accuracy"),
+    ("balanced_accuracy", "Balanced accuracy"),
+    ("macro_f1", "Macro F1"),
+    ("qwk", "Quadratic weighted kappa"),
+    ("macro_auc", "Macro one-vs-rest AUC"),
+    ("auc", "AUC (positive class)"),
+    ("sensitivity", "Sensitivity (Youden point)"),
+    ("specificity", "Specificity (Youden point)"),
+    ("referable_auc", "Referable DR AUC"),
+    ("referable_sensitivity", "Referable DR sensitivity (Youden point)"),
+    ("referable_specificity", "Referable DR specificity (Youden point)"),
+    ("ece", "Expected calibration error (15 bins)"),
+)
+
+_OP_HEADER = (
+    "point",
+    "threshold",
+    "sensitivity [95% CI]",
+    "specificity [95% CI]",
+    "PPV",
+    "NPV",
+    "validation sens / spec",
+)
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2rem auto;
+max-width:1100px;padding:0 1rem;color:#1d232a;line-height:1.45}
+h1{margin-bottom:.2rem}h2{border-bottom:2px solid #dde3ea;padding-bottom:.2rem;margin-top:2rem}
+table{border-collapse:collapse;margin:.6rem 0;font-size:.92rem}
+th,td{border:1px solid #d0d7de;padding:.3rem .6rem;text-align:left}th{background:#f3f6f9}
+td.num{text-align:right;font-variant-numeric:tabular-nums}
+figure{margin:1rem 0}figure img{max-width:100%;height:auto;border:1px solid #e4e8ec}
+figcaption{font-size:.85rem;color:#57606a}
+pre{background:#f6f8fa;padding:.8rem;overflow:auto;font-size:.82rem}
+.warn{background:#fff4e5;border-left:4px solid #e8a317;padding:.6rem .9rem;margin:1rem 0}
+.missing{color:#57606a;font-style:italic}.muted{color:#57606a;font-size:.88rem}
+"""
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _splits(metrics: Mapping[str, Any], split: str) -> tuple[dict[str, dict[str, Any]], str]:
+    """Accept one compute_metrics dict or ``{split: dict}``; return all splits and the main one."""
+    if "accuracy" in metrics:
+        return {split: dict(metrics)}, split
+    found = {k: dict(v) for k, v in metrics.items() if isinstance(v, Mapping) and "accuracy" in v}
+    if not found:
+        raise ValueError("metrics must be a compute_metrics() dict or {split: compute_metrics()}")
+    return found, split if split in found else list(found)[-1]
+
+
+def _num(v: Any, digits: int = 3) -> str:
+    return "n/a" if v is None else f"{float(v):.{digits}f}"
+
+
+def _ci(ci: Sequence[float] | None, digits: int = 3) -> str:
+    return "" if not ci else f"[{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
+
+
+def _value_ci(m: Mapping[str, Any], key: str) -> str:
+    v, ci = m.get(key), m.get(f"{key}_ci")
+    return _num(v) + (f" {_ci(ci)}" if ci else "")
+
+
+def _plain(obj: Any) -> Any:
+    """JSON/YAML-safe copy (paths, numpy values and other objects become plain values)."""
+    return json.loads(
+        json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
+    )
+
+
+def _data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def _figure(fig_id: str, png: bytes | None, caption: str, missing: str) -> str:
+    if png is None:
+        return f'<figure id="{fig_id}"><p class="missing">{html.escape(missing)}</p></figure>'
+    alt = html.escape(caption, quote=True)
+    return (
+        f'<figure id="{fig_id}"><img alt="{alt}" src="{_data_uri(png)}">'
+        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+    )
+
+
+def _table(tid: str, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join(
+        "<tr>"
+        + "".join(
+            f"<td{' class=num' if i else ''}>{html.escape(str(c))}</td>" for i, c in enumerate(r)
+        )
+        + "</tr>"
+        for r in rows
+    )
+    return f'<table id="{tid}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def _class_counts(
+    class_counts: Mapping[str, Any] | None, y: np.ndarray, class_names: Sequence[str], split: str
+) -> dict[str, Any]:
+    """Class counts as ``{split: {class: n}}`` (a flat ``{class: n}`` becomes ``{"all": ...}``)."""
+    if class_counts:
+        plain = _plain(class_counts)
+        return plain if all(isinstance(v, Mapping) for v in plain.values()) else {"all": plain}
+    counts = np.bincount(y, minlength=len(class_names))
+    return {split: {name: int(counts[k]) for k, name in enumerate(class_names)}}
+
+
+def _headline_rows(splits: Mapping[str, Mapping[str, Any]]) -> list[list[str]]:
+    return [
+        [label, *(_value_ci(m, key) for m in splits.values())]
+        for key, label in _HEADLINE_ROWS
+        if any(m.get(key) is not None for m in splits.values())
+    ]
+
+
+def _op_rows(m: Mapping[str, Any]) -> list[list[str]]:
+    rows = []
+    for name, d in (m.get("operating_points") or {}).items():
+        rows.append(
+            [
+                name + (" (headline)" if name == m.get("headline_operating_point") else ""),
+                _num(d["threshold"], 4),
+                f"{_num(d['sensitivity'])} {_ci(d.get('sensitivity_ci'))}",
+                f"{_num(d['specificity'])} {_ci(d.get('specificity_ci'))}",
+                _num(d.get("ppv")),
+                _num(d.get("npv")),
+                f"{_num(d.get('val_sensitivity'))} / {_num(d.get('val_specificity'))}",
+            ]
+        )
+    return rows
+
+
+def _per_class_rows(m: Mapping[str, Any]) -> list[list[str]]:
+    return [
+        [name, _num(d["precision"]), _num(d["recall"]), _num(d["f1"]), d["support"], _num(d["auc"])]
+        for name, d in m["per_class"].items()
+    ]
+
+
+def _binary_view(
+    m: Mapping[str, Any], y: np.ndarray, probs: np.ndarray
+) -> tuple[str, np.ndarray, np.ndarray] | None:
+    task = m.get("binary_task")
+    if not task:
+        return None
+    pos = list(task["positive_class_indices"])
+    return task["name"], np.isin(y, pos).astype(np.int64), probs[:, pos].sum(axis=1)
+
+
+def _optimistic_note(splits: Mapping[str, Mapping[str, Any]]) -> str:
+    same = [s for s, m in splits.items() if m.get("thresholds_from") == "same data (optimistic)"]
+    if not same:
+        return ""
+    return (
+        f" Operating points for {', '.join(same)} were chosen on that same data, so its "
+        "sensitivity/specificity are optimistic."
+    )
+
+
+def _synthetic_banner(synthetic: bool) -> str:
+    if not synthetic:
+        return ""
+    return (
+        '<div class="warn" id="synthetic-warning"><strong>Synthetic data.</strong> These figures '
+        "come from generated images, not patients. They test the pipeline only and say nothing "
+        "about clinical performance.</div>"
+    )
+
+
+# ---------------------------------------------------------------- figures
+
+
+def _figures(
+    m: Mapping[str, Any],
+    y: np.ndarray,
+    probs: np.ndarray,
+    class_names: Sequence[str],
+    counts: Mapping[str, Any],
+    curves_csv: str | os.PathLike[str] | None,
+    gradcam_examples: Sequence[tuple[np.ndarray, str]] | None,
+) -> dict[str, str]:
+    binary = _binary_view(m, y, probs)
+    curve = reliability_curve(probs, y)
+    curves_png = None
+    if curves_csv is not None and Path(curves_csv).is_file():
+        curves_png = plots.training_curves_png(curves_csv)
+    cm = m.get("confusion_matrix")
+    return {
+        "fig-class-balance": _figure(
+            "fig-class-balance",
+            plots.class_balance_png(counts, class_names),
+            "Images per class.",
+            "",
+        ),
+        "fig-curves": _figure(
+            "fig-curves",
+            curves_png,
+            "Training curves (per-epoch means from the training log).",
+            "No training log was given.",
+        ),
+        "fig-roc": _figure(
+            "fig-roc",
+            plots.roc_png(
+                y, probs, class_names, binary=binary, operating_points=m.get("operating_points")
+            ),
+            "ROC curves: one-vs-rest per class"
+            + (f"; {binary[0]} with the validation-chosen operating points" if binary else "."),
+            "",
+        ),
+        "fig-confusion": _figure(
+            "fig-confusion",
+            plots.confusion_png(cm, class_names),
+            "Confusion matrix (rows = true class): counts and row-normalised.",
+            "",
+        ),
+        "fig-reliability": _figure(
+            "fig-reliability",
+            plots.reliability_png(curve),
+            "Reliability diagram (top-label confidence vs accuracy) with images per bin.",
+            "",
+        ),
+        "fig-gradcam": _figure(
+            "fig-gradcam",
+            plots.gradcam_grid_png(gradcam_examples) if gradcam_examples else None,
+            "Grad-CAM: where the network looked, for correct and incorrect predictions per class.",
+            "No Grad-CAM examples were given.",
+        ),
+    }
+
+
+# ---------------------------------------------------------------- documents
+
+
+def _html(
+    title: str,
+    splits: Mapping[str, Mapping[str, Any]],
+    main: str,
+    config: Mapping[str, Any],
+    counts: Mapping[str, Any],
+    figs: Mapping[str, str],
+    synthetic: bool,
+) -> str:
+    m = splits[main]
+    esc = html.escape
+    cfg = yaml.safe_dump(_plain(config), sort_keys=False, allow_unicode=True) if config else "{}"
+    boot = m.get("bootstrap") or {}
+    boot_txt = (
+        f"95% {boot.get('method', 'percentile')} bootstrap intervals, {boot.get('n_boot')} "
+        f"resamples of {boot.get('n_units')} {boot.get('unit')}s (seed {boot.get('seed')}); "
+        "operating-point thresholds and decoding held fixed."
+        if boot
+        else "No bootstrap intervals (n_boot = 0)."
+    )
+    thr_txt = ""
+    if m.get("operating_points"):
+        thr_txt = (
+            f"<p>Thresholds on {esc(m['binary_task']['score'])} were chosen on "
+            f"<strong>{esc(str(m.get('thresholds_from')))}</strong> and applied unchanged to the "
+            f"{esc(main)} data; a case is positive when its score is at or above the threshold. "
+            "The headline sensitivity/specificity use the Youden point.</p>"
+            + _table("tbl-operating-points", _OP_HEADER, _op_rows(m))
+        )
+    notes = "".join(f"<li>{esc(n)}</li>" for n in m.get("notes") or [])
+    pred = m.get("prediction") or {"method": "argmax"}
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{esc(title)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>{esc(title)}</h1>",
+        f'<p class="muted">Evaluated split: <strong>{esc(main)}</strong>, {m["n"]} images, '
+        f"{m['n_classes']} classes; predictions by {esc(str(pred.get('method')))}.</p>",
+        _synthetic_banner(synthetic),
+        '<section id="sec-data"><h2>Data summary and class balance</h2>',
+        _table(
+            "tbl-class-counts",
+            ["split", *m["class_names"], "total"],
+            [
+                [s, *(d.get(c, 0) for c in m["class_names"]), sum(d.values())]
+                for s, d in counts.items()
+                if isinstance(d, Mapping)
+            ],
+        ),
+        figs["fig-class-balance"],
+        "</section>",
+        '<section id="sec-config"><h2>Configuration</h2>',
+        f"<pre>{esc(cfg)}</pre></section>",
+        '<section id="sec-metrics"><h2>Headline metrics</h2>',
+        _table(
+            "tbl-metrics", ["metric", *(f"{s} [95% CI]" for s in splits)], _headline_rows(splits)
+        ),
+        f'<p class="muted">{esc(boot_txt)}{esc(_optimistic_note(splits))}</p>',
+        thr_txt,
+        "<h3>Per class</h3>",
+        _table(
+            "tbl-per-class",
+            ["class", "precision", "recall", "F1", "support", "AUC"],
+            _per_class_rows(m),
+        ),
+        f"<ul>{notes}</ul>" if notes else "",
+        "</section>",
+        '<section id="sec-curves"><h2>Training curves</h2>',
+        figs["fig-curves"],
+        "</section>",
+        '<section id="sec-roc"><h2>ROC</h2>',
+        figs["fig-roc"],
+        "</section>",
+        '<section id="sec-confusion"><h2>Confusion matrix</h2>',
+        figs["fig-confusion"],
+        "</section>",
+        '<section id="sec-calibration"><h2>Calibration</h2>',
+        figs["fig-reliability"],
+        "</section>",
+        '<section id="sec-gradcam"><h2>Grad-CAM examples</h2>',
+        figs["fig-gradcam"],
+        "</section>",
+        '<p class="muted">Research and decision-support use only; not a standalone diagnostic. '
+        "See MODEL_CARD.md.</p>",
+        "</body></html>",
+    ]
+    return "\n".join(p for p in parts if p) + "\n"
+
+
+def _md_metrics(splits: Mapping[str, Mapping[str, Any]]) -> str:
+    names = list(splits)
+    lines = [
+        "| metric | " + " | ".join(f"{s} [95% CI]" for s in names) + " |",
+        "|---" * (len(names) + 1) + "|",
+    ]
+    lines += ["| " + " | ".join(r) + " |" for r in _headline_rows(splits)]
+    return "\n".join(lines)
+
+
+def _md_ops(m: Mapping[str, Any], main: str) -> str:
+    rows = _op_rows(m)
+    if not rows:
+        return ""
+    head = "| " + " | ".join(_OP_HEADER) + " |"
+    return (
+        f"\nOperating points for {m['binary_task']['name']}: thresholds chosen on "
+        f"{m.get('thresholds_from')}, applied unchanged to {main}.\n\n{head}\n"
+        + "|---" * 7
+        + "|\n"
+        + "\n".join("| " + " | ".join(r) + " |" for r in rows)
+        + "\n"
+    )
+
+
+_SYNTHETIC_MD = (
+    "> **Warning: synthetic data.** These results come from generated images, not patients. "
+    "They test the pipeline and say nothing about clinical performance.\n"
+)
+
+
+def _summary_md(
+    title: str, splits: Mapping[str, Mapping[str, Any]], main: str, synthetic: bool
+) -> str:
+    m = splits[main]
+    notes = "".join(f"- {n}\n" for n in m.get("notes") or [])
+    return (
+        f"# {title}\n\n"
+        + (_SYNTHETIC_MD + "\n" if synthetic else "")
+        + f"Evaluated split: **{main}** ({m['n']} images, {m['n_classes']} classes). "
+        "Intervals: 95% bootstrap percentile"
+        + (
+            " (resampling patients/groups)"
+            if (m.get("bootstrap") or {}).get("unit") == "group"
+            else ""
+        )
+        + ".\n\n"
+        + _md_metrics(splits)
+        + "\n"
+        + _optimistic_note(splits).strip()
+        + "\n"
+        + _md_ops(m, main)
+        + (f"\nNotes:\n\n{notes}" if notes else "")
+        + "\nFull report with figures: `report.html`; model card: `MODEL_CARD.md`.\n"
+    )
+
+
+def _model_card(
+    title: str,
+    splits: Mapping[str, Mapping[str, Any]],
+    main: str,
+    config: Mapping[str, Any],
+    counts: Mapping[str, Any],
+    model_info: Mapping[str, Any] | None,
+    synthetic: bool,
+) -> str:
+    m = splits[main]
+    details = dict(_plain(model_info or {}))
+    details.setdefault("classes", ", ".join(m["class_names"]))
+    details.setdefault("prediction rule", json.dumps(m.get("prediction") or {"method": "argmax"}))
+    for key in ("model", "backbone", "scenario", "image_size", "weights", "epochs", "seed"):
+        if key in config and key not in details:
+            details[key] = _plain(config[key])
+    detail_md = "\n".join(f"- **{k}**: {v}" for k, v in details.items())
+    count_md = "\n".join(
+        f"- {s}: " + ", ".join(f"{c}: {n}" for c, n in d.items())
+        for s, d in counts.items()
+        if isinstance(d, Mapping)
+    )
+    dr = m.get("task") == "dr_grading"
+    use_dr = " grading diabetic retinopathy" if dr else ""
+    grouped = (m.get("bootstrap") or {}).get("unit") == "group"
+    resampling = " resampling patients (groups)" if grouped else ""
+    referable = (
+        "Referable DR means grade >= 2 (moderate non-proliferative DR or worse; "
+        "Gulshan et al., JAMA 2016)."
+        if dr
+        else ""
+    )
+    return f"""# Model card: {title}
+
+{_SYNTHETIC_MD if synthetic else ""}
+## Model details
+
+Transfer-learned ImageNet-pretrained CNN built with medtune.
+
+{detail_md}
+
+## Intended use
+
+- Research, and decision support for trained clinicians{use_dr}.
+- **Not a standalone diagnostic.** Outputs must be reviewed by a qualified professional; the
+  model must not decide referral or treatment on its own.
+- Out of scope: populations, cameras, or image types unlike the training data; paediatric use;
+  any use without local validation.
+
+## Data
+
+Images per class and split:
+
+{count_md}
+
+## Metrics
+
+{_md_metrics(splits)}
+{_md_ops(m, main)}
+Intervals are 95% bootstrap percentile intervals{resampling};
+operating-point thresholds were chosen on {m.get("thresholds_from") or "n/a"} and held fixed.
+{referable}
+
+## Limitations and risks
+
+- **Dataset shift**: performance will differ on other clinics, cameras, imaging protocols,
+  compression and image quality; validate locally before any use.
+- **Camera and acquisition**: fundus cameras, fields of view, pupil dilation and illumination
+  change the image statistics the model relies on.
+- **Population**: prevalence, ethnicity (fundus pigmentation), age and comorbidities in the
+  evaluation data may not match the target population; PPV/NPV depend on prevalence.
+- **Labels**: grades from human graders are noisy; inter-grader disagreement bounds achievable
+  agreement. Ungradable images are not modelled.
+- **Calibration**: probabilities are calibrated (temperature scaling) on validation data only;
+  re-check calibration after any shift.
+- **Explanations**: Grad-CAM maps are coarse and can look plausible while the model is wrong.
+"""
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def write_report(
+    out_dir: str | os.PathLike[str],
+    *,
+    metrics: Mapping[str, Any],
+    config: Mapping[str, Any],
+    y_true: Sequence[int] | np.ndarray,
+    probs: np.ndarray,
+    class_names: Sequence[str],
+    class_counts: Mapping[str, Any] | None = None,
+    curves_csv: str | os.PathLike[str] | None = None,
+    gradcam_examples: Sequence[tuple[np.ndarray, str]] | None = None,
+    title: str = "medtune evaluation report",
+    synthetic: bool = False,
+    split: str = "test",
+    model_info: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write ``report.html``, ``summary.md`` and ``MODEL_CARD.md`` into ``out_dir``.
+
+    ``metrics``: a :func:`compute_metrics` dict for the split ``y_true``/``probs`` come from, or
+    ``{split_name: compute_metrics dict}`` (all splits are tabulated; figures use ``split``).
+    ``class_counts``: ``{class: n}`` or ``{split: {class: n}}`` (default: counts of ``y_true``).
+    ``curves_csv``: a Lightning ``metrics.csv``. ``gradcam_examples``: ``[(overlay uint8 HxWx3,
+    caption)]``. ``synthetic`` adds a warning everywhere. ``model_info``: extra model-card facts
+    (e.g. backbone, weights, temperature). Returns the path of ``report.html``.
+    """
+    out = Path(out_dir)
+    y = np.asarray(y_true).astype(np.int64).ravel()
+    probs = np.asarray(probs, dtype=np.float64)
+    class_names = [str(c) for c in class_names]
+    splits, main = _splits(metrics, split)
+    counts = _class_counts(class_counts, y, class_names, main)
+    figs = _figures(splits[main], y, probs, class_names, counts, curves_csv, gradcam_examples)
+    report = out / "report.html"
+    io.write_text(report, _html(title, splits, main, config, counts, figs, synthetic))
+    io.write_text(out / "summary.md", _summary_md(title, splits, main, synthetic))
+    io.write_text(
+        out / "MODEL_CARD.md",
+        _model_card(title, splits, main, config, counts, model_info, synthetic),
+    )
+    return report

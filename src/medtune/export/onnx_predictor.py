@@ -1,0 +1,337 @@
+"""Run an exported ``model.onnx`` with ONNX Runtime, without importing torch.
+
+The JSON sidecar ``model.json`` next to the model carries everything needed to go from images to
+grades: ``input_size``, ``mean``/``std`` (RGB, on the 0-1 scale), ``class_names``,
+``temperature`` and ``decoding``. The network input is ``image`` (N x 3 x S x S float32, RGB,
+normalised) and the output is ``logits`` (N x K).
+
+Probabilities are ``softmax(logits / temperature)``. With ``tta="rot90"`` the LOGITS of the four
+90-degree rotations are averaged first, then temperature and softmax are applied once.
+
+Decoding (``sidecar["decoding"]``):
+
+* ``{"method": "argmax"}``: the most probable class.
+* ``{"method": "expected_grade", "thresholds": [t1, ..., t_{K-1}]}``: the expected grade
+  ``E = sum_k k * p_k`` is cut by the non-decreasing thresholds; the label is the number of
+  thresholds ``t`` with ``E >= t`` (so ``[0.5, 1.5, 2.5, 3.5]`` rounds ``E`` half-up).
+
+This module imports only numpy, PIL and onnxruntime (plus ``medtune.data.fundus`` lazily when the
+sidecar asks for fundus preprocessing of files / PIL images).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+from PIL import Image
+
+from medtune.errors import MedtuneError
+
+SIDECAR_NAME = "model.json"
+INPUT_NAME = "image"
+OUTPUT_NAME = "logits"
+INPUT_LAYOUT = "NCHW float32 RGB normalised"
+DECODING_METHODS = ("argmax", "expected_grade")
+TTA_MODES = (None, "rot90")
+
+ImageLike = str | os.PathLike[str] | Image.Image | np.ndarray
+Images = np.ndarray | Sequence[ImageLike]
+
+
+class Prediction(NamedTuple):
+    """``probs`` (N x K float64) and decoded ``labels`` (N int64 class indices)."""
+
+    probs: np.ndarray
+    labels: np.ndarray
+
+
+# ---------------------------------------------------------------------------------------------
+# numeric helpers shared with the exporter (pure numpy)
+# ---------------------------------------------------------------------------------------------
+
+
+def normalise(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """uint8 N x H x W x 3 RGB -> float32 N x 3 x H x W, ``(x / 255 - mean) / std``."""
+    x = np.asarray(images)
+    if x.ndim != 4 or x.shape[-1] != 3:
+        raise MedtuneError(f"expected images shaped N x H x W x 3, got {tuple(x.shape)}")
+    if x.dtype != np.uint8:
+        raise MedtuneError(f"expected uint8 images (0-255), got dtype {x.dtype}")
+    m = np.asarray(mean, dtype=np.float32).reshape(1, 3, 1, 1)
+    s = np.asarray(std, dtype=np.float32).reshape(1, 3, 1, 1)
+    chw = x.transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255.0)
+    return np.ascontiguousarray((chw - m) / s, dtype=np.float32)
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Row-wise ``softmax(logits / temperature)`` in float64."""
+    z = np.asarray(logits, dtype=np.float64) / float(temperature)
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def expected_grade(probs: np.ndarray) -> np.ndarray:
+    """``E = sum_k k * p_k`` for each row of ``probs``."""
+    p = np.asarray(probs, dtype=np.float64)
+    return p @ np.arange(p.shape[1], dtype=np.float64)
+
+
+def decode(probs: np.ndarray, decoding: dict[str, Any] | None = None) -> np.ndarray:
+    """Labels (int64) from probabilities with a sidecar ``decoding`` spec (default argmax)."""
+    spec = decoding or {"method": "argmax"}
+    p = np.asarray(probs, dtype=np.float64)
+    if spec["method"] == "argmax":
+        return p.argmax(axis=1).astype(np.int64)
+    thresholds = np.asarray(spec["thresholds"], dtype=np.float64)
+    return np.searchsorted(thresholds, expected_grade(p), side="right").astype(np.int64)
+
+
+def validate_sidecar(sidecar: dict[str, Any], source: object = "sidecar") -> dict[str, Any]:
+    """Check the fields the predictor relies on; return a copy with defaults filled in."""
+    out = dict(sidecar)
+    names = out.get("class_names")
+    if not isinstance(names, list) or len(names) < 2:
+        raise MedtuneError(f"{source}: 'class_names' must list at least two class names")
+    out["class_names"] = [str(n) for n in names]
+    for key in ("mean", "std"):
+        vals = out.get(key)
+        if vals is None or len(vals) != 3:
+            raise MedtuneError(f"{source}: '{key}' must hold 3 numbers (RGB)")
+        out[key] = [float(v) for v in vals]
+    if min(out["std"]) <= 0:
+        raise MedtuneError(f"{source}: 'std' values must be positive")
+    size = out.get("input_size")
+    if not isinstance(size, int) or size <= 0:
+        raise MedtuneError(f"{source}: 'input_size' must be a positive integer")
+    temp = out.get("temperature")
+    temp = 1.0 if temp is None else float(temp)
+    if not temp > 0:
+        raise MedtuneError(f"{source}: 'temperature' must be positive, got {temp}")
+    out["temperature"] = temp
+    out["decoding"] = _validate_decoding(out.get("decoding"), len(names), source)
+    return out
+
+
+def _validate_decoding(spec: Any, n_classes: int, source: object) -> dict[str, Any]:
+    spec = dict(spec) if spec else {"method": "argmax"}
+    method = spec.get("method")
+    if method not in DECODING_METHODS:
+        raise MedtuneError(
+            f"{source}: decoding method {method!r} is unknown; use one of {DECODING_METHODS}"
+        )
+    if method == "expected_grade":
+        th = spec.get("thresholds")
+        if th is None or len(th) != n_classes - 1:
+            raise MedtuneError(
+                f"{source}: expected_grade decoding needs {n_classes - 1} thresholds "
+                f"(one per boundary between {n_classes} grades)"
+            )
+        th = [float(t) for t in th]
+        if any(b < a for a, b in zip(th, th[1:], strict=False)):
+            raise MedtuneError(f"{source}: expected_grade thresholds must be non-decreasing")
+        spec["thresholds"] = th
+    return spec
+
+
+# ---------------------------------------------------------------------------------------------
+# image loading (PIL + numpy only)
+# ---------------------------------------------------------------------------------------------
+
+
+def load_and_resize(path: str | os.PathLike[str] | Image.Image, size: int) -> np.ndarray:
+    """Open an image as RGB, resize so the long side is ``size`` and pad centred with black.
+
+    Returns uint8 ``size x size x 3``; the same geometry (LANCZOS, then padding) as
+    ``medtune.data.fundus.preprocess`` with ``crop=False``. Used when the sidecar has no
+    ``fundus`` options.
+    """
+    img = _open_rgb(path)
+    w, h = img.size
+    scale = size / max(w, h)
+    new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
+    if (new_w, new_h) != (w, h):
+        img = img.resize((new_w, new_h), Image.Resampling.LANCZOS, reducing_gap=3.0)
+    if (new_w, new_h) != (size, size):
+        canvas = Image.new("RGB", (size, size), (0, 0, 0))
+        canvas.paste(img, ((size - new_w) // 2, (size - new_h) // 2))
+        img = canvas
+    return np.asarray(img, dtype=np.uint8)
+
+
+def _open_rgb(src: str | os.PathLike[str] | Image.Image) -> Image.Image:
+    """8-bit RGB PIL image from a path or PIL image (via medtune's loader when present)."""
+    try:  # lazy: medtune's loader handles 16-bit, CMYK, EXIF rotation and bad files
+        from medtune.data.images import load_rgb, to_rgb8
+    except ImportError:
+        load_rgb = to_rgb8 = None
+    if isinstance(src, Image.Image):
+        if src.mode == "RGB":
+            return src
+        return to_rgb8(src) if to_rgb8 is not None else src.convert("RGB")
+    if load_rgb is not None:
+        return load_rgb(src)
+    try:
+        with Image.open(src) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError) as exc:
+        raise MedtuneError(f"{src}: cannot read image ({exc}); replace or delete the file") from exc
+
+
+def _fundus_preprocess(
+    src: str | os.PathLike[str] | Image.Image, size: int, opts: dict[str, Any]
+) -> np.ndarray:
+    """The training-time fundus preprocessing, imported lazily (numpy/PIL/scipy/skimage only)."""
+    from medtune.data.fundus import FundusOptions, preprocess
+
+    try:
+        options = FundusOptions.from_dict(opts)
+    except (TypeError, ValueError) as exc:
+        raise MedtuneError(f"sidecar 'fundus' options are invalid ({exc}); re-export") from exc
+    return np.asarray(preprocess(_open_rgb(src), size, options), dtype=np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------
+# predictor
+# ---------------------------------------------------------------------------------------------
+
+
+class OnnxPredictor:
+    """ONNX Runtime inference for a medtune export (``model.onnx`` + ``model.json``).
+
+    ``model_path`` is the ``.onnx`` file or the export folder. ``sidecar`` overrides reading
+    ``model.json`` (the exporter uses this for its parity check before anything is written).
+    """
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike[str],
+        *,
+        sidecar: dict[str, Any] | None = None,
+        providers: Sequence[str] | None = None,
+        num_threads: int | None = None,
+        batch_size: int = 32,
+    ) -> None:
+        path = Path(model_path)
+        if path.is_dir():
+            path = path / "model.onnx"
+        if not path.is_file():
+            raise MedtuneError(f"{path}: ONNX model not found; run the export first")
+        self.model_path = path
+        if sidecar is None:
+            sidecar = _read_sidecar(path.parent / SIDECAR_NAME)
+            source: object = path.parent / SIDECAR_NAME
+        else:
+            source = "sidecar"
+        self.sidecar = validate_sidecar(sidecar, source)
+        self.batch_size = max(1, int(batch_size))
+        self._session = _make_session(path, providers, num_threads)
+        self._input_name = self._session.get_inputs()[0].name
+        self._output_name = self._session.get_outputs()[0].name
+
+    # --- sidecar views -------------------------------------------------------------------------
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.sidecar["class_names"])
+
+    @property
+    def input_size(self) -> int:
+        return int(self.sidecar["input_size"])
+
+    @property
+    def temperature(self) -> float:
+        return float(self.sidecar["temperature"])
+
+    @property
+    def decoding(self) -> dict[str, Any]:
+        return dict(self.sidecar["decoding"])
+
+    # --- inference -----------------------------------------------------------------------------
+    def prepare(self, images: Images) -> np.ndarray:
+        """uint8 N x S x S x 3 from an array (already at input size), paths or PIL images."""
+        size = self.input_size
+        if isinstance(images, np.ndarray):
+            arr = images[None] if images.ndim == 3 else images
+        else:
+            arr = np.stack([self._prepare_one(im) for im in images]) if len(images) else None
+            if arr is None:
+                raise MedtuneError("no images given to predict")
+        if arr.ndim != 4 or arr.shape[1:] != (size, size, 3):
+            raise MedtuneError(
+                f"images must be N x {size} x {size} x 3 uint8 (the exported input size); "
+                f"got {tuple(arr.shape)}: pass file paths or PIL images to have them resized"
+            )
+        return arr
+
+    def _prepare_one(self, im: ImageLike) -> np.ndarray:
+        size = self.input_size
+        if isinstance(im, np.ndarray):
+            return im
+        fundus = self.sidecar.get("fundus")
+        if fundus is not None:
+            return _fundus_preprocess(im, size, dict(fundus))
+        return load_and_resize(im, size)
+
+    def logits(self, images: Images, *, tta: str | None = None) -> np.ndarray:
+        """Raw logits (N x K float32); with ``tta="rot90"`` the mean over 4 rotations."""
+        if tta not in TTA_MODES:
+            raise MedtuneError(f"unknown tta {tta!r}; use one of {TTA_MODES}")
+        x = normalise(self.prepare(images), self.sidecar["mean"], self.sidecar["std"])
+        if tta is None:
+            return self._run(x)
+        rots = [self._run(np.ascontiguousarray(np.rot90(x, k, axes=(2, 3)))) for k in range(4)]
+        return np.mean(rots, axis=0, dtype=np.float64).astype(np.float32)
+
+    def predict_proba(self, images: Images, *, tta: str | None = None) -> np.ndarray:
+        """``softmax(logits / temperature)`` as N x K float64."""
+        return softmax(self.logits(images, tta=tta), self.temperature)
+
+    def predict(self, images: Images, *, tta: str | None = None) -> Prediction:
+        """Probabilities and labels decoded per the sidecar (argmax or expected grade)."""
+        probs = self.predict_proba(images, tta=tta)
+        return Prediction(probs=probs, labels=decode(probs, self.decoding))
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        step = self.batch_size
+        outs = [
+            self._session.run([self._output_name], {self._input_name: x[i : i + step]})[0]
+            for i in range(0, len(x), step)
+        ]
+        logits = np.concatenate(outs, axis=0)
+        if logits.ndim != 2 or logits.shape[1] != len(self.sidecar["class_names"]):
+            raise MedtuneError(
+                f"{self.model_path}: model gives outputs shaped {tuple(logits.shape)} but the "
+                f"sidecar lists {len(self.sidecar['class_names'])} classes; re-export the model"
+            )
+        return logits
+
+
+def _read_sidecar(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise MedtuneError(f"{path}: sidecar not found; re-export the model to write it")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise MedtuneError(f"{path}: cannot parse the sidecar JSON ({exc}); re-export") from exc
+    if not isinstance(data, dict):
+        raise MedtuneError(f"{path}: sidecar must be a JSON object; re-export the model")
+    return data
+
+
+def _make_session(path: Path, providers: Sequence[str] | None, num_threads: int | None) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if num_threads:
+        opts.intra_op_num_threads = int(num_threads)
+        opts.inter_op_num_threads = 1
+    provs = list(providers) if providers else ["CPUExecutionProvider"]
+    try:
+        return ort.InferenceSession(str(path), sess_options=opts, providers=provs)
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise MedtuneError(f"{path}: ONNX Runtime cannot load the model ({exc})") from exc

@@ -1,0 +1,102 @@
+"""Loaders over the prepared image cache: train (augmented), val and test (plain, indexed)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+
+from medtune.data import CachedImageDataset, PreparedCache
+
+
+@dataclass
+class Part:
+    """One split of a run: the cache that holds its images and the rows that belong to it."""
+
+    cache: PreparedCache
+    indices: np.ndarray
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.asarray(self.cache.labels)[self.indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class WithPosition(Dataset):
+    """Adds each item's position in the split, so predictions can be de-duplicated under DDP."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
+        image, label = self.dataset[i]
+        return image, label, i
+
+
+def class_weights(labels: np.ndarray, num_classes: int) -> list[float]:
+    """Inverse-frequency class weights with mean 1 (classes absent from ``labels`` get 0)."""
+    counts = np.bincount(labels, minlength=num_classes).astype(float)
+    weights = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / num_classes, 0.0)
+    return (weights / weights[weights > 0].mean()).tolist()
+
+
+class CacheDataModule(L.LightningDataModule):
+    """Lightning data module over prepared caches; augmentation is exact rot90 (and flips)."""
+
+    def __init__(
+        self,
+        train: Part,
+        val: Part,
+        *,
+        batch_size: int,
+        num_workers: int = 0,
+        rot90: bool = True,
+        hflip: bool = False,
+        vflip: bool = False,
+        balanced_sampler: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.train_part, self.val_part = train, val
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.augment = {"rot90": rot90, "hflip": hflip, "vflip": vflip}
+        self.balanced_sampler, self.seed = balanced_sampler, seed
+
+    def train_dataloader(self) -> DataLoader:
+        ds = CachedImageDataset(
+            self.train_part.cache, self.train_part.indices, seed=self.seed, **self.augment
+        )
+        sampler = self._balanced_sampler() if self.balanced_sampler else None
+        return DataLoader(
+            ds,
+            batch_size=self.batch_size,
+            shuffle=sampler is None,
+            sampler=sampler,
+            drop_last=len(ds) > self.batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def _balanced_sampler(self) -> WeightedRandomSampler:
+        labels = self.train_part.labels
+        counts = np.bincount(labels)
+        weights = 1.0 / counts[labels]
+        generator = torch.Generator().manual_seed(self.seed)
+        return WeightedRandomSampler(weights.tolist(), len(labels), generator=generator)
+
+    def val_dataloader(self) -> DataLoader:
+        return plain_loader(self.val_part, self.batch_size, self.num_workers)
+
+
+def plain_loader(part: Part, batch_size: int, num_workers: int = 0) -> DataLoader:
+    """Unaugmented, ordered loader yielding ``(images, labels, positions)``."""
+    ds = WithPosition(CachedImageDataset(part.cache, part.indices, rot90=False))
+    return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers)

@@ -1,0 +1,170 @@
+"""The Lightning module that fine-tunes a :class:`~medtune.models.TransferModel`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medtune.evaluation.metrics import quick_metrics
+from medtune.transfer.finetune import (
+    FinetuneRecipe,
+    apply_freeze,
+    build_param_groups,
+    keep_frozen_norms_in_eval,
+    l2sp_penalty,
+    lr_lambda,
+    make_optimizer,
+    stage_of_parameters,
+)
+
+
+def normalise_batch(
+    images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, channels_last: bool
+) -> torch.Tensor:
+    """uint8 (B,3,H,W) -> normalised float32, optionally in channels-last memory layout."""
+    x = images.float().div_(255.0).sub_(mean).div_(std)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def module_prefix(root: nn.Module, target: nn.Module) -> str:
+    """The dotted name under which ``target`` is registered inside ``root``."""
+    for name, module in root.named_modules():
+        if module is target:
+            return name
+    raise ValueError("module is not part of the model")
+
+
+class FinetuneModule(L.LightningModule):
+    """Trains the new head at ``lr`` and the pretrained stages at lower, per-stage rates.
+
+    Batches are ``(uint8 images, labels, indices)``; validation predictions are gathered across
+    processes and de-duplicated by index, so every validation image counts exactly once under DDP.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        recipe: FinetuneRecipe,
+        *,
+        mean: list[float],
+        std: list[float],
+        optimizer: str = "sgd",
+        momentum: float = 0.9,
+        class_weights: list[float] | None = None,
+        ordinal: bool = True,
+        channels_last: bool = True,
+        steps_per_epoch: int = 1,
+        epochs: int = 1,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.recipe = recipe
+        self.optimizer_name = optimizer
+        self.momentum = momentum
+        self.ordinal = ordinal
+        self.channels_last = channels_last
+        self.steps_per_epoch = steps_per_epoch
+        self.epochs = epochs
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        weights = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
+        self.register_buffer("class_weights", weights, persistent=False)
+
+        body = model.backbone
+        stages = model.stages
+        self.body_prefix = module_prefix(self, body)
+        self.stage_index = stage_of_parameters(body, [s.modules for s in stages])
+        self.n_stages = len(stages)
+        self.frozen_norms = apply_freeze(body, self.stage_index, recipe.freeze)
+        self.anchors = self._pretrained_anchors(body) if recipe.l2sp > 0 else {}
+        self._val_outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.val_history: list[dict[str, float]] = []
+
+    def _pretrained_anchors(self, body: nn.Module) -> dict[str, torch.Tensor]:
+        return {
+            f"{self.body_prefix}.{n}": p.detach().clone()
+            for n, p in body.named_parameters()
+            if p.requires_grad
+        }
+
+    def train(self, mode: bool = True) -> FinetuneModule:
+        """Switch modes, keeping BatchNorm of frozen stages in eval (running stats fixed)."""
+        super().train(mode)
+        keep_frozen_norms_in_eval(self.frozen_norms)
+        if mode and self._body_is_warming_up():
+            self.model.backbone.eval()
+        return self
+
+    def _body_is_warming_up(self) -> bool:
+        """During ``head_epochs`` the body is fixed, so its BatchNorm statistics must be too."""
+        trainer = self._trainer
+        return trainer is not None and self.current_epoch < self.recipe.head_epochs
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(normalise_batch(images, self.mean, self.std, self.channels_last))
+
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+        images, labels = batch[0], batch[1]
+        logits = self(images)
+        loss = F.cross_entropy(logits.float(), labels, weight=self.class_weights)
+        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True)
+        if self.anchors:
+            penalty = l2sp_penalty(self.named_parameters(), self.anchors)
+            loss = loss + 0.5 * self.recipe.l2sp * penalty
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
+        images, labels, indices = batch
+        logits = self(images).float()
+        self._val_outputs.append((logits.detach(), labels, indices))
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val_outputs:
+            return
+        logits, labels, indices = (torch.cat(t) for t in zip(*self._val_outputs, strict=True))
+        self._val_outputs.clear()
+        logits, labels, indices = self._gather_unique(logits, labels, indices)
+        metrics = self._validation_metrics(logits, labels)
+        self.log_dict(metrics, prog_bar=True, sync_dist=False, rank_zero_only=False)
+        if not self.trainer.sanity_checking:
+            self.val_history.append({"epoch": self.current_epoch, **metrics})
+
+    def _gather_unique(self, logits, labels, indices):
+        """Gather predictions from every process and keep one row per validation index."""
+        if self.trainer.world_size > 1:
+            logits = self.all_gather(logits).flatten(0, 1)
+            labels = self.all_gather(labels).flatten(0, 1)
+            indices = self.all_gather(indices).flatten(0, 1)
+        order = torch.argsort(indices, stable=True)
+        indices, labels, logits = indices[order], labels[order], logits[order]
+        keep = torch.ones_like(indices, dtype=torch.bool)
+        keep[1:] = indices[1:] != indices[:-1]
+        return logits[keep], labels[keep], indices[keep]
+
+    def _validation_metrics(self, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        loss = F.cross_entropy(logits, labels).item()
+        probs = torch.softmax(logits, dim=1).cpu().numpy()
+        stats = quick_metrics(labels.cpu().numpy(), probs, ordinal=self.ordinal)
+        out = {"val_loss": loss, "val_n": float(len(labels))}
+        out.update({f"val_{k}": float(v) for k, v in stats.items() if np.isfinite(v)})
+        return out
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        groups = build_param_groups(
+            self, self.body_prefix, self.stage_index, self.n_stages, self.recipe
+        )
+        optimizer = make_optimizer(groups, self.optimizer_name, self.recipe.lr, self.momentum)
+        lambdas = [
+            lr_lambda(self.recipe, self.steps_per_epoch, self.epochs, g["is_backbone"])
+            for g in groups
+        ]
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }

@@ -1,0 +1,104 @@
+"""From a config to prepared caches and the train/val/test parts of a run (splits reused)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from medtune.data import (
+    PreparedCache,
+    load_imageset,
+    make_splits,
+    prepare,
+    read_splits,
+    write_splits,
+)
+from medtune.data.fundus import FundusOptions
+from medtune.errors import MedtuneError
+from medtune.training.config import TrainConfig
+from medtune.training.datamodule import Part
+
+SPLITS_FILE = "splits.csv"
+
+
+def default_cache_dir() -> Path:
+    """``$MEDTUNE_CACHE`` or ``~/.cache/medtune``: prepared images are shared between runs."""
+    env = os.environ.get("MEDTUNE_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "medtune"
+
+
+@dataclass
+class RunData:
+    """The prepared data of a run."""
+
+    class_names: list[str]
+    train: Part
+    val: Part
+    test: Part | None
+
+    def parts(self) -> dict[str, Part]:
+        named = {"train": self.train, "val": self.val}
+        if self.test is not None:
+            named["test"] = self.test
+        return named
+
+
+def prepare_source(
+    source: str, config: TrainConfig, size: int, run_dir: Path, *, progress: bool = True
+) -> PreparedCache:
+    """Load a data source and build (or reuse) its prepared cache."""
+    skipped_log = run_dir / "skipped_images.csv" if config.skip_bad else None
+    imageset = load_imageset(source, skip_bad=config.skip_bad, skipped_log=skipped_log)
+    cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
+    return prepare(
+        imageset,
+        size,
+        FundusOptions.from_dict(config.fundus),
+        cache_dir / "prepared",
+        skip_bad=config.skip_bad,
+        num_workers=config.num_workers,
+        progress=progress,
+    )
+
+
+def prepare_run_data(config: TrainConfig, size: int, run_dir: Path) -> RunData:
+    """Caches for the training data (and separate val/test data), and the split of each image."""
+    main = prepare_source(config.data, config, size, run_dir, progress=config.progress)
+    splits = _splits_for(main, config, run_dir)
+    parts = {name: Part(main, np.flatnonzero(splits == name)) for name in ("train", "val", "test")}
+    for name, source in (("val", config.val_data), ("test", config.test_data)):
+        if source:
+            other = prepare_source(source, config, size, run_dir, progress=config.progress)
+            _check_same_classes(main, other, source)
+            parts[name] = Part(other, np.arange(len(other)))
+    if len(parts["val"]) == 0:
+        raise MedtuneError(
+            f"{config.data}: no validation images; give --val-data or a larger data set"
+        )
+    test = parts["test"] if len(parts["test"]) else None
+    return RunData(list(main.class_names), parts["train"], parts["val"], test)
+
+
+def _splits_for(cache: PreparedCache, config: TrainConfig, run_dir: Path) -> np.ndarray:
+    path = run_dir / SPLITS_FILE
+    if path.is_file():
+        return read_splits(path, cache.keys)
+    splits = make_splits(
+        cache,
+        val=0.0 if config.val_data else config.val_fraction,
+        test=0.0 if config.test_data else config.test_fraction,
+        seed=config.seed,
+    )
+    write_splits(path, cache.keys, splits)
+    return splits
+
+
+def _check_same_classes(main: PreparedCache, other: PreparedCache, source: str) -> None:
+    if list(other.class_names) != list(main.class_names):
+        raise MedtuneError(
+            f"{source}: classes {list(other.class_names)} differ from the training data's "
+            f"{list(main.class_names)}; use data with the same class names"
+        )

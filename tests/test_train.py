@@ -1,0 +1,136 @@
+"""End to end: ``medtune.train`` for probes and fine-tuning, the run folder, resume, the preset."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from medtune.errors import MedtuneError
+from medtune.models.store import load_model
+from medtune.training import TrainConfig, resume, train
+from medtune.training.config import apply_preset
+
+TINY = {
+    "backbone": "efficientnet_lite0",
+    "weights": None,
+    "image_size": 48,
+    "batch_size": 8,
+    "progress": False,
+    "fundus": {"crop": False},
+    "val_fraction": 0.25,
+    "test_fraction": 0.25,
+}
+
+
+def test_linear_probe_run_folder_and_model_match_the_features(graded_folder: Path, tmp_path):
+    out = tmp_path / "probe"
+    result = train(data=str(graded_folder), out=str(out), strategy="linear-probe",
+                   precision="32-true", **TINY)
+    for name in ("config.yaml", "splits.csv", "model.safetensors", "model.json", "metrics.json",
+                 "probe.json", "val_logits.npz"):
+        assert (out / name).is_file(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) >= {"val", "test"}
+    for split in ("val", "test"):
+        assert {"n", "accuracy", "balanced_accuracy", "qwk", "macro_auc"} <= set(metrics[split])
+    assert metrics["val"]["n"] + metrics["test"]["n"] < 24
+    # the saved image-level model gives the same logits as the probe on cached features
+    model, meta = load_model(out)
+    assert meta.kind == "probe" and meta.class_names == ["0", "1", "2"]
+    saved = np.load(out / "val_logits.npz")
+    splits = (out / "splits.csv").read_text().splitlines()[1:]
+    val_keys = [line.rsplit(",", 1)[0] for line in splits if line.endswith(",val")]
+    from medtune.data import load_imageset
+    from medtune.data.fundus import FundusOptions, preprocess
+
+    imageset = load_imageset(str(graded_folder))
+    index = {k: i for i, k in enumerate(imageset.keys)}
+    batch = np.stack([preprocess(imageset.load(index[k]), 48, FundusOptions(crop=False))
+                      for k in val_keys])
+    x = torch.from_numpy(batch).permute(0, 3, 1, 2).float() / 255
+    x = (x - torch.tensor(meta.mean).view(1, 3, 1, 1)) / torch.tensor(meta.std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        logits = model(x).numpy()
+    np.testing.assert_allclose(logits, saved["logits_none"], atol=1e-3, rtol=1e-4)
+    assert result.metrics["model"]["strategy"] == "linear-probe"
+
+
+def test_layer_probe_best_tries_every_stage(graded_folder: Path, tmp_path):
+    out = tmp_path / "layer"
+    train(data=str(graded_folder), out=str(out), strategy="layer-probe", layer="best",
+          probe_rotations=False, **TINY)
+    probe = json.loads((out / "probe.json").read_text())
+    stages = [s["stage"] for s in probe["stages"]]
+    assert len(stages) == 9 and probe["chosen_stage"] == stages[0]
+    assert json.loads((out / "model.json").read_text())["stage"] == probe["chosen_stage"]
+
+
+def test_unknown_layer_is_a_clear_error(graded_folder: Path, tmp_path):
+    with pytest.raises(MedtuneError, match="--layer 'nope' is not a stage"):
+        train(data=str(graded_folder), out=str(tmp_path / "x"), strategy="layer-probe",
+              layer="nope", **TINY)
+
+
+class StopAfterFirstEpoch(Exception):
+    pass
+
+
+def test_finetune_resumes_where_it_stopped(graded_folder: Path, tmp_path, monkeypatch):
+    """A run interrupted after epoch 1 continues at epoch 2 with its optimiser and schedule."""
+    import lightning as L
+
+    out = tmp_path / "ft"
+    settings = dict(data=str(graded_folder), out=str(out), strategy="finetune", epochs=2,
+                    precision="32-true", early_stopping=None, **TINY)
+    original_fit = L.Trainer.fit
+
+    class Interrupt(L.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            if trainer.current_epoch == 1:  # epoch 0 is done and its last.ckpt written
+                raise StopAfterFirstEpoch
+
+    def fit_with_interrupt(self, *args, **kwargs):
+        self.callbacks.append(Interrupt())
+        return original_fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(L.Trainer, "fit", fit_with_interrupt)
+    with pytest.raises(StopAfterFirstEpoch):
+        train(**settings)
+    monkeypatch.setattr(L.Trainer, "fit", original_fit)
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["epoch"] == 0
+    steps_after_first = ckpt["global_step"]
+    splits_before = (out / "splits.csv").read_text()
+
+    result = resume(out)
+    final = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    assert final["epoch"] > ckpt["epoch"]
+    assert final["global_step"] == 2 * steps_after_first
+    assert (out / "splits.csv").read_text() == splits_before
+    assert result.metrics["val"]["n"] > 0
+    assert (out / "logs" / "metrics.csv").is_file()
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(MedtuneError, match="config.yaml: not found"):
+        resume(tmp_path / "missing")
+
+
+def test_seed_preset_is_the_articles_recipe():
+    config = apply_preset(TrainConfig(data="x"), "seed")
+    assert config.backbone == "googlenet" and config.freeze == 2
+    assert config.backbone_lr_mult < 1 and config.rot90 and not config.hflip
+    assert config.weight_decay > 0 and config.schedule == "step"
+
+
+def test_config_round_trip_reruns_the_same_settings(graded_folder: Path, tmp_path):
+    out = tmp_path / "probe"
+    train(data=str(graded_folder), out=str(out), strategy="linear-probe", probe_rotations=False,
+          **TINY)
+    config = TrainConfig.load(out / "config.yaml")
+    assert config.image_size == 48 and config.strategy == "linear-probe"
+    assert config.mean is not None and len(config.mean) == 3
