@@ -31,6 +31,18 @@ def normalise_batch(
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
+BN_MOMENTUM = 0.1
+"""Running-statistics momentum while fine-tuning. TF-ported weights (Lite0) come with 0.01, which
+needs hundreds of steps to track the changing weights: a short fine-tune then evaluates with
+stale statistics. PyTorch's default 0.1 tracks within a few dozen steps."""
+
+
+def set_norm_momentum(root: nn.Module, momentum: float) -> None:
+    for module in root.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.momentum = momentum
+
+
 def module_prefix(root: nn.Module, target: nn.Module) -> str:
     """The dotted name under which ``target`` is registered inside ``root``."""
     for name, module in root.named_modules():
@@ -81,6 +93,7 @@ class FinetuneModule(L.LightningModule):
         self.stage_index = stage_of_parameters(body, [s.modules for s in stages])
         self.n_stages = len(stages)
         self.frozen_norms = apply_freeze(body, self.stage_index, recipe.freeze)
+        set_norm_momentum(body, BN_MOMENTUM)
         self.anchors = self._pretrained_anchors(body) if recipe.l2sp > 0 else {}
         self._val_outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.val_history: list[dict[str, float]] = []
