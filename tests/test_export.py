@@ -16,7 +16,7 @@ from PIL import Image
 from torch import nn
 
 from medtune.errors import MedtuneError
-from medtune.export import OnnxPredictor, export_model, load_and_resize
+from medtune.export import OnnxPredictor, export_model
 from medtune.export import exporter as exporter_mod
 from medtune.export.onnx_predictor import decode, expected_grade, normalise, softmax
 
@@ -332,19 +332,18 @@ def test_decode_thresholds_boundaries() -> None:
     assert math.isclose(expected_grade(half)[2], 3.51)
 
 
-def test_load_and_resize_pads_to_square(tmp_path: Path) -> None:
-    img = np.full((20, 40, 3), 200, dtype=np.uint8)
-    Image.fromarray(img).save(tmp_path / "wide.png")
-    out = load_and_resize(tmp_path / "wide.png", 16)
-    assert out.shape == (16, 16, 3) and out.dtype == np.uint8
-    assert out[0].max() == 0 and out[8, 8, 0] == 200  # black bars top/bottom, content centred
+def test_predictor_preprocesses_paths_like_the_training_cache(tiny: TinyNet, tmp_path) -> None:
+    from medtune.data import load_imageset, prepare
 
-
-def test_load_and_resize_matches_fundus_geometry() -> None:
-    fundus = pytest.importorskip("medtune.data.fundus")
-    img = Image.fromarray(real_like_images(1, 50, seed=1)[0][:, 5:45])  # 40 wide, 50 high
-    want = fundus.preprocess(img, 24, fundus.FundusOptions(crop=False))
-    assert np.array_equal(load_and_resize(img, 24), want)
+    do_export(tiny, tmp_path, fundus={"crop": True})
+    root = tmp_path / "data"
+    for i, img in enumerate(real_like_images(4, 60, seed=3)):
+        (root / str(i % 2)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img[:, 6:]).save(root / str(i % 2) / f"eye{i}.png")
+    cache = prepare(load_imageset(root), SIZE, {"crop": True}, tmp_path / "cache")
+    predictor = OnnxPredictor(tmp_path, num_threads=1)
+    paths = [root / key for key in cache.keys]
+    assert np.array_equal(predictor.prepare(paths), np.asarray(cache.images))
 
 
 def test_fundus_preprocess_path_without_torch(tiny: TinyNet, tmp_path: Path) -> None:

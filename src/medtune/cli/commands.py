@@ -204,6 +204,117 @@ def run_demo(args: argparse.Namespace) -> None:
     demo(out=args.out, data=args.data, epochs=args.epochs)
 
 
+# ----------------------------------------------------------------------------------- evaluate
+def add_evaluate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True, help="a run folder made by medtune train")
+    p.add_argument("--data", help="labelled test images (default: the run's own test split)")
+    p.add_argument(
+        "--tta",
+        choices=["none", "rot90"],
+        default="none",
+        help="test-time augmentation: average of the four rotations",
+    )
+    p.add_argument("--name", help="output name under RUN/eval/ (default from the data)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for CIs")
+    p.add_argument("--no-gradcam", action="store_true", help="leave Grad-CAM out of the report")
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable images")
+
+
+def run_evaluate(args: argparse.Namespace) -> None:
+    from medtune.evaluation.evaluate import evaluate
+    from medtune.evaluation.tables import metrics_table
+
+    result = evaluate(
+        args.run,
+        args.data,
+        tta=args.tta,
+        name=args.name,
+        n_boot=args.bootstrap,
+        gradcam=not args.no_gradcam,
+        skip_bad=args.skip_bad,
+    )
+    synthetic = "synthetic" in str(result.metrics.get("data", "")).lower()
+    print(metrics_table({"test": result.metrics}, synthetic=synthetic))
+    print(f"metrics: {result.dir / 'metrics.json'}\nreport: {result.report}")
+
+
+# ----------------------------------------------------------------------------------- predict
+def add_predict(p: argparse.ArgumentParser) -> None:
+    p.add_argument("inputs", nargs="+", metavar="PATH", help="image files, folders or globs")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", help="a run folder (PyTorch model)")
+    source.add_argument("--model", help="an exported model.onnx (ONNX Runtime, no PyTorch)")
+    p.add_argument("--out", help="write predictions to this CSV (default: print them)")
+    p.add_argument("--explain", metavar="DIR", help="write Grad-CAM overlays into DIR")
+    p.add_argument("--tta", choices=["none", "rot90"], default="none")
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable images")
+
+
+def run_predict(args: argparse.Namespace) -> None:
+    from medtune.evaluation.predict import predict, to_csv
+
+    rows = predict(
+        args.inputs,
+        run=args.run,
+        model_path=args.model,
+        out=args.out,
+        explain=args.explain,
+        tta=args.tta,
+        skip_bad=args.skip_bad,
+    )
+    if args.out:
+        print(f"{len(rows)} predictions written to {args.out}")
+    else:
+        print(to_csv(rows), end="")
+
+
+# ----------------------------------------------------------------------------------- export
+def add_export(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True, help="a run folder made by medtune train")
+    p.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
+    p.add_argument("--out", help="output folder (default RUN/export)")
+
+
+def run_export(args: argparse.Namespace) -> None:
+    from medtune.export.run_export import export_run
+
+    result = export_run(args.run, args.format, args.out)
+    print(
+        f"exported {result.model_path} (+ {result.sidecar_path.name}); parity max |dp| = "
+        f"{result.max_abs_diff:.2e} on {result.n_parity_images} images"
+    )
+
+
+# ----------------------------------------------------------------------------------- advise
+def add_advise(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="the labelled image set to measure")
+    p.add_argument("--backbones", help="comma-separated backbones (default efficientnet_lite0)")
+    p.add_argument("--json", help="also write the advice as JSON here")
+    p.add_argument("--image-size", type=int, help="input side (default: the backbone's)")
+    p.add_argument("--fundus", type=_fundus_options, help="none or crop[,ben-graham][,clahe]")
+    _add_data_args(p)
+
+
+def run_advise(args: argparse.Namespace) -> None:
+    from medtune.training import TrainConfig
+    from medtune.transfer.advise import advise
+
+    settings = {
+        k: v
+        for k, v in {
+            "data": args.data,
+            "image_size": args.image_size,
+            "fundus": args.fundus,
+            "cache_dir": args.cache_dir,
+            "skip_bad": args.skip_bad,
+        }.items()
+        if v is not None
+    }
+    backbones = args.backbones.split(",") if args.backbones else None
+    report = advise(args.data, backbones, config=TrainConfig(**settings), json_path=args.json)
+    print(report.text())
+
+
 COMMANDS: dict[
     str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], Any]]
 ] = {
@@ -214,4 +325,16 @@ COMMANDS: dict[
     ),
     "prepare": ("decode, preprocess and cache every image once", add_prepare, run_prepare),
     "train": ("train a model with one of the four transfer scenarios", add_train, run_train),
+    "evaluate": ("clinical metrics with 95%% CIs and an HTML report", add_evaluate, run_evaluate),
+    "predict": (
+        "predict image files with a run or an exported ONNX model",
+        add_predict,
+        run_predict,
+    ),
+    "export": (
+        "export a run's model to ONNX or TorchScript (parity-checked)",
+        add_export,
+        run_export,
+    ),
+    "advise": ("measure a data set and recommend a transfer scenario", add_advise, run_advise),
 }

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import pickle
+import re
 import sys
 from collections.abc import Sequence
 
@@ -29,12 +31,38 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"medtune: error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except (OSError, pickle.UnpicklingError) as err:
+        message = _environment_error(err)
+        if message is None or args.debug:
+            raise
+        print(f"medtune: error: {message}", file=sys.stderr)
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print(
             "medtune: interrupted; rerun the same command (or --resume) to continue",
             file=sys.stderr,
         )
         return 130
+
+
+def _environment_error(err: BaseException) -> str | None:
+    """One line for a full disk, an unwritable folder or a refused pickle; ``None`` otherwise."""
+    if isinstance(err, pickle.UnpicklingError):
+        text = " ".join(str(err).split())
+        found = re.search(r"(Unsupported global: [^.]+)", text)
+        detail = found.group(1) if found else text[:200]
+        return (
+            "refused to load a checkpoint or weights file: it holds Python objects other than "
+            f"tensors, which could run code ({detail}); use files written by medtune, plain "
+            "state dicts or .safetensors"
+        )
+    if isinstance(err, OSError):
+        from medtune.io import storage_error
+
+        where = err.filename if err.filename is not None else "an output file"
+        found = storage_error(where, err)
+        return None if found is None else str(found)
+    return None
 
 
 def build_parser() -> argparse.ArgumentParser:

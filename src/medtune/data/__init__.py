@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from medtune.data.cache import PreparedCache, open_cache, prepare
+from medtune.data.cache import PreparedCache, open_cache, prepare, prepare_image
 from medtune.data.images import load_rgb
 from medtune.data.sources import ImageSet, load_imageset
 from medtune.data.splits import make_splits, read_splits, write_splits
@@ -25,6 +25,7 @@ __all__ = [
     "make_splits",
     "open_cache",
     "prepare",
+    "prepare_image",
     "read_splits",
     "write_splits",
 ]

@@ -35,15 +35,19 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+from PIL import Image
 
 from medtune import io as mio
+from medtune.data.images import to_rgb8
 from medtune.data.sources import ImageSet, decode_source
 from medtune.errors import BadImageError, MedtuneError
 
 if TYPE_CHECKING:
     from medtune.data.fundus import FundusOptions
 
-__all__ = ["FORMAT_VERSION", "PreparedCache", "cache_key", "open_cache", "prepare"]
+__all__ = [
+    "FORMAT_VERSION", "PreparedCache", "cache_key", "open_cache", "prepare", "prepare_image"
+]
 
 log = logging.getLogger(__name__)
 
@@ -420,6 +424,25 @@ def _run_pool(pool: cf.Executor, chunks: list[range], task: Any, take: Any, wind
         done, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
         for fut in done:
             take(pending.pop(fut), fut.result())
+
+
+def prepare_image(
+    src: str | os.PathLike[str] | np.ndarray | Image.Image,
+    size: int,
+    fundus_opts: Any = None,
+) -> np.ndarray:
+    """Decode and preprocess ONE image exactly as :func:`prepare` does (uint8 size x size x 3).
+
+    ``predict`` and the ONNX predictor use it, so deployed inputs match the training cache.
+    """
+    from medtune.data import fundus
+
+    opts = fundus_opts if isinstance(fundus_opts, fundus.FundusOptions) else (
+        fundus.FundusOptions.from_dict(fundus_opts)
+    )
+    side = DECODE_SIDE_FACTOR * size
+    img = to_rgb8(src, side) if isinstance(src, Image.Image) else decode_source(src, side)
+    return fundus.preprocess(img, size, opts)
 
 
 def _process_chunk(

@@ -23,6 +23,38 @@ class Evaluator(Protocol):
     def logits(self, part: Any, tta: str = "none") -> np.ndarray: ...
 
 
+def uint8_batches(part: Any, batch_size: int):
+    """The part's cached images as uint8 (B, 3, H, W) tensors, in order."""
+    import torch
+
+    for start in range(0, len(part.indices), batch_size):
+        batch = part.cache.images[part.indices[start : start + batch_size]]
+        yield torch.from_numpy(np.array(batch)).permute(0, 3, 1, 2)
+
+
+class ImageEvaluator:
+    """Logits of a model on a part of the data, optionally with rot90 test-time augmentation."""
+
+    def __init__(self, model: nn.Module, mean, std, *, bf16: bool = False,
+                 batch_size: int = 32, progress: bool = True) -> None:
+        self.model = model.eval()
+        self.mean, self.std, self.bf16 = list(mean), list(std), bf16
+        self.batch_size, self.progress = batch_size, progress
+
+    def logits(self, part: Any, tta: str = "none") -> np.ndarray:
+        from medtune.evaluation.inference import predict_logits
+
+        return predict_logits(
+            self.model,
+            uint8_batches(part, self.batch_size),
+            mean=self.mean,
+            std=self.std,
+            tta=tta,
+            bf16=self.bf16,
+            progress=self.progress,
+        )
+
+
 def part_groups(part: Any) -> list[str] | None:
     groups = part.cache.groups
     return None if groups is None else [groups[i] for i in part.indices]

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from medtune.export.onnx_predictor import OnnxPredictor, Prediction, load_and_resize
+from medtune.export.onnx_predictor import OnnxPredictor, Prediction
 
 if TYPE_CHECKING:
     from medtune.export.exporter import ExportResult, export_model
 
-__all__ = ["ExportResult", "OnnxPredictor", "Prediction", "export_model", "load_and_resize"]
+__all__ = ["ExportResult", "OnnxPredictor", "Prediction", "export_model"]
 
 
 def __getattr__(name: str) -> Any:

@@ -144,58 +144,6 @@ def _validate_decoding(spec: Any, n_classes: int, source: object) -> dict[str, A
 # ---------------------------------------------------------------------------------------------
 
 
-def load_and_resize(path: str | os.PathLike[str] | Image.Image, size: int) -> np.ndarray:
-    """Open an image as RGB, resize so the long side is ``size`` and pad centred with black.
-
-    Returns uint8 ``size x size x 3``; the same geometry (LANCZOS, then padding) as
-    ``medtune.data.fundus.preprocess`` with ``crop=False``. Used when the sidecar has no
-    ``fundus`` options.
-    """
-    img = _open_rgb(path)
-    w, h = img.size
-    scale = size / max(w, h)
-    new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
-    if (new_w, new_h) != (w, h):
-        img = img.resize((new_w, new_h), Image.Resampling.LANCZOS, reducing_gap=3.0)
-    if (new_w, new_h) != (size, size):
-        canvas = Image.new("RGB", (size, size), (0, 0, 0))
-        canvas.paste(img, ((size - new_w) // 2, (size - new_h) // 2))
-        img = canvas
-    return np.asarray(img, dtype=np.uint8)
-
-
-def _open_rgb(src: str | os.PathLike[str] | Image.Image) -> Image.Image:
-    """8-bit RGB PIL image from a path or PIL image (via medtune's loader when present)."""
-    try:  # lazy: medtune's loader handles 16-bit, CMYK, EXIF rotation and bad files
-        from medtune.data.images import load_rgb, to_rgb8
-    except ImportError:
-        load_rgb = to_rgb8 = None
-    if isinstance(src, Image.Image):
-        if src.mode == "RGB":
-            return src
-        return to_rgb8(src) if to_rgb8 is not None else src.convert("RGB")
-    if load_rgb is not None:
-        return load_rgb(src)
-    try:
-        with Image.open(src) as im:
-            return im.convert("RGB")
-    except (OSError, ValueError) as exc:
-        raise MedtuneError(f"{src}: cannot read image ({exc}); replace or delete the file") from exc
-
-
-def _fundus_preprocess(
-    src: str | os.PathLike[str] | Image.Image, size: int, opts: dict[str, Any]
-) -> np.ndarray:
-    """The training-time fundus preprocessing, imported lazily (numpy/PIL/scipy/skimage only)."""
-    from medtune.data.fundus import FundusOptions, preprocess
-
-    try:
-        options = FundusOptions.from_dict(opts)
-    except (TypeError, ValueError) as exc:
-        raise MedtuneError(f"sidecar 'fundus' options are invalid ({exc}); re-export") from exc
-    return np.asarray(preprocess(_open_rgb(src), size, options), dtype=np.uint8)
-
-
 # ---------------------------------------------------------------------------------------------
 # predictor
 # ---------------------------------------------------------------------------------------------
@@ -272,10 +220,9 @@ class OnnxPredictor:
         size = self.input_size
         if isinstance(im, np.ndarray):
             return im
-        fundus = self.sidecar.get("fundus")
-        if fundus is not None:
-            return _fundus_preprocess(im, size, dict(fundus))
-        return load_and_resize(im, size)
+        from medtune.data.cache import prepare_image  # numpy/PIL/scipy only, no torch
+
+        return prepare_image(im, size, self.sidecar.get("fundus") or {"crop": False})
 
     def logits(self, images: Images, *, tta: str | None = None) -> np.ndarray:
         """Raw logits (N x K float32); with ``tta="rot90"`` the mean over 4 rotations."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import lightning as L
@@ -48,8 +49,18 @@ def class_weights(labels: np.ndarray, num_classes: int) -> list[float]:
     return (weights / weights[weights > 0].mean()).tolist()
 
 
+def rank_seed(seed: int, rank: int) -> int:
+    """Augmentation seed of a process: rank 0 keeps ``seed``, the others get independent streams."""
+    return seed if rank == 0 else int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+
+
 class CacheDataModule(L.LightningDataModule):
-    """Lightning data module over prepared caches; augmentation is exact rot90 (and flips)."""
+    """Lightning data module over prepared caches; augmentation is exact rot90 (and flips).
+
+    Training batches are ``(images, labels, positions in the train split)``. Under DDP, Lightning
+    gives each process a disjoint shard (``DistributedSampler``; a ``--balanced-sampler`` is
+    wrapped so its draws are sharded too); ``--batch-size`` is per process.
+    """
 
     def __init__(
         self,
@@ -71,8 +82,15 @@ class CacheDataModule(L.LightningDataModule):
         self.balanced_sampler, self.seed = balanced_sampler, seed
 
     def train_dataloader(self) -> DataLoader:
-        ds = CachedImageDataset(
-            self.train_part.cache, self.train_part.indices, seed=self.seed, **self.augment
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
+        ds = WithPosition(
+            CachedImageDataset(
+                self.train_part.cache,
+                self.train_part.indices,
+                seed=rank_seed(self.seed, rank),
+                **self.augment,
+            )
         )
         sampler = self._balanced_sampler() if self.balanced_sampler else None
         return DataLoader(
@@ -80,7 +98,8 @@ class CacheDataModule(L.LightningDataModule):
             batch_size=self.batch_size,
             shuffle=sampler is None,
             sampler=sampler,
-            drop_last=len(ds) > self.batch_size,
+            # each process gets ceil(n / world) items: drop a ragged last batch, never all of them
+            drop_last=math.ceil(len(ds) / world) > self.batch_size,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )

@@ -3,29 +3,33 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 import warnings
 from pathlib import Path
+from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.fabric.plugins.io import TorchCheckpointIO
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from medtune.errors import MedtuneError
+from medtune.evaluation.finalize import ImageEvaluator
 from medtune.io import atomic_path
 from medtune.models import Backbone, TransferModel
 from medtune.training.config import TrainConfig
 from medtune.training.datamodule import CacheDataModule, Part, class_weights
+from medtune.training.guards import NonFiniteLossGuard
 from medtune.training.module import FinetuneModule
 from medtune.transfer.finetune import FinetuneRecipe
 
 log = logging.getLogger("medtune")
 
 CHECKPOINTS = "checkpoints"
+RECORD_SAMPLES_ENV = "MEDTUNE_RECORD_SAMPLES"
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -36,33 +40,26 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             torch.save(checkpoint, tmp)
 
 
-class ImageEvaluator:
-    """Logits of a model on a part of the data, optionally with rot90 test-time augmentation."""
+class RecordTrainPositions(L.Callback):
+    """Debugging aid, on with ``MEDTUNE_RECORD_SAMPLES=1``: every process appends the positions
+    (in the train split) of the images it trained on to ``RUN/debug/train_positions_rank{r}.txt``,
+    one ``epoch position`` line per image, so DDP sharding can be checked."""
 
-    def __init__(self, model: torch.nn.Module, config: TrainConfig) -> None:
-        self.model = model.eval()
-        self.config = config
+    def __init__(self, run_dir: Path) -> None:
+        self.dir = Path(run_dir) / "debug"
+        self.seen: list[int] = []
 
-    def logits(self, part: Part, tta: str = "none") -> np.ndarray:
-        from medtune.evaluation.inference import predict_logits
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, idx: int
+    ) -> None:
+        self.seen.extend(int(p) for p in batch[2])
 
-        return predict_logits(
-            self.model,
-            _uint8_batches(part, self.config.batch_size),
-            mean=self.config.mean,
-            std=self.config.std,
-            tta=tta,
-            bf16=self.config.precision.startswith("bf16"),
-            channels_last=self.config.channels_last,
-            progress=self.config.progress,
-        )
-
-
-def _uint8_batches(part: Part, batch_size: int):
-    """uint8 (B,3,H,W) tensors of the part's images, in order."""
-    for start in range(0, len(part.indices), batch_size):
-        batch = part.cache.images[part.indices[start : start + batch_size]]
-        yield torch.from_numpy(np.array(batch)).permute(0, 3, 1, 2)
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.dir / f"train_positions_rank{trainer.global_rank}.txt"
+        with path.open("a", encoding="utf-8") as fh:
+            fh.writelines(f"{trainer.current_epoch} {p}\n" for p in self.seen)
+        self.seen.clear()
 
 
 def monitor_metric(ordinal: bool) -> str:
@@ -103,7 +100,6 @@ def run_finetune(
         class_weights=_class_weights(config, data.train, num_classes),
         ordinal=ordinal,
         channels_last=config.channels_last,
-        steps_per_epoch=_steps_per_epoch(config, len(data.train)),
         epochs=config.epochs,
     )
     trainer = _trainer(config, run_dir, monitor_metric(ordinal))
@@ -111,12 +107,18 @@ def run_finetune(
     module.train()  # Lightning keeps the modes it is given; the backbone was built in eval mode
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        # validation metrics are computed from predictions gathered from every process
+        warnings.filterwarnings("ignore", message=".*sync_dist=True.*")
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt, weights_only=True)
     best = Path(run_dir) / CHECKPOINTS / "best.ckpt"
-    if best.is_file():
+    if trainer.is_global_zero and best.is_file():  # only global rank 0 goes on to evaluate
         state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
         module.load_state_dict(state)
-    return module.model.eval(), ImageEvaluator(module.model, config)
+    module.to(trainer.strategy.root_device)  # evaluate where it trained (fit ends on the CPU)
+    bf16 = config.precision.startswith("bf16")
+    evaluator = ImageEvaluator(module.model, config.mean, config.std, bf16=bf16,
+                               batch_size=config.batch_size, progress=config.progress)
+    return module.model.eval(), evaluator
 
 
 def _recipe(config: TrainConfig) -> FinetuneRecipe:
@@ -142,19 +144,6 @@ def _class_weights(config: TrainConfig, train: Part, num_classes: int) -> list[f
     raise MedtuneError(f"--class-weights {config.class_weights!r} is unknown; use auto or none")
 
 
-def _world_size(config: TrainConfig) -> int:
-    devices = config.devices if isinstance(config.devices, int) else 1
-    return max(1, devices) * max(1, config.num_nodes)
-
-
-def _steps_per_epoch(config: TrainConfig, n_train: int) -> int:
-    per_rank = math.ceil(n_train / _world_size(config))
-    steps = per_rank // config.batch_size if per_rank > config.batch_size else 1
-    if config.max_steps_per_epoch:
-        steps = min(steps, config.max_steps_per_epoch)
-    return max(1, steps)
-
-
 def _trainer(config: TrainConfig, run_dir: Path, monitor: str) -> L.Trainer:
     checkpoints = ModelCheckpoint(
         dirpath=Path(run_dir) / CHECKPOINTS,
@@ -165,8 +154,30 @@ def _trainer(config: TrainConfig, run_dir: Path, monitor: str) -> L.Trainer:
         enable_version_counter=False,
     )
     callbacks: list = [checkpoints, LearningRateMonitor(logging_interval="epoch")]
+    callbacks.append(NonFiniteLossGuard())  # NaN/inf loss: stop, keep the last good ckpt
     if config.early_stopping:
         callbacks.append(EarlyStopping(monitor=monitor, mode="max", patience=config.early_stopping))
+    if os.environ.get(RECORD_SAMPLES_ENV, "") not in ("", "0"):
+        callbacks.append(RecordTrainPositions(run_dir))
+    try:
+        trainer = _make_trainer(config, run_dir, callbacks)
+    except (MisconfigurationException, ValueError) as err:
+        raise MedtuneError(
+            f"cannot set up training ({err}); check --accelerator, --devices, --num-nodes, "
+            "--dist-strategy and --precision (and the launcher's process count)"
+        ) from None
+    cpu = isinstance(trainer.accelerator, CPUAccelerator)
+    if config.sync_batchnorm and trainer.world_size > 1 and cpu:
+        raise MedtuneError(
+            "--sync-batchnorm needs GPUs (PyTorch's SyncBatchNorm does not run on the CPU); "
+            "drop the flag"
+        )
+    return trainer
+
+
+def _make_trainer(config: TrainConfig, run_dir: Path, callbacks: list) -> L.Trainer:
+    """Lightning picks DDP whenever more than one process runs (``--dist-strategy auto``) and
+    detects torchrun / SLURM from their environment variables."""
     return L.Trainer(
         default_root_dir=str(run_dir),
         max_epochs=config.epochs,

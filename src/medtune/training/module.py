@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import lightning as L
@@ -54,8 +55,11 @@ def module_prefix(root: nn.Module, target: nn.Module) -> str:
 class FinetuneModule(L.LightningModule):
     """Trains the new head at ``lr`` and the pretrained stages at lower, per-stage rates.
 
-    Batches are ``(uint8 images, labels, indices)``; validation predictions are gathered across
-    processes and de-duplicated by index, so every validation image counts exactly once under DDP.
+    Batches are ``(uint8 images, labels, positions)``; validation predictions are gathered across
+    processes and de-duplicated by position, so every validation image counts exactly once under
+    DDP. Frozen stages have ``requires_grad=False`` from the start (DDP never sees them) and
+    ``head_epochs`` hold the body with a zero learning-rate factor, so the set of parameters that
+    receive gradients never changes: no "unused parameters" errors, no ``find_unused_parameters``.
     """
 
     def __init__(
@@ -92,7 +96,9 @@ class FinetuneModule(L.LightningModule):
         self.body_prefix = module_prefix(self, body)
         self.stage_index = stage_of_parameters(body, [s.modules for s in stages])
         self.n_stages = len(stages)
-        self.frozen_norms = apply_freeze(body, self.stage_index, recipe.freeze)
+        names = {id(m): n for n, m in body.named_modules()}
+        frozen = apply_freeze(body, self.stage_index, recipe.freeze)
+        self._frozen_norm_names = [names[id(m)] for m in frozen]
         set_norm_momentum(body, BN_MOMENTUM)
         self.anchors = self._pretrained_anchors(body) if recipe.l2sp > 0 else {}
         self._val_outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
@@ -104,6 +110,13 @@ class FinetuneModule(L.LightningModule):
             for n, p in body.named_parameters()
             if p.requires_grad
         }
+
+    @property
+    def frozen_norms(self) -> list[nn.Module]:
+        """BatchNorm layers of the frozen stages, looked up by name: ``--sync-batchnorm`` replaces
+        the modules (SyncBatchNorm and back) after this module was built."""
+        body = self.model.backbone
+        return [body.get_submodule(name) for name in self._frozen_norm_names]
 
     def train(self, mode: bool = True) -> FinetuneModule:
         """Switch modes, keeping BatchNorm of frozen stages in eval (running stats fixed)."""
@@ -117,6 +130,14 @@ class FinetuneModule(L.LightningModule):
         """During ``head_epochs`` the body is fixed, so its BatchNorm statistics must be too."""
         trainer = self._trainer
         return trainer is not None and self.current_epoch < self.recipe.head_epochs
+
+    def on_train_epoch_start(self) -> None:
+        """Lightning keeps the modes it is given, so set them for each epoch: frozen BatchNorm
+        in eval always, the whole body in eval during ``head_epochs``."""
+        self.train()
+
+    def on_fit_start(self) -> None:
+        self.anchors = {n: a.to(self.device) for n, a in self.anchors.items()}
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(normalise_batch(images, self.mean, self.std, self.channels_last))
@@ -172,12 +193,21 @@ class FinetuneModule(L.LightningModule):
             self, self.body_prefix, self.stage_index, self.n_stages, self.recipe
         )
         optimizer = make_optimizer(groups, self.optimizer_name, self.recipe.lr, self.momentum)
-        lambdas = [
-            lr_lambda(self.recipe, self.steps_per_epoch, self.epochs, g["is_backbone"])
-            for g in groups
-        ]
+        steps = self._steps_per_epoch()
+        lambdas = [lr_lambda(self.recipe, steps, self.epochs, g["is_backbone"]) for g in groups]
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
+
+    def _steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch as the attached trainer runs them (per process, so any
+        number of processes and ``limit_train_batches``); ``steps_per_epoch`` without one."""
+        trainer = self._trainer
+        if trainer is None or not trainer.max_epochs or trainer.max_epochs < 1:
+            return self.steps_per_epoch
+        total = trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            return self.steps_per_epoch
+        return max(1, int(total) // trainer.max_epochs)

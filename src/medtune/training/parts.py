@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
+from typing import IO
 
 import numpy as np
 
@@ -22,12 +27,54 @@ from medtune.training.config import TrainConfig
 from medtune.training.datamodule import Part
 
 SPLITS_FILE = "splits.csv"
+PREPARE_LOCK = ".prepare.lock"
+
+log = logging.getLogger("medtune")
 
 
 def default_cache_dir() -> Path:
     """``$MEDTUNE_CACHE`` or ``~/.cache/medtune``: prepared images are shared between runs."""
     env = os.environ.get("MEDTUNE_CACHE")
     return Path(env) if env else Path.home() / ".cache" / "medtune"
+
+
+@contextlib.contextmanager
+def prepare_lock(run_dir: Path) -> Iterator[None]:
+    """Let one process at a time prepare a run (``RUN/.prepare.lock``, an ``flock``).
+
+    Under torchrun or SLURM every rank starts at once: the first to take the lock builds the
+    prepared cache, the splits and any cached features; the others wait, then reuse them. Where
+    ``flock`` is unavailable the processes go ahead together (building a cache is atomic anyway).
+    """
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system
+        yield
+        return
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    with open(Path(run_dir) / PREPARE_LOCK, "a") as fh:
+        locked = _flock(fh, fcntl)
+        try:
+            yield
+        finally:
+            if locked:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _flock(fh: IO[str], fcntl: ModuleType) -> bool:
+    """Take the lock, saying when another process holds it; False where locks are unsupported."""
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        log.info("another process is preparing %s; waiting for it", Path(fh.name).parent)
+    except OSError:  # e.g. Lustre mounted without flock
+        return False
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+    except OSError:
+        return False
+    return True
 
 
 @dataclass

@@ -9,6 +9,10 @@ Run folder layout::
     RUN/model.safetensors    the deployable model; RUN/model.json says how to feed and read it
     RUN/metrics.json         {"val": {...}, "test": {...}}
     RUN/val_logits.npz       validation logits, used to choose thresholds for later evaluations
+
+With several processes (DDP: ``--devices``/``--num-nodes``, torchrun, SLURM) every process runs
+:func:`train`; one at a time prepares the data (``RUN/.prepare.lock``), all of them fine-tune, and
+only global rank 0 evaluates and writes the results (see ``docs/scaling.md``).
 """
 
 from __future__ import annotations
@@ -20,12 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+
 from medtune.errors import MedtuneError
 from medtune.io import write_yaml
 from medtune.models import Backbone, create_backbone
 from medtune.models.store import ModelMeta
 from medtune.training.config import TrainConfig, apply_preset
-from medtune.training.parts import RunData, prepare_run_data
+from medtune.training.parts import RunData, prepare_lock, prepare_run_data
 
 log = logging.getLogger("medtune")
 
@@ -34,12 +40,17 @@ CONFIG_FILE = "config.yaml"
 
 @dataclass
 class RunResult:
-    """What :func:`train` returns: where the run lives and what it measured."""
+    """What :func:`train` returns: where the run lives and what it measured.
+
+    In a multi-process run only global rank 0 evaluates: the other processes get
+    ``is_global_zero=False`` and empty ``metrics`` (``RUN/metrics.json`` has them).
+    """
 
     dir: Path
     config: TrainConfig
     metrics: dict[str, Any]
     seconds: float
+    is_global_zero: bool = True
 
 
 def resolve_config(config: TrainConfig | None = None, **overrides: Any) -> TrainConfig:
@@ -68,24 +79,30 @@ def train(
     config = resolve_config(config, **overrides)
     run_dir = Path(config.out)
     run_dir.mkdir(parents=True, exist_ok=True)
-    backbone = create_backbone(
-        config.backbone, weights=config.weights, aux_logits=config.aux_logits
-    )
-    config = _with_input_settings(config, backbone)
-    data = prepare_run_data(config, config.image_size, run_dir)
-    if config.strategy == "auto":
-        config = _apply_advice(config, backbone, data, run_dir)
-    write_yaml(run_dir / CONFIG_FILE, config.to_dict())
+    with prepare_lock(run_dir):  # other processes of a DDP run wait, then reuse what it built
+        backbone = create_backbone(
+            config.backbone, weights=config.weights, aux_logits=config.aux_logits
+        )
+        config = _with_input_settings(config, backbone)
+        data = prepare_run_data(config, config.image_size, run_dir)
+        if config.strategy == "auto":
+            config = _apply_advice(config, backbone, data, run_dir)
+        if global_rank() == 0:
+            write_yaml(run_dir / CONFIG_FILE, config.to_dict())
     meta = _meta(config, data, backbone)
 
     if config.strategy in ("linear-probe", "layer-probe"):
         from medtune.transfer.scenarios import run_probe
 
+        if global_rank() != 0:  # probes run in one process
+            return _other_rank_result(run_dir, config, started)
         model, evaluator = run_probe(config, backbone, data, run_dir)
     else:
         from medtune.training.finetune_run import run_finetune
 
         model, evaluator = run_finetune(config, backbone, data, run_dir, resume=resume)
+        if global_rank() != 0:  # DDP: global rank 0 alone evaluates and writes the results
+            return _other_rank_result(run_dir, config, started)
 
     from medtune.evaluation.finalize import finalize_run
 
@@ -93,6 +110,18 @@ def train(
     seconds = time.perf_counter() - started
     log.info("run finished in %.1f s: %s", seconds, run_dir)
     return RunResult(run_dir, config, metrics, seconds)
+
+
+def global_rank() -> int:
+    """This process's global rank: Lightning's, from torchrun/SLURM/launcher variables until a
+    trainer sets it up (0 in a single-process run)."""
+    return int(rank_zero_only.rank)
+
+
+def _other_rank_result(run_dir: Path, config: TrainConfig, started: float) -> RunResult:
+    seconds = time.perf_counter() - started
+    log.info("rank %d done in %.1f s; rank 0 writes the results", global_rank(), seconds)
+    return RunResult(run_dir, config, {}, seconds, is_global_zero=False)
 
 
 def resume(run_dir: str | Path) -> RunResult:

@@ -1,0 +1,177 @@
+"""medtune as a user runs it: ``medtune.train(...)`` with its defaults, then its inference path.
+
+The only addition is a Lightning callback that timestamps every epoch (how long training and
+validation took, the validation QWK); it is attached by wrapping ``lightning.Trainer`` so that
+medtune's code runs unchanged.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from benchlib import Clock, Spec, median_time, qwk, say
+
+
+IMPORTS = ("medtune.training.run", "medtune.training.finetune_run", "medtune.transfer.scenarios")
+
+
+def _epoch_timer(clock: Clock, log: list[dict[str, Any]]):
+    from lightning.pytorch.callbacks import Callback
+
+    class EpochTimer(Callback):
+        """Per epoch: training seconds, images, validation seconds and QWK, end timestamp."""
+
+        def on_train_epoch_start(self, trainer, module) -> None:  # noqa: ANN001
+            self.t_train, self.n, self.t_val = clock.now(), 0, None
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+            self.n += int(batch[0].shape[0])
+
+        def on_validation_epoch_start(self, trainer, module) -> None:  # noqa: ANN001
+            self.t_val = clock.now()
+
+        def on_train_epoch_end(self, trainer, module) -> None:  # noqa: ANN001
+            end = clock.now()
+            t_val = self.t_val if self.t_val is not None else end
+            value = trainer.callback_metrics.get("val_qwk")
+            log.append(
+                {
+                    "epoch": trainer.current_epoch,
+                    "phase": "full",
+                    "train_s": t_val - self.t_train,
+                    "images": self.n,
+                    "val_s": end - t_val,
+                    "val_qwk": float(value) if value is not None else None,
+                    "t_end": end,
+                }
+            )
+            say(f"medtune epoch {trainer.current_epoch}: {log[-1]['train_s']:.1f} s, qwk {value}")
+
+    return EpochTimer()
+
+
+def _attach_timer(callback) -> None:  # noqa: ANN001
+    """Every ``lightning.Trainer`` built from now on gets ``callback`` as well."""
+    import lightning.pytorch as pl
+
+    original = pl.Trainer.__init__
+
+    def init(self, *args, callbacks=None, **kwargs) -> None:  # noqa: ANN001
+        original(self, *args, callbacks=[*(callbacks or []), callback], **kwargs)
+
+    pl.Trainer.__init__ = init
+
+
+def _val_qwk(run_dir: Path) -> float:
+    with np.load(run_dir / "val_logits.npz") as npz:
+        return qwk(npz["labels"], npz["logits_none"].argmax(1))
+
+
+def _train(spec: Spec, strategy: str, name: str) -> tuple[Any, float]:
+    import medtune.training.run as run
+
+    work = Path(spec.work)
+    out, cache = work / f"medtune-{name}", work / f"cache-{name}"
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(cache, ignore_errors=True)  # cold: the prepared cache is built in the timing
+    result = run.train(
+        data=spec.train_dir,
+        val_data=spec.val_dir,
+        test_fraction=0.0,
+        out=str(out),
+        cache_dir=str(cache),
+        strategy=strategy,
+        epochs=spec.epochs,
+        batch_size=spec.batch_size,
+        image_size=spec.image_size,
+        seed=spec.seed,
+        progress=False,
+    )
+    return result, _val_qwk(out)
+
+
+def finetune(spec: Spec) -> dict[str, Any]:
+    clock = Clock()
+    log: list[dict[str, Any]] = []
+    _attach_timer(_epoch_timer(clock, log))
+    result, best_qwk = _train(spec, "finetune", "finetune")
+    return {
+        "epochs": log,
+        "total_s": clock.now(),
+        "final_val_qwk": log[-1]["val_qwk"],
+        "restored_best_val_qwk": best_qwk,
+        "settings": {k: result.config.to_dict()[k] for k in _SETTINGS},
+    }
+
+
+_SETTINGS = ("precision", "channels_last", "num_workers", "optimizer", "lr", "rot90", "batch_size")
+
+
+def probe(spec: Spec) -> dict[str, Any]:
+    clock = Clock()
+    _, val_qwk = _train(spec, "linear-probe", "probe")
+    return {"total_s": clock.now(), "val_qwk": val_qwk}
+
+
+def infer(spec: Spec) -> dict[str, Any]:
+    """Feature extraction on a prepared cache; prediction from image files with a trained model."""
+    from medtune.data import load_imageset, prepare
+    from medtune.models import create_backbone
+    from medtune.models.store import load_model
+    from medtune.transfer.features import TOP, extract_features
+
+    work = Path(spec.work)
+    images = load_imageset(spec.val_dir)
+    n = len(images)
+
+    def prepared(tag: str):
+        shutil.rmtree(work / tag, ignore_errors=True)
+        return prepare(images, spec.image_size, {"crop": True}, work / tag, progress=False)
+
+    cache = prepared("cache-infer")
+    backbone = create_backbone("efficientnet_lite0")
+    runs = iter(range(1000))
+
+    def features() -> np.ndarray:
+        tag = f"bench-{next(runs)}"  # a new feature folder each time: really computed
+        out = extract_features(
+            backbone, cache, [TOP], model_id=tag, batch_size=max(spec.batch_size, 32)
+        )
+        return out[(TOP, 0)]
+
+    say("medtune features")
+    feat_s, _ = median_time(features, spec.repeats)
+    model, meta = load_model(work / "medtune-finetune")
+
+    def logits(c) -> np.ndarray:  # noqa: ANN001
+        from medtune.evaluation.inference import predict_logits
+
+        batches = (
+            torch_from(c.images[i : i + spec.batch_size]) for i in range(0, n, spec.batch_size)
+        )
+        return predict_logits(
+            model, batches, mean=meta.mean, std=meta.std, bf16=True, channels_last=True
+        )
+
+    say("medtune predict (files -> logits, a cold prepared cache each time)")
+    predict_s, _ = median_time(lambda: logits(prepared("cache-predict")), spec.repeats)
+    model_s, out = median_time(lambda: logits(cache), spec.repeats)
+    return {
+        "n_images": n,
+        "features_images_per_s": n / feat_s,
+        "predict_images_per_s": n / predict_s,
+        "predict_model_only_images_per_s": n / model_s,
+        "predict_qwk": qwk(images.labels, out.argmax(1)),
+    }
+
+
+def torch_from(batch: np.ndarray):
+    import torch
+
+    return torch.from_numpy(np.array(batch)).permute(0, 3, 1, 2)
+
+
+TASKS = {"finetune": finetune, "probe": probe, "infer": infer}

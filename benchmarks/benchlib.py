@@ -1,0 +1,159 @@
+"""Shared helpers of the benchmark scripts: the data subset, timers, memory and scores.
+
+Every contender reads the same :class:`Spec` (written to JSON by ``run.py``) and builds nothing
+on its own: the image subset, its split, the image size, batch size, epochs and the pretrained
+weights are fixed here, once, for all of them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "aptos2019-224"
+
+
+@dataclass
+class Spec:
+    """What every contender gets: the same images, size, batch, epochs and weights."""
+
+    data: str
+    work: str
+    n_train: int
+    n_val: int
+    image_size: int = 224
+    batch_size: int = 32
+    epochs: int = 3
+    seed: int = 0
+    repeats: int = 3
+    weights_file: str = ""
+    train_dir: str = ""
+    val_dir: str = ""
+    class_names: list[str] = field(default_factory=list)
+
+    def to_json(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self), indent=1), encoding="utf-8")
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> Spec:
+        return cls(**json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+# --------------------------------------------------------------------------- data subset
+
+
+def check_data(data: Path) -> str | None:
+    """``None`` when ``data`` is an APTOS-style folder, else what is missing."""
+    if not data.is_dir():
+        return f"{data}: folder not found"
+    if not (data / "labels.csv").is_file():
+        return f"{data}: no labels.csv (image,label)"
+    if not (data / "images").is_dir():
+        return f"{data}: no images/ folder"
+    return None
+
+
+def choose_subset(data: Path, n_train: int, n_val: int, seed: int) -> dict[str, list[tuple]]:
+    """A seeded, stratified train/val subset; one image per duplicate group (no leakage)."""
+    import pandas as pd
+    from sklearn.model_selection import train_test_split
+
+    table = data / "metadata.csv"
+    df = pd.read_csv(table if table.is_file() else data / "labels.csv")
+    if "dup_group" in df.columns:
+        dup = df["dup_group"].notna()
+        df = pd.concat([df[~dup], df[dup].drop_duplicates("dup_group")]).sort_values("image")
+    df = df[[(data / "images" / name).is_file() for name in df["image"]]]
+    if n_train + n_val > len(df):
+        raise SystemExit(f"{data}: only {len(df)} usable images, asked for {n_train + n_val}")
+    rest = len(df) - n_train - n_val
+    pick, _ = (
+        train_test_split(df, train_size=n_train + n_val, stratify=df["label"], random_state=seed)
+        if rest > 0
+        else (df, None)
+    )
+    train, val = train_test_split(
+        pick, train_size=n_train, stratify=pick["label"], random_state=seed
+    )
+    as_rows = lambda d: sorted(zip(d["image"], d["label"].astype(int), strict=True))  # noqa: E731
+    return {"train": as_rows(train), "val": as_rows(val)}
+
+
+def link_class_folders(data: Path, rows: list[tuple], out: Path) -> None:
+    """``out/<label>/<image>`` symlinks to the originals (the ImageFolder layout all can read)."""
+    for name, label in rows:
+        dst = out / str(label) / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if not dst.exists():
+            os.symlink(data / "images" / name, dst)
+
+
+def image_files(folder: str | Path) -> list[tuple[Path, int]]:
+    """``(path, label)`` of a class-folder tree, sorted (class folders are integer grades)."""
+    root = Path(folder)
+    return sorted(
+        (p, int(p.parent.name)) for p in root.glob("*/*") if p.suffix.lower() in {".png", ".jpg"}
+    )
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+class Clock:
+    """Seconds since the contender started (one origin for every timestamp it reports)."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def now(self) -> float:
+        return time.perf_counter() - self.t0
+
+
+def median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
+    """Median wall time of ``repeats`` calls and the last call's result."""
+    times, out = [], None
+    for _ in range(max(1, repeats)):
+        t = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), out
+
+
+def peak_rss_mb() -> dict[str, float]:
+    """Peak resident memory of this process and of its largest finished child (MB)."""
+    self_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    child_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return {"self_mb": self_kb / 1024, "largest_child_mb": child_kb / 1024}
+
+
+def qwk(y: Iterable[int], pred: Iterable[int]) -> float:
+    """Quadratic weighted kappa of hard predictions (0 when undefined)."""
+    from sklearn.metrics import cohen_kappa_score
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        k = cohen_kappa_score(list(y), list(pred), weights="quadratic")
+    return float(k) if np.isfinite(k) else 0.0
+
+
+def say(msg: str) -> None:
+    """Progress on stderr (stdout of ``run.py`` is the JSON result)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def write_result(path: str | Path, result: dict[str, Any]) -> None:
+    result["peak_rss"] = peak_rss_mb()
+    Path(path).write_text(json.dumps(result, indent=1), encoding="utf-8")

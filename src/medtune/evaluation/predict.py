@@ -1,0 +1,190 @@
+"""``medtune predict``: probabilities, decoded class and optional Grad-CAM for image files.
+
+The run's own preprocessing (fundus crop, size, normalisation), temperature and decoding are
+applied automatically. With an exported ``model.onnx`` the ONNX Runtime predictor is used instead
+(no PyTorch in the loop).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from medtune.data.cache import prepare_image
+from medtune.data.images import is_image_file
+from medtune.errors import BadImageError, MedtuneError
+from medtune.io import write_text
+
+BATCH = 32
+
+
+def expand_inputs(inputs: Sequence[str]) -> list[Path]:
+    """Files, folders (searched recursively for images) and glob patterns, in a stable order."""
+    found: list[Path] = []
+    for item in inputs:
+        matches = sorted(glob.glob(item, recursive=True)) if glob.has_magic(item) else [item]
+        if not matches:
+            raise MedtuneError(f"{item}: no file matches this pattern; check the path")
+        for match in matches:
+            path = Path(match)
+            if path.is_dir():
+                found.extend(sorted(p for p in path.rglob("*") if is_image_file(p)))
+            elif path.is_file():
+                found.append(path)
+            else:
+                raise MedtuneError(f"{path}: no such file or folder; check the path")
+    if not found:
+        raise MedtuneError(f"{', '.join(inputs)}: no images found; give image files or folders")
+    return found
+
+
+def predict(
+    inputs: Sequence[str],
+    *,
+    run: str | Path | None = None,
+    model_path: str | Path | None = None,
+    out: str | Path | None = None,
+    explain: str | Path | None = None,
+    tta: str = "none",
+    skip_bad: bool = False,
+    progress: bool = True,
+) -> list[dict]:
+    """Predict every image; write ``out`` (CSV) when given and Grad-CAM PNGs into ``explain``.
+
+    Returns one dict per image: ``image``, ``pred`` (class name), ``pred_index``, ``p_<class>``.
+    """
+    if (run is None) == (model_path is None):
+        raise MedtuneError("give either --run RUN or --model model.onnx")
+    paths = expand_inputs(inputs)
+    if model_path is not None:
+        if explain:
+            raise MedtuneError("--explain needs --run (Grad-CAM needs the PyTorch model)")
+        rows, skipped = _predict_onnx(paths, Path(model_path), tta, skip_bad, progress)
+    else:
+        rows, skipped = _predict_run(paths, Path(run), explain, tta, skip_bad, progress)
+    if out:
+        write_text(out, to_csv(rows))
+        if skipped:
+            write_text(
+                Path(out).with_suffix(".skipped.csv"),
+                "image,reason\n" + "".join(f'"{p}","{r}"\n' for p, r in skipped),
+            )
+    return rows
+
+
+def to_csv(rows: Iterable[dict]) -> str:
+    rows = list(rows)
+    if not rows:
+        return ""
+    header = list(rows[0])
+    lines = [",".join(header)]
+    for row in rows:
+        lines.append(",".join(_cell(row[k]) for k in header))
+    return "\n".join(lines) + "\n"
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.6f}"
+    text = str(value)
+    return f'"{text}"' if any(c in text for c in ',"\n') else text
+
+
+def _load_batch(paths, size, fundus, skip_bad, skipped):
+    images, kept = [], []
+    for path in paths:
+        try:
+            images.append(prepare_image(path, size, fundus))
+            kept.append(path)
+        except BadImageError as err:
+            if not skip_bad:
+                raise
+            skipped.append((str(path), str(err)))
+    return kept, (np.stack(images) if images else None)
+
+
+def _rows(paths, probs, labels, class_names) -> list[dict]:
+    rows = []
+    for path, p, label in zip(paths, probs, labels, strict=True):
+        row = {"image": str(path), "pred": class_names[int(label)], "pred_index": int(label)}
+        row.update({f"p_{c}": float(v) for c, v in zip(class_names, p, strict=True)})
+        rows.append(row)
+    return rows
+
+
+def _batches(paths: list[Path], progress: bool):
+    starts = range(0, len(paths), BATCH)
+    for start in tqdm(starts, desc="predict", unit="batch", disable=not progress):
+        yield paths[start : start + BATCH]
+
+
+def _predict_onnx(paths, model_path, tta, skip_bad, progress):
+    from medtune.export.onnx_predictor import OnnxPredictor
+
+    predictor = OnnxPredictor(model_path)
+    fundus = predictor.sidecar.get("fundus") or {"crop": False}
+    rows, skipped = [], []
+    for chunk in _batches(paths, progress):
+        kept, images = _load_batch(chunk, predictor.input_size, fundus, skip_bad, skipped)
+        if images is None:
+            continue
+        result = predictor.predict(images, tta=None if tta == "none" else tta)
+        rows += _rows(kept, result.probs, result.labels, predictor.class_names)
+    return rows, skipped
+
+
+def _predict_run(paths, run, explain, tta, skip_bad, progress):
+    import torch
+
+    from medtune.evaluation.calibration import apply_temperature
+    from medtune.evaluation.inference import predict_logits
+    from medtune.evaluation.ordinal import decode
+    from medtune.models.store import load_model
+
+    model, meta = load_model(run)
+    rows, skipped = [], []
+    for chunk in _batches(paths, progress):
+        kept, images = _load_batch(chunk, meta.input_size, meta.fundus, skip_bad, skipped)
+        if images is None:
+            continue
+        batch = torch.from_numpy(images).permute(0, 3, 1, 2)
+        logits = predict_logits(model, [batch], mean=meta.mean, std=meta.std, tta=tta)
+        probs = apply_temperature(logits, meta.temperature)
+        labels = decode(probs, meta.decoding)
+        rows += _rows(kept, probs, labels, meta.class_names)
+        if explain:
+            _write_gradcam(model, meta, kept, images, labels, Path(explain))
+    return rows, skipped
+
+
+def _write_gradcam(model, meta, paths, images, labels, folder: Path) -> None:
+    """One PNG per image, named after the image, always inside ``folder``."""
+    from PIL import Image
+
+    from medtune.evaluation.evaluate import target_layer
+    from medtune.evaluation.gradcam import gradcam_overlays
+
+    overlays = gradcam_overlays(
+        model, target_layer(model), images, meta.mean, meta.std, targets=[int(k) for k in labels]
+    )
+    for path, overlay in zip(paths, overlays, strict=True):
+        target = safe_output_path(folder, f"{Path(path).stem}_gradcam.png")
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        Image.fromarray(overlay).save(tmp, format="PNG")
+        os.replace(tmp, target)
+
+
+def safe_output_path(folder: Path, name: str) -> Path:
+    """``folder/name`` with ``name`` reduced to safe characters: never a path outside ``folder``."""
+    clean = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(name).name).lstrip(".") or "image"
+    folder.mkdir(parents=True, exist_ok=True)
+    target = (folder / clean).resolve()
+    if target.parent != folder.resolve():
+        raise MedtuneError(f"{name}: refusing to write outside {folder}")
+    return target
