@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 from benchlib import Clock, Spec, median_time, qwk, say
 
-
 IMPORTS = ("medtune.training.run", "medtune.training.finetune_run", "medtune.transfer.scenarios")
 
 

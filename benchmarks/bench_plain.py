@@ -111,8 +111,12 @@ def infer(spec: Spec) -> dict[str, Any]:
     def features() -> np.ndarray:
         net.eval()
         with torch.no_grad():
-            return np.concatenate([net.forward_head(net.forward_features(x), pre_logits=True)
-                                   .numpy() for x, _ in loader])
+            return np.concatenate(
+                [
+                    net.forward_head(net.forward_features(x), pre_logits=True).numpy()
+                    for x, _ in loader
+                ]
+            )
 
     say("plain features")
     feat_s, _ = median_time(features, spec.repeats)

@@ -101,6 +101,40 @@ def link_class_folders(data: Path, rows: list[tuple], out: Path) -> None:
             os.symlink(data / "images" / name, dst)
 
 
+def build_subset(spec: Spec, n_images: int, val_fraction: float) -> None:
+    """Fill ``spec``'s train/val folders (symlinks) with a seeded, stratified subset."""
+    data, work = Path(spec.data), Path(spec.work)
+    spec.n_val = max(1, round(n_images * val_fraction))
+    spec.n_train = n_images - spec.n_val
+    rows = choose_subset(data, spec.n_train, spec.n_val, spec.seed)
+    classes = sorted({y for _, y in rows["train"]})
+    for part in ("train", "val"):
+        counts = [sum(y == c for _, y in rows[part]) for c in classes]
+        if min(counts) < 2 or len(counts) != len({y for _, y in rows[part]}):
+            raise SystemExit(f"--n-images is too small: {part} has {counts} images per grade")
+    subset = work / f"subset-{spec.n_train}-{spec.n_val}-s{spec.seed}"
+    for part in ("train", "val"):
+        link_class_folders(data, rows[part], subset / part)
+    spec.train_dir, spec.val_dir = str(subset / "train"), str(subset / "val")
+    spec.class_names = [str(c) for c in classes]
+
+
+def write_lite0_weights(work: Path) -> Path:
+    """medtune's Lite0 weights as a timm state dict file (fastai loads them through timm)."""
+    import torch
+
+    from medtune.models import create_backbone
+
+    path = work / "tf_efficientnet_lite0-medtune.pth"
+    if not path.is_file():
+        backbone = create_backbone("efficientnet_lite0")
+        state = dict(backbone.model.body.state_dict())
+        state["classifier.weight"] = backbone.imagenet_head.weight.detach()
+        state["classifier.bias"] = backbone.imagenet_head.bias.detach()
+        torch.save(state, path)
+    return path
+
+
 def image_files(folder: str | Path) -> list[tuple[Path, int]]:
     """``(path, label)`` of a class-folder tree, sorted (class folders are integer grades)."""
     root = Path(folder)

@@ -26,10 +26,10 @@ from benchlib import (
     HERE,
     REPO,
     Spec,
+    build_subset,
     check_data,
-    choose_subset,
-    link_class_folders,
     say,
+    write_lite0_weights,
 )
 
 TASKS = [
@@ -65,48 +65,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def make_spec(args: argparse.Namespace) -> Spec:
-    data = Path(args.data).resolve()
     work = Path(args.work).resolve()
-    n_val = max(1, round(args.n_images * args.val_fraction))
     spec = Spec(
-        data=str(data),
+        data=str(Path(args.data).resolve()),
         work=str(work),
-        n_train=args.n_images - n_val,
-        n_val=n_val,
+        n_train=0,
+        n_val=0,
         image_size=args.image_size,
         batch_size=args.batch_size,
         epochs=args.epochs,
         seed=args.seed,
         repeats=args.repeats,
     )
-    subset = work / f"subset-{spec.n_train}-{spec.n_val}-s{spec.seed}"
-    rows = choose_subset(data, spec.n_train, spec.n_val, spec.seed)
-    classes = sorted({y for _, y in rows["train"]})
-    for part in ("train", "val"):
-        counts = [sum(y == c for _, y in rows[part]) for c in classes]
-        if min(counts) < 2 or len(counts) != len({y for _, y in rows[part]}):
-            raise SystemExit(f"--n-images is too small: {part} has {counts} images per grade")
-    for part in ("train", "val"):
-        link_class_folders(data, rows[part], subset / part)
-    spec.train_dir, spec.val_dir = str(subset / "train"), str(subset / "val")
-    spec.class_names = [str(c) for c in classes]
+    build_subset(spec, args.n_images, args.val_fraction)
     spec.weights_file = str(write_lite0_weights(work))
     return spec
-
-
-def write_lite0_weights(work: Path) -> Path:
-    """medtune's Lite0 weights as a timm state dict file (fastai loads them through timm)."""
-    import torch
-    from medtune.models import create_backbone
-
-    path = work / "tf_efficientnet_lite0-medtune.pth"
-    if not path.is_file():
-        backbone = create_backbone("efficientnet_lite0")
-        state = dict(backbone.model.body.state_dict())
-        state["classifier.weight"] = backbone.imagenet_head.weight.detach()
-        state["classifier.bias"] = backbone.imagenet_head.bias.detach()
-        torch.save(state, path)
-    return path
 
 
 def run_task(contender: str, task: str, spec_path: Path, work: Path) -> dict[str, Any]:
@@ -215,8 +188,12 @@ def targets(figs: dict[str, dict[str, Any]], results: dict[str, Any]) -> list[di
         add("scenario-1 val QWK minus fastai frozen-body QWK", d, ">= 0", d >= 0)
         t = m["time_to_target_qwk_s"]
         frac = None if t is None else t / f["finetune_total_s"]
-        add("time to fastai's final QWK / fastai's time", frac, "<= 1/3", frac is not None
-            and frac <= 1 / 3)
+        add(
+            "time to fastai's final QWK / fastai's time",
+            frac,
+            "<= 1/3",
+            frac is not None and frac <= 1 / 3,
+        )
     if "plain" in figs:
         r = m["train_images_per_s"] / figs["plain"]["train_images_per_s"]
         add("fine-tuning images/s vs plain loop", r, ">= 2x", r >= 2)
@@ -316,8 +293,19 @@ def main(argv: list[str] | None = None) -> int:
     if "medtune" in figs:
         write_report(Path(args.out), report_md(spec, figs, goals, when))
         say(f"wrote {args.out}")
-    print(json.dumps({"when": when, "machine": machine(), "spec": spec.__dict__,
-                      "figures": figs, "targets": goals, "raw": results}, indent=1))
+    print(
+        json.dumps(
+            {
+                "when": when,
+                "machine": machine(),
+                "spec": spec.__dict__,
+                "figures": figs,
+                "targets": goals,
+                "raw": results,
+            },
+            indent=1,
+        )
+    )
     return 0
 
 

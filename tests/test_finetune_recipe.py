@@ -94,3 +94,25 @@ def test_frozen_batchnorm_statistics_stay_fixed_while_training(lite0):
     for bn, old in zip(frozen_bns, before, strict=True):
         assert torch.equal(bn.running_mean, old)
     assert not torch.equal(later_bn.running_mean, later_before)
+
+
+def test_inverse_frequency_class_weights_and_balanced_sampler():
+    import numpy as np
+
+    from medtune.training.datamodule import CacheDataModule, Part, class_weights
+
+    labels = np.array([0] * 8 + [1] * 2 + [2] * 2)
+    weights = class_weights(labels, 4)
+    assert weights[3] == 0.0
+    assert weights[1] == pytest.approx(4 * weights[0]) and weights[1] == weights[2]
+
+    class FakeCache:
+        def __init__(self):
+            self.labels = labels
+
+    dm = CacheDataModule(Part(FakeCache(), np.arange(12)), Part(FakeCache(), np.arange(2)),
+                         batch_size=4, balanced_sampler=True, seed=0)
+    sampler = dm._balanced_sampler()  # one per fit; its generator moves on every epoch
+    drawn = np.concatenate([labels[list(iter(sampler))] for _ in range(100)])
+    share = np.bincount(drawn, minlength=3) / len(drawn)
+    assert share == pytest.approx([1 / 3] * 3, abs=0.06)

@@ -134,3 +134,30 @@ def test_config_round_trip_reruns_the_same_settings(graded_folder: Path, tmp_pat
     config = TrainConfig.load(out / "config.yaml")
     assert config.image_size == 48 and config.strategy == "linear-probe"
     assert config.mean is not None and len(config.mean) == 3
+
+
+@pytest.mark.slow
+def test_seed_preset_trains_googlenet_with_its_first_two_stages_frozen(graded_folder, tmp_path):
+    from safetensors.torch import load_file
+
+    from medtune.models import create_backbone
+
+    out = tmp_path / "seed"
+    settings = {**TINY, "image_size": 64, "precision": "32-true"}
+    settings.pop("backbone")
+    train(data=str(graded_folder), out=str(out), preset="seed", epochs=1, aux_logits=True,
+          early_stopping=None, **settings)
+    config = TrainConfig.load(out / "config.yaml")
+    assert config.backbone == "googlenet" and config.freeze == 2 and config.preset == "seed"
+    trained = load_file(str(out / "model.safetensors"))
+    torch.manual_seed(0)
+    initial = create_backbone("googlenet", weights=None)
+    frozen = [p for s in initial.stages[:2] for p in s.modules]
+    changed_later = False
+    for name, value in initial.model.state_dict().items():
+        key = f"backbone.{name}"
+        if any(name.startswith(p + ".") for p in frozen) and "num_batches" not in name:
+            assert torch.equal(trained[key], value), name
+        elif name.startswith("body.inception5b") and value.is_floating_point():
+            changed_later |= not torch.equal(trained[key], value)
+    assert changed_later

@@ -49,7 +49,7 @@ def _environment_error(err: BaseException) -> str | None:
     """One line for a full disk, an unwritable folder or a refused pickle; ``None`` otherwise."""
     if isinstance(err, pickle.UnpicklingError):
         text = " ".join(str(err).split())
-        found = re.search(r"(Unsupported global: [^.]+)", text)
+        found = re.search(r"(Unsupported global: (GLOBAL )?[\w.]+)", text)
         detail = found.group(1) if found else text[:200]
         return (
             "refused to load a checkpoint or weights file: it holds Python objects other than "

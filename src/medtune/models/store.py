@@ -57,7 +57,12 @@ def build_model(meta: ModelMeta, weights: str | None = None) -> nn.Module:
 def save_model(model: nn.Module, meta: ModelMeta, out_dir: str | Path) -> None:
     """Write the weights and the metadata atomically."""
     out_dir = Path(out_dir)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    # GoogLeNet's auxiliary heads only help training; the deployed model never runs them.
+    state = {
+        k: v.detach().cpu().contiguous()
+        for k, v in model.state_dict().items()
+        if not k.startswith("aux_heads.")
+    }
     with atomic_path(out_dir / MODEL_WEIGHTS) as tmp:
         save_file(state, str(tmp))
     write_json(out_dir / MODEL_META, asdict(meta))

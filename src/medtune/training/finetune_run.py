@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import warnings
@@ -122,18 +123,9 @@ def run_finetune(
 
 
 def _recipe(config: TrainConfig) -> FinetuneRecipe:
-    return FinetuneRecipe(
-        lr=config.lr,
-        backbone_lr_mult=config.backbone_lr_mult,
-        layer_decay=config.layer_decay,
-        freeze=config.freeze,
-        weight_decay=config.weight_decay,
-        l2sp=config.l2sp,
-        head_epochs=config.head_epochs,
-        warmup_epochs=config.warmup_epochs,
-        schedule=config.schedule,
-        lr_floor=config.lr_floor,
-    )
+    """The recipe fields share their names with the config's."""
+    names = [f.name for f in dataclasses.fields(FinetuneRecipe)]
+    return FinetuneRecipe(**{name: getattr(config, name) for name in names})
 
 
 def _class_weights(config: TrainConfig, train: Part, num_classes: int) -> list[float] | None:

@@ -32,6 +32,7 @@ def normalise_batch(
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
+AUX_WEIGHT = 0.3
 BN_MOMENTUM = 0.1
 """Running-statistics momentum while fine-tuning. TF-ported weights (Lite0) come with 0.01, which
 needs hundreds of steps to track the changing weights: a short fine-tune then evaluates with
@@ -144,8 +145,13 @@ class FinetuneModule(L.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
         images, labels = batch[0], batch[1]
-        logits = self(images)
+        x = normalise_batch(images, self.mean, self.std, self.channels_last)
+        logits, aux_logits = self.model.forward_train(x)
         loss = F.cross_entropy(logits.float(), labels, weight=self.class_weights)
+        for aux in aux_logits:  # GoogLeNet's auxiliary classifiers, weighted as in the paper
+            loss = loss + AUX_WEIGHT * F.cross_entropy(
+                aux.float(), labels, weight=self.class_weights
+            )
         self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True)
         if self.anchors:
             penalty = l2sp_penalty(self.named_parameters(), self.anchors)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lightning import seed_everything
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 
 from medtune.errors import MedtuneError
@@ -79,6 +80,7 @@ def train(
     config = resolve_config(config, **overrides)
     run_dir = Path(config.out)
     run_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(config.seed, workers=True, verbose=False)  # random inits are reproducible too
     with prepare_lock(run_dir):  # other processes of a DDP run wait, then reuse what it built
         backbone = create_backbone(
             config.backbone, weights=config.weights, aux_logits=config.aux_logits

@@ -36,7 +36,10 @@ from medtune.transfer.transferability import (
 
 log = logging.getLogger("medtune")
 
-PROBE_CS = (1e-3, 1e-2, 1e-1, 1.0)  # a coarse grid keeps the cross-validated probes quick
+# A coarse grid and capped iterations keep the cross-validated probes quick: the advisor ranks
+# stages, it does not need each probe fully converged.
+PROBE_CS = (1e-3, 1e-2, 1e-1, 1.0)
+PROBE_MAX_ITER = 100
 
 
 @dataclass
@@ -177,7 +180,14 @@ def measure_backbone(
                 "channels": int(X.shape[1]),
                 "logme": logme(X, y),
                 "probe": cv_probe_score(
-                    X, y, groups, folds=folds, seed=config.seed, ordinal=ordinal, Cs=PROBE_CS
+                    X,
+                    y,
+                    groups,
+                    folds=folds,
+                    seed=config.seed,
+                    ordinal=ordinal,
+                    Cs=PROBE_CS,
+                    max_iter=PROBE_MAX_ITER,
                 ),
             }
         )

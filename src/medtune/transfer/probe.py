@@ -155,6 +155,7 @@ def fit_probe(
     ordinal: bool | None = None,
     class_weight: str | Mapping[int, float] | None = None,
     seed: int = 0,
+    max_iter: int = 500,
 ) -> ProbeResult:
     """Fit a standardised L2 multinomial logistic probe, choosing ``C`` on the validation set.
 
@@ -178,7 +179,11 @@ def fit_probe(
     z_train = ((X_train - mean) / scale).astype(dtype, copy=False)
     z_val = (X_val - mean) / scale
     clf = LogisticRegression(
-        C=grid[0], warm_start=True, max_iter=500, class_weight=class_weight, random_state=seed
+        C=grid[0],
+        warm_start=True,
+        max_iter=max_iter,
+        class_weight=class_weight,
+        random_state=seed,
     )
     scores: dict[float, float] = {}
     losses: dict[float, float] = {}
@@ -251,6 +256,7 @@ def cv_probe_score(
     *,
     ordinal: bool | None = None,
     Cs: Sequence[float] | None = None,
+    max_iter: int = 500,
 ) -> float:
     """Mean held-out probe score over group-aware stratified folds.
 
@@ -271,6 +277,7 @@ def cv_probe_score(
             Cs=Cs,
             ordinal=ordinal,
             seed=seed,
+            max_iter=max_iter,
         )
         fold_scores.append(_score(y[te], fit.predict(X[te]), metric))
     return float(np.mean(fold_scores))

@@ -1,0 +1,566 @@
+"""Each speed lever on and off, in one process on one machine, on real images.
+
+    python benchmarks/ablation.py [--data PATH] [--n-images N] [--out docs/performance.md]
+
+Levers: memory layout (channels_last), bf16 autocast for training and inference, torch.compile,
+intra-op threads, DataLoader workers, the prepared image cache against decoding files, cached
+features for the probes (and rotation-augmented probe features), batched rot90 TTA, inference
+batch size. It also counts the FLOPs of a training step (``FlopCounterMode``) and measures this
+CPU's matmul peak, so the achieved GFLOP/s can be read against the limit.
+
+Throughputs are medians over timed repeats after warm-up; compare rows of one run only.
+Results go to stdout (JSON) and to ``--out`` between the ``ablation:begin``/``ablation:end``
+markers (prose around them is kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import datetime as dt
+import json
+import shutil
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from benchlib import DEFAULT_DATA, REPO, Spec, build_subset, check_data, image_files, qwk, say
+from torch import nn
+
+BEGIN, END = "<!-- ablation:begin -->", "<!-- ablation:end -->"
+Row = dict[str, Any]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--data", default=str(DEFAULT_DATA))
+    p.add_argument("--n-images", type=int, default=800, help="subset size (train + val)")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--steps", type=int, default=6, help="timed training steps per variant")
+    p.add_argument("--run-epochs", type=int, default=2, help="epochs of the full-run checks")
+    p.add_argument("--work", default=str(REPO / "runs" / "bench"))
+    p.add_argument("--out", default=str(REPO / "docs" / "performance.md"))
+    p.add_argument("--skip", nargs="*", default=[], help="sections to skip (see SECTIONS)")
+    return p.parse_args(argv)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def timed(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
+    """Median seconds of ``repeats`` calls after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+@contextlib.contextmanager
+def threads(n: int) -> Iterator[None]:
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+class Bench:
+    """The shared material: prepared caches of the subset, the model, fixed batches."""
+
+    def __init__(self, spec: Spec, args: argparse.Namespace) -> None:
+        from medtune.data import load_imageset, prepare
+        from medtune.models import TransferModel, create_backbone
+
+        self.spec, self.args = spec, args
+        self.work = Path(spec.work)
+        self.train_set, self.val_set = load_imageset(spec.train_dir), load_imageset(spec.val_dir)
+        cache_dir = self.work / "cache-ablation" / "prepared"  # where medtune.train looks
+        size = spec.image_size
+        self.train_cache = prepare(self.train_set, size, {"crop": True}, cache_dir, progress=False)
+        self.val_cache = prepare(self.val_set, size, {"crop": True}, cache_dir, progress=False)
+        self.backbone = create_backbone("efficientnet_lite0")
+        torch.manual_seed(0)
+        self.base = TransferModel(self.backbone, len(spec.class_names), dropout=0.2)
+        self.mean = torch.tensor(self.backbone.mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(self.backbone.std).view(1, 3, 1, 1)
+        b = spec.batch_size
+        rows = np.arange(b * 2) % len(self.train_cache)
+        images = torch.from_numpy(np.array(self.train_cache.images[rows])).permute(0, 3, 1, 2)
+        labels = torch.as_tensor(self.train_cache.labels[rows])
+        self.batches = [(images[i : i + b].contiguous(), labels[i : i + b]) for i in (0, b)]
+
+    def model(self) -> nn.Module:
+        return copy.deepcopy(self.base)
+
+    def x(self, u8: torch.Tensor, channels_last: bool) -> torch.Tensor:
+        from medtune.training.module import normalise_batch
+
+        return normalise_batch(u8, self.mean, self.std, channels_last)
+
+
+# --------------------------------------------------------------------------- peak
+
+
+def matmul_peak() -> list[Row]:
+    """GFLOP/s of ``torch.mm`` on large square matrices (this CPU's practical limit)."""
+    rows = []
+    n = 4096
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        s = timed(lambda a=a, b=b: torch.mm(a, b), repeats=5)
+        name = str(dtype).replace("torch.", "")
+        rows.append(_row("peak", f"torch.mm {n}x{n} {name}", "GFLOP/s", 2 * n**3 / s / 1e9))
+    return rows
+
+
+def _row(section: str, setting: str, metric: str, value: float | None, **extra: Any) -> Row:
+    return {"section": section, "setting": setting, "metric": metric, "value": value, **extra}
+
+
+# --------------------------------------------------------------------------- training step
+
+
+def step_flops(bench: Bench) -> float:
+    """FLOPs of one training step (forward + backward) at the benchmark batch size."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = bench.model().train()
+    u8, y = bench.batches[0]
+    with FlopCounterMode(display=False) as counter:
+        loss = F.cross_entropy(model(bench.x(u8, False)), y)
+        loss.backward()
+    return float(counter.get_total_flops())
+
+
+def train_rate(
+    bench: Bench, *, bf16: bool, channels_last: bool, compiled: bool = False
+) -> tuple[float, float]:
+    """(images/s of a training step, seconds of the first step incl. any compilation)."""
+    model = bench.model().train()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    forward = torch.compile(model) if compiled else model
+    state = {"i": 0}
+
+    def step() -> None:
+        u8, y = bench.batches[state["i"] % 2]
+        state["i"] += 1
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = forward(bench.x(u8, channels_last))
+        loss = F.cross_entropy(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    t = time.perf_counter()
+    step()
+    first = time.perf_counter() - t
+    s = timed(step, repeats=bench.args.steps, warmup=1)
+    return bench.spec.batch_size / s, first
+
+
+def training_levers(bench: Bench) -> list[Row]:
+    flops = step_flops(bench)
+    b = bench.spec.batch_size
+    rows = [_row("train", f"FLOPs of one training step, batch {b}", "GFLOP", flops / 1e9)]
+    variants = [
+        ("fp32, contiguous (plain PyTorch)", False, False, False, None),
+        ("fp32, channels_last", False, True, False, None),
+        ("bf16 autocast, contiguous", True, False, False, None),
+        ("bf16 autocast + channels_last (medtune default)", True, True, False, None),
+        ("bf16 + channels_last, 1 thread", True, True, False, 1),
+        ("bf16 + channels_last + torch.compile", True, True, True, None),
+    ]
+    for name, bf16, cl, compiled, n_threads in variants:
+        say(f"train step: {name}")
+        with threads(n_threads or torch.get_num_threads()):
+            rate, first = train_rate(bench, bf16=bf16, channels_last=cl, compiled=compiled)
+        gflops = flops / b * rate / 1e9
+        rows.append(_row("train", name, "images/s", rate, gflops=gflops, first_step_s=first))
+    return rows
+
+
+# --------------------------------------------------------------------------- inference
+
+
+def _u8_batches(cache, batch: int) -> list[torch.Tensor]:  # noqa: ANN001
+    return [
+        torch.from_numpy(np.array(cache.images[i : i + batch])).permute(0, 3, 1, 2)
+        for i in range(0, len(cache), batch)
+    ]
+
+
+def infer_rate(bench: Bench, model: nn.Module, batches, *, bf16: bool, cl: bool, tta="none"):  # noqa: ANN001
+    from medtune.evaluation.inference import predict_logits
+
+    n = sum(len(b) for b in batches)
+    out: dict[str, np.ndarray] = {}
+
+    def run() -> None:
+        out["z"] = predict_logits(
+            model,
+            batches,
+            mean=bench.backbone.mean,
+            std=bench.backbone.std,
+            bf16=bf16,
+            channels_last=cl,
+            tta=tta,
+        )
+
+    s = timed(run, repeats=3, warmup=1)
+    return n / s, out["z"]
+
+
+def trained_model(bench: Bench) -> tuple[nn.Module, str]:
+    """The benchmark's fine-tuned medtune model when ``run.py`` left one, else the fresh one."""
+    from medtune.models.store import load_model
+
+    run = bench.work / "medtune-finetune"
+    if (run / "model.json").is_file():
+        return load_model(run)[0], "fine-tuned by run.py"
+    return bench.model().eval(), "untrained head (run benchmarks/run.py first)"
+
+
+def inference_levers(bench: Bench) -> list[Row]:
+    model, source = trained_model(bench)
+    y = bench.val_cache.labels
+    batches = _u8_batches(bench.val_cache, bench.spec.batch_size)
+    rows, ref = [], None
+    variants = [
+        ("fp32, contiguous", False, False),
+        ("fp32, channels_last", False, True),
+        ("bf16 autocast, contiguous", True, False),
+        ("bf16 autocast + channels_last (medtune default)", True, True),
+    ]
+    for name, bf16, cl in variants:
+        say(f"inference: {name}")
+        rate, z = infer_rate(bench, copy.deepcopy(model), batches, bf16=bf16, cl=cl)
+        ref = z if ref is None else ref
+        agree = float(np.mean(z.argmax(1) == ref.argmax(1)))
+        rows.append(
+            _row(
+                "infer",
+                name,
+                "images/s",
+                rate,
+                val_qwk=qwk(y, z.argmax(1)),
+                agree_fp32=agree,
+                model=source,
+            )
+        )
+    for batch in (8, 128):
+        say(f"inference: batch {batch}")
+        rate, _ = infer_rate(
+            bench, copy.deepcopy(model), _u8_batches(bench.val_cache, batch), bf16=True, cl=True
+        )
+        rows.append(_row("infer", f"bf16 + channels_last, batch {batch}", "images/s", rate))
+    rows += compiled_inference(bench, model, batches)
+    rows += tta_levers(bench, model, batches)
+    return rows
+
+
+def compiled_inference(bench: Bench, model: nn.Module, batches) -> list[Row]:  # noqa: ANN001
+    import torch._inductor.config as inductor
+
+    rows = []
+    for freezing in (False, True):
+        name = "bf16 + channels_last + torch.compile" + (" (freezing)" if freezing else "")
+        say(f"inference: {name}")
+        inductor.freezing = freezing
+        m = copy.deepcopy(model).eval().to(memory_format=torch.channels_last)
+        compiled = torch.compile(m)
+        t = time.perf_counter()
+        infer_rate_first = infer_rate(bench, compiled, batches[:1], bf16=True, cl=True)
+        del infer_rate_first
+        compile_s = time.perf_counter() - t
+        rate, _ = infer_rate(bench, compiled, batches, bf16=True, cl=True)
+        rows.append(_row("infer", name, "images/s", rate, compile_s=compile_s))
+    inductor.freezing = False
+    return rows
+
+
+def tta_levers(bench: Bench, model: nn.Module, batches) -> list[Row]:  # noqa: ANN001
+    """rot90 TTA: the 4 views in one batched forward (medtune) or 4 forwards of one view each."""
+    from medtune.evaluation.inference import predict_logits
+
+    n = sum(len(b) for b in batches)
+    say("TTA: batched vs one view at a time")
+    batched, _ = infer_rate(bench, copy.deepcopy(model), batches, bf16=True, cl=True, tta="rot90")
+    m = copy.deepcopy(model)
+
+    def looped() -> None:
+        for k in range(4):
+            views = [torch.rot90(b, k, dims=(2, 3)).contiguous() for b in batches]
+            predict_logits(m, views, mean=bench.backbone.mean, std=bench.backbone.std, bf16=True)
+
+    s = timed(looped, repeats=3, warmup=1)
+    return [
+        _row("tta", "rot90 TTA, 4 views in one batched forward (medtune)", "images/s", batched),
+        _row("tta", "rot90 TTA, one forward per view", "images/s", n / s),
+    ]
+
+
+# --------------------------------------------------------------------------- data loading
+
+
+def loader_rate(loader, limit: int, step: Callable[[Any], None] | None = None) -> float:  # noqa: ANN001
+    """Images/s pulled through ``loader`` (optionally running ``step`` on each batch)."""
+    n, t = 0, time.perf_counter()
+    for batch in loader:
+        if step is not None:
+            step(batch)
+        n += len(batch[0])
+        if n >= limit:
+            break
+    return n / (time.perf_counter() - t)
+
+
+def data_levers(bench: Bench) -> list[Row]:
+    from torch.utils.data import DataLoader
+    from torchvision import transforms as T
+    from torchvision.datasets import ImageFolder
+
+    from medtune.data import CachedImageDataset
+
+    b, rows = bench.spec.batch_size, []
+    limit = min(len(bench.train_cache), 8 * b)
+    cached = CachedImageDataset(bench.train_cache, rot90=True, seed=0)
+    tf = T.Compose([T.Resize(bench.spec.image_size), T.ToTensor()])
+    files = ImageFolder(bench.spec.train_dir, transform=tf)
+    decode = FundusDecode(bench)
+    sources = [
+        ("prepared cache (memmap + rot90)", cached),
+        ("files: PIL decode + resize + to-tensor", files),
+        ("files: decode + fundus crop (what the cache stores)", decode),
+    ]
+    for name, ds in sources:
+        for workers in (0, 2):
+            say(f"loader: {name}, {workers} workers")
+            loader = DataLoader(ds, batch_size=b, shuffle=True, num_workers=workers)
+            rate = loader_rate(loader, limit)
+            rows.append(_row("data", f"{name}, num_workers={workers}", "images/s", rate))
+    rows += loader_with_training(bench, cached)
+    return rows
+
+
+class FundusDecode(torch.utils.data.Dataset):
+    """What an epoch would cost without the prepared cache: decode + fundus crop per item."""
+
+    def __init__(self, bench: Bench) -> None:
+        self.set, self.size = bench.train_set, bench.spec.image_size
+
+    def __len__(self) -> int:
+        return len(self.set)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        from medtune.data.fundus import FundusOptions, preprocess
+
+        arr = preprocess(self.set.load(i, max_side=2 * self.size), self.size, FundusOptions())
+        return torch.from_numpy(arr).permute(2, 0, 1), int(self.set.labels[i])
+
+
+def loader_with_training(bench: Bench, dataset) -> list[Row]:  # noqa: ANN001
+    """A medtune training step fed by the cache loader with 0 or 2 workers."""
+    from torch.utils.data import DataLoader
+
+    rows = []
+    for workers in (0, 2):
+        say(f"training fed by the cache loader, {workers} workers")
+        model = bench.model().train().to(memory_format=torch.channels_last)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+        def step(batch, model=model, opt=opt) -> None:  # noqa: ANN001
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                logits = model(bench.x(batch[0], True))
+            loss = F.cross_entropy(logits.float(), batch[1])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        loader = DataLoader(
+            dataset,
+            batch_size=bench.spec.batch_size,
+            shuffle=True,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            drop_last=True,
+        )
+        loader_rate(loader, bench.spec.batch_size, step)  # warm-up (and worker start)
+        rate = loader_rate(loader, bench.spec.batch_size * bench.args.steps, step)
+        rows.append(
+            _row(
+                "data",
+                f"cache loader + bf16 training step, num_workers={workers}",
+                "images/s",
+                rate,
+            )
+        )
+    return rows
+
+
+# --------------------------------------------------------------------------- full runs
+
+
+def _run(bench: Bench, name: str, **overrides: Any) -> tuple[float, float, Path]:
+    """``medtune.train`` on the subset; (seconds, argmax val QWK, run folder)."""
+    from medtune.training import train
+
+    out = bench.work / f"ablation-{name}"
+    shutil.rmtree(out, ignore_errors=True)
+    settings = {
+        "data": bench.spec.train_dir,
+        "val_data": bench.spec.val_dir,
+        "test_fraction": 0.0,
+        "out": str(out),
+        "cache_dir": str(bench.work / "cache-ablation"),
+        "batch_size": bench.spec.batch_size,
+        "image_size": bench.spec.image_size,
+        "progress": False,
+        **overrides,
+    }
+    t = time.perf_counter()
+    train(**settings)
+    seconds = time.perf_counter() - t
+    with np.load(out / "val_logits.npz") as npz:
+        return seconds, qwk(npz["labels"], npz["logits_none"].argmax(1)), out
+
+
+def probe_levers(bench: Bench) -> list[Row]:
+    """Cached features (cold vs warm) and rotation-augmented probe features."""
+    rows = []
+    for rotations in (True, False):
+        for cache in (bench.train_cache, bench.val_cache):
+            shutil.rmtree(Path(cache.dir) / "features", ignore_errors=True)
+        tag = "4 rotations" if rotations else "rotation 0 only"
+        for state in ("features computed", "features cached"):
+            say(f"linear probe: {tag}, {state}")
+            s, k, _ = _run(bench, "probe", strategy="linear-probe", probe_rotations=rotations)
+            rows.append(
+                _row(
+                    "probe", f"linear probe, train features {tag}, {state}", "seconds", s, val_qwk=k
+                )
+            )
+    return rows
+
+
+def precision_levers(bench: Bench) -> list[Row]:
+    """Whole fine-tuning runs: bf16-mixed vs fp32, channels_last on/off (same prepared cache)."""
+    rows = []
+    variants = [
+        ("fp32 (precision 32-true), contiguous", "32-true", False),
+        ("bf16-mixed, contiguous", "bf16-mixed", False),
+        ("bf16-mixed + channels_last (medtune default)", "bf16-mixed", True),
+    ]
+    for name, precision, cl in variants:
+        say(f"fine-tuning run: {name}")
+        s, k, _ = _run(
+            bench,
+            "finetune",
+            strategy="finetune",
+            epochs=bench.args.run_epochs,
+            precision=precision,
+            channels_last=cl,
+            early_stopping=None,
+        )
+        rows.append(
+            _row(
+                "run", f"fine-tune {bench.args.run_epochs} epochs, {name}", "seconds", s, val_qwk=k
+            )
+        )
+    return rows
+
+
+SECTIONS: dict[str, Callable[[Bench], list[Row]]] = {
+    "train": training_levers,
+    "infer": inference_levers,
+    "data": data_levers,
+    "probe": probe_levers,
+    "run": precision_levers,
+}
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
+    return str(value)
+
+
+def markdown(rows: list[Row], when: str, machine: str) -> str:
+    lines = [BEGIN, f"Measured {when} on {machine}.", ""]
+    for section in dict.fromkeys(r["section"] for r in rows):
+        part = [r for r in rows if r["section"] == section]
+        extra = sorted({k for r in part for k in r} - {"section", "setting", "metric", "value"})
+        head = ["setting", "metric", "value", *extra]
+        lines += [f"**{section}**", "", "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+        for r in part:
+            cells = [r["setting"], r["metric"], _cell(r["value"])]
+            cells += [_cell(r.get(k, "")) for k in extra]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def write_block(path: Path, block: str) -> None:
+    old = path.read_text(encoding="utf-8") if path.is_file() else ""
+    if BEGIN in old and END in old:
+        head, rest = old.split(BEGIN, 1)
+        text = head + block + rest.split(END, 1)[1]
+    else:
+        text = f"# Performance\n\nGenerated by `python benchmarks/ablation.py`.\n\n{block}\n"
+    path.write_text(text, encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from run import machine
+
+    args = parse_args(argv)
+    problem = check_data(Path(args.data))
+    if problem:
+        print(
+            f"benchmarks/ablation.py needs the APTOS images: {problem}; pass --data PATH",
+            file=sys.stderr,
+        )
+        return 2
+    when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    spec = Spec(
+        data=str(Path(args.data).resolve()),
+        work=str(Path(args.work).resolve()),
+        n_train=0,
+        n_val=0,
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+    )
+    Path(spec.work).mkdir(parents=True, exist_ok=True)
+    build_subset(spec, args.n_images, 0.25)
+    say(f"ablation on {spec.n_train} + {spec.n_val} images, {len(image_files(spec.val_dir))} val")
+    bench = Bench(spec, args)
+    rows = matmul_peak()
+    for name, section in SECTIONS.items():
+        if name not in args.skip:
+            rows += section(bench)
+            say(f"{name} done")
+    write_block(Path(args.out), markdown(rows, when, machine()))
+    print(json.dumps({"when": when, "machine": machine(), "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
