@@ -183,8 +183,17 @@ def training_levers(bench: Bench) -> list[Row]:
         ("bf16 autocast, contiguous", True, False, False, None),
         ("bf16 autocast + channels_last (medtune default)", True, True, False, None),
         ("bf16 + channels_last, 1 thread", True, True, False, 1),
-        ("bf16 + channels_last + torch.compile", True, True, True, None),
     ]
+    return rows + _train_variants(bench, variants, flops)
+
+
+def compiled_training(bench: Bench) -> list[Row]:
+    variants = [("bf16 + channels_last + torch.compile", True, True, True, None)]
+    return _train_variants(bench, variants, step_flops(bench))
+
+
+def _train_variants(bench: Bench, variants: list[tuple], flops: float) -> list[Row]:
+    b, rows = bench.spec.batch_size, []
     for name, bf16, cl, compiled, n_threads in variants:
         say(f"train step: {name}")
         with threads(n_threads or torch.get_num_threads()):
@@ -268,9 +277,53 @@ def inference_levers(bench: Bench) -> list[Row]:
             bench, copy.deepcopy(model), _u8_batches(bench.val_cache, batch), bf16=True, cl=True
         )
         rows.append(_row("infer", f"bf16 + channels_last, batch {batch}", "images/s", rate))
-    rows += compiled_inference(bench, model, batches)
+    rows += bf16_weight_inference(bench, model, batches, ref)
     rows += tta_levers(bench, model, batches)
     return rows
+
+
+def bf16_weight_inference(bench: Bench, model: nn.Module, batches, ref) -> list[Row]:  # noqa: ANN001
+    """Weights cast to bf16 once (no per-op autocast casts), eager and TorchScript-frozen."""
+    y, rows = bench.val_cache.labels, []
+    shift = torch.tensor(bench.backbone.mean).view(1, 3, 1, 1) * 255
+    scale = torch.tensor(bench.backbone.std).view(1, 3, 1, 1) * 255
+    half = copy.deepcopy(model).eval().to(memory_format=torch.channels_last).bfloat16()
+
+    def inputs(u8: torch.Tensor) -> torch.Tensor:
+        x = u8.float().sub_(shift).div_(scale).bfloat16()
+        return x.contiguous(memory_format=torch.channels_last)
+
+    with torch.inference_mode():
+        frozen = torch.jit.optimize_for_inference(
+            torch.jit.freeze(torch.jit.trace(copy.deepcopy(half), inputs(batches[0])))
+        )
+    n = sum(len(b) for b in batches)
+    for name, net in (("bf16 weights + channels_last", half), ("... + TorchScript freeze", frozen)):
+        say(f"inference: {name}")
+        out: dict[str, np.ndarray] = {}
+
+        def run(net=net, out=out) -> None:  # noqa: ANN001
+            with torch.inference_mode():
+                out["z"] = torch.cat([net(inputs(b)).float() for b in batches]).numpy()
+
+        rate = n / timed(run, repeats=3, warmup=1)
+        agree = float(np.mean(out["z"].argmax(1) == ref.argmax(1)))
+        rows.append(
+            _row(
+                "infer",
+                name,
+                "images/s",
+                rate,
+                val_qwk=qwk(y, out["z"].argmax(1)),
+                agree_fp32=agree,
+            )
+        )
+    return rows
+
+
+def compile_inference(bench: Bench) -> list[Row]:
+    model, _ = trained_model(bench)
+    return compiled_inference(bench, model, _u8_batches(bench.val_cache, bench.spec.batch_size))
 
 
 def compiled_inference(bench: Bench, model: nn.Module, batches) -> list[Row]:  # noqa: ANN001
@@ -490,6 +543,8 @@ SECTIONS: dict[str, Callable[[Bench], list[Row]]] = {
     "data": data_levers,
     "probe": probe_levers,
     "run": precision_levers,
+    "compile-infer": compile_inference,
+    "compile-train": compiled_training,
 }
 
 
@@ -556,8 +611,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, section in SECTIONS.items():
         if name not in args.skip:
             rows += section(bench)
+            write_block(Path(args.out), markdown(rows, when, machine()))  # partial results kept
             say(f"{name} done")
-    write_block(Path(args.out), markdown(rows, when, machine()))
     print(json.dumps({"when": when, "machine": machine(), "rows": rows}, indent=1))
     return 0
 

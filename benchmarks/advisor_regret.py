@@ -31,16 +31,26 @@ def run_all(data: str, out: Path, epochs: int) -> dict:
     advise_seconds = time.perf_counter() - started
     results = {}
     for scenario, settings in SCENARIOS.items():
-        run = train(data=data, out=str(out / f"scenario{scenario}"), epochs=epochs,
-                    progress=False, **settings)
+        run = train(
+            data=data,
+            out=str(out / f"scenario{scenario}"),
+            epochs=epochs,
+            progress=False,
+            **settings,
+        )
         results[scenario] = {
             "settings": settings,
             "seconds": round(run.seconds, 1),
             "val_qwk": run.metrics["val"].get("qwk"),
             "test_qwk": run.metrics.get("test", {}).get("qwk"),
         }
-    return {"data": data, "advice": advice, "advise_seconds": round(advise_seconds, 1),
-            "scenarios": results, **regret(advice["scenario"], results)}
+    return {
+        "data": data,
+        "advice": advice,
+        "advise_seconds": round(advise_seconds, 1),
+        "scenarios": results,
+        **regret(advice["scenario"], results),
+    }
 
 
 def regret(chosen: int, results: dict) -> dict:
@@ -54,13 +64,17 @@ def regret(chosen: int, results: dict) -> dict:
 
 
 def markdown(report: dict) -> str:
-    lines = ["| scenario | settings | minutes | val QWK | test QWK | advisor |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| scenario | settings | minutes | val QWK | test QWK | advisor |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for scenario, r in report["scenarios"].items():
         mark = "chosen" if int(scenario) == report["chosen_scenario"] else ""
         settings = " ".join(f"{k}={v}" for k, v in r["settings"].items())
-        lines.append(f"| {scenario} | {settings} | {r['seconds'] / 60:.1f} | {r['val_qwk']:.3f} "
-                     f"| {r['test_qwk']:.3f} | {mark} |")
+        lines.append(
+            f"| {scenario} | {settings} | {r['seconds'] / 60:.1f} | {r['val_qwk']:.3f} "
+            f"| {r['test_qwk']:.3f} | {mark} |"
+        )
     return "\n".join(lines)
 
 

@@ -31,9 +31,24 @@ from medtune.errors import MedtuneError
 from medtune.training import TrainConfig
 
 # timm's 0.1M-parameter test network: what is tested here does not depend on the architecture
-TINY = ["--backbone", "test_efficientnet", "--weights", "none", "--image-size", "32",
-        "--batch-size", "8", "--fundus", "none", "--val-fraction", "0.25", "--test-fraction",
-        "0.25", "--precision", "32-true"]
+TINY = [
+    "--backbone",
+    "test_efficientnet",
+    "--weights",
+    "none",
+    "--image-size",
+    "32",
+    "--batch-size",
+    "8",
+    "--fundus",
+    "none",
+    "--val-fraction",
+    "0.25",
+    "--test-fraction",
+    "0.25",
+    "--precision",
+    "32-true",
+]
 CLI = [sys.executable, "-m", "medtune.cli.main"]
 
 
@@ -147,8 +162,9 @@ def test_prepare_bad_input_is_one_line_naming_the_file(case: str, tmp_path: Path
     make, reason = BAD_INPUTS[case]
     named = make(tmp_path / "data")
     out = tmp_path / "cache"
-    line = _cli_error(capsys, ["prepare", "--data", str(tmp_path / "data"), "--out", str(out),
-                               "--size", "16"])
+    line = _cli_error(
+        capsys, ["prepare", "--data", str(tmp_path / "data"), "--out", str(out), "--size", "16"]
+    )
     assert str(named) in line and reason in line
     if out.is_dir():  # nothing half-built is left where the cache would be
         assert [p.name for p in out.iterdir()] == []
@@ -157,27 +173,44 @@ def test_prepare_bad_input_is_one_line_naming_the_file(case: str, tmp_path: Path
 def test_prepare_bad_image_in_a_real_process(tmp_path: Path):
     """The installed entry point: exit status 2 and a last stderr line naming the file."""
     named = _truncated("jpg")(tmp_path / "data")
-    proc = subprocess.run([*CLI, "prepare", "--data", str(tmp_path / "data"),
-                           "--out", str(tmp_path / "cache"), "--size", "16"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            *CLI,
+            "prepare",
+            "--data",
+            str(tmp_path / "data"),
+            "--out",
+            str(tmp_path / "cache"),
+            "--size",
+            "16",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     line = _one_error_line(proc.returncode, proc.stderr)
     assert str(named) in line and "--skip-bad" in line
 
 
 def test_train_bad_image_is_one_line_error(tmp_path: Path, capsys):
     named = _text_as_png(tmp_path / "data")
-    line = _cli_error(capsys, ["train", "--data", str(tmp_path / "data"),
-                               "--out", str(tmp_path / "run"), *TINY])
+    line = _cli_error(
+        capsys, ["train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"), *TINY]
+    )
     assert str(named) in line
 
 
-@pytest.mark.xfail(strict=True, reason="bug: 3 images per class and val/test 0.25 make "
-                   "StratifiedGroupKFold raise a ValueError traceback (src/medtune/data/splits.py "
-                   "_hold_out); see docs/reliability.md")
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: 3 images per class and val/test 0.25 make "
+    "StratifiedGroupKFold raise a ValueError traceback (src/medtune/data/splits.py "
+    "_hold_out); see docs/reliability.md",
+)
 def test_tiny_class_counts_split_or_fail_in_one_line(tmp_path: Path, capsys):
     data = _class_folders(tmp_path / "data", n=3)
-    code = main(["train", "--data", str(data), "--out", str(tmp_path / "run"), "--epochs", "1",
-                 *TINY])
+    code = main(
+        ["train", "--data", str(data), "--out", str(tmp_path / "run"), "--epochs", "1", *TINY]
+    )
     err = capsys.readouterr().err
     assert code == 0 or (code == 2 and "Traceback" not in err), err
 
@@ -187,8 +220,19 @@ def test_train_val_labels_outside_the_training_classes(tmp_path: Path, capsys):
     val = _class_folders(tmp_path / "val")
     for i in range(2):
         _save(val / "7" / f"x{i}.png", _noise(50 + i))
-    line = _cli_error(capsys, ["train", "--data", str(train), "--val-data", str(val),
-                               "--out", str(tmp_path / "run"), *TINY])
+    line = _cli_error(
+        capsys,
+        [
+            "train",
+            "--data",
+            str(train),
+            "--val-data",
+            str(val),
+            "--out",
+            str(tmp_path / "run"),
+            *TINY,
+        ],
+    )
     assert str(val) in line and "'7'" in line and "differ" in line
 
 
@@ -211,8 +255,12 @@ def test_awkward_but_valid_images_are_prepared(tmp_path: Path, capsys):
     text = "\ufeff Image ; Label \n" + rows
     (root / "labels.csv").write_bytes(text.encode("utf-8"))
     out = tmp_path / "cache"
-    assert main(["prepare", "--data", str(root), "--out", str(out), "--size", "16",
-                 "--fundus", "none"]) == 0
+    assert (
+        main(
+            ["prepare", "--data", str(root), "--out", str(out), "--size", "16", "--fundus", "none"]
+        )
+        == 0
+    )
     assert "prepared 5 images (0 skipped)" in capsys.readouterr().out
     from medtune.data import open_cache
 
@@ -267,10 +315,20 @@ def _run_folder(tmp_path: Path) -> Path:
     """A run folder as `medtune train` leaves it (config.yaml), without training."""
     data = write_graded_images(tmp_path / "data", n_per_class=4, size=32)
     run = tmp_path / "run"
-    config = TrainConfig(data=str(data), out=str(run), backbone="test_efficientnet", weights=None,
-                         image_size=32, epochs=1, batch_size=4, progress=False,
-                         fundus={"crop": False}, precision="32-true", val_fraction=0.25,
-                         test_fraction=0.25)
+    config = TrainConfig(
+        data=str(data),
+        out=str(run),
+        backbone="test_efficientnet",
+        weights=None,
+        image_size=32,
+        epochs=1,
+        batch_size=4,
+        progress=False,
+        fundus={"crop": False},
+        precision="32-true",
+        val_fraction=0.25,
+        test_fraction=0.25,
+    )
     mio.write_yaml(run / "config.yaml", config.to_dict())
     return run
 
@@ -279,8 +337,9 @@ def test_resume_from_a_poisoned_checkpoint_is_refused_unexecuted(tmp_path: Path,
     """Lightning loads RUN/checkpoints/last.ckpt with weights_only=True: the payload never runs."""
     run = _run_folder(tmp_path)
     marker = tmp_path / "pwned"
-    last = _poisoned(run / "checkpoints" / "last.ckpt", marker, epoch=0, global_step=1,
-                     state_dict={})
+    last = _poisoned(
+        run / "checkpoints" / "last.ckpt", marker, epoch=0, global_step=1, state_dict={}
+    )
     line = _cli_error(capsys, ["train", "--resume", str(run)])
     assert "refused to load" in line and "Unsupported global: GLOBAL io.open" in line
     assert not marker.exists()
@@ -288,10 +347,13 @@ def test_resume_from_a_poisoned_checkpoint_is_refused_unexecuted(tmp_path: Path,
     _assert_really_malicious(last, marker)
 
 
-@pytest.mark.xfail(strict=True, reason="gap: a torn/garbage last.ckpt on --resume ends in a "
-                   "RuntimeError traceback (Lightning's loader; fix: AtomicCheckpointIO."
-                   "load_checkpoint in src/medtune/training/finetune_run.py); see "
-                   "docs/reliability.md")
+@pytest.mark.xfail(
+    strict=True,
+    reason="gap: a torn/garbage last.ckpt on --resume ends in a "
+    "RuntimeError traceback (Lightning's loader; fix: AtomicCheckpointIO."
+    "load_checkpoint in src/medtune/training/finetune_run.py); see "
+    "docs/reliability.md",
+)
 def test_resume_from_a_corrupt_checkpoint_is_one_line_naming_it(tmp_path: Path, capsys):
     run = _run_folder(tmp_path)
     last = run / "checkpoints" / "last.ckpt"
@@ -324,14 +386,32 @@ def probe_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("predict")
     data = write_graded_images(root / "data", n_per_class=4, size=32)
     run = root / "run"
-    assert main(["train", "--data", str(data), "--out", str(run), "--strategy", "linear-probe",
-                 "--cache-dir", str(root / "cache"), *TINY]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(data),
+                "--out",
+                str(run),
+                "--strategy",
+                "linear-probe",
+                "--cache-dir",
+                str(root / "cache"),
+                *TINY,
+            ]
+        )
+        == 0
+    )
     return run
 
 
 def _files(root: Path, skip: Path) -> dict[str, bytes]:
-    return {str(p): p.read_bytes() for p in root.rglob("*")
-            if p.is_file() and not p.is_symlink() and skip not in p.parents}
+    return {
+        str(p): p.read_bytes()
+        for p in root.rglob("*")
+        if p.is_file() and not p.is_symlink() and skip not in p.parents
+    }
 
 
 def test_predict_writes_only_inside_its_output_folder(probe_run: Path, tmp_path: Path, capsys):
@@ -346,8 +426,18 @@ def test_predict_writes_only_inside_its_output_folder(probe_run: Path, tmp_path:
     (explain / "trap_gradcam.png").symlink_to(victim)
     before = _files(tmp_path, explain)
     out = tmp_path / "pred.csv"
-    code = main(["predict", str(images), "--run", str(probe_run), "--out", str(out),
-                 "--explain", str(explain)])
+    code = main(
+        [
+            "predict",
+            str(images),
+            "--run",
+            str(probe_run),
+            "--out",
+            str(out),
+            "--explain",
+            str(explain),
+        ]
+    )
     err = capsys.readouterr().err
     if code == 2:  # refusing is fine, as long as it says so in one line
         assert "refusing to write outside" in _one_error_line(code, err)
@@ -358,20 +448,37 @@ def test_predict_writes_only_inside_its_output_folder(probe_run: Path, tmp_path:
     assert victim.read_bytes() == b"precious"
     changed = {p for p in after if before.get(p) != after[p]}
     assert changed <= {str(out)}, changed
-    assert all(p.resolve().parent == explain.resolve() for p in explain.iterdir()
-               if not p.is_symlink())
+    assert all(
+        p.resolve().parent == explain.resolve() for p in explain.iterdir() if not p.is_symlink()
+    )
 
 
-@pytest.mark.xfail(strict=True, reason="bug: predict --explain names overlays by file stem only, "
-                   "so a/x.png and b/x.png share one PNG (src/medtune/evaluation/predict.py "
-                   "_write_gradcam); see docs/reliability.md")
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: predict --explain names overlays by file stem only, "
+    "so a/x.png and b/x.png share one PNG (src/medtune/evaluation/predict.py "
+    "_write_gradcam); see docs/reliability.md",
+)
 def test_predict_explain_keeps_one_overlay_per_image(probe_run: Path, tmp_path: Path):
     images = tmp_path / "in"
     for i, name in enumerate(("a/x.png", "b/x.png", "x.jpg")):
         _save(images / name, _noise(i, 32))
     explain = tmp_path / "explain"
-    assert main(["predict", str(images), "--run", str(probe_run), "--out",
-                 str(tmp_path / "pred.csv"), "--explain", str(explain)]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                str(images),
+                "--run",
+                str(probe_run),
+                "--out",
+                str(tmp_path / "pred.csv"),
+                "--explain",
+                str(explain),
+            ]
+        )
+        == 0
+    )
     assert len(list(explain.glob("*.png"))) == 3
 
 
@@ -391,8 +498,16 @@ def test_offline_default_weights_cli_tells_how_to_pass_weights(tmp_path, monkeyp
     monkeypatch.setattr(socket, "getaddrinfo", no_dns)
     monkeypatch.setattr(socket.socket, "connect", no_network)
     data = _class_folders(tmp_path / "data")
-    argv = ["train", "--data", str(data), "--out", str(tmp_path / "run"), *TINY, "--backbone",
-            "googlenet"]
+    argv = [
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path / "run"),
+        *TINY,
+        "--backbone",
+        "googlenet",
+    ]
     argv[argv.index("--weights") + 1] = "default"
     line = _cli_error(capsys, argv)
     assert "offline?" in line and "--weights PATH" in line and "googlenet" in line
@@ -474,8 +589,12 @@ def test_outputs_get_normal_permissions_even_from_replacing_writers(tmp_path: Pa
 
 
 def test_temp_files_of_killed_writers_are_removed(tmp_path: Path):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     pid = int(dead.stdout)
     host = mio._host()
     stale = tmp_path / f".last.ckpt.abc123de.{pid}@{host}.tmp"
@@ -500,8 +619,20 @@ def _readonly_prefix(folder: Path) -> list[str]:
         return []
     if shutil.which("unshare") is None:
         pytest.skip("root without unshare: cannot make a read-only folder")
-    probe = subprocess.run(["unshare", "-m", "sh", "-c", _RO_MOUNT, str(folder), "sh", "-c",
-                            f"! touch {folder}/probe 2>/dev/null"], capture_output=True)
+    probe = subprocess.run(
+        [
+            "unshare",
+            "-m",
+            "sh",
+            "-c",
+            _RO_MOUNT,
+            str(folder),
+            "sh",
+            "-c",
+            f"! touch {folder}/probe 2>/dev/null",
+        ],
+        capture_output=True,
+    )
     if probe.returncode != 0:
         pytest.skip(f"cannot mount read-only here: {probe.stderr.decode().strip()}")
     return ["unshare", "-m", "sh", "-c", _RO_MOUNT, str(folder)]
@@ -509,8 +640,9 @@ def _readonly_prefix(folder: Path) -> list[str]:
 
 def _run_readonly(folder: Path, argv: list[str]) -> subprocess.CompletedProcess[str]:
     try:
-        return subprocess.run([*_readonly_prefix(folder), *CLI, *argv], capture_output=True,
-                              text=True, timeout=300)
+        return subprocess.run(
+            [*_readonly_prefix(folder), *CLI, *argv], capture_output=True, text=True, timeout=300
+        )
     finally:
         folder.chmod(0o755)
 
@@ -519,23 +651,70 @@ def test_prepare_into_a_read_only_folder(tmp_path: Path):
     data = _class_folders(tmp_path / "data")
     ro = tmp_path / "ro"
     ro.mkdir()
-    proc = _run_readonly(ro, ["prepare", "--data", str(data), "--out", str(ro / "cache"),
-                              "--size", "16"])
+    proc = _run_readonly(
+        ro, ["prepare", "--data", str(data), "--out", str(ro / "cache"), "--size", "16"]
+    )
     line = _one_error_line(proc.returncode, proc.stderr)
     assert f"{ro / 'cache'}: " in line
     assert "Read-only file system" in line or "Permission denied" in line
     assert not (ro / "cache").exists()
 
 
-def test_train_into_a_read_only_run_folder(tmp_path: Path):
-    """The run folder exists but cannot be written: the first output written there says so."""
-    data = _class_folders(tmp_path / "data")
-    ro = tmp_path / "ro"
-    (ro / "run").mkdir(parents=True)
-    proc = _run_readonly(ro, ["train", "--data", str(data), "--out", str(ro / "run"), *TINY])
-    line = _one_error_line(proc.returncode, proc.stderr)
-    assert f"{ro / 'run'}/" in line and "--out" in line  # names the file it could not write
-    assert list((ro / "run").iterdir()) == []
+def _simulate_read_only(monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
+    """Make every creation under ``folder`` fail with EROFS, as a read-only mount does."""
+    import builtins
+
+    inside = str(folder) + os.sep
+    real_mkdir, real_os_open, real_open = os.mkdir, os.open, builtins.open
+
+    def erofs(path: object) -> OSError:
+        return OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+    def mkdir(path, *args, **kwargs):
+        if str(path).startswith(inside) and not os.path.exists(path):
+            raise erofs(path)
+        return real_mkdir(path, *args, **kwargs)
+
+    def os_open(path, flags, *args, **kwargs):
+        if str(path).startswith(inside) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise erofs(path)
+        return real_os_open(path, flags, *args, **kwargs)
+
+    def open_(file, mode="r", *args, **kwargs):
+        if (
+            isinstance(file, (str, os.PathLike))
+            and str(file).startswith(inside)
+            and (set(mode) & set("wax+"))
+        ):
+            raise erofs(file)
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    monkeypatch.setattr(os, "open", os_open)
+    monkeypatch.setattr(builtins, "open", open_)
+
+
+def test_train_into_a_read_only_run_folder(tmp_path: Path, monkeypatch, capsys):
+    """The run folder exists but cannot be written (simulated EROFS): one line naming a file."""
+    data = _class_folders(tmp_path / "data", n=6)
+    run = tmp_path / "ro" / "run"
+    run.mkdir(parents=True)
+    _simulate_read_only(monkeypatch, tmp_path / "ro")
+    line = _cli_error(capsys, ["train", "--data", str(data), "--out", str(run), *TINY])
+    monkeypatch.undo()
+    assert f"{run}{os.sep}" in line and "Read-only file system" in line and "--out" in line
+    assert list(run.iterdir()) == []
+
+
+def test_atomic_write_into_a_read_only_folder_is_one_line(tmp_path: Path, monkeypatch):
+    target = _old_file(tmp_path / "ro")
+    _simulate_read_only(monkeypatch, tmp_path / "ro")
+    with pytest.raises(MedtuneError) as err:
+        mio.write_json(target, {"new": True})
+    monkeypatch.undo()
+    assert str(err.value).startswith(f"{target}: Read-only file system; choose a writable --out")
+    assert json.loads(target.read_text()) == {"old": True}
+    assert _leftovers(tmp_path / "ro") == []
 
 
 _FULL_DISK = 'mount -t tmpfs -o size=1m tmpfs "$0" && exec "$@"'
@@ -568,8 +747,9 @@ print(json.dumps(result))
 def _full_disk_prefix(folder: Path) -> list[str]:
     if os.geteuid() != 0 or shutil.which("unshare") is None:
         pytest.skip("a small tmpfs needs root and unshare")
-    probe = subprocess.run(["unshare", "-m", "sh", "-c", _FULL_DISK, str(folder), "true"],
-                           capture_output=True)
+    probe = subprocess.run(
+        ["unshare", "-m", "sh", "-c", _FULL_DISK, str(folder), "true"], capture_output=True
+    )
     if probe.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {probe.stderr.decode().strip()}")
     return ["unshare", "-m", "sh", "-c", _FULL_DISK, str(folder)]
@@ -581,8 +761,12 @@ def test_real_full_disk_keeps_the_old_checkpoint(tmp_path: Path):
     folder.mkdir()
     script = tmp_path / "write.py"
     script.write_text(textwrap.dedent(_WRITE_WHEN_FULL))
-    proc = subprocess.run([*_full_disk_prefix(folder), sys.executable, str(script),
-                           str(folder)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [*_full_disk_prefix(folder), sys.executable, str(script), str(folder)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     for name in ("torch.save", "write_bytes"):
@@ -591,14 +775,30 @@ def test_real_full_disk_keeps_the_old_checkpoint(tmp_path: Path):
     assert result["old"] == "old" and result["files"] == ["last.ckpt"]
 
 
-@pytest.mark.xfail(strict=True, reason="bug: prepare's sparse memmap dies of SIGBUS on a full "
-                   "disk (src/medtune/data/cache.py _build, open_memmap); see docs/reliability.md")
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: prepare's sparse memmap dies of SIGBUS on a full "
+    "disk (src/medtune/data/cache.py _build, open_memmap); see docs/reliability.md",
+)
 def test_prepare_on_a_full_disk_is_one_line(tmp_path: Path):
     folder = tmp_path / "small"
     folder.mkdir()
     data = write_graded_images(tmp_path / "data", n_per_class=8, size=64)
-    proc = subprocess.run([*_full_disk_prefix(folder), *CLI, "prepare", "--data", str(data),
-                           "--out", str(folder / "cache"), "--size", "128"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            *_full_disk_prefix(folder),
+            *CLI,
+            "prepare",
+            "--data",
+            str(data),
+            "--out",
+            str(folder / "cache"),
+            "--size",
+            "128",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     line = _one_error_line(proc.returncode, proc.stderr)
     assert str(folder / "cache") in line

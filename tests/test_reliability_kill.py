@@ -24,9 +24,22 @@ from conftest import write_graded_images
 from medtune.cli.main import main
 
 # timm's 0.1M-parameter test network: killing and resuming do not depend on the architecture
-TINY = ["--backbone", "test_efficientnet", "--image-size", "32", "--batch-size", "8",
-        "--fundus", "none", "--val-fraction", "0.25", "--test-fraction", "0.25",
-        "--precision", "32-true"]
+TINY = [
+    "--backbone",
+    "test_efficientnet",
+    "--image-size",
+    "32",
+    "--batch-size",
+    "8",
+    "--fundus",
+    "none",
+    "--val-fraction",
+    "0.25",
+    "--test-fraction",
+    "0.25",
+    "--precision",
+    "32-true",
+]
 
 # Runs the real CLI after installing ONE hook chosen by $HOOK; the hook writes $MARKER, then hangs.
 _DRIVER = """
@@ -118,8 +131,9 @@ def _kill_when_hung(tmp_path: Path, hook: str, argv: list[str]) -> None:
     log = tmp_path / f"{hook}.log"
     env = {**os.environ, "HOOK": hook, "MARKER": str(marker)}
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, str(driver), *argv], stdout=out, stderr=out,
-                                env=env)
+        proc = subprocess.Popen(
+            [sys.executable, str(driver), *argv], stdout=out, stderr=out, env=env
+        )
     try:
         deadline = time.time() + 240
         while not marker.exists():
@@ -163,8 +177,18 @@ def test_killed_during_feature_extraction_then_rerun(tmp_path: Path, isolated_ca
     data = write_graded_images(tmp_path / "data", n_per_class=4, size=32)
     run = tmp_path / "probe"
     weights = _fixed_weights(tmp_path / "weights.safetensors")  # the same net in every process
-    argv = ["train", "--data", str(data), "--out", str(run), "--strategy", "linear-probe",
-            "--weights", str(weights), *TINY]
+    argv = [
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(run),
+        "--strategy",
+        "linear-probe",
+        "--weights",
+        str(weights),
+        *TINY,
+    ]
     _kill_when_hung(tmp_path, "features", argv)
 
     (folder,) = {p.parent for p in isolated_cache.rglob("features/*/top_rot0.npy")}
@@ -186,16 +210,37 @@ def test_killed_during_feature_extraction_then_rerun(tmp_path: Path, isolated_ca
     from medtune.transfer.features import extract_features
 
     backbone = create_backbone("test_efficientnet", weights=str(weights))
-    fresh = extract_features(backbone, open_cache(folder.parent.parent), ["top"], rotations=(1,),
-                             model_id="check", bf16=False, progress=False)
+    fresh = extract_features(
+        backbone,
+        open_cache(folder.parent.parent),
+        ["top"],
+        rotations=(1,),
+        model_id="check",
+        bf16=False,
+        progress=False,
+    )
     np.testing.assert_allclose(np.load(folder / "top_rot1.npy"), fresh[("top", 1)], atol=1e-4)
 
 
 def test_killed_writing_a_checkpoint_then_mid_epoch_then_resumed(tmp_path: Path, capsys):
     data = write_graded_images(tmp_path / "data", n_per_class=4, size=32)
     run = tmp_path / "ft"
-    argv = ["train", "--data", str(data), "--out", str(run), "--strategy", "finetune",
-            "--weights", "none", "--epochs", "2", "--early-stopping", "0", *TINY]
+    argv = [
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(run),
+        "--strategy",
+        "finetune",
+        "--weights",
+        "none",
+        "--epochs",
+        "2",
+        "--early-stopping",
+        "0",
+        *TINY,
+    ]
 
     _kill_when_hung(tmp_path, "checkpoint", argv)  # half of the first last.ckpt on disk
     assert _ckpt_epochs(run) == {"best.ckpt": 0}  # no torn last.ckpt
@@ -216,3 +261,49 @@ def test_killed_writing_a_checkpoint_then_mid_epoch_then_resumed(tmp_path: Path,
     assert (run / "splits.csv").read_text() == splits
     assert (run / "metrics.json").is_file() and (run / "model.safetensors").is_file()
     assert _temp_files(run) == []
+
+
+class _Interrupted(Exception):
+    pass
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: Lightning's CSVLogger deletes RUN/logs/metrics.csv "
+    "when a run is resumed (src/medtune/training/finetune_run.py _loggers); see "
+    "docs/reliability.md",
+)
+def test_resume_keeps_the_logged_history(tmp_path: Path, monkeypatch):
+    from medtune.training.module import FinetuneModule
+
+    real_step = FinetuneModule.training_step
+
+    def step(self, batch, batch_idx):
+        if self.current_epoch == 1:
+            raise _Interrupted
+        return real_step(self, batch, batch_idx)
+
+    data = write_graded_images(tmp_path / "data", n_per_class=4, size=32)
+    run = tmp_path / "ft"
+    monkeypatch.setattr(FinetuneModule, "training_step", step)
+    with pytest.raises(_Interrupted):
+        main(
+            [
+                "train",
+                "--data",
+                str(data),
+                "--out",
+                str(run),
+                "--weights",
+                "none",
+                "--epochs",
+                "2",
+                "--early-stopping",
+                "0",
+                *TINY,
+            ]
+        )
+    monkeypatch.undo()
+    assert main(["train", "--resume", str(run)]) == 0
+    logged = (run / "logs" / "metrics.csv").read_text().splitlines()
+    assert any(line.startswith("0,") for line in logged)  # epoch 0 is still in the log

@@ -16,14 +16,33 @@ from medtune.errors import MedtuneError
 from medtune.training.guards import NonFiniteLossGuard, first_non_finite
 from medtune.training.module import FinetuneModule
 
-FINETUNE = ["--strategy", "finetune", "--backbone", "test_efficientnet", "--weights", "none",
-            "--image-size", "32", "--batch-size", "8", "--fundus", "none", "--val-fraction",
-            "0.25", "--test-fraction", "0.25", "--precision", "32-true", "--epochs", "2",
-            "--early-stopping", "0"]
+FINETUNE = [
+    "--strategy",
+    "finetune",
+    "--backbone",
+    "test_efficientnet",
+    "--weights",
+    "none",
+    "--image-size",
+    "32",
+    "--batch-size",
+    "8",
+    "--fundus",
+    "none",
+    "--val-fraction",
+    "0.25",
+    "--test-fraction",
+    "0.25",
+    "--precision",
+    "32-true",
+    "--epochs",
+    "2",
+    "--early-stopping",
+    "0",
+]
 
 
-def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch,
-                                                                    capsys):
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
     real_step = FinetuneModule.training_step
 
     def poisoned_step(self, batch, batch_idx):  # the loss of epoch 1 is NaN
@@ -45,14 +64,22 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, mon
     assert not (run / "model.safetensors").exists()  # a NaN model is never exported
 
 
-@pytest.mark.xfail(strict=True, reason="bug: Lightning 2.6 save_last=True writes last.ckpt only "
-                   "when best.ckpt improves (src/medtune/training/finetune_run.py _trainer); "
-                   "see docs/reliability.md")
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: Lightning 2.6 save_last=True writes last.ckpt only "
+    "when best.ckpt improves (src/medtune/training/finetune_run.py _trainer); "
+    "see docs/reliability.md",
+)
 def test_last_checkpoint_is_refreshed_every_epoch(tmp_path, monkeypatch):
     """--resume continues from the latest epoch, not from the last improvement."""
+
     def flat_metrics(self, logits, labels):  # the monitored metric never improves
-        return {"val_loss": 1.0, "val_n": float(len(labels)), "val_qwk": 0.0,
-                "val_balanced_accuracy": 0.5}
+        return {
+            "val_loss": 1.0,
+            "val_n": float(len(labels)),
+            "val_qwk": 0.0,
+            "val_balanced_accuracy": 0.5,
+        }
 
     monkeypatch.setattr(FinetuneModule, "_validation_metrics", flat_metrics)
     data = write_graded_images(tmp_path / "data", n_per_class=4, size=32)
@@ -73,15 +100,20 @@ def _trainer(tmp_path: Path, *, ckpt_exists: bool = True) -> SimpleNamespace:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     return SimpleNamespace(
-        should_stop=False, current_epoch=3, global_step=41, default_root_dir=str(tmp_path),
-        checkpoint_callbacks=[ModelCheckpoint(dirpath=folder)], sanity_checking=False,
+        should_stop=False,
+        current_epoch=3,
+        global_step=41,
+        default_root_dir=str(tmp_path),
+        checkpoint_callbacks=[ModelCheckpoint(dirpath=folder)],
+        sanity_checking=False,
         state=SimpleNamespace(fn=TrainerFn.FITTING),
         strategy=SimpleNamespace(reduce_boolean_decision=lambda decision, all=True: decision),
     )
 
 
-@pytest.mark.parametrize("value, shown", [(math.inf, "+inf"), (-math.inf, "-inf"),
-                                          (math.nan, "NaN")])
+@pytest.mark.parametrize(
+    "value, shown", [(math.inf, "+inf"), (-math.inf, "-inf"), (math.nan, "NaN")]
+)
 def test_guard_stops_on_any_non_finite_loss(tmp_path, value, shown):
     trainer = _trainer(tmp_path)
     guard = NonFiniteLossGuard()
@@ -96,8 +128,9 @@ def test_guard_stops_on_any_non_finite_loss(tmp_path, value, shown):
 
 def test_guard_says_when_no_checkpoint_exists_yet(tmp_path):
     with pytest.raises(MedtuneError, match="no checkpoint was written before it"):
-        NonFiniteLossGuard().on_before_backward(_trainer(tmp_path, ckpt_exists=False), None,
-                                                torch.tensor(math.nan))
+        NonFiniteLossGuard().on_before_backward(
+            _trainer(tmp_path, ckpt_exists=False), None, torch.tensor(math.nan)
+        )
 
 
 def test_guard_refuses_to_validate_or_save_non_finite_weights(tmp_path):
@@ -115,6 +148,7 @@ def test_guard_refuses_to_validate_or_save_non_finite_weights(tmp_path):
         model[0].bias[1] = 0.0
         model[1].running_var[0] = math.nan  # a buffer: only the checkpoint holds it
     guard.on_validation_start(trainer, model)
-    with pytest.raises(MedtuneError, match="weight 1.running_var became NaN or inf; the "
-                       "checkpoint was not written"):
+    with pytest.raises(
+        MedtuneError, match="weight 1.running_var became NaN or inf; the checkpoint was not written"
+    ):
         guard.on_save_checkpoint(trainer, model, {"state_dict": model.state_dict()})

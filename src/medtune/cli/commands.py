@@ -187,6 +187,8 @@ def run_train(args: argparse.Namespace) -> None:
 def print_run(result: Any) -> None:
     from medtune.evaluation.tables import metrics_table
 
+    if not result.is_global_zero:  # other DDP processes: rank 0 prints the results
+        return
     print(metrics_table(result.metrics, synthetic=result.config.synthetic))
     print(f"run folder: {result.dir}  ({result.seconds:.1f} s)")
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.plugins.environments import TorchElasticEnvironment
 from lightning.fabric.plugins.io import TorchCheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.accelerators import CPUAccelerator
@@ -112,13 +113,20 @@ def run_finetune(
         warnings.filterwarnings("ignore", message=".*sync_dist=True.*")
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt, weights_only=True)
     best = Path(run_dir) / CHECKPOINTS / "best.ckpt"
-    if trainer.is_global_zero and best.is_file():  # only global rank 0 goes on to evaluate
-        state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
-        module.load_state_dict(state)
-    module.to(trainer.strategy.root_device)  # evaluate where it trained (fit ends on the CPU)
+    if trainer.is_global_zero:  # only global rank 0 goes on to evaluate
+        if best.is_file():
+            state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+            module.load_state_dict(state)
+        module.to(trainer.strategy.root_device)  # evaluate where it trained (fit ends on the CPU)
     bf16 = config.precision.startswith("bf16")
-    evaluator = ImageEvaluator(module.model, config.mean, config.std, bf16=bf16,
-                               batch_size=config.batch_size, progress=config.progress)
+    evaluator = ImageEvaluator(
+        module.model,
+        config.mean,
+        config.std,
+        bf16=bf16,
+        batch_size=config.batch_size,
+        progress=config.progress,
+    )
     return module.model.eval(), evaluator
 
 
@@ -158,6 +166,7 @@ def _trainer(config: TrainConfig, run_dir: Path, monitor: str) -> L.Trainer:
             f"cannot set up training ({err}); check --accelerator, --devices, --num-nodes, "
             "--dist-strategy and --precision (and the launcher's process count)"
         ) from None
+    _check_launch(config, trainer)
     cpu = isinstance(trainer.accelerator, CPUAccelerator)
     if config.sync_batchnorm and trainer.world_size > 1 and cpu:
         raise MedtuneError(
@@ -165,6 +174,18 @@ def _trainer(config: TrainConfig, run_dir: Path, monitor: str) -> L.Trainer:
             "drop the flag"
         )
     return trainer
+
+
+def _check_launch(config: TrainConfig, trainer: L.Trainer) -> None:
+    """torchrun started several processes but the settings make one: each would train alone."""
+    if TorchElasticEnvironment.detect() and trainer.world_size == 1:
+        started = int(os.environ["WORLD_SIZE"])
+        if started > 1:
+            raise MedtuneError(
+                f"torchrun started {started} processes but --devices {config.devices} x "
+                f"--num-nodes {config.num_nodes} is 1; set --devices to --nproc-per-node "
+                "and --num-nodes to --nnodes"
+            )
 
 
 def _make_trainer(config: TrainConfig, run_dir: Path, callbacks: list) -> L.Trainer:

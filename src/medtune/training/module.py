@@ -138,6 +138,7 @@ class FinetuneModule(L.LightningModule):
         self.train()
 
     def on_fit_start(self) -> None:
+        """The L2-SP anchors follow the model to its device (a GPU under Lightning)."""
         self.anchors = {n: a.to(self.device) for n, a in self.anchors.items()}
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
