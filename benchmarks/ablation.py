@@ -145,10 +145,23 @@ def step_flops(bench: Bench) -> float:
     return float(counter.get_total_flops())
 
 
-def train_rate(
-    bench: Bench, *, bf16: bool, channels_last: bool, compiled: bool = False
-) -> tuple[float, float]:
-    """(images/s of a training step, seconds of the first step incl. any compilation)."""
+def interleaved(units: dict[str, Callable[[], Any]], rounds: int) -> dict[str, float]:
+    """Median seconds of each unit of work, timed round-robin so machine noise hits all alike."""
+    for fn in units.values():
+        fn()  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in units}
+    for _ in range(rounds):
+        for name, fn in units.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def train_step(
+    bench: Bench, *, bf16: bool, channels_last: bool, compiled: bool = False, n_threads: int = 0
+) -> Callable[[], None]:
+    """One SGD step of the medtune model on a fixed batch, with the given levers."""
     model = bench.model().train()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -159,47 +172,65 @@ def train_rate(
     def step() -> None:
         u8, y = bench.batches[state["i"] % 2]
         state["i"] += 1
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits = forward(bench.x(u8, channels_last))
-        loss = F.cross_entropy(logits.float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        with threads(n_threads or torch.get_num_threads()):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                logits = forward(bench.x(u8, channels_last))
+            loss = F.cross_entropy(logits.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
 
-    t = time.perf_counter()
-    step()
-    first = time.perf_counter() - t
-    s = timed(step, repeats=bench.args.steps, warmup=1)
-    return bench.spec.batch_size / s, first
+    return step
+
+
+TRAIN_VARIANTS = {
+    "fp32, contiguous (plain PyTorch)": {"bf16": False, "channels_last": False},
+    "fp32, channels_last": {"bf16": False, "channels_last": True},
+    "bf16 autocast, contiguous": {"bf16": True, "channels_last": False},
+    "bf16 autocast + channels_last (medtune default)": {"bf16": True, "channels_last": True},
+    "bf16 + channels_last, 1 thread": {"bf16": True, "channels_last": True, "n_threads": 1},
+}
 
 
 def training_levers(bench: Bench) -> list[Row]:
-    flops = step_flops(bench)
-    b = bench.spec.batch_size
-    rows = [_row("train", f"FLOPs of one training step, batch {b}", "GFLOP", flops / 1e9)]
-    variants = [
-        ("fp32, contiguous (plain PyTorch)", False, False, False, None),
-        ("fp32, channels_last", False, True, False, None),
-        ("bf16 autocast, contiguous", True, False, False, None),
-        ("bf16 autocast + channels_last (medtune default)", True, True, False, None),
-        ("bf16 + channels_last, 1 thread", True, True, False, 1),
-    ]
-    return rows + _train_variants(bench, variants, flops)
+    return _train_rows(bench, TRAIN_VARIANTS)
 
 
 def compiled_training(bench: Bench) -> list[Row]:
-    variants = [("bf16 + channels_last + torch.compile", True, True, True, None)]
-    return _train_variants(bench, variants, step_flops(bench))
+    variants = {
+        "bf16 autocast + channels_last (medtune default)": {"bf16": True, "channels_last": True},
+        "bf16 + channels_last + torch.compile": {
+            "bf16": True,
+            "channels_last": True,
+            "compiled": True,
+        },
+    }
+    return _train_rows(bench, variants, tag=" [compile run]")
 
 
-def _train_variants(bench: Bench, variants: list[tuple], flops: float) -> list[Row]:
-    b, rows = bench.spec.batch_size, []
-    for name, bf16, cl, compiled, n_threads in variants:
+def _train_rows(bench: Bench, variants: dict[str, dict[str, Any]], tag: str = "") -> list[Row]:
+    b = bench.spec.batch_size
+    flops = step_flops(bench)
+    rows = [_row("train", f"FLOPs of one training step, batch {b}{tag}", "GFLOP", flops / 1e9)]
+    steps, first = {}, {}
+    for name, levers in variants.items():
         say(f"train step: {name}")
-        with threads(n_threads or torch.get_num_threads()):
-            rate, first = train_rate(bench, bf16=bf16, channels_last=cl, compiled=compiled)
-        gflops = flops / b * rate / 1e9
-        rows.append(_row("train", name, "images/s", rate, gflops=gflops, first_step_s=first))
+        steps[name] = train_step(bench, **levers)
+        t = time.perf_counter()
+        steps[name]()
+        first[name] = time.perf_counter() - t
+    seconds = interleaved(steps, bench.args.steps)
+    for name, s in seconds.items():
+        rows.append(
+            _row(
+                "train",
+                name + tag,
+                "images/s",
+                b / s,
+                gflops=flops / s / 1e9,
+                first_step_s=first[name],
+            )
+        )
     return rows
 
 
@@ -213,10 +244,12 @@ def _u8_batches(cache, batch: int) -> list[torch.Tensor]:  # noqa: ANN001
     ]
 
 
-def infer_rate(bench: Bench, model: nn.Module, batches, *, bf16: bool, cl: bool, tta="none"):  # noqa: ANN001
+def predict_pass(
+    bench: Bench, model: nn.Module, batches, *, bf16: bool, cl: bool, tta: str = "none"
+) -> tuple[Callable[[], None], dict[str, np.ndarray]]:  # noqa: ANN001
+    """One pass of medtune's ``predict_logits`` over ``batches``; its logits land in the dict."""
     from medtune.evaluation.inference import predict_logits
 
-    n = sum(len(b) for b in batches)
     out: dict[str, np.ndarray] = {}
 
     def run() -> None:
@@ -230,8 +263,13 @@ def infer_rate(bench: Bench, model: nn.Module, batches, *, bf16: bool, cl: bool,
             tta=tta,
         )
 
-    s = timed(run, repeats=3, warmup=1)
-    return n / s, out["z"]
+    return run, out
+
+
+def infer_rate(bench: Bench, model: nn.Module, batches, *, bf16: bool, cl: bool, tta="none"):  # noqa: ANN001
+    run, out = predict_pass(bench, model, batches, bf16=bf16, cl=cl, tta=tta)
+    n = sum(len(b) for b in batches)
+    return n / timed(run, repeats=3, warmup=1), out["z"]
 
 
 def trained_model(bench: Bench) -> tuple[nn.Module, str]:
@@ -244,47 +282,49 @@ def trained_model(bench: Bench) -> tuple[nn.Module, str]:
     return bench.model().eval(), "untrained head (run benchmarks/run.py first)"
 
 
+INFER_VARIANTS = {  # name: (bf16 autocast, channels_last, batch size or None = benchmark's)
+    "fp32, contiguous": (False, False, None),
+    "fp32, channels_last": (False, True, None),
+    "bf16 autocast, contiguous": (True, False, None),
+    "bf16 autocast + channels_last (medtune default)": (True, True, None),
+    "bf16 autocast + channels_last, batch 8": (True, True, 8),
+    "bf16 autocast + channels_last, batch 128": (True, True, 128),
+}
+
+
 def inference_levers(bench: Bench) -> list[Row]:
+    """medtune's ``predict_logits`` with each lever, then bf16 weights, all timed round-robin."""
     model, source = trained_model(bench)
     y = bench.val_cache.labels
+    n = len(y)
     batches = _u8_batches(bench.val_cache, bench.spec.batch_size)
-    rows, ref = [], None
-    variants = [
-        ("fp32, contiguous", False, False),
-        ("fp32, channels_last", False, True),
-        ("bf16 autocast, contiguous", True, False),
-        ("bf16 autocast + channels_last (medtune default)", True, True),
-    ]
-    for name, bf16, cl in variants:
-        say(f"inference: {name}")
-        rate, z = infer_rate(bench, copy.deepcopy(model), batches, bf16=bf16, cl=cl)
-        ref = z if ref is None else ref
-        agree = float(np.mean(z.argmax(1) == ref.argmax(1)))
+    passes: dict[str, tuple[Callable[[], None], dict[str, np.ndarray]]] = {}
+    for name, (bf16, cl, size) in INFER_VARIANTS.items():
+        data = batches if size is None else _u8_batches(bench.val_cache, size)
+        passes[name] = predict_pass(bench, copy.deepcopy(model), data, bf16=bf16, cl=cl)
+    passes.update(bf16_weight_passes(bench, model, batches))
+    say(f"inference: {len(passes)} variants, round-robin")
+    seconds = interleaved({k: fn for k, (fn, _) in passes.items()}, rounds=3)
+    ref = passes["fp32, contiguous"][1]["z"].argmax(1)
+    rows = []
+    for name, (_, out) in passes.items():
+        pred = out["z"].argmax(1)
         rows.append(
             _row(
                 "infer",
                 name,
                 "images/s",
-                rate,
-                val_qwk=qwk(y, z.argmax(1)),
-                agree_fp32=agree,
-                model=source,
+                n / seconds[name],
+                val_qwk=qwk(y, pred),
+                agree_fp32=float(np.mean(pred == ref)),
             )
         )
-    for batch in (8, 128):
-        say(f"inference: batch {batch}")
-        rate, _ = infer_rate(
-            bench, copy.deepcopy(model), _u8_batches(bench.val_cache, batch), bf16=True, cl=True
-        )
-        rows.append(_row("infer", f"bf16 + channels_last, batch {batch}", "images/s", rate))
-    rows += bf16_weight_inference(bench, model, batches, ref)
-    rows += tta_levers(bench, model, batches)
-    return rows
+    rows[0]["model"] = source
+    return rows + tta_levers(bench, model, batches)
 
 
-def bf16_weight_inference(bench: Bench, model: nn.Module, batches, ref) -> list[Row]:  # noqa: ANN001
+def bf16_weight_passes(bench: Bench, model: nn.Module, batches) -> dict[str, tuple]:  # noqa: ANN001
     """Weights cast to bf16 once (no per-op autocast casts), eager and TorchScript-frozen."""
-    y, rows = bench.val_cache.labels, []
     shift = torch.tensor(bench.backbone.mean).view(1, 3, 1, 1) * 255
     scale = torch.tensor(bench.backbone.std).view(1, 3, 1, 1) * 255
     half = copy.deepcopy(model).eval().to(memory_format=torch.channels_last).bfloat16()
@@ -297,28 +337,16 @@ def bf16_weight_inference(bench: Bench, model: nn.Module, batches, ref) -> list[
         frozen = torch.jit.optimize_for_inference(
             torch.jit.freeze(torch.jit.trace(copy.deepcopy(half), inputs(batches[0])))
         )
-    n = sum(len(b) for b in batches)
+    passes = {}
     for name, net in (("bf16 weights + channels_last", half), ("... + TorchScript freeze", frozen)):
-        say(f"inference: {name}")
         out: dict[str, np.ndarray] = {}
 
         def run(net=net, out=out) -> None:  # noqa: ANN001
             with torch.inference_mode():
                 out["z"] = torch.cat([net(inputs(b)).float() for b in batches]).numpy()
 
-        rate = n / timed(run, repeats=3, warmup=1)
-        agree = float(np.mean(out["z"].argmax(1) == ref.argmax(1)))
-        rows.append(
-            _row(
-                "infer",
-                name,
-                "images/s",
-                rate,
-                val_qwk=qwk(y, out["z"].argmax(1)),
-                agree_fp32=agree,
-            )
-        )
-    return rows
+        passes[name] = (run, out)
+    return passes
 
 
 def compile_inference(bench: Bench) -> list[Row]:

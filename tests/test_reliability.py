@@ -200,12 +200,6 @@ def test_train_bad_image_is_one_line_error(tmp_path: Path, capsys):
     assert str(named) in line
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: 3 images per class and val/test 0.25 make "
-    "StratifiedGroupKFold raise a ValueError traceback (src/medtune/data/splits.py "
-    "_hold_out); see docs/reliability.md",
-)
 def test_tiny_class_counts_split_or_fail_in_one_line(tmp_path: Path, capsys):
     data = _class_folders(tmp_path / "data", n=3)
     code = main(
@@ -347,13 +341,6 @@ def test_resume_from_a_poisoned_checkpoint_is_refused_unexecuted(tmp_path: Path,
     _assert_really_malicious(last, marker)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gap: a torn/garbage last.ckpt on --resume ends in a "
-    "RuntimeError traceback (Lightning's loader; fix: AtomicCheckpointIO."
-    "load_checkpoint in src/medtune/training/finetune_run.py); see "
-    "docs/reliability.md",
-)
 def test_resume_from_a_corrupt_checkpoint_is_one_line_naming_it(tmp_path: Path, capsys):
     run = _run_folder(tmp_path)
     last = run / "checkpoints" / "last.ckpt"
@@ -453,12 +440,6 @@ def test_predict_writes_only_inside_its_output_folder(probe_run: Path, tmp_path:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: predict --explain names overlays by file stem only, "
-    "so a/x.png and b/x.png share one PNG (src/medtune/evaluation/predict.py "
-    "_write_gradcam); see docs/reliability.md",
-)
 def test_predict_explain_keeps_one_overlay_per_image(probe_run: Path, tmp_path: Path):
     images = tmp_path / "in"
     for i, name in enumerate(("a/x.png", "b/x.png", "x.jpg")):
@@ -775,11 +756,6 @@ def test_real_full_disk_keeps_the_old_checkpoint(tmp_path: Path):
     assert result["old"] == "old" and result["files"] == ["last.ckpt"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: prepare's sparse memmap dies of SIGBUS on a full "
-    "disk (src/medtune/data/cache.py _build, open_memmap); see docs/reliability.md",
-)
 def test_prepare_on_a_full_disk_is_one_line(tmp_path: Path):
     folder = tmp_path / "small"
     folder.mkdir()

@@ -267,12 +267,6 @@ class _Interrupted(Exception):
     pass
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: Lightning's CSVLogger deletes RUN/logs/metrics.csv "
-    "when a run is resumed (src/medtune/training/finetune_run.py _loggers); see "
-    "docs/reliability.md",
-)
 def test_resume_keeps_the_logged_history(tmp_path: Path, monkeypatch):
     from medtune.training.module import FinetuneModule
 

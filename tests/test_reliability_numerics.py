@@ -64,12 +64,6 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, mon
     assert not (run / "model.safetensors").exists()  # a NaN model is never exported
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: Lightning 2.6 save_last=True writes last.ckpt only "
-    "when best.ckpt improves (src/medtune/training/finetune_run.py _trainer); "
-    "see docs/reliability.md",
-)
 def test_last_checkpoint_is_refreshed_every_epoch(tmp_path, monkeypatch):
     """--resume continues from the latest epoch, not from the last improvement."""
 

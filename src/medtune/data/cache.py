@@ -19,6 +19,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import datetime as _dt
+import errno
 import hashlib
 import json
 import logging
@@ -292,6 +293,7 @@ def _build(
             npy, mode="w+", dtype=np.uint8, shape=(len(imageset), size, size, 3)
         )
         del mm
+        _reserve_space(npy)
         failures = _fill(imageset, npy, params, skip_bad, num_workers, progress, key)
         good = [i for i in range(len(imageset)) if i not in failures]
         if not good:
@@ -317,6 +319,23 @@ def _build(
         log.info("prepared %d images in %.1f s -> %s", len(good), seconds, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _reserve_space(npy: Path) -> None:
+    """Allocate the whole array on disk now: a sparse memmap on a full disk dies of SIGBUS
+    mid-build, a reservation fails at once with a message."""
+    with open(npy, "r+b") as fh:
+        try:
+            os.posix_fallocate(fh.fileno(), 0, os.fstat(fh.fileno()).st_size)
+        except OSError as err:
+            if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise MedtuneError(
+                    f"{npy.parent.parent}: not enough disk space for the prepared images "
+                    f"({os.fstat(fh.fileno()).st_size / 2**20:.0f} MiB); free space or pass "
+                    "--cache-dir on a larger disk"
+                ) from None
+            if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # fs without fallocate: go on
+                raise
 
 
 def _publish(tmp: Path, final: Path) -> None:

@@ -78,7 +78,13 @@ def _hold_out(labels: np.ndarray, groups: np.ndarray, frac: float, seed: int) ->
     cv = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "least populated class has only k members"
-        folds = [test for _, test in cv.split(np.zeros(len(labels)), labels, groups)]
+        try:
+            folds = [test for _, test in cv.split(np.zeros(len(labels)), labels, groups)]
+        except ValueError as err:
+            raise MedtuneError(
+                f"cannot hold out {frac:.0%} of {len(labels)} images ({err}); add images, or "
+                "lower --val-fraction / --test-fraction, or give --val-data / --test-data"
+            ) from None
     target = frac * len(labels)
     best = min(folds, key=lambda f: abs(len(f) - target))
     mask = np.zeros(len(labels), dtype=bool)

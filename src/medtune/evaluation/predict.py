@@ -148,7 +148,7 @@ def _predict_run(paths, run, explain, tta, skip_bad, progress):
     from medtune.models.store import load_model
 
     model, meta = load_model(run)
-    rows, skipped = [], []
+    rows, skipped, written = [], [], set()
     for chunk in _batches(paths, progress):
         kept, images = _load_batch(chunk, meta.input_size, meta.fundus, skip_bad, skipped)
         if images is None:
@@ -159,11 +159,11 @@ def _predict_run(paths, run, explain, tta, skip_bad, progress):
         labels = decode(probs, meta.decoding)
         rows += _rows(kept, probs, labels, meta.class_names)
         if explain:
-            _write_gradcam(model, meta, kept, images, labels, Path(explain))
+            _write_gradcam(model, meta, kept, images, labels, Path(explain), written)
     return rows, skipped
 
 
-def _write_gradcam(model, meta, paths, images, labels, folder: Path) -> None:
+def _write_gradcam(model, meta, paths, images, labels, folder: Path, written: set) -> None:
     """One PNG per image, named after the image, always inside ``folder``."""
     from PIL import Image
 
@@ -175,6 +175,11 @@ def _write_gradcam(model, meta, paths, images, labels, folder: Path) -> None:
     )
     for path, overlay in zip(paths, overlays, strict=True):
         target = safe_output_path(folder, f"{Path(path).stem}_gradcam.png")
+        n = 1
+        while target.exists() and target.name in written:  # a/x.png and b/x.png: x_gradcam_2
+            n += 1
+            target = safe_output_path(folder, f"{Path(path).stem}_gradcam_{n}.png")
+        written.add(target.name)
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         Image.fromarray(overlay).save(tmp, format="PNG")
         os.replace(tmp, target)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import logging
 import os
@@ -17,6 +18,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 from medtune.errors import MedtuneError
 from medtune.evaluation.finalize import ImageEvaluator
@@ -40,6 +42,34 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:  # noqa: ANN001
         with atomic_path(path) as tmp:
             torch.save(checkpoint, tmp)
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None):  # noqa: ANN001
+        """Load with ``weights_only=True``; an unreadable or unsafe file is a one-line error."""
+        try:
+            return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+        except Exception as err:  # torn zip, pickled code, foreign format: name the file
+            raise MedtuneError(
+                f"{path}: cannot resume from this checkpoint ({type(err).__name__}); delete it "
+                "to restart the run, or train again into a new --out"
+            ) from None
+
+
+class HistoryKeepingCSVLogger(CSVLogger):
+    """Lightning's CSV logger, except that a resumed run appends to ``metrics.csv`` instead of
+    deleting the earlier epochs' rows."""
+
+    @property
+    def experiment(self):  # noqa: ANN201
+        if self._experiment is None:
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
+class _AppendingWriter(ExperimentWriter):
+    def _check_log_dir_exists(self) -> None:
+        if os.path.isfile(self.metrics_file_path):
+            with open(self.metrics_file_path, newline="") as fh:
+                self.metrics_keys = sorted(next(csv.reader(fh), []))
 
 
 class RecordTrainPositions(L.Callback):
@@ -145,15 +175,16 @@ def _class_weights(config: TrainConfig, train: Part, num_classes: int) -> list[f
 
 
 def _trainer(config: TrainConfig, run_dir: Path, monitor: str) -> L.Trainer:
-    checkpoints = ModelCheckpoint(
-        dirpath=Path(run_dir) / CHECKPOINTS,
-        filename="best",
-        monitor=monitor,
-        mode="max",
-        save_last=True,
-        enable_version_counter=False,
+    folder = Path(run_dir) / CHECKPOINTS
+    best = ModelCheckpoint(
+        dirpath=folder, filename="best", monitor=monitor, mode="max", enable_version_counter=False
     )
-    callbacks: list = [checkpoints, LearningRateMonitor(logging_interval="epoch")]
+    # Lightning's save_last only refreshes last.ckpt when best.ckpt improves; --resume must
+    # continue from the latest epoch, so "last" is its own checkpoint, written every epoch.
+    last = ModelCheckpoint(
+        dirpath=folder, filename="last", monitor=None, save_top_k=1, enable_version_counter=False
+    )
+    callbacks: list = [best, last, LearningRateMonitor(logging_interval="epoch")]
     callbacks.append(NonFiniteLossGuard())  # NaN/inf loss: stop, keep the last good ckpt
     if config.early_stopping:
         callbacks.append(EarlyStopping(monitor=monitor, mode="max", patience=config.early_stopping))
@@ -214,7 +245,7 @@ def _make_trainer(config: TrainConfig, run_dir: Path, callbacks: list) -> L.Trai
 
 def _loggers(run_dir: Path) -> list:
     loggers: list = [
-        CSVLogger(str(run_dir), name="logs", version=""),
+        HistoryKeepingCSVLogger(str(run_dir), name="logs", version=""),
         TensorBoardLogger(str(run_dir), name="logs", version="tensorboard"),
     ]
     if os.environ.get("MLFLOW_TRACKING_URI"):

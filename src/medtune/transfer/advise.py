@@ -163,7 +163,7 @@ def measure_backbone(
         backbone,
         cache,
         [*names, TOP],
-        model_id=backbone_id(backbone, config.weights, config.precision),
+        model_id=backbone_id(backbone, config.precision),
         batch_size=64,
         bf16=config.precision.startswith("bf16"),
         progress=config.progress,

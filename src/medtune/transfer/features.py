@@ -8,7 +8,6 @@ atomically, so a killed extraction leaves only complete files and the next run c
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,17 +22,14 @@ from medtune.models import Backbone, StageTaps
 TOP = "top"  # the backbone's final pooled features (what the original classifier sees)
 
 
-def backbone_id(backbone: Backbone, weights: str | None, precision: str) -> str:
-    """A folder name that changes whenever the features would change."""
-    if weights and os.path.isfile(weights):
-        st = os.stat(weights)
-        tag = f"{Path(weights).name}:{st.st_size}:{st.st_mtime_ns}"
-    else:
-        tag = str(weights)
-    digest = hashlib.sha256(
-        f"{tag}|{backbone.mean}|{backbone.std}|{precision}".encode()
-    ).hexdigest()[:10]
-    return f"{backbone.name}-{digest}"
+def backbone_id(backbone: Backbone, precision: str) -> str:
+    """A folder name that changes whenever the features would change: a hash of the weights
+    themselves (whatever their source or seed), the input normalisation and the precision."""
+    digest = hashlib.sha256(f"{backbone.mean}|{backbone.std}|{precision}".encode())
+    for name, tensor in backbone.model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    return f"{backbone.name}-{digest.hexdigest()[:10]}"
 
 
 def extract_features(

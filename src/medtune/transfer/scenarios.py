@@ -49,7 +49,7 @@ def stage_features(
     backbone: Backbone, part: Part, stages: list[str], rotations, config: TrainConfig
 ) -> dict[tuple[str, int], np.ndarray]:
     """Cached features of ``part``'s rows for each (stage, rotation)."""
-    model_id = backbone_id(backbone, config.weights, config.precision)
+    model_id = backbone_id(backbone, config.precision)
     feats = extract_features(
         backbone,
         part.cache,
