@@ -116,54 +116,57 @@ def probe(spec: Spec) -> dict[str, Any]:
 
 
 def infer(spec: Spec) -> dict[str, Any]:
-    """Feature extraction on a prepared cache; prediction from image files with a trained model."""
+    """Feature extraction on a prepared cache (what the probes do); ``medtune.evaluation.predict``
+    from image files with the fine-tuned run; and the model alone on prepared images."""
     from medtune.data import load_imageset, prepare
+    from medtune.evaluation.inference import predict_logits
+    from medtune.evaluation.predict import predict
     from medtune.models import create_backbone
     from medtune.models.store import load_model
     from medtune.transfer.features import TOP, extract_features
 
-    work = Path(spec.work)
+    work, run = Path(spec.work), Path(spec.work) / "medtune-finetune"
     images = load_imageset(spec.val_dir)
     n = len(images)
-
-    def prepared(tag: str):
-        shutil.rmtree(work / tag, ignore_errors=True)
-        return prepare(images, spec.image_size, {"crop": True}, work / tag, progress=False)
-
-    cache = prepared("cache-infer")
+    shutil.rmtree(work / "cache-infer", ignore_errors=True)
+    cache = prepare(images, spec.image_size, {"crop": True}, work / "cache-infer", progress=False)
     backbone = create_backbone("efficientnet_lite0")
     runs = iter(range(1000))
 
     def features() -> np.ndarray:
         tag = f"bench-{next(runs)}"  # a new feature folder each time: really computed
         out = extract_features(
-            backbone, cache, [TOP], model_id=tag, batch_size=max(spec.batch_size, 32)
+            backbone,
+            cache,
+            [TOP],
+            model_id=tag,
+            batch_size=max(spec.batch_size, 32),
+            progress=False,
         )
         return out[(TOP, 0)]
 
     say("medtune features")
     feat_s, _ = median_time(features, spec.repeats)
-    model, meta = load_model(work / "medtune-finetune")
+    say("medtune predict (image files -> decoded grades)")
+    predict_s, rows = median_time(
+        lambda: predict([spec.val_dir], run=run, progress=False), spec.repeats
+    )
+    labels = [int(Path(r["image"]).parent.name) for r in rows]
+    model, meta = load_model(run)
 
-    def logits(c) -> np.ndarray:  # noqa: ANN001
-        from medtune.evaluation.inference import predict_logits
+    def logits() -> np.ndarray:  # the model as predict runs it, on prepared images
+        starts = range(0, n, spec.batch_size)
+        batches = (torch_from(cache.images[i : i + spec.batch_size]) for i in starts)
+        return predict_logits(model, batches, mean=meta.mean, std=meta.std)
 
-        batches = (
-            torch_from(c.images[i : i + spec.batch_size]) for i in range(0, n, spec.batch_size)
-        )
-        return predict_logits(
-            model, batches, mean=meta.mean, std=meta.std, bf16=True, channels_last=True
-        )
-
-    say("medtune predict (files -> logits, a cold prepared cache each time)")
-    predict_s, _ = median_time(lambda: logits(prepared("cache-predict")), spec.repeats)
-    model_s, out = median_time(lambda: logits(cache), spec.repeats)
+    model_s, out = median_time(logits, spec.repeats)
     return {
         "n_images": n,
         "features_images_per_s": n / feat_s,
-        "predict_images_per_s": n / predict_s,
+        "predict_images_per_s": len(rows) / predict_s,
+        "predict_qwk": qwk(labels, [r["pred_index"] for r in rows]),
         "predict_model_only_images_per_s": n / model_s,
-        "predict_qwk": qwk(images.labels, out.argmax(1)),
+        "model_only_argmax_qwk": qwk(images.labels, out.argmax(1)),
     }
 
 

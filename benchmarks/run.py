@@ -124,6 +124,7 @@ def figures(results: dict[str, dict[str, Any]], target_qwk: float) -> dict[str, 
             "finetune_total_s": ft["total_s"],
             "final_val_qwk": ft["final_val_qwk"],
             "predict_images_per_s": infer["predict_images_per_s"],
+            "predict_model_only_images_per_s": infer.get("predict_model_only_images_per_s"),
             "peak_rss_mb": ft["peak_rss"]["self_mb"],
             "peak_rss_worker_mb": ft["peak_rss"]["largest_child_mb"],
         }
@@ -140,6 +141,7 @@ ROWS = [  # key, label, better ("high"/"low"/"qwk"), format
     ("finetune_total_s", "fine-tuning run, end-to-end s", "low", "{:.1f}"),
     ("final_val_qwk", "final val QWK (last epoch)", "qwk", "{:.3f}"),
     ("predict_images_per_s", "prediction from files, images/s", "high", "{:.1f}"),
+    ("predict_model_only_images_per_s", "prediction, prepared images, images/s", "high", "{:.1f}"),
     ("peak_rss_mb", "peak RSS fine-tuning, MB", "low", "{:.0f}"),
 ]
 

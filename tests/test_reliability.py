@@ -577,7 +577,7 @@ def test_temp_files_of_killed_writers_are_removed(tmp_path: Path):
         check=True,
     )
     pid = int(dead.stdout)
-    host = mio._host()
+    host = mio.host_name()
     stale = tmp_path / f".last.ckpt.abc123de.{pid}@{host}.tmp"
     live = tmp_path / f".best.ckpt.abc123de.{os.getppid()}@{host}.tmp"
     foreign = tmp_path / f".last.ckpt.abc123de.{pid}@another-node.tmp"

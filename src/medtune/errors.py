@@ -7,6 +7,8 @@ without a traceback (unless ``--debug``) and exits with status 2.
 
 from __future__ import annotations
 
+import re
+
 
 class MedtuneError(Exception):
     """An error the user can fix; ``str(err)`` is a single line naming the file and the fix."""
@@ -24,3 +26,14 @@ class BadImageError(MedtuneError):
             f"{path}: cannot read image ({reason}); replace or delete the file, "
             "or pass --skip-bad to skip unreadable images"
         )
+
+
+def unpickling_detail(err: BaseException) -> str:
+    """The telling part of a ``weights_only`` refusal (``Unsupported global: ...``), or its
+    first line: torch's message spans many lines of advice."""
+    text = " ".join(str(err).split())
+    found = re.search(r"(Unsupported global: (GLOBAL )?[\w.]+)", text)
+    if found:
+        return found.group(1)
+    lines = str(err).strip().splitlines()
+    return lines[0][:200] if lines else type(err).__name__

@@ -40,7 +40,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         target.parent.mkdir(parents=True, exist_ok=True)
         remove_dead_temps(target.parent)
         fd, tmp_name = tempfile.mkstemp(
-            prefix=f".{target.name}.", suffix=f".{os.getpid()}@{_host()}.tmp", dir=target.parent
+            prefix=f".{target.name}.", suffix=f".{os.getpid()}@{host_name()}.tmp", dir=target.parent
         )
         os.close(fd)
     tmp = Path(tmp_name)
@@ -126,11 +126,13 @@ def _free_text(path: str | os.PathLike[str]) -> str:
     return "free space unknown" if free is None else f"{free / 2**20:.1f} MiB free"
 
 
-def _host() -> str:
+def host_name() -> str:
+    """This machine's name, safe in a file name (temp files record their writer)."""
     return re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "host"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this host with this id still runs."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -146,10 +148,10 @@ def remove_dead_temps(folder: str | os.PathLike[str]) -> list[Path]:
     with contextlib.suppress(OSError):
         for entry in os.scandir(folder):
             match = _TEMP.match(entry.name)
-            if match is None or match.group(2) != _host() or not entry.is_file():
+            if match is None or match.group(2) != host_name() or not entry.is_file():
                 continue
             pid = int(match.group(1))
-            if pid != os.getpid() and not _pid_alive(pid):
+            if pid != os.getpid() and not pid_alive(pid):
                 with contextlib.suppress(OSError):
                     os.unlink(entry.path)
                     removed.append(Path(entry.path))

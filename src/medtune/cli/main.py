@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 import logging
 import pickle
-import re
 import sys
 from collections.abc import Sequence
 
 from medtune import __version__
-from medtune.errors import MedtuneError
+from medtune.errors import MedtuneError, unpickling_detail
 
 EXIT_USER_ERROR = 2
 
@@ -48,9 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _environment_error(err: BaseException) -> str | None:
     """One line for a full disk, an unwritable folder or a refused pickle; ``None`` otherwise."""
     if isinstance(err, pickle.UnpicklingError):
-        text = " ".join(str(err).split())
-        found = re.search(r"(Unsupported global: (GLOBAL )?[\w.]+)", text)
-        detail = found.group(1) if found else text[:200]
+        detail = unpickling_detail(err)
         return (
             "refused to load a checkpoint or weights file: it holds Python objects other than "
             f"tensors, which could run code ({detail}); use files written by medtune, plain "

@@ -27,7 +27,6 @@ import multiprocessing
 import os
 import re
 import shutil
-import socket
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -214,27 +213,13 @@ def cache_key(imageset: ImageSet, identities: Sequence[str], params: dict[str, A
 # --------------------------------------------------------------------------- temp folders
 
 
-def _host() -> str:
-    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
-
-
 def _tmp_name(key: str) -> str:
-    return f".tmp-{key}-{_host()}-{os.getpid()}"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return f".tmp-{key}-{mio.host_name()}-{os.getpid()}"
 
 
 def _cleanup_tmp(out: Path) -> None:
     """Remove ``.tmp-*`` folders of dead processes (other hosts': only when a day old)."""
-    host = _host()
+    host = mio.host_name()
     for entry in out.iterdir():
         match = re.fullmatch(r"\.tmp-[0-9a-f]+-(.+)-(\d+)", entry.name)
         if match is None or not entry.is_dir():
@@ -242,7 +227,7 @@ def _cleanup_tmp(out: Path) -> None:
         owner, pid = match.group(1), int(match.group(2))
         dead = False
         if owner == host:
-            dead = pid != os.getpid() and not _pid_alive(pid)
+            dead = pid != os.getpid() and not mio.pid_alive(pid)
         else:
             with contextlib.suppress(OSError):
                 dead = time.time() - entry.stat().st_mtime > _FOREIGN_TMP_AGE_S

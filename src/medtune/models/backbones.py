@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import difflib
 import pickle
-import re
 import warnings
 import zipfile
 from collections.abc import Mapping
@@ -21,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from medtune.errors import MedtuneError
+from medtune.errors import MedtuneError, unpickling_detail
 from medtune.models.stages import Stage, _has_params, stage_map
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
@@ -218,8 +217,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
 
 def _unpickling_error(path: Path, err: pickle.UnpicklingError) -> MedtuneError:
     """Refusal of a torch file that ``weights_only`` loading rejected (code or garbage)."""
-    found = re.search(r"WeightsUnpickler error:\s*(.+)", str(err))
-    detail = found.group(1).split(". ")[0].strip() if found else _first_line(err)
+    detail = unpickling_detail(err)
     if "Unsupported global" in detail:
         return MedtuneError(
             f"{path}: refused to load: it holds Python objects other than tensors, which could "

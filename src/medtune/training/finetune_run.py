@@ -6,6 +6,7 @@ import csv
 import dataclasses
 import logging
 import os
+import pickle
 import warnings
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, Mode
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
-from medtune.errors import MedtuneError
+from medtune.errors import MedtuneError, unpickling_detail
 from medtune.evaluation.finalize import ImageEvaluator
 from medtune.io import atomic_path
 from medtune.models import Backbone, TransferModel
@@ -48,9 +49,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         try:
             return super().load_checkpoint(path, map_location=map_location, weights_only=True)
         except Exception as err:  # torn zip, pickled code, foreign format: name the file
+            what = "refused to load" if isinstance(err, pickle.UnpicklingError) else "cannot read"
+            detail = unpickling_detail(err)
             raise MedtuneError(
-                f"{path}: cannot resume from this checkpoint ({type(err).__name__}); delete it "
-                "to restart the run, or train again into a new --out"
+                f"{path}: {what} this checkpoint ({detail}); delete it to restart the run, or "
+                "train again into a new --out"
             ) from None
 
 
