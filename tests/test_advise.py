@@ -16,8 +16,11 @@ SMALL = {"image_size": 64, "fundus": {"crop": False}, "progress": False}
 
 def test_advise_measures_every_stage_and_explains_its_choice(graded_folder: Path, tmp_path):
     json_path = tmp_path / "advice.json"
-    report = advise(str(graded_folder), config=TrainConfig(data=str(graded_folder), **SMALL),
-                    json_path=json_path)
+    report = advise(
+        str(graded_folder),
+        config=TrainConfig(data=str(graded_folder), **SMALL),
+        json_path=json_path,
+    )
     advice = json.loads(json_path.read_text())
     assert advice["scenario"] in (1, 2, 3, 4)
     assert advice["strategy"] in ("linear-probe", "layer-probe", "finetune")
@@ -27,8 +30,7 @@ def test_advise_measures_every_stage_and_explains_its_choice(graded_folder: Path
     assert advice["scenario"] in (1, 3)
     stages = report.best.stages
     assert [s["stage"] for s in stages][0] == "stem" and len(stages) == 9
-    assert all(np.isfinite(s["logme"]) and 0 <= s["probe"] <= 1 or s["probe"] < 0
-               for s in stages)
+    assert all(np.isfinite(s["logme"]) and 0 <= s["probe"] <= 1 or s["probe"] < 0 for s in stages)
     sim = report.best.similarity
     assert 0 < sim["entropy"] <= 1 and 0 < sim["reference_entropy"] <= 1
     assert sim["nce"] <= 0 and sim["leep"] <= 0
@@ -45,11 +47,21 @@ def test_imagenet_head_is_more_certain_on_natural_photos_than_on_noise_like_imag
 
 def test_strategy_auto_records_and_runs_the_advice(graded_folder: Path, tmp_path, capsys):
     out = tmp_path / "auto"
-    result = train(data=str(graded_folder), out=str(out), strategy="auto", batch_size=8,
-                   epochs=1, val_fraction=0.25, test_fraction=0.25, **SMALL)
+    result = train(
+        data=str(graded_folder),
+        out=str(out),
+        strategy="auto",
+        batch_size=8,
+        epochs=1,
+        val_fraction=0.25,
+        test_fraction=0.25,
+        **SMALL,
+    )
     advice = json.loads((out / "advice.json").read_text())
     assert result.config.strategy == advice["advice"]["strategy"]
     assert result.metrics["model"]["strategy"] == advice["advice"]["strategy"]
-    assert main(["advise", "--data", str(graded_folder), "--image-size", "64", "--fundus",
-                 "none"]) == 0
+    assert (
+        main(["advise", "--data", str(graded_folder), "--image-size", "64", "--fundus", "none"])
+        == 0
+    )
     assert "recommendation: scenario" in capsys.readouterr().out

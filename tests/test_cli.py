@@ -10,8 +10,22 @@ import pytest
 
 from medtune.cli.main import main
 
-TINY = ["--weights", "none", "--image-size", "48", "--batch-size", "8", "--fundus", "none",
-        "--val-fraction", "0.25", "--test-fraction", "0.25", "--precision", "32-true"]
+TINY = [
+    "--weights",
+    "none",
+    "--image-size",
+    "48",
+    "--batch-size",
+    "8",
+    "--fundus",
+    "none",
+    "--val-fraction",
+    "0.25",
+    "--test-fraction",
+    "0.25",
+    "--precision",
+    "32-true",
+]
 
 
 def test_help_lists_every_command(capsys):
@@ -38,22 +52,32 @@ def trained_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("cli")
     data = write_graded_images(root / "data")
     run = root / "run"
-    args = ["train", "--data", str(data), "--out", str(run), "--strategy", "linear-probe",
-            "--cache-dir", str(root / "cache"), *TINY]
+    args = [
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(run),
+        "--strategy",
+        "linear-probe",
+        "--cache-dir",
+        str(root / "cache"),
+        *TINY,
+    ]
     assert main(args) == 0
     return run
 
 
 def test_evaluate_writes_metrics_and_a_self_contained_report(trained_run: Path, capsys):
-    assert main(["evaluate", "--run", str(trained_run), "--tta", "rot90", "--bootstrap",
-                 "100"]) == 0
+    assert (
+        main(["evaluate", "--run", str(trained_run), "--tta", "rot90", "--bootstrap", "100"]) == 0
+    )
     out_dir = trained_run / "eval" / "test-tta-rot90"
     metrics = json.loads((out_dir / "metrics.json").read_text())
     assert metrics["n"] == 6 and metrics["tta"] == "rot90"
     assert metrics["accuracy_ci"][0] <= metrics["accuracy"] <= metrics["accuracy_ci"][1]
     html = (out_dir / "report.html").read_text()
-    for fig in ("fig-class-balance", "fig-roc", "fig-confusion", "fig-reliability",
-                "fig-gradcam"):
+    for fig in ("fig-class-balance", "fig-roc", "fig-confusion", "fig-reliability", "fig-gradcam"):
         assert f'id="{fig}"' in html
     assert "data:image/png;base64" in html
     assert (out_dir / "MODEL_CARD.md").is_file()
@@ -64,10 +88,34 @@ def test_export_then_onnx_predictions_equal_pytorch_predictions(trained_run: Pat
     assert main(["export", "--run", str(trained_run), "--out", str(tmp_path / "exp")]) == 0
     images = str(trained_run.parent / "data" / "2")
     torch_csv, onnx_csv = tmp_path / "torch.csv", tmp_path / "onnx.csv"
-    assert main(["predict", images, "--run", str(trained_run), "--out", str(torch_csv),
-                 "--explain", str(tmp_path / "cams")]) == 0
-    assert main(["predict", images, "--model", str(tmp_path / "exp" / "model.onnx"),
-                 "--out", str(onnx_csv)]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                images,
+                "--run",
+                str(trained_run),
+                "--out",
+                str(torch_csv),
+                "--explain",
+                str(tmp_path / "cams"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "predict",
+                images,
+                "--model",
+                str(tmp_path / "exp" / "model.onnx"),
+                "--out",
+                str(onnx_csv),
+            ]
+        )
+        == 0
+    )
     torch_rows = list(csv.DictReader(torch_csv.open()))
     onnx_rows = list(csv.DictReader(onnx_csv.open()))
     assert len(torch_rows) == len(onnx_rows) == 8

@@ -20,7 +20,11 @@ def lite0():
 def make_module(backbone, **recipe) -> FinetuneModule:
     model = TransferModel(backbone, 5)
     return FinetuneModule(
-        model, FinetuneRecipe(**recipe), mean=[0.5] * 3, std=[0.25] * 3, steps_per_epoch=4,
+        model,
+        FinetuneRecipe(**recipe),
+        mean=[0.5] * 3,
+        std=[0.25] * 3,
+        steps_per_epoch=4,
         epochs=3,
     )
 
@@ -79,7 +83,8 @@ def test_frozen_batchnorm_statistics_stay_fixed_while_training(lite0):
     assert frozen_bns and all(not bn.training for bn in frozen_bns)
     before = [bn.running_mean.clone() for bn in frozen_bns]
     later_bn = next(
-        m for n, m in module.model.backbone.named_modules()
+        m
+        for n, m in module.model.backbone.named_modules()
         if isinstance(m, torch.nn.BatchNorm2d) and m not in frozen_bns
     )
     later_before = later_bn.running_mean.clone()
@@ -110,8 +115,13 @@ def test_inverse_frequency_class_weights_and_balanced_sampler():
         def __init__(self):
             self.labels = labels
 
-    dm = CacheDataModule(Part(FakeCache(), np.arange(12)), Part(FakeCache(), np.arange(2)),
-                         batch_size=4, balanced_sampler=True, seed=0)
+    dm = CacheDataModule(
+        Part(FakeCache(), np.arange(12)),
+        Part(FakeCache(), np.arange(2)),
+        batch_size=4,
+        balanced_sampler=True,
+        seed=0,
+    )
     sampler = dm._balanced_sampler()  # one per fit; its generator moves on every epoch
     drawn = np.concatenate([labels[list(iter(sampler))] for _ in range(100)])
     share = np.bincount(drawn, minlength=3) / len(drawn)

@@ -28,10 +28,18 @@ TINY = {
 
 def test_linear_probe_run_folder_and_model_match_the_features(graded_folder: Path, tmp_path):
     out = tmp_path / "probe"
-    result = train(data=str(graded_folder), out=str(out), strategy="linear-probe",
-                   precision="32-true", **TINY)
-    for name in ("config.yaml", "splits.csv", "model.safetensors", "model.json", "metrics.json",
-                 "probe.json", "val_logits.npz"):
+    result = train(
+        data=str(graded_folder), out=str(out), strategy="linear-probe", precision="32-true", **TINY
+    )
+    for name in (
+        "config.yaml",
+        "splits.csv",
+        "model.safetensors",
+        "model.json",
+        "metrics.json",
+        "probe.json",
+        "val_logits.npz",
+    ):
         assert (out / name).is_file(), name
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics) >= {"val", "test"}
@@ -49,8 +57,9 @@ def test_linear_probe_run_folder_and_model_match_the_features(graded_folder: Pat
 
     imageset = load_imageset(str(graded_folder))
     index = {k: i for i, k in enumerate(imageset.keys)}
-    batch = np.stack([preprocess(imageset.load(index[k]), 48, FundusOptions(crop=False))
-                      for k in val_keys])
+    batch = np.stack(
+        [preprocess(imageset.load(index[k]), 48, FundusOptions(crop=False)) for k in val_keys]
+    )
     x = torch.from_numpy(batch).permute(0, 3, 1, 2).float() / 255
     x = (x - torch.tensor(meta.mean).view(1, 3, 1, 1)) / torch.tensor(meta.std).view(1, 3, 1, 1)
     with torch.no_grad():
@@ -61,8 +70,14 @@ def test_linear_probe_run_folder_and_model_match_the_features(graded_folder: Pat
 
 def test_layer_probe_best_tries_every_stage(graded_folder: Path, tmp_path):
     out = tmp_path / "layer"
-    train(data=str(graded_folder), out=str(out), strategy="layer-probe", layer="best",
-          probe_rotations=False, **TINY)
+    train(
+        data=str(graded_folder),
+        out=str(out),
+        strategy="layer-probe",
+        layer="best",
+        probe_rotations=False,
+        **TINY,
+    )
     probe = json.loads((out / "probe.json").read_text())
     stages = [s["stage"] for s in probe["stages"]]
     assert len(stages) == 9 and probe["chosen_stage"] == stages[0]
@@ -71,8 +86,13 @@ def test_layer_probe_best_tries_every_stage(graded_folder: Path, tmp_path):
 
 def test_unknown_layer_is_a_clear_error(graded_folder: Path, tmp_path):
     with pytest.raises(MedtuneError, match="--layer 'nope' is not a stage"):
-        train(data=str(graded_folder), out=str(tmp_path / "x"), strategy="layer-probe",
-              layer="nope", **TINY)
+        train(
+            data=str(graded_folder),
+            out=str(tmp_path / "x"),
+            strategy="layer-probe",
+            layer="nope",
+            **TINY,
+        )
 
 
 class StopAfterFirstEpoch(Exception):
@@ -84,8 +104,15 @@ def test_finetune_resumes_where_it_stopped(graded_folder: Path, tmp_path, monkey
     import lightning as L
 
     out = tmp_path / "ft"
-    settings = dict(data=str(graded_folder), out=str(out), strategy="finetune", epochs=2,
-                    precision="32-true", early_stopping=None, **TINY)
+    settings = dict(
+        data=str(graded_folder),
+        out=str(out),
+        strategy="finetune",
+        epochs=2,
+        precision="32-true",
+        early_stopping=None,
+        **TINY,
+    )
     original_fit = L.Trainer.fit
 
     class Interrupt(L.Callback):
@@ -129,8 +156,13 @@ def test_seed_preset_is_the_articles_recipe():
 
 def test_config_round_trip_reruns_the_same_settings(graded_folder: Path, tmp_path):
     out = tmp_path / "probe"
-    train(data=str(graded_folder), out=str(out), strategy="linear-probe", probe_rotations=False,
-          **TINY)
+    train(
+        data=str(graded_folder),
+        out=str(out),
+        strategy="linear-probe",
+        probe_rotations=False,
+        **TINY,
+    )
     config = TrainConfig.load(out / "config.yaml")
     assert config.image_size == 48 and config.strategy == "linear-probe"
     assert config.mean is not None and len(config.mean) == 3
@@ -145,8 +177,15 @@ def test_seed_preset_trains_googlenet_with_its_first_two_stages_frozen(graded_fo
     out = tmp_path / "seed"
     settings = {**TINY, "image_size": 64, "precision": "32-true"}
     settings.pop("backbone")
-    train(data=str(graded_folder), out=str(out), preset="seed", epochs=1, aux_logits=True,
-          early_stopping=None, **settings)
+    train(
+        data=str(graded_folder),
+        out=str(out),
+        preset="seed",
+        epochs=1,
+        aux_logits=True,
+        early_stopping=None,
+        **settings,
+    )
     config = TrainConfig.load(out / "config.yaml")
     assert config.backbone == "googlenet" and config.freeze == 2 and config.preset == "seed"
     trained = load_file(str(out / "model.safetensors"))

@@ -45,9 +45,7 @@ from medtune.errors import BadImageError, MedtuneError
 if TYPE_CHECKING:
     from medtune.data.fundus import FundusOptions
 
-__all__ = [
-    "FORMAT_VERSION", "PreparedCache", "cache_key", "open_cache", "prepare", "prepare_image"
-]
+__all__ = ["FORMAT_VERSION", "PreparedCache", "cache_key", "open_cache", "prepare", "prepare_image"]
 
 log = logging.getLogger(__name__)
 
@@ -441,8 +439,10 @@ def prepare_image(
     """
     from medtune.data import fundus
 
-    opts = fundus_opts if isinstance(fundus_opts, fundus.FundusOptions) else (
-        fundus.FundusOptions.from_dict(fundus_opts)
+    opts = (
+        fundus_opts
+        if isinstance(fundus_opts, fundus.FundusOptions)
+        else (fundus.FundusOptions.from_dict(fundus_opts))
     )
     side = DECODE_SIDE_FACTOR * size
     img = to_rgb8(src, side) if isinstance(src, Image.Image) else decode_source(src, side)

@@ -35,8 +35,16 @@ def uint8_batches(part: Any, batch_size: int):
 class ImageEvaluator:
     """Logits of a model on a part of the data, optionally with rot90 test-time augmentation."""
 
-    def __init__(self, model: nn.Module, mean, std, *, bf16: bool = False,
-                 batch_size: int = 32, progress: bool = True) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        mean,
+        std,
+        *,
+        bf16: bool = False,
+        batch_size: int = 32,
+        progress: bool = True,
+    ) -> None:
         self.model = model.eval()
         self.mean, self.std, self.bf16 = list(mean), list(std), bf16
         self.batch_size, self.progress = batch_size, progress
