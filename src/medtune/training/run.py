@@ -28,6 +28,7 @@ from lightning import seed_everything
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 
 from medtune.errors import MedtuneError
+from medtune.evaluation.metrics import is_ordinal_names
 from medtune.io import write_yaml
 from medtune.models import Backbone, create_backbone
 from medtune.models.store import ModelMeta
@@ -163,12 +164,9 @@ def _meta(config: TrainConfig, data: RunData, backbone: Backbone) -> ModelMeta:
 
 
 def is_ordinal(class_names: list[str]) -> bool:
-    """Graded labels: class names are consecutive integers (e.g. DR grades 0-4)."""
-    try:
-        values = [int(c) for c in class_names]
-    except ValueError:
-        return False
-    return len(values) > 2 and values == list(range(values[0], values[0] + len(values)))
+    """Graded labels (e.g. DR grades 0-4): more than two classes named by consecutive integers.
+    Two classes are a binary task, judged by balanced accuracy rather than kappa."""
+    return len(class_names) > 2 and is_ordinal_names(class_names)
 
 
 def _apply_advice(config: TrainConfig, backbone: Backbone, data: RunData, run_dir: Path):
