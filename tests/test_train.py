@@ -200,16 +200,3 @@ def test_seed_preset_trains_googlenet_with_its_first_two_stages_frozen(graded_fo
         elif name.startswith("body.inception5b") and value.is_floating_point():
             changed_later |= not torch.equal(trained[key], value)
     assert changed_later
-
-
-def test_head_init_probe_starts_fine_tuning_from_the_linear_probe(graded_folder: Path, tmp_path):
-    """LP-FT: with a zero learning rate and every stage frozen, the fine-tuned model IS the probe."""
-    settings = {**TINY, "precision": "32-true", "data": str(graded_folder)}
-    probe = train(out=str(tmp_path / "probe"), strategy="linear-probe", probe_rotations=False,
-                  **settings)
-    lpft = train(out=str(tmp_path / "lpft"), strategy="finetune", head_init="probe", lr=0.0,
-                 freeze=9, epochs=1, early_stopping=None, **settings)
-    a = np.load(tmp_path / "probe" / "val_logits.npz")["logits_none"]
-    b = np.load(tmp_path / "lpft" / "val_logits.npz")["logits_none"]
-    np.testing.assert_allclose(a, b, atol=1e-3)
-    assert probe.metrics["val"]["qwk"] == pytest.approx(lpft.metrics["val"]["qwk"])

@@ -123,13 +123,6 @@ TRAIN_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--weight-decay", {"type": float, "help": "L2 weight decay (not on BN and biases)"}),
     ("--l2sp", {"type": float, "help": "L2-SP strength: pull toward the pretrained weights"}),
     ("--head-epochs", {"type": int, "help": "epochs that train only the head first"}),
-    (
-        "--head-init",
-        {
-            "choices": ["random", "probe"],
-            "help": "probe: start the head from a linear probe on cached features (LP-FT)",
-        },
-    ),
     ("--warmup-epochs", {"type": float}),
     ("--schedule", {"choices": ["cosine", "step"]}),
     ("--lr-floor", {"type": float, "help": "final learning rate as a fraction of the start"}),

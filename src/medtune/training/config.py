@@ -48,7 +48,6 @@ class TrainConfig:
     weight_decay: float = 1e-4
     l2sp: float = 0.0
     head_epochs: int = 0
-    head_init: str = "random"
     warmup_epochs: float = 1.0
     schedule: str = "cosine"
     lr_floor: float = 0.01

@@ -40,7 +40,6 @@ def run_demo(
         "finetune": train(
             out=str(out / "finetune"),
             strategy="finetune",
-            head_init="probe",
             epochs=epochs,
             lr=0.02,
             warmup_epochs=0.5,

@@ -111,10 +111,6 @@ def run_finetune(
     num_classes = len(data.class_names)
     ordinal = is_ordinal(data.class_names)
     model = TransferModel(backbone, num_classes, dropout=config.dropout)
-    if config.head_init == "probe":
-        _init_head_from_probe(model, config, backbone, data)
-    elif config.head_init != "random":
-        raise MedtuneError(f"--head-init {config.head_init!r} is unknown; use random or probe")
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     dm = CacheDataModule(
@@ -164,31 +160,6 @@ def run_finetune(
         progress=config.progress,
     )
     return module.model.eval(), evaluator
-
-
-def _init_head_from_probe(model: TransferModel, config: TrainConfig, backbone, data) -> None:
-    """LP-FT (Kumar et al., ICLR 2022): start the new head from a linear probe fitted on the
-    frozen body's cached top features, so fine-tuning does not begin with a random head whose
-    large early gradients distort the pretrained features."""
-    from medtune.transfer.features import TOP
-    from medtune.transfer.probe import fit_probe
-    from medtune.transfer.scenarios import full_linear_weights, stage_features
-
-    train = stage_features(backbone, data.train, [TOP], (0,), config)[(TOP, 0)]
-    val = stage_features(backbone, data.val, [TOP], (0,), config)[(TOP, 0)]
-    result = fit_probe(
-        train,
-        data.train.labels,
-        val,
-        data.val.labels,
-        ordinal=is_ordinal(data.class_names),
-        seed=config.seed,
-    )
-    weight, bias = full_linear_weights(result, len(data.class_names))
-    with torch.no_grad():
-        model.head.weight.copy_(torch.from_numpy(weight))
-        model.head.bias.copy_(torch.from_numpy(bias).clamp_min(-30.0))
-    log.info("head initialised from a linear probe (val %s %.3f)", result.metric, result.val_score)
 
 
 def _recipe(config: TrainConfig) -> FinetuneRecipe:
