@@ -16,9 +16,11 @@ from PIL import Image
 from torch import nn
 
 from medtune.errors import MedtuneError
+from medtune.evaluation.calibration import apply_temperature as softmax
+from medtune.evaluation.ordinal import decode, expected_grade
 from medtune.export import OnnxPredictor, export_model
 from medtune.export import exporter as exporter_mod
-from medtune.export.onnx_predictor import decode, expected_grade, normalise, softmax
+from medtune.export.onnx_predictor import normalise
 
 SIZE = 32
 MEAN = (0.485, 0.456, 0.406)

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from medtune.errors import MedtuneError
+from medtune.evaluation.calibration import apply_temperature
 from medtune.export.onnx_predictor import (
     INPUT_LAYOUT,
     INPUT_NAME,
@@ -35,7 +36,6 @@ from medtune.export.onnx_predictor import (
     SIDECAR_NAME,
     OnnxPredictor,
     normalise,
-    softmax,
     validate_sidecar,
 )
 from medtune.io import atomic_path, write_json
@@ -333,6 +333,6 @@ def _parity(ref: np.ndarray, got: np.ndarray, temperature: float) -> tuple[float
     """(max abs probability difference, max abs logit difference)."""
     if ref.shape != got.shape:
         raise MedtuneError(f"exported model gives shape {got.shape}, PyTorch gives {ref.shape}")
-    p_diff = np.abs(softmax(ref, temperature) - softmax(got, temperature)).max()
+    p_diff = np.abs(apply_temperature(ref, temperature) - apply_temperature(got, temperature)).max()
     l_diff = np.abs(ref.astype(np.float64) - got.astype(np.float64)).max()
     return float(p_diff), float(l_diff)

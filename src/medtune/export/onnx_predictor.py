@@ -31,6 +31,8 @@ import numpy as np
 from PIL import Image
 
 from medtune.errors import MedtuneError
+from medtune.evaluation.calibration import apply_temperature  # numpy/scipy only, no torch
+from medtune.evaluation.ordinal import decode
 
 SIDECAR_NAME = "model.json"
 INPUT_NAME = "image"
@@ -66,30 +68,6 @@ def normalise(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -
     s = np.asarray(std, dtype=np.float32).reshape(1, 3, 1, 1)
     chw = x.transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255.0)
     return np.ascontiguousarray((chw - m) / s, dtype=np.float32)
-
-
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """Row-wise ``softmax(logits / temperature)`` in float64."""
-    z = np.asarray(logits, dtype=np.float64) / float(temperature)
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
-def expected_grade(probs: np.ndarray) -> np.ndarray:
-    """``E = sum_k k * p_k`` for each row of ``probs``."""
-    p = np.asarray(probs, dtype=np.float64)
-    return p @ np.arange(p.shape[1], dtype=np.float64)
-
-
-def decode(probs: np.ndarray, decoding: dict[str, Any] | None = None) -> np.ndarray:
-    """Labels (int64) from probabilities with a sidecar ``decoding`` spec (default argmax)."""
-    spec = decoding or {"method": "argmax"}
-    p = np.asarray(probs, dtype=np.float64)
-    if spec["method"] == "argmax":
-        return p.argmax(axis=1).astype(np.int64)
-    thresholds = np.asarray(spec["thresholds"], dtype=np.float64)
-    return np.searchsorted(thresholds, expected_grade(p), side="right").astype(np.int64)
 
 
 def validate_sidecar(sidecar: dict[str, Any], source: object = "sidecar") -> dict[str, Any]:
@@ -236,7 +214,7 @@ class OnnxPredictor:
 
     def predict_proba(self, images: Images, *, tta: str | None = None) -> np.ndarray:
         """``softmax(logits / temperature)`` as N x K float64."""
-        return softmax(self.logits(images, tta=tta), self.temperature)
+        return apply_temperature(self.logits(images, tta=tta), self.temperature)
 
     def predict(self, images: Images, *, tta: str | None = None) -> Prediction:
         """Probabilities and labels decoded per the sidecar (argmax or expected grade)."""
