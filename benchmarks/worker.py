@@ -6,6 +6,7 @@ A process per task keeps the peak resident memory of each one separate.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 import time
 
@@ -20,10 +21,11 @@ def main(argv: list[str]) -> int:
     for name in module.IMPORTS:  # library import time is not part of any figure
         importlib.import_module(name)
     spec = Spec.from_json(spec_path)
-    started = time.perf_counter()
-    say(f"{contender} {task}: start")
+    started, load = time.perf_counter(), os.getloadavg()[0]
+    say(f"{contender} {task}: start (load average {load:.1f})")
     result = module.TASKS[task](spec)
     result["process_s"] = time.perf_counter() - started
+    result["load_average"] = {"start": load, "end": os.getloadavg()[0]}
     write_result(out_path, result)
     say(f"{contender} {task}: done in {result['process_s']:.1f} s")
     return 0

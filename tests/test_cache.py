@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 import medtune.data.cache as cache_mod
+import medtune.io as mio
 from medtune.data import CachedImageDataset, load_imageset, open_cache, prepare
 from medtune.data.fundus import FundusOptions
 from medtune.errors import BadImageError, MedtuneError
@@ -147,8 +148,8 @@ def test_dead_temp_folders_are_removed(tmp_path: Path) -> None:
     out = tmp_path / "cache"
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
-    dead = out / f".tmp-0123abcd-{cache_mod._host()}-{proc.pid}"
-    alive = out / f".tmp-0123abcd-{cache_mod._host()}-{os.getppid()}"
+    dead = out / f".tmp-0123abcd-{mio.host_name()}-{proc.pid}"
+    alive = out / f".tmp-0123abcd-{mio.host_name()}-{os.getppid()}"
     dead.mkdir(parents=True)
     alive.mkdir()
     s = load_imageset(_dataset(tmp_path / "data", n=4))
