@@ -110,6 +110,15 @@ TRAIN_FLAGS: list[tuple[str, dict[str, Any]]] = [
         },
     ),
     ("--layer", {"help": "stage for layer-probe, or 'best' to try every stage"}),
+    (
+        "--no-probe-rotations",
+        {
+            "dest": "probe_rotations",
+            "action": "store_false",
+            "default": None,
+            "help": "probes train on unrotated features only (4x less extraction)",
+        },
+    ),
     ("--epochs", {"type": int}),
     ("--batch-size", {"type": int}),
     ("--lr", {"type": float, "help": "learning rate of the new head (default 0.01)"}),
