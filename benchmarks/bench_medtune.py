@@ -154,10 +154,10 @@ def infer(spec: Spec) -> dict[str, Any]:
     labels = [int(Path(r["image"]).parent.name) for r in rows]
     model, meta = load_model(run)
 
-    def logits() -> np.ndarray:  # the model as predict runs it, on prepared images
+    def logits() -> np.ndarray:  # the model as predict runs a bf16 run, on prepared images
         starts = range(0, n, spec.batch_size)
         batches = (torch_from(cache.images[i : i + spec.batch_size]) for i in starts)
-        return predict_logits(model, batches, mean=meta.mean, std=meta.std)
+        return predict_logits(model, batches, mean=meta.mean, std=meta.std, bf16=True)
 
     model_s, out = median_time(logits, spec.repeats)
     return {

@@ -61,7 +61,9 @@ def evaluate(
         TrainConfig.load(run / CONFIG_FILE), skip_bad=skip_bad, progress=progress
     )
     part = _evaluation_part(config, run, data)
-    evaluator = ImageEvaluator(model, meta.mean, meta.std, progress=progress)
+    # the precision the run validated in: its temperature and decoding were fitted on those logits
+    bf16 = config.precision.startswith("bf16")
+    evaluator = ImageEvaluator(model, meta.mean, meta.std, bf16=bf16, progress=progress)
     probs = apply_temperature(evaluator.logits(part, tta), meta.temperature)
     val = load_val_logits(run)
     val_probs = apply_temperature(val[f"logits_{tta}"], meta.temperature)

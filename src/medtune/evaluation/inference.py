@@ -1,8 +1,10 @@
 """Batched inference with optional test-time augmentation (TTA).
 
 TTA views are the four ``torch.rot90`` rotations (``"rot90"``), or those and the four rotations of
-the horizontal mirror image (``"rot90+flip"``, the 8 symmetries of the square). All views of a
-batch are concatenated and run in ONE forward pass (so the effective batch is 4x or 8x larger).
+the horizontal mirror image (``"rot90+flip"``, the 8 symmetries of the square). The uint8 views
+of a batch are made in one go, then normalised and run through the model one view (one
+caller-sized batch) at a time: on a 2-core CPU a 4x larger batch was 1.2-1.9x slower per image
+(``docs/performance.md``).
 
 Aggregation: the LOGITS of the views are averaged (not the probabilities). Averaging logits
 commutes with temperature scaling (``mean(z_v) / T == mean(z_v / T)``), so a temperature fitted on
@@ -94,11 +96,14 @@ def predict_logits(
             for batch in tqdm(batches, desc="predict", unit="batch", disable=not progress):
                 x = _images(batch).to(dev, non_blocking=True)
                 b = x.shape[0]
-                x = tta_views(x, tta).float().sub_(shift).div_(scale)
-                if channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=bf16):
-                    z = model(x)
+                views = []
+                for view in tta_views(x, tta).split(b):  # uint8 views, normalised one at a time
+                    view = view.float().sub_(shift).div_(scale)
+                    if channels_last:
+                        view = view.contiguous(memory_format=torch.channels_last)
+                    with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=bf16):
+                        views.append(model(view))
+                z = torch.cat(views)
                 z = z.float().reshape(-1, b, z.shape[-1]).mean(dim=0)
                 outs.append(z.cpu().numpy())
     finally:
