@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install demo test test-all lint bench clean
+.PHONY: install demo test test-all lint bench ablation clean
 
 install: $(STAMP)
 
@@ -30,6 +30,9 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[bench]'
 	$(BIN)/python benchmarks/run.py
+
+ablation: $(STAMP)
+	$(BIN)/python benchmarks/ablation.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

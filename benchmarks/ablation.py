@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import copy
 import datetime as dt
+import functools
 import json
 import shutil
 import statistics
@@ -134,6 +135,7 @@ def _row(section: str, setting: str, metric: str, value: float | None, **extra: 
 # --------------------------------------------------------------------------- training step
 
 
+@functools.cache
 def step_flops(bench: Bench) -> float:
     """FLOPs of one training step at the benchmark batch size: 3 x the counted forward FLOPs.
 
@@ -165,13 +167,30 @@ def interleaved(units: dict[str, Callable[[], Any]], rounds: int) -> dict[str, f
 
 
 def train_step(
-    bench: Bench, *, bf16: bool, channels_last: bool, compiled: bool = False, n_threads: int = 0
+    bench: Bench,
+    *,
+    bf16: bool,
+    channels_last: bool,
+    compiled: bool = False,
+    n_threads: int = 0,
+    freeze: int = 0,
 ) -> Callable[[], None]:
-    """One SGD step of the medtune model on a fixed batch, with the given levers."""
+    """One SGD step of the medtune model on a fixed batch, with the given levers (``freeze``:
+    the first stages frozen as ``medtune train --freeze`` does, their BatchNorms in eval mode)."""
+    from medtune.transfer.finetune import (
+        apply_freeze,
+        keep_frozen_norms_in_eval,
+        stage_of_parameters,
+    )
+
     model = bench.model().train()
+    index = stage_of_parameters(model.backbone, [s.modules for s in model.stages])
+    frozen_norms = apply_freeze(model.backbone, index, freeze)
+    keep_frozen_norms_in_eval(frozen_norms)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(trainable, lr=1e-3, momentum=0.9)
     forward = torch.compile(model) if compiled else model
     state = {"i": 0}
 
@@ -195,6 +214,14 @@ TRAIN_VARIANTS = {
     "bf16 autocast, contiguous": {"bf16": True, "channels_last": False},
     "bf16 autocast + channels_last (medtune default)": {"bf16": True, "channels_last": True},
     "bf16 + channels_last, 1 thread": {"bf16": True, "channels_last": True, "n_threads": 1},
+    **{
+        f"bf16 + channels_last, first {n} stages frozen ({stages})": {
+            "bf16": True,
+            "channels_last": True,
+            "freeze": n,
+        }
+        for n, stages in ((2, "stem, blocks.0"), (3, "to blocks.1"), (4, "to blocks.2"))
+    },
 }
 
 
@@ -316,6 +343,7 @@ def inference_levers(bench: Bench) -> list[Row]:
         data = batches if size is None else _u8_batches(bench.val_cache, size)
         passes[name] = predict_pass(bench, copy.deepcopy(model), data, bf16=bf16, cl=cl)
     passes.update(bf16_weight_passes(bench, model, batches))
+    passes.update(onnx_passes(bench, batches))
     say(f"inference: {len(passes)} variants, round-robin")
     seconds = interleaved({k: fn for k, (fn, _) in passes.items()}, rounds=3)
     ref = passes["fp32, contiguous"][1]["z"].argmax(1)
@@ -360,6 +388,27 @@ def bf16_weight_passes(bench: Bench, model: nn.Module, batches) -> dict[str, tup
 
         passes[name] = (run, out)
     return passes
+
+
+def onnx_passes(bench: Bench, batches) -> dict[str, tuple]:  # noqa: ANN001
+    """The ``medtune export`` ONNX model under ONNX Runtime (fp32), as ``medtune predict --model``
+    runs it; only when ``run.py`` left a fine-tuned run to export."""
+    from medtune.export.onnx_predictor import OnnxPredictor
+    from medtune.export.run_export import export_run
+
+    run = bench.work / "medtune-finetune"
+    if not (run / "model.json").is_file():
+        return {}
+    folder = bench.work / "ablation-onnx"
+    shutil.rmtree(folder, ignore_errors=True)
+    predictor = OnnxPredictor(export_run(run, "onnx", folder).model_path)
+    images = [b.permute(0, 2, 3, 1).numpy() for b in batches]
+    out: dict[str, np.ndarray] = {}
+
+    def run_onnx() -> None:
+        out["z"] = np.concatenate([predictor.logits(x) for x in images])
+
+    return {"ONNX Runtime fp32 (medtune export)": (run_onnx, out)}
 
 
 def compile_inference(bench: Bench) -> list[Row]:
@@ -630,6 +679,42 @@ def precision_levers(bench: Bench) -> list[Row]:
     return rows
 
 
+RECIPES = {  # name: medtune.train overrides (the rest at medtune's defaults)
+    "SGD-Nesterov lr 0.01, nothing frozen (medtune's earlier default)": {
+        "optimizer": "sgd",
+        "lr": 1e-2,
+        "freeze": 0,
+    },
+    "AdamW lr 2e-3, nothing frozen": {"optimizer": "adamw", "lr": 2e-3, "freeze": 0},
+    "AdamW lr 2e-3, first 4 stages frozen": {"optimizer": "adamw", "lr": 2e-3, "freeze": 4},
+}
+
+
+def recipe_levers(bench: Bench) -> list[Row]:
+    """Whole fine-tuning runs with the optimiser and the frozen stages changed: time and QWK."""
+    rows = []
+    for name, overrides in RECIPES.items():
+        say(f"fine-tuning run: {name}")
+        s, k, _ = _run(
+            bench,
+            "recipe",
+            strategy="finetune",
+            epochs=bench.args.run_epochs,
+            early_stopping=None,
+            **overrides,
+        )
+        rows.append(
+            _row(
+                "recipe",
+                f"fine-tune {bench.args.run_epochs} epochs, {name}",
+                "seconds",
+                s,
+                val_qwk=k,
+            )
+        )
+    return rows
+
+
 SECTIONS: dict[str, Callable[[Bench], list[Row]]] = {
     "train": training_levers,
     "infer": inference_levers,
@@ -637,6 +722,7 @@ SECTIONS: dict[str, Callable[[Bench], list[Row]]] = {
     "probe": probe_levers,
     "probe-large": probe_quality,
     "run": precision_levers,
+    "recipe": recipe_levers,
     "compile-infer": compile_inference,
     "compile-train": compiled_training,
 }

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -778,3 +779,25 @@ def test_prepare_on_a_full_disk_is_one_line(tmp_path: Path):
     )
     line = _one_error_line(proc.returncode, proc.stderr)
     assert str(folder / "cache") in line
+
+
+def test_predict_over_several_batches_keeps_order_and_names_a_bad_file(probe_run: Path, tmp_path):
+    """Decoding runs a batch ahead of the model: rows stay in input order, a corrupt image in a
+    later batch is skipped with --skip-bad and otherwise stops the run with its name."""
+    from medtune.evaluation.predict import BATCH, predict
+
+    images = tmp_path / "in"
+    paths = [_save(images / f"{i:03d}.png", _noise(i, 32)) for i in range(BATCH + 5)]
+    bad = images / f"{BATCH + 2:03d}.png"
+    bad.write_text("not an image")
+    rows = predict(
+        [str(images)], run=probe_run, out=tmp_path / "p.csv", skip_bad=True, progress=False
+    )
+    assert [r["image"] for r in rows] == [str(p) for p in paths if p != bad]
+    assert str(bad) in (tmp_path / "p.skipped.csv").read_text()
+    one = predict([str(paths[BATCH + 4])], run=probe_run, progress=False)[0]
+    last = rows[-1]  # the same image gives the same prediction alone or in a batch
+    assert last["image"] == one["image"] and last["pred"] == one["pred"]
+    assert all(last[k] == pytest.approx(v, abs=1e-3) for k, v in one.items() if k[:2] == "p_")
+    with pytest.raises(MedtuneError, match=re.escape(str(bad))):
+        predict([str(images)], run=probe_run, progress=False)

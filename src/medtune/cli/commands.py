@@ -121,7 +121,7 @@ TRAIN_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ),
     ("--epochs", {"type": int}),
     ("--batch-size", {"type": int}),
-    ("--lr", {"type": float, "help": "learning rate of the new head (default 0.01)"}),
+    ("--lr", {"type": float, "help": "learning rate of the new head (default 0.002)"}),
     ("--optimizer", {"choices": ["sgd", "adamw"]}),
     (
         "--backbone-lr-mult",

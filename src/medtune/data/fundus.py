@@ -95,14 +95,18 @@ def _thumb_luminance(img: Image.Image) -> np.ndarray:
         scale = _THUMB / max(img.size)
         new = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
         thumb = img.resize(new, Image.Resampling.BOX, reducing_gap=2.0)
-    arr = np.asarray(thumb, dtype=np.float32)
-    lum = arr.max(axis=2) if arr.ndim == 3 else arr
+    arr = np.asarray(thumb)  # uint8: a channel max over uint8 planes is ~20x faster than float32
+    lum = np.maximum(np.maximum(arr[..., 0], arr[..., 1]), arr[..., 2]) if arr.ndim == 3 else arr
+    lum = lum.astype(np.float32)
     sigma = max(0.5, min(lum.shape) / 128.0)  # ~2 px at 256: kills JPEG/sensor noise in the border
     return ndimage.gaussian_filter(lum, sigma, mode="nearest")
 
 
-def _thumb_mask(lum: np.ndarray) -> np.ndarray | None:
-    """FOV mask on the thumbnail, or ``None`` when the image has no dark background border."""
+def _thumb_mask(lum: np.ndarray, fill_holes: bool = True) -> np.ndarray | None:
+    """FOV mask on the thumbnail, or ``None`` when the image has no dark background border.
+
+    ``fill_holes=False`` skips filling holes, which cannot change the mask's bounding box.
+    """
     if lum.size < 4:
         return None
     lo, hi = np.percentile(lum, [1.0, 99.0])
@@ -123,7 +127,7 @@ def _thumb_mask(lum: np.ndarray) -> np.ndarray | None:
     sizes = np.bincount(fg_labels.ravel())
     sizes[0] = 0
     mask = fg_labels == int(sizes.argmax())  # drop specks and burnt-in text outside the FOV
-    return ndimage.binary_fill_holes(mask)
+    return ndimage.binary_fill_holes(mask) if fill_holes else mask
 
 
 def _bbox_of(mask: np.ndarray) -> BBox | None:
@@ -153,7 +157,7 @@ def fov_bbox(arr: np.ndarray | Image.Image) -> BBox | None:
     """
     img = _as_pil(arr)
     lum = _thumb_luminance(img)
-    mask = _thumb_mask(lum)
+    mask = _thumb_mask(lum, fill_holes=False)
     if mask is None:
         return None
     box = _bbox_of(mask)

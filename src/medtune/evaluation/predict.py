@@ -150,8 +150,11 @@ def _predict_run(paths, run, explain, tta, skip_bad, progress):
     model, meta = load_model(run)
     bf16 = _validated_in_bf16(run)
     rows, skipped, written = [], [], set()
-    for chunk in _batches(paths, progress):
-        kept, images = _load_batch(chunk, meta.input_size, meta.fundus, skip_bad, skipped)
+
+    def load(chunk: list[Path]) -> tuple[list[Path], np.ndarray | None]:
+        return _load_batch(chunk, meta.input_size, meta.fundus, skip_bad, skipped)
+
+    for kept, images in _prefetched(_batches(paths, progress), load):
         if images is None:
             continue
         batch = torch.from_numpy(images).permute(0, 3, 1, 2)
@@ -162,6 +165,22 @@ def _predict_run(paths, run, explain, tta, skip_bad, progress):
         if explain:
             _write_gradcam(model, meta, kept, images, labels, Path(explain), written)
     return rows, skipped
+
+
+def _prefetched(chunks: Iterable[list[Path]], load):  # noqa: ANN001, ANN202
+    """``load(chunk)`` for each chunk, the next one decoded in a thread while the caller runs the
+    model on the current one (Pillow's decoders and most NumPy/SciPy work release the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = None
+        for chunk in chunks:
+            ahead = pool.submit(load, chunk)
+            if pending is not None:
+                yield pending.result()
+            pending = ahead
+        if pending is not None:
+            yield pending.result()
 
 
 def _validated_in_bf16(run: Path) -> bool:

@@ -39,8 +39,8 @@ class TrainConfig:
 
     epochs: int = 10
     batch_size: int = 32
-    lr: float = 1e-2
-    optimizer: str = "sgd"
+    lr: float = 2e-3
+    optimizer: str = "adamw"
     momentum: float = 0.9
     backbone_lr_mult: float = 0.1
     layer_decay: float | None = None

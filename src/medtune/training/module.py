@@ -70,7 +70,7 @@ class FinetuneModule(L.LightningModule):
         *,
         mean: list[float],
         std: list[float],
-        optimizer: str = "sgd",
+        optimizer: str = "adamw",
         momentum: float = 0.9,
         class_weights: list[float] | None = None,
         ordinal: bool = True,

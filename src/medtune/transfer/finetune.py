@@ -18,7 +18,7 @@ from torch import nn
 class FinetuneRecipe:
     """How the pretrained body and the new head are trained."""
 
-    lr: float = 1e-3
+    lr: float = 2e-3
     backbone_lr_mult: float = 0.1
     layer_decay: float | None = None
     freeze: int = 0
