@@ -44,7 +44,7 @@ class TrainConfig:
     momentum: float = 0.9
     backbone_lr_mult: float = 0.1
     layer_decay: float | None = None
-    freeze: int = 0
+    freeze: int = 4  # Lite0: stem to blocks.2 (docs/performance.md, recipe)
     weight_decay: float = 1e-4
     l2sp: float = 0.0
     head_epochs: int = 0

@@ -21,7 +21,7 @@ class FinetuneRecipe:
     lr: float = 2e-3
     backbone_lr_mult: float = 0.1
     layer_decay: float | None = None
-    freeze: int = 0
+    freeze: int = 4
     weight_decay: float = 1e-4
     l2sp: float = 0.0
     head_epochs: int = 0
