@@ -32,7 +32,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
 
 ablation: $(STAMP)
-	$(BIN)/python benchmarks/ablation.py
+	$(BIN)/python benchmarks/ablation.py --skip probe-large
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

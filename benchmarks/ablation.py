@@ -651,32 +651,39 @@ def probe_quality(bench: Bench) -> list[Row]:
     return rows
 
 
-def precision_levers(bench: Bench) -> list[Row]:
-    """Whole fine-tuning runs: bf16-mixed vs fp32, channels_last on/off (same prepared cache)."""
+def _finetune_rows(bench: Bench, section: str, variants: dict[str, dict[str, Any]]) -> list[Row]:
+    """One whole ``medtune.train`` fine-tuning run per variant (overrides of the defaults)."""
     rows = []
-    variants = [
-        ("fp32 (precision 32-true), contiguous", "32-true", False),
-        ("fp32 (precision 32-true) + channels_last", "32-true", True),
-        ("bf16-mixed, contiguous", "bf16-mixed", False),
-        ("bf16-mixed + channels_last (medtune default)", "bf16-mixed", True),
-    ]
-    for name, precision, cl in variants:
+    for name, overrides in variants.items():
         say(f"fine-tuning run: {name}")
         s, k, _ = _run(
             bench,
-            "finetune",
+            section,
             strategy="finetune",
             epochs=bench.args.run_epochs,
-            precision=precision,
-            channels_last=cl,
             early_stopping=None,
+            **overrides,
         )
-        rows.append(
-            _row(
-                "run", f"fine-tune {bench.args.run_epochs} epochs, {name}", "seconds", s, val_qwk=k
-            )
-        )
+        label = f"fine-tune {bench.args.run_epochs} epochs, {name}"
+        rows.append(_row(section, label, "seconds", s, val_qwk=k))
     return rows
+
+
+PRECISIONS = {  # name: (precision, channels_last)
+    "fp32 (precision 32-true), contiguous": ("32-true", False),
+    "fp32 (precision 32-true) + channels_last": ("32-true", True),
+    "bf16-mixed, contiguous": ("bf16-mixed", False),
+    "bf16-mixed + channels_last (medtune default)": ("bf16-mixed", True),
+}
+
+
+def precision_levers(bench: Bench) -> list[Row]:
+    """Whole fine-tuning runs: bf16-mixed vs fp32, channels_last on/off (same prepared cache)."""
+    variants = {
+        name: {"precision": precision, "channels_last": cl}
+        for name, (precision, cl) in PRECISIONS.items()
+    }
+    return _finetune_rows(bench, "run", variants)
 
 
 RECIPES = {  # name: medtune.train overrides (the rest at medtune's defaults)
@@ -692,27 +699,7 @@ RECIPES = {  # name: medtune.train overrides (the rest at medtune's defaults)
 
 def recipe_levers(bench: Bench) -> list[Row]:
     """Whole fine-tuning runs with the optimiser and the frozen stages changed: time and QWK."""
-    rows = []
-    for name, overrides in RECIPES.items():
-        say(f"fine-tuning run: {name}")
-        s, k, _ = _run(
-            bench,
-            "recipe",
-            strategy="finetune",
-            epochs=bench.args.run_epochs,
-            early_stopping=None,
-            **overrides,
-        )
-        rows.append(
-            _row(
-                "recipe",
-                f"fine-tune {bench.args.run_epochs} epochs, {name}",
-                "seconds",
-                s,
-                val_qwk=k,
-            )
-        )
-    return rows
+    return _finetune_rows(bench, "recipe", RECIPES)
 
 
 SECTIONS: dict[str, Callable[[Bench], list[Row]]] = {
