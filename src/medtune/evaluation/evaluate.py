@@ -62,8 +62,7 @@ def evaluate(
     )
     part = _evaluation_part(config, run, data)
     # the precision the run validated in: its temperature and decoding were fitted on those logits
-    bf16 = config.precision.startswith("bf16")
-    evaluator = ImageEvaluator(model, meta.mean, meta.std, bf16=bf16, progress=progress)
+    evaluator = ImageEvaluator(model, meta.mean, meta.std, bf16=config.bf16, progress=progress)
     probs = apply_temperature(evaluator.logits(part, tta), meta.temperature)
     val = load_val_logits(run)
     val_probs = apply_temperature(val[f"logits_{tta}"], meta.temperature)

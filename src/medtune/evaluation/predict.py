@@ -190,7 +190,7 @@ def _validated_in_bf16(run: Path) -> bool:
     from medtune.training.run import CONFIG_FILE
 
     path = run / CONFIG_FILE
-    return path.is_file() and TrainConfig.load(path).precision.startswith("bf16")
+    return path.is_file() and TrainConfig.load(path).bf16
 
 
 def _write_gradcam(model, meta, paths, images, labels, folder: Path, written: set) -> None:

@@ -78,6 +78,11 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @property
+    def bf16(self) -> bool:
+        """Whether the run trains, validates and extracts features under bf16 autocast."""
+        return self.precision.startswith("bf16")
+
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}

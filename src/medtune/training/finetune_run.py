@@ -150,12 +150,11 @@ def run_finetune(
             state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
             module.load_state_dict(state)
         module.to(trainer.strategy.root_device)  # evaluate where it trained (fit ends on the CPU)
-    bf16 = config.precision.startswith("bf16")
     evaluator = ImageEvaluator(
         module.model,
         config.mean,
         config.std,
-        bf16=bf16,
+        bf16=config.bf16,
         batch_size=config.batch_size,
         progress=config.progress,
     )

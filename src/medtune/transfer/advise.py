@@ -165,7 +165,7 @@ def measure_backbone(
         [*names, TOP],
         model_id=backbone_id(backbone, config.precision),
         batch_size=64,
-        bf16=config.precision.startswith("bf16"),
+        bf16=config.bf16,
         progress=config.progress,
     )
     y = np.asarray(cache.labels)[rows]

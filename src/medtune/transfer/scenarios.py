@@ -57,7 +57,7 @@ def stage_features(
         rotations=rotations,
         model_id=model_id,
         batch_size=max(config.batch_size, 32),
-        bf16=config.precision.startswith("bf16"),
+        bf16=config.bf16,
         progress=config.progress,
     )
     return {key: value[part.indices] for key, value in feats.items()}
