@@ -447,13 +447,11 @@ def tta_levers(bench: Bench, model: nn.Module, batches) -> list[Row]:  # noqa: A
     medtune, _ = predict_pass(bench, copy.deepcopy(model), batches, bf16=True, cl=True, tta="rot90")
     big = copy.deepcopy(model).eval().to(memory_format=torch.channels_last)
     per_view = copy.deepcopy(model)
-    shift, scale = bench.mean * 255, bench.std * 255
 
     def one_forward() -> None:
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
             for u8 in batches:
-                x = tta_views(u8, "rot90").float().sub_(shift).div_(scale)
-                big(x.contiguous(memory_format=torch.channels_last))
+                big(bench.x(tta_views(u8, "rot90"), True))
 
     def per_rotation() -> None:
         for k in range(4):
@@ -784,16 +782,16 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench(spec, args)
     saved = Path(spec.work) / "ablation-rows.json"
     rows = [dict(r, group="peak") for r in matmul_peak()]
-    kept = json.loads(saved.read_text()) if saved.is_file() else []
+    old = json.loads(saved.read_text()) if saved.is_file() else []
+    kept = [r for r in old if r.get("group") != "peak"]  # a later run with --skip keeps these
     for name, section in SECTIONS.items():
         if name not in args.skip:
             kept = [r for r in kept if r.get("group") != name]
             rows += [dict(r, group=name) for r in section(bench)]
-            merged = rows + [r for r in kept if r.get("group") != "peak"]
-            saved.write_text(json.dumps(merged, indent=1))  # a later run with --skip keeps these
-            write_block(Path(args.out), markdown(order(merged), when, machine()))
+            saved.write_text(json.dumps(rows + kept, indent=1))
+            write_block(Path(args.out), markdown(order(rows + kept), when, machine()))
             say(f"{name} done")
-    rows = order(rows + [r for r in kept if r.get("group") != "peak"])
+    rows = order(rows + kept)
     print(json.dumps({"when": when, "machine": machine(), "rows": rows}, indent=1))
     return 0
 

@@ -103,8 +103,7 @@ def predict_logits(
                         view = view.contiguous(memory_format=torch.channels_last)
                     with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=bf16):
                         views.append(model(view))
-                z = torch.cat(views)
-                z = z.float().reshape(-1, b, z.shape[-1]).mean(dim=0)
+                z = torch.stack(views).float().mean(dim=0)  # (views, b, K) -> (b, K)
                 outs.append(z.cpu().numpy())
     finally:
         model.train(was_training)
