@@ -108,9 +108,9 @@ class Bench:
         return copy.deepcopy(self.base)
 
     def x(self, u8: torch.Tensor, channels_last: bool) -> torch.Tensor:
-        from medtune.training.module import normalise_batch
+        from medtune.data.normalise import normalise_batch
 
-        return normalise_batch(u8, self.mean, self.std, channels_last)
+        return normalise_batch(u8, self.mean, self.std, channels_last=channels_last)
 
 
 # --------------------------------------------------------------------------- peak
@@ -177,14 +177,11 @@ def train_step(
 ) -> Callable[[], None]:
     """One SGD step of the medtune model on a fixed batch, with the given levers (``freeze``:
     the first stages frozen as ``medtune train --freeze`` does, their BatchNorms in eval mode)."""
-    from medtune.transfer.finetune import (
-        apply_freeze,
-        keep_frozen_norms_in_eval,
-        stage_of_parameters,
-    )
+    from medtune.models.stages import param_stage_index
+    from medtune.transfer.recipe import apply_freeze, keep_frozen_norms_in_eval
 
     model = bench.model().train()
-    index = stage_of_parameters(model.backbone, [s.modules for s in model.stages])
+    index = param_stage_index(model)
     frozen_norms = apply_freeze(model.backbone, index, freeze)
     keep_frozen_norms_in_eval(frozen_norms)
     if channels_last:
@@ -314,11 +311,11 @@ def infer_rate(bench: Bench, model: nn.Module, batches, *, bf16: bool, cl: bool,
 
 def trained_model(bench: Bench) -> tuple[nn.Module, str]:
     """The benchmark's fine-tuned medtune model when ``run.py`` left one, else the fresh one."""
-    from medtune.models.store import load_model
+    from medtune.runs import RunFolder
 
     run = bench.work / "medtune-finetune"
     if (run / "model.json").is_file():
-        return load_model(run)[0], "fine-tuned by run.py"
+        return RunFolder(run).load_model()[0], "fine-tuned by run.py"
     return bench.model().eval(), "untrained head (run benchmarks/run.py first)"
 
 
@@ -393,15 +390,15 @@ def bf16_weight_passes(bench: Bench, model: nn.Module, batches) -> dict[str, tup
 def onnx_passes(bench: Bench, batches) -> dict[str, tuple]:  # noqa: ANN001
     """The ``medtune export`` ONNX model under ONNX Runtime (fp32), as ``medtune predict --model``
     runs it; only when ``run.py`` left a fine-tuned run to export."""
-    from medtune.export.onnx_predictor import OnnxPredictor
-    from medtune.export.run_export import export_run
+    from medtune.deploy.onnx_predictor import OnnxPredictor
+    from medtune.workflows.export import export
 
     run = bench.work / "medtune-finetune"
     if not (run / "model.json").is_file():
         return {}
     folder = bench.work / "ablation-onnx"
     shutil.rmtree(folder, ignore_errors=True)
-    predictor = OnnxPredictor(export_run(run, "onnx", folder).model_path)
+    predictor = OnnxPredictor(export(run, "onnx", folder).model_path)
     images = [b.permute(0, 2, 3, 1).numpy() for b in batches]
     out: dict[str, np.ndarray] = {}
 
@@ -584,7 +581,7 @@ def _run(
     bench: Bench, name: str, spec: Spec | None = None, **overrides: Any
 ) -> tuple[float, float, Path]:
     """``medtune.train`` on the subset; (seconds, argmax val QWK, run folder)."""
-    from medtune.training import train
+    from medtune.workflows.train import train
 
     spec = spec or bench.spec
     out = bench.work / f"ablation-{name}"

@@ -23,8 +23,9 @@ SCENARIOS = {
 
 
 def run_all(data: str, out: Path, epochs: int) -> dict:
-    from medtune.training import TrainConfig, train
-    from medtune.transfer.advise import advise
+    from medtune.config import TrainConfig
+    from medtune.workflows.advise import advise
+    from medtune.workflows.train import train
 
     started = time.perf_counter()
     advice = advise(data, config=TrainConfig(data=data, progress=False)).to_dict()

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from benchlib import Clock, Spec, median_time, qwk, say
 
-IMPORTS = ("medtune.training.run", "medtune.training.finetune_run", "medtune.transfer.scenarios")
+IMPORTS = ("medtune.workflows.train", "medtune.engines.finetune", "medtune.engines.probe")
 
 
 def _epoch_timer(clock: Clock, log: list[dict[str, Any]]):
@@ -70,7 +70,7 @@ def _val_qwk(run_dir: Path) -> float:
 
 
 def _train(spec: Spec, strategy: str, name: str) -> tuple[Any, float]:
-    import medtune.training.run as run
+    import medtune.workflows.train as run
 
     work = Path(spec.work)
     out, cache = work / f"medtune-{name}", work / f"cache-{name}"
@@ -116,14 +116,14 @@ def probe(spec: Spec) -> dict[str, Any]:
 
 
 def infer(spec: Spec) -> dict[str, Any]:
-    """Feature extraction on a prepared cache (what the probes do); ``medtune.evaluation.predict``
+    """Feature extraction on a prepared cache (what the probes do); ``medtune.workflows.predict``
     from image files with the fine-tuned run; and the model alone on prepared images."""
     from medtune.data import load_imageset, prepare
     from medtune.evaluation.inference import predict_logits
-    from medtune.evaluation.predict import predict
     from medtune.models import create_backbone
-    from medtune.models.store import load_model
+    from medtune.runs import RunFolder
     from medtune.transfer.features import TOP, extract_features
+    from medtune.workflows.predict import predict
 
     work, run = Path(spec.work), Path(spec.work) / "medtune-finetune"
     images = load_imageset(spec.val_dir)
@@ -152,7 +152,7 @@ def infer(spec: Spec) -> dict[str, Any]:
         lambda: predict([spec.val_dir], run=run, progress=False), spec.repeats
     )
     labels = [int(Path(r["image"]).parent.name) for r in rows]
-    model, meta = load_model(run)
+    model, meta = RunFolder(run).load_model()
 
     def logits() -> np.ndarray:  # the model as predict runs a bf16 run, on prepared images
         starts = range(0, n, spec.batch_size)

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny labelled image sets made on the fly (no network, no ../shared)."""
+"""Shared fixtures and settings: tiny labelled image sets made on the fly (no network, no
+../shared), and the settings of a tiny, fast training run for the API and the CLI."""
 
 from __future__ import annotations
 
@@ -7,6 +8,39 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+
+#: A tiny, fast run: timm's 0.1M-parameter test network at 32 px, no pretrained weights, no
+#: fundus crop, fp32. What the tests check does not depend on the architecture.
+TINY_SETTINGS: dict[str, object] = {
+    "backbone": "test_efficientnet",
+    "weights": None,
+    "image_size": 32,
+    "batch_size": 8,
+    "fundus": {"crop": False},
+    "val_fraction": 0.25,
+    "test_fraction": 0.25,
+    "precision": "32-true",
+}
+
+
+def cli_flags(**settings: object) -> list[str]:
+    """Command-line flags for training settings: ``cli_flags(batch_size=3)`` ->
+    ``["--batch-size", "3"]``; ``weights=None`` is ``--weights none``, ``fundus={"crop":
+    False}`` is ``--fundus none``, and a setting given as ``...`` (Ellipsis) is left out."""
+    flags: list[str] = []
+    for key, value in settings.items():
+        if value is ...:
+            continue
+        if key == "fundus" and isinstance(value, dict):
+            on = [k.replace("_", "-") for k, v in value.items() if v is True]
+            value = ",".join(on) or "none"
+        flags += [f"--{key.replace('_', '-')}", "none" if value is None else str(value)]
+    return flags
+
+
+def tiny_flags(**changes: object) -> list[str]:
+    """:data:`TINY_SETTINGS` as CLI flags, with ``changes`` applied."""
+    return cli_flags(**{**TINY_SETTINGS, **changes})
 
 
 def write_graded_images(

@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 
 from medtune.cli.main import main
-from medtune.training import TrainConfig, train
-from medtune.transfer.advise import advise, natural_photos, reference_similarity
+from medtune.config import TrainConfig
+from medtune.workflows.advise import advise, natural_photos, reference_similarity
+from medtune.workflows.train import train
 
 SMALL = {"image_size": 64, "fundus": {"crop": False}, "progress": False}
 

@@ -15,7 +15,7 @@ from medtune.evaluation.calibration import (
     nll,
     reliability_curve,
 )
-from medtune.evaluation.ordinal import (
+from medtune.evaluation.decoding import (
     choose_decoding,
     decode,
     decode_scores,

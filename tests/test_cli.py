@@ -7,25 +7,11 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import tiny_flags
 
 from medtune.cli.main import main
 
-TINY = [
-    "--weights",
-    "none",
-    "--image-size",
-    "48",
-    "--batch-size",
-    "8",
-    "--fundus",
-    "none",
-    "--val-fraction",
-    "0.25",
-    "--test-fraction",
-    "0.25",
-    "--precision",
-    "32-true",
-]
+TINY = tiny_flags(backbone=..., image_size=48)
 
 
 def test_help_lists_every_command(capsys):

@@ -24,12 +24,13 @@ import yaml
 from conftest import write_graded_images
 from safetensors.torch import load_file
 
+from medtune.config import FinetuneRecipe
+from medtune.data import Part
+from medtune.engines.datamodule import CacheDataModule
+from medtune.engines.lightning_module import FinetuneModule
 from medtune.models import TransferModel, create_backbone
-from medtune.training import train
-from medtune.training.datamodule import CacheDataModule, Part
-from medtune.training.module import FinetuneModule
-from medtune.training.parts import prepare_lock
-from medtune.transfer.finetune import FinetuneRecipe
+from medtune.runs.data import prepare_lock
+from medtune.workflows.train import train
 
 LAUNCHER_ENV = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK"}
 TINY = dict(

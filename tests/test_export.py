@@ -15,12 +15,12 @@ import torch
 from PIL import Image
 from torch import nn
 
+from medtune.data.normalise import normalise_images
+from medtune.deploy import OnnxPredictor, export_model
+from medtune.deploy import exporter as exporter_mod
 from medtune.errors import MedtuneError
 from medtune.evaluation.calibration import apply_temperature as softmax
-from medtune.evaluation.ordinal import decode, expected_grade
-from medtune.export import OnnxPredictor, export_model
-from medtune.export import exporter as exporter_mod
-from medtune.export.onnx_predictor import normalise
+from medtune.evaluation.decoding import decode, expected_grade
 
 SIZE = 32
 MEAN = (0.485, 0.456, 0.406)
@@ -87,7 +87,7 @@ class FixedLogits(nn.Module):
 
 def torch_probs(model: nn.Module, images: np.ndarray, temperature: float) -> np.ndarray:
     with torch.no_grad():
-        logits = model.eval()(torch.from_numpy(normalise(images, MEAN, STD))).numpy()
+        logits = model.eval()(torch.from_numpy(normalise_images(images, MEAN, STD))).numpy()
     return softmax(logits, temperature)
 
 
@@ -97,7 +97,7 @@ def do_export(model: nn.Module, out: Path, fmt: str = "onnx", size: int = SIZE, 
         model,
         out,
         fmt=fmt,
-        input_size=size,
+        image_size=size,
         sidecar=meta,
         parity_inputs=real_like_images(4, size),
         mean=MEAN,
@@ -167,7 +167,7 @@ def test_onnx_dynamo_exporter(tiny: TinyNet, tmp_path: Path) -> None:
     res = export_model(
         tiny,
         tmp_path,
-        input_size=SIZE,
+        image_size=SIZE,
         sidecar=meta,
         parity_inputs=real_like_images(4, SIZE),
         mean=MEAN,
@@ -195,7 +195,7 @@ def test_sidecar_fields(onnx_dir: Path) -> None:
     meta = json.loads((onnx_dir / "model.json").read_text())
     from medtune import __version__
 
-    assert meta["input_size"] == SIZE
+    assert meta["image_size"] == SIZE
     assert meta["mean"] == pytest.approx(MEAN) and meta["std"] == pytest.approx(STD)
     assert meta["class_names"] == GRADES
     assert meta["temperature"] == 1.5
@@ -241,7 +241,7 @@ def test_parity_failure_raises(
 
 def test_bad_arguments_raise(tiny: TinyNet, tmp_path: Path) -> None:
     imgs = real_like_images(2, SIZE)
-    kw = dict(input_size=SIZE, parity_inputs=imgs, mean=MEAN, std=STD)
+    kw = dict(image_size=SIZE, parity_inputs=imgs, mean=MEAN, std=STD)
     with pytest.raises(MedtuneError, match="format"):
         export_model(tiny, tmp_path, fmt="tflite", sidecar={"class_names": GRADES}, **kw)
     with pytest.raises(MedtuneError, match="class names"):
@@ -266,7 +266,7 @@ def test_predictor_runs_without_torch(tiny: TinyNet, onnx_dir: Path, tmp_path: P
     Image.fromarray(real_like_images(1, 48, seed=5)[0]).save(tmp_path / "big.png")
     code = (
         "import json, sys, numpy as np\n"
-        "from medtune.export import OnnxPredictor\n"
+        "from medtune.deploy import OnnxPredictor\n"
         f"p = OnnxPredictor({str(onnx_dir)!r}, num_threads=1)\n"
         f"pred = p.predict(np.load({str(tmp_path / 'imgs.npy')!r}))\n"
         f"from_path = p.predict([{str(tmp_path / 'big.png')!r}])\n"
@@ -302,7 +302,7 @@ def test_dynamic_batch(onnx_dir: Path, tiny: TinyNet) -> None:
 def test_rot90_tta_averages_logits(onnx_dir: Path, tiny: TinyNet) -> None:
     pred = OnnxPredictor(onnx_dir, num_threads=1)
     imgs = real_like_images(2, SIZE, seed=4)
-    x = torch.from_numpy(normalise(imgs, MEAN, STD))
+    x = torch.from_numpy(normalise_images(imgs, MEAN, STD))
     with torch.no_grad():
         mean_logits = torch.stack([tiny(torch.rot90(x, k, dims=(2, 3))) for k in range(4)]).mean(0)
     ref = softmax(mean_logits.numpy(), 1.5)
@@ -354,7 +354,7 @@ def test_fundus_preprocess_path_without_torch(tiny: TinyNet, tmp_path: Path) -> 
     Image.fromarray(real_like_images(1, 60, seed=9)[0]).save(tmp_path / "eye.png")
     code = (
         "import sys\n"
-        "from medtune.export import OnnxPredictor\n"
+        "from medtune.deploy import OnnxPredictor\n"
         f"p = OnnxPredictor({str(tmp_path)!r}, num_threads=1)\n"
         f"out = p.predict([{str(tmp_path / 'eye.png')!r}])\n"
         "assert out.probs.shape == (1, 5)\n"

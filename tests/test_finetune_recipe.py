@@ -7,9 +7,10 @@ import math
 import pytest
 import torch
 
+from medtune.config import FinetuneRecipe
+from medtune.engines.lightning_module import FinetuneModule
 from medtune.models import TransferModel, create_backbone
-from medtune.training.module import FinetuneModule
-from medtune.transfer.finetune import FinetuneRecipe, lr_lambda, stage_lr_multipliers
+from medtune.transfer.recipe import lr_lambda, stage_lr_multipliers
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +105,8 @@ def test_frozen_batchnorm_statistics_stay_fixed_while_training(lite0):
 def test_inverse_frequency_class_weights_and_balanced_sampler():
     import numpy as np
 
-    from medtune.training.datamodule import CacheDataModule, Part, class_weights
+    from medtune.data import Part
+    from medtune.engines.datamodule import CacheDataModule, class_weights
 
     labels = np.array([0] * 8 + [1] * 2 + [2] * 2)
     weights = class_weights(labels, 4)

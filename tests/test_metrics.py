@@ -18,13 +18,14 @@ from sklearn.metrics import (
 )
 
 from medtune.evaluation import metrics as M
+from medtune.evaluation.decoding import decode
 from medtune.evaluation.metrics import (
     bootstrap_weights,
     choose_operating_points,
     compute_metrics,
     quick_metrics,
 )
-from medtune.evaluation.ordinal import decode, qwk_from_confusion
+from medtune.evaluation.scores import balanced_accuracy_from_confusion, qwk_from_confusion
 
 DR = ["0", "1", "2", "3", "4"]
 
@@ -213,7 +214,7 @@ def test_weighted_statistics_equal_sklearn_on_expanded_samples() -> None:
     ye, pe, yhe = y[idx], probs[idx], pred[idx]
     cm = np.bincount(y * 5 + pred, weights=w, minlength=25).reshape(5, 5)
     assert M._cm_accuracy(cm) == pytest.approx(accuracy_score(ye, yhe))
-    assert M._cm_balanced_accuracy(cm) == pytest.approx(balanced_accuracy_score(ye, yhe))
+    assert balanced_accuracy_from_confusion(cm) == pytest.approx(balanced_accuracy_score(ye, yhe))
     assert qwk_from_confusion(cm) == pytest.approx(cohen_kappa_score(ye, yhe, weights="quadratic"))
     for k in range(5):
         auc = M._WeightedAUC(y == k, probs[:, k])

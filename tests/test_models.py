@@ -58,7 +58,7 @@ def _imagenet_input(image: np.ndarray, size: int, mean, std, crop_pct: float = 0
 
 
 def _probs(backbone, image: np.ndarray) -> torch.Tensor:
-    x = _imagenet_input(image, backbone.input_size, backbone.mean, backbone.std)
+    x = _imagenet_input(image, backbone.image_size, backbone.mean, backbone.std)
     with torch.no_grad():
         return backbone.imagenet_logits(x).softmax(-1)[0]
 
@@ -89,7 +89,7 @@ def test_lite0_real_weights_classify_coffee(lite0):
 
 def test_lite0_config_and_bn_conventions(lite0):
     assert lite0.name == "efficientnet_lite0"
-    assert (lite0.input_size, lite0.num_features) == (224, 1280)
+    assert (lite0.image_size, lite0.num_features) == (224, 1280)
     assert lite0.mean == (0.5, 0.5, 0.5) and lite0.std == (0.5, 0.5, 0.5)
     bns = [m for m in lite0.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert bns and all(m.eps == 1e-3 and m.momentum == 0.01 for m in bns)
@@ -165,7 +165,7 @@ def test_transfer_model_assigns_every_parameter(lite0):
 
 
 @pytest.mark.parametrize("size", [96, 160])
-def test_stage_taps_and_any_input_size(lite0, size):
+def test_stage_taps_and_any_image_size(lite0, size):
     x = torch.randn(2, 3, size, size)
     with torch.no_grad(), StageTaps(lite0, ["stem", "blocks.3", "conv_head"]) as taps:
         out = taps(x)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from medtune.errors import MedtuneError
-from medtune.transfer.probe import (
+from medtune.transfer.linear_probe import (
     average_rotations,
     cv_probe_score,
     fit_probe,

@@ -23,33 +23,15 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import write_graded_images
+from conftest import tiny_flags, write_graded_images
 from PIL import Image
 
 from medtune import io as mio
 from medtune.cli.main import main
+from medtune.config import TrainConfig
 from medtune.errors import MedtuneError
-from medtune.training import TrainConfig
 
-# timm's 0.1M-parameter test network: what is tested here does not depend on the architecture
-TINY = [
-    "--backbone",
-    "test_efficientnet",
-    "--weights",
-    "none",
-    "--image-size",
-    "32",
-    "--batch-size",
-    "8",
-    "--fundus",
-    "none",
-    "--val-fraction",
-    "0.25",
-    "--test-fraction",
-    "0.25",
-    "--precision",
-    "32-true",
-]
+TINY = tiny_flags()
 CLI = [sys.executable, "-m", "medtune.cli.main"]
 
 
@@ -164,7 +146,8 @@ def test_prepare_bad_input_is_one_line_naming_the_file(case: str, tmp_path: Path
     named = make(tmp_path / "data")
     out = tmp_path / "cache"
     line = _cli_error(
-        capsys, ["prepare", "--data", str(tmp_path / "data"), "--out", str(out), "--size", "16"]
+        capsys,
+        ["prepare", "--data", str(tmp_path / "data"), "--out", str(out), "--image-size", "16"],
     )
     assert str(named) in line and reason in line
     if out.is_dir():  # nothing half-built is left where the cache would be
@@ -182,7 +165,7 @@ def test_prepare_bad_image_in_a_real_process(tmp_path: Path):
             str(tmp_path / "data"),
             "--out",
             str(tmp_path / "cache"),
-            "--size",
+            "--image-size",
             "16",
         ],
         capture_output=True,
@@ -252,7 +235,17 @@ def test_awkward_but_valid_images_are_prepared(tmp_path: Path, capsys):
     out = tmp_path / "cache"
     assert (
         main(
-            ["prepare", "--data", str(root), "--out", str(out), "--size", "16", "--fundus", "none"]
+            [
+                "prepare",
+                "--data",
+                str(root),
+                "--out",
+                str(out),
+                "--image-size",
+                "16",
+                "--fundus",
+                "none",
+            ]
         )
         == 0
     )
@@ -634,7 +627,7 @@ def test_prepare_into_a_read_only_folder(tmp_path: Path):
     ro = tmp_path / "ro"
     ro.mkdir()
     proc = _run_readonly(
-        ro, ["prepare", "--data", str(data), "--out", str(ro / "cache"), "--size", "16"]
+        ro, ["prepare", "--data", str(data), "--out", str(ro / "cache"), "--image-size", "16"]
     )
     line = _one_error_line(proc.returncode, proc.stderr)
     assert f"{ro / 'cache'}: " in line
@@ -770,7 +763,7 @@ def test_prepare_on_a_full_disk_is_one_line(tmp_path: Path):
             str(data),
             "--out",
             str(folder / "cache"),
-            "--size",
+            "--image-size",
             "128",
         ],
         capture_output=True,
@@ -784,7 +777,7 @@ def test_prepare_on_a_full_disk_is_one_line(tmp_path: Path):
 def test_predict_over_several_batches_keeps_order_and_names_a_bad_file(probe_run: Path, tmp_path):
     """Decoding runs a batch ahead of the model: rows stay in input order, a corrupt image in a
     later batch is skipped with --skip-bad and otherwise stops the run with its name."""
-    from medtune.evaluation.predict import BATCH, predict
+    from medtune.workflows.predict import BATCH, predict
 
     images = tmp_path / "in"
     paths = [_save(images / f"{i:03d}.png", _noise(i, 32)) for i in range(BATCH + 5)]

@@ -19,27 +19,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import write_graded_images
+from conftest import tiny_flags, write_graded_images
 
 from medtune.cli.main import main
 
-# timm's 0.1M-parameter test network: killing and resuming do not depend on the architecture
-TINY = [
-    "--backbone",
-    "test_efficientnet",
-    "--image-size",
-    "32",
-    "--batch-size",
-    "8",
-    "--fundus",
-    "none",
-    "--val-fraction",
-    "0.25",
-    "--test-fraction",
-    "0.25",
-    "--precision",
-    "32-true",
-]
+TINY = tiny_flags(weights=...)
 
 # Runs the real CLI after installing ONE hook chosen by $HOOK; the hook writes $MARKER, then hangs.
 _DRIVER = """
@@ -106,7 +90,7 @@ elif hook == "checkpoint":  # the second checkpoint (last.ckpt of epoch 0) is be
 
     torch.save = save
 elif hook == "step":  # inside a training step of epoch 1
-    from medtune.training.module import FinetuneModule
+    from medtune.engines.lightning_module import FinetuneModule
 
     real_step = FinetuneModule.training_step
 
@@ -268,7 +252,7 @@ class _Interrupted(Exception):
 
 
 def test_resume_keeps_the_logged_history(tmp_path: Path, monkeypatch):
-    from medtune.training.module import FinetuneModule
+    from medtune.engines.lightning_module import FinetuneModule
 
     real_step = FinetuneModule.training_step
 

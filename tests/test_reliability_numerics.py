@@ -8,38 +8,15 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import write_graded_images
+from conftest import tiny_flags, write_graded_images
 from lightning.pytorch.trainer.states import TrainerFn
 
 from medtune.cli.main import main
+from medtune.engines.guards import NonFiniteLossGuard, first_non_finite
+from medtune.engines.lightning_module import FinetuneModule
 from medtune.errors import MedtuneError
-from medtune.training.guards import NonFiniteLossGuard, first_non_finite
-from medtune.training.module import FinetuneModule
 
-FINETUNE = [
-    "--strategy",
-    "finetune",
-    "--backbone",
-    "test_efficientnet",
-    "--weights",
-    "none",
-    "--image-size",
-    "32",
-    "--batch-size",
-    "8",
-    "--fundus",
-    "none",
-    "--val-fraction",
-    "0.25",
-    "--test-fraction",
-    "0.25",
-    "--precision",
-    "32-true",
-    "--epochs",
-    "2",
-    "--early-stopping",
-    "0",
-]
+FINETUNE = ["--strategy", "finetune", *tiny_flags(epochs=2, early_stopping=0)]
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):

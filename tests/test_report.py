@@ -56,9 +56,8 @@ def test_tta_on_symmetric_images_equals_no_tta() -> None:
     assert torch.equal(sym, torch.rot90(sym, 1, dims=(2, 3))) and torch.equal(sym, sym.flip(3))
     model = _pooled_cnn()
     plain = predict_logits(model, [sym], mean=MEAN, std=STD)
-    for tta in ("rot90", "rot90+flip"):
-        got = predict_logits(model, [sym], mean=MEAN, std=STD, tta=tta)
-        np.testing.assert_allclose(got, plain, rtol=1e-5, atol=1e-5)
+    got = predict_logits(model, [sym], mean=MEAN, std=STD, tta="rot90")
+    np.testing.assert_allclose(got, plain, rtol=1e-5, atol=1e-5)
 
 
 def test_tta_equals_mean_of_manual_rotations() -> None:

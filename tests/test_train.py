@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from medtune.config import TrainConfig, apply_preset
 from medtune.errors import MedtuneError
-from medtune.models.store import load_model
-from medtune.training import TrainConfig, resume, train
-from medtune.training.config import apply_preset
+from medtune.runs import RunFolder
+from medtune.workflows.train import resume, train
 
 TINY = {
     "backbone": "efficientnet_lite0",
@@ -47,7 +47,7 @@ def test_linear_probe_run_folder_and_model_match_the_features(graded_folder: Pat
         assert {"n", "accuracy", "balanced_accuracy", "qwk", "macro_auc"} <= set(metrics[split])
     assert metrics["val"]["n"] + metrics["test"]["n"] < 24
     # the saved image-level model gives the same logits as the probe on cached features
-    model, meta = load_model(out)
+    model, meta = RunFolder(out).load_model()
     assert meta.kind == "probe" and meta.class_names == ["0", "1", "2"]
     saved = np.load(out / "val_logits.npz")
     splits = (out / "splits.csv").read_text().splitlines()[1:]
@@ -85,7 +85,7 @@ def test_layer_probe_best_tries_every_stage(graded_folder: Path, tmp_path):
 
 
 def test_unknown_layer_is_a_clear_error(graded_folder: Path, tmp_path):
-    with pytest.raises(MedtuneError, match="--layer 'nope' is not a stage"):
+    with pytest.raises(MedtuneError, match="layer 'nope' is not a stage"):
         train(
             data=str(graded_folder),
             out=str(tmp_path / "x"),

@@ -40,7 +40,12 @@ def add_prepare(p: argparse.ArgumentParser) -> None:
         required=True,
         help="class folders, a folder with labels.csv, a CSV file, or a MedMNIST .npz",
     )
-    p.add_argument("--size", type=int, default=224, help="output side in pixels (default 224)")
+    p.add_argument(
+        "--image-size", type=int, default=224, help="output side in pixels (default 224)"
+    )
+    p.add_argument(  # the name medtune 0.1 used
+        "--size", dest="image_size", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )
     p.add_argument(
         "--fundus",
         type=_fundus_options,
@@ -67,7 +72,7 @@ def run_prepare(args: argparse.Namespace) -> None:
     imageset = load_imageset(args.data, skip_bad=args.skip_bad)
     cache = prepare(
         imageset,
-        args.size,
+        args.image_size,
         FundusOptions.from_dict(args.fundus),
         Path(args.out),
         skip_bad=args.skip_bad,
@@ -186,13 +191,14 @@ def train_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_train(args: argparse.Namespace) -> None:
-    from medtune.training import TrainConfig, resume, train
+    from medtune.config import TrainConfig
+    from medtune.workflows.train import build_config, resume, run_training
 
     if args.resume:
         result = resume(args.resume)
     else:
         config = TrainConfig.load(args.config) if args.config else None
-        result = train(config, **train_overrides(args))
+        result = run_training(build_config(config, **train_overrides(args)))
     print_run(result)
 
 
@@ -213,7 +219,7 @@ def add_demo(p: argparse.ArgumentParser) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> None:
-    from medtune.training.demo import run_demo as demo
+    from medtune.workflows.demo import run_demo as demo
 
     demo(out=args.out, data=args.data, epochs=args.epochs)
 
@@ -235,8 +241,8 @@ def add_evaluate(p: argparse.ArgumentParser) -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> None:
-    from medtune.evaluation.evaluate import evaluate
     from medtune.evaluation.tables import metrics_table
+    from medtune.workflows.evaluate import evaluate
 
     result = evaluate(
         args.run,
@@ -265,7 +271,7 @@ def add_predict(p: argparse.ArgumentParser) -> None:
 
 
 def run_predict(args: argparse.Namespace) -> None:
-    from medtune.evaluation.predict import predict, to_csv
+    from medtune.workflows.predict import predict, to_csv
 
     rows = predict(
         args.inputs,
@@ -290,9 +296,9 @@ def add_export(p: argparse.ArgumentParser) -> None:
 
 
 def run_export(args: argparse.Namespace) -> None:
-    from medtune.export.run_export import export_run
+    from medtune.workflows.export import export
 
-    result = export_run(args.run, args.format, args.out)
+    result = export(args.run, args.format, args.out)
     print(
         f"exported {result.model_path} (+ {result.sidecar_path.name}); parity max |dp| = "
         f"{result.max_abs_diff:.2e} on {result.n_parity_images} images"
@@ -310,8 +316,8 @@ def add_advise(p: argparse.ArgumentParser) -> None:
 
 
 def run_advise(args: argparse.Namespace) -> None:
-    from medtune.training import TrainConfig
-    from medtune.transfer.advise import advise
+    from medtune.config import TrainConfig
+    from medtune.workflows.advise import advise
 
     settings = {
         k: v

@@ -8,8 +8,8 @@ import pickle
 import sys
 from collections.abc import Sequence
 
-from medtune import __version__
 from medtune.errors import MedtuneError, unpickling_detail
+from medtune.version import __version__
 
 EXIT_USER_ERROR = 2
 

@@ -35,22 +35,20 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 
 from medtune import io as mio
-from medtune.data.images import to_rgb8
-from medtune.data.sources import ImageSet, decode_source
+from medtune.data.preprocess import DECODE_SIDE_FACTOR, decode_source
+from medtune.data.sources import ImageSet
 from medtune.errors import BadImageError, MedtuneError
 
 if TYPE_CHECKING:
     from medtune.data.fundus import FundusOptions
 
-__all__ = ["FORMAT_VERSION", "PreparedCache", "cache_key", "open_cache", "prepare", "prepare_image"]
+__all__ = ["FORMAT_VERSION", "Part", "PreparedCache", "cache_key", "open_cache", "prepare"]
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-DECODE_SIDE_FACTOR = 2  # decode at most 2*size on the long side (JPEG draft), then preprocess
 _FOREIGN_TMP_AGE_S = 24 * 3600  # other hosts' temp folders are removed only when this old
 _REASON = re.compile(r"cannot read image \((.*)\); replace or delete")
 
@@ -428,27 +426,6 @@ def _run_pool(pool: cf.Executor, chunks: list[range], task: Any, take: Any, wind
             take(pending.pop(fut), fut.result())
 
 
-def prepare_image(
-    src: str | os.PathLike[str] | np.ndarray | Image.Image,
-    size: int,
-    fundus_opts: Any = None,
-) -> np.ndarray:
-    """Decode and preprocess ONE image exactly as :func:`prepare` does (uint8 size x size x 3).
-
-    ``predict`` and the ONNX predictor use it, so deployed inputs match the training cache.
-    """
-    from medtune.data import fundus
-
-    opts = (
-        fundus_opts
-        if isinstance(fundus_opts, fundus.FundusOptions)
-        else (fundus.FundusOptions.from_dict(fundus_opts))
-    )
-    side = DECODE_SIDE_FACTOR * size
-    img = to_rgb8(src, side) if isinstance(src, Image.Image) else decode_source(src, side)
-    return fundus.preprocess(img, size, opts)
-
-
 def _process_chunk(
     npy: str,
     items: list[tuple[int, str | np.ndarray]],
@@ -490,3 +467,32 @@ def _compact(npy: Path, good: list[int], block: int = 256) -> None:
     dst.flush()
     del dst, src
     os.replace(tmp, npy)
+
+
+@dataclass
+class Part:
+    """Some rows of a prepared cache, e.g. one split of a run.
+
+    Attributes
+    ----------
+    cache : PreparedCache
+        The cache that holds the images.
+    indices : numpy.ndarray
+        int64 row numbers into ``cache`` (N,).
+    """
+
+    cache: PreparedCache
+    indices: np.ndarray
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.asarray(self.cache.labels)[self.indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    @property
+    def groups(self) -> list[str] | None:
+        """Patient/group id of each row, or ``None`` when the data has none."""
+        groups = self.cache.groups
+        return None if groups is None else [groups[i] for i in self.indices]

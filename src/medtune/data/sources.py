@@ -28,7 +28,8 @@ import pandas as pd
 from PIL import Image
 
 from medtune import io as mio
-from medtune.data.images import IMAGE_EXTENSIONS, is_image_file, load_rgb, to_rgb8
+from medtune.data.images import IMAGE_EXTENSIONS, is_image_file
+from medtune.data.preprocess import decode_source
 from medtune.errors import BadImageError, MedtuneError
 
 __all__ = ["ImageSet", "load_imageset", "SPLIT_NAMES"]
@@ -116,26 +117,6 @@ class ImageSet:
             predefined_split=pick(self.predefined_split),
             paths=pick(self.paths),
         )
-
-
-def decode_source(src: str | np.ndarray, max_side: int | None = None) -> Image.Image:
-    """Decode a file path with :func:`load_rgb` or convert an in-memory array to RGB."""
-    if isinstance(src, np.ndarray):
-        return to_rgb8(_array_to_pil(src), max_side=max_side)
-    return load_rgb(src, max_side=max_side)
-
-
-def _array_to_pil(arr: np.ndarray) -> Image.Image:
-    if arr.ndim == 3 and arr.shape[2] == 1:
-        arr = arr[:, :, 0]
-    if arr.dtype == np.uint16:
-        arr = np.rint(arr.astype(np.float32) / 257.0).astype(np.uint8)
-    elif arr.dtype.kind == "f":
-        scale = 255.0 if arr.size and float(np.nanmax(arr)) <= 1.0 else 1.0
-        arr = np.clip(np.rint(np.nan_to_num(arr) * scale), 0, 255).astype(np.uint8)
-    elif arr.dtype != np.uint8:
-        arr = np.clip(arr, 0, 255).astype(np.uint8)
-    return Image.fromarray(np.ascontiguousarray(arr))
 
 
 class _NpzStore:

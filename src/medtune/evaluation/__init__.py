@@ -1,62 +1,36 @@
-"""medtune.evaluation: clinical metrics with bootstrap intervals, operating points, calibration,
-ordinal decoding, TTA inference, Grad-CAM, figures, and the HTML report / model card.
+"""medtune.evaluation: the evaluation core. Clinical metrics with intervals, operating points,
+calibration, ordinal decoding, TTA inference, Grad-CAM, figures, and the HTML report.
 
-Submodules needing torch or grad-cam (``inference``, ``gradcam``) and matplotlib (``plots``,
-``report``) are imported lazily, so ``import medtune.evaluation`` stays light.
+Names are imported lazily (PEP 562, through ``lazy_loader``): the torch-free ONNX predictor
+imports :mod:`medtune.evaluation.calibration` and :mod:`medtune.evaluation.decoding`
+(numpy/scipy only) without pulling in scikit-learn, torch or matplotlib.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+import lazy_loader
 
-from medtune.evaluation.calibration import (
-    apply_temperature,
-    expected_calibration_error,
-    fit_temperature,
-    reliability_curve,
+__getattr__, __dir__, __all__ = lazy_loader.attach(
+    __name__,
+    submod_attrs={
+        "calibration": [
+            "apply_temperature",
+            "expected_calibration_error",
+            "fit_temperature",
+            "reliability_curve",
+        ],
+        "metrics": [
+            "apply_operating_point",
+            "bootstrap_weights",
+            "choose_operating_points",
+            "compute_metrics",
+            "is_ordinal",
+            "quick_metrics",
+        ],
+        "decoding": ["choose_decoding", "decode", "expected_grade", "fit_qwk_thresholds"],
+        "scores": ["balanced_accuracy", "qwk"],
+        "inference": ["predict_logits", "softmax"],
+        "gradcam": ["gradcam_overlays", "select_gradcam_examples"],
+        "report": ["write_report"],
+    },
 )
-from medtune.evaluation.metrics import (
-    apply_operating_point,
-    bootstrap_weights,
-    choose_operating_points,
-    compute_metrics,
-    quick_metrics,
-)
-from medtune.evaluation.ordinal import (
-    choose_decoding,
-    decode,
-    expected_grade,
-    fit_qwk_thresholds,
-)
-
-_LAZY = {
-    "predict_logits": "medtune.evaluation.inference",
-    "softmax": "medtune.evaluation.inference",
-    "gradcam_overlays": "medtune.evaluation.gradcam",
-    "select_gradcam_examples": "medtune.evaluation.gradcam",
-    "write_report": "medtune.evaluation.report",
-}
-
-__all__ = [
-    "apply_operating_point",
-    "apply_temperature",
-    "bootstrap_weights",
-    "choose_decoding",
-    "choose_operating_points",
-    "compute_metrics",
-    "decode",
-    "expected_calibration_error",
-    "expected_grade",
-    "fit_qwk_thresholds",
-    "fit_temperature",
-    "quick_metrics",
-    "reliability_curve",
-    *_LAZY,
-]
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,13 +14,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from medtune.data.normalise import normalise_batch
+from medtune.evaluation.inference import model_device
+
 __all__ = ["gradcam_maps", "gradcam_overlays", "select_gradcam_examples"]
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    return torch.device("cpu")
 
 
 def _check_images(images_uint8: np.ndarray) -> np.ndarray:
@@ -47,9 +44,7 @@ def gradcam_maps(
     images = _check_images(images_uint8)
     if targets is not None and len(targets) != len(images):
         raise ValueError(f"targets has {len(targets)} entries for {len(images)} images")
-    dev = _model_device(model)
-    m = torch.tensor(mean, dtype=torch.float32, device=dev).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32, device=dev).view(1, 3, 1, 1)
+    dev = model_device(model)
     was_training = model.training
     maps: list[np.ndarray] = []
     try:
@@ -60,8 +55,8 @@ def gradcam_maps(
         ):
             for start in range(0, len(images), batch_size):
                 chunk = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size]))
-                x = chunk.to(dev).permute(0, 3, 1, 2).float().div(255.0)
-                x = ((x - m) / s).requires_grad_(True)
+                x = normalise_batch(chunk.to(dev).permute(0, 3, 1, 2), mean, std)
+                x = x.requires_grad_(True)
                 tg = None
                 if targets is not None:
                     tg = [ClassifierOutputTarget(int(t)) for t in targets[start : start + len(x)]]

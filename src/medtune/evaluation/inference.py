@@ -1,7 +1,7 @@
 """Batched inference with optional test-time augmentation (TTA).
 
-TTA views are the four ``torch.rot90`` rotations (``"rot90"``), or those and the four rotations of
-the horizontal mirror image (``"rot90+flip"``, the 8 symmetries of the square). The uint8 views
+TTA views are the four ``torch.rot90`` rotations (``"rot90"``; :data:`medtune.config.TTA_MODES`
+lists the modes every part of medtune accepts). The uint8 views
 of a batch are made in one go, then normalised and run through the model one view (one
 caller-sized batch) at a time: on a 2-core CPU a 4x larger batch was 1.2-1.9x slower per image
 (``docs/performance.md``).
@@ -23,9 +23,10 @@ from scipy.special import softmax as _softmax
 from torch import nn
 from tqdm.auto import tqdm
 
-__all__ = ["TTA_MODES", "predict_logits", "softmax", "tta_views"]
+from medtune.config import TTA_MODES
+from medtune.data.normalise import normalise_batch
 
-TTA_MODES = ("none", "rot90", "rot90+flip")
+__all__ = ["TTA_MODES", "predict_logits", "softmax", "tta_views"]
 
 
 def softmax(logits: np.ndarray, T: float = 1.0) -> np.ndarray:
@@ -43,11 +44,11 @@ def tta_views(x: torch.Tensor, tta: str) -> torch.Tensor:
         raise ValueError(f"tta must be one of {TTA_MODES}, got {tta!r}")
     if x.shape[-1] != x.shape[-2]:
         raise ValueError(f"rot90 TTA needs square images, got {tuple(x.shape[-2:])}")
-    bases = [x, torch.flip(x, dims=(3,))] if tta == "rot90+flip" else [x]
-    return torch.cat([torch.rot90(b, k, dims=(2, 3)) for b in bases for k in range(4)])
+    return torch.cat([torch.rot90(x, k, dims=(2, 3)) for k in range(4)])
 
 
-def _model_device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a model without parameters)."""
     for t in model.parameters():
         return t.device
     return torch.device("cpu")
@@ -83,13 +84,11 @@ def predict_logits(
     """
     if tta not in TTA_MODES:
         raise ValueError(f"tta must be one of {TTA_MODES}, got {tta!r}")
-    dev = torch.device(device) if device is not None else _model_device(model)
+    dev = torch.device(device) if device is not None else model_device(model)
     was_training = model.training
     model.eval()
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    shift = torch.tensor(mean, dtype=torch.float32, device=dev).view(1, 3, 1, 1) * 255.0
-    scale = torch.tensor(std, dtype=torch.float32, device=dev).view(1, 3, 1, 1) * 255.0
     outs: list[np.ndarray] = []
     try:
         with torch.inference_mode():
@@ -98,9 +97,7 @@ def predict_logits(
                 b = x.shape[0]
                 views = []
                 for view in tta_views(x, tta).split(b):  # uint8 views, normalised one at a time
-                    view = view.float().sub_(shift).div_(scale)
-                    if channels_last:
-                        view = view.contiguous(memory_format=torch.channels_last)
+                    view = normalise_batch(view, mean, std, channels_last=channels_last)
                     with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=bf16):
                         views.append(model(view))
                 z = torch.stack(views).float().mean(dim=0)  # (views, b, K) -> (b, K)

@@ -23,8 +23,6 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import (
     accuracy_score,
-    balanced_accuracy_score,
-    cohen_kappa_score,
     confusion_matrix,
     f1_score,
     precision_recall_fscore_support,
@@ -33,36 +31,67 @@ from sklearn.metrics import (
 )
 
 from medtune.evaluation.calibration import expected_calibration_error
-from medtune.evaluation.ordinal import decode, qwk_from_confusion
+from medtune.evaluation.decoding import decode
+from medtune.evaluation.scores import (
+    balanced_accuracy,
+    balanced_accuracy_from_confusion,
+    qwk,
+    qwk_from_confusion,
+)
 
 __all__ = [
     "BinaryTask",
     "HEADLINE",
+    "HEADLINE_METRICS",
+    "HeadlineMetric",
     "OPERATING_POINTS",
     "apply_operating_point",
     "binary_task",
     "bootstrap_weights",
     "choose_operating_points",
     "compute_metrics",
-    "is_ordinal_names",
+    "is_ordinal",
     "quick_metrics",
 ]
 
 # name -> minimum validation sensitivity (None: Youden's J maximum)
 OPERATING_POINTS: dict[str, float | None] = {"sens90": 0.90, "sens97.5": 0.975, "youden": None}
 HEADLINE_POINT = "youden"
-HEADLINE = (
-    "accuracy",
-    "balanced_accuracy",
-    "qwk",
-    "macro_auc",
-    "auc",
-    "sensitivity",
-    "specificity",
-    "referable_auc",
-    "referable_sensitivity",
-    "referable_specificity",
+
+
+@dataclass(frozen=True)
+class HeadlineMetric:
+    """One headline figure: its ``metrics.json`` key, its label in the report, its short label
+    in the terminal table, and whether the terminal table shows it."""
+
+    key: str
+    label: str
+    short: str
+    terminal: bool = True
+
+
+#: The headline figures, in the order every table shows them (one list for the report, the
+#: terminal table and ``metrics.json``'s intervals).
+HEADLINE_METRICS = (
+    HeadlineMetric("accuracy", "Accuracy", "accuracy"),
+    HeadlineMetric("balanced_accuracy", "Balanced accuracy", "balanced acc."),
+    HeadlineMetric("macro_f1", "Macro F1", "macro F1", terminal=False),
+    HeadlineMetric("qwk", "Quadratic weighted kappa", "quadratic kappa"),
+    HeadlineMetric("macro_auc", "Macro one-vs-rest AUC", "macro AUC"),
+    HeadlineMetric("auc", "AUC (positive class)", "AUC", terminal=False),
+    HeadlineMetric("sensitivity", "Sensitivity (Youden point)", "sens.", terminal=False),
+    HeadlineMetric("specificity", "Specificity (Youden point)", "spec.", terminal=False),
+    HeadlineMetric("referable_auc", "Referable DR AUC", "referable AUC"),
+    HeadlineMetric(
+        "referable_sensitivity", "Referable DR sensitivity (Youden point)", "referable sens."
+    ),
+    HeadlineMetric(
+        "referable_specificity", "Referable DR specificity (Youden point)", "referable spec."
+    ),
+    HeadlineMetric("ece", "Expected calibration error (15 bins)", "ECE", terminal=False),
 )
+#: Keys of the headline figures that carry a 95% interval (``<key>_ci``).
+HEADLINE = tuple(m.key for m in HEADLINE_METRICS if m.key not in ("macro_f1", "ece"))
 SAME_DATA = "same data (optimistic)"
 
 
@@ -82,13 +111,25 @@ class BinaryTask:
         return np.asarray(probs, dtype=np.float64)[:, list(self.positive)].sum(axis=1)
 
 
-def is_ordinal_names(class_names: Sequence[Any]) -> bool:
-    """True when the class names are consecutive increasing integers (e.g. "0".."4")."""
+def is_ordinal(class_names: Sequence[Any]) -> bool:
+    """Whether the labels are grades (e.g. DR grades "0".."4"): more than two classes named by
+    consecutive increasing integers. Graded labels are judged and selected by QWK; two classes
+    are a binary task, judged by balanced accuracy and AUC.
+
+    Parameters
+    ----------
+    class_names : sequence
+        Class names in label order.
+
+    Returns
+    -------
+    bool
+    """
     try:
         vals = [int(str(c).strip()) for c in class_names]
     except ValueError:
         return False
-    return len(vals) >= 2 and all(b - a == 1 for a, b in zip(vals[:-1], vals[1:], strict=True))
+    return len(vals) > 2 and all(b - a == 1 for a, b in zip(vals[:-1], vals[1:], strict=True))
 
 
 def binary_task(class_names: Sequence[Any], ordinal: bool) -> BinaryTask | None:
@@ -191,10 +232,6 @@ def _binary_auc(y_bin: np.ndarray, score: np.ndarray) -> float:
     return float("nan")
 
 
-def _qwk(y: np.ndarray, pred: np.ndarray, K: int) -> float:
-    return _quiet(lambda: cohen_kappa_score(y, pred, weights="quadratic", labels=np.arange(K)))
-
-
 def _nanmean(a: np.ndarray) -> float:
     return float(np.mean(a[np.isfinite(a)])) if np.isfinite(a).any() else float("nan")
 
@@ -205,11 +242,11 @@ def _point_estimates(
     """Point estimates with scikit-learn (the reference implementations)."""
     out = {
         "accuracy": float(accuracy_score(y, pred)),
-        "balanced_accuracy": _quiet(lambda: balanced_accuracy_score(y, pred)),
+        "balanced_accuracy": balanced_accuracy(y, pred, K),
         "macro_auc": _nanmean(_class_aucs(y, p)),
     }
     if ordinal:
-        out["qwk"] = _qwk(y, pred, K)
+        out["qwk"] = qwk(y, pred, K)
     if task is not None:
         out[f"{task.prefix}auc"] = _binary_auc(task.labels(y), task.score(p))
     return out
@@ -249,12 +286,6 @@ def _cm_accuracy(cm: np.ndarray) -> float:
     return float(np.trace(cm) / cm.sum())
 
 
-def _cm_balanced_accuracy(cm: np.ndarray) -> float:
-    rows = cm.sum(axis=1)
-    ok = rows > 0
-    return float(np.mean(np.diag(cm)[ok] / rows[ok]))
-
-
 def _weighted_sens_spec(y_bin: np.ndarray, pred_bin: np.ndarray, w: np.ndarray) -> tuple:
     wp, wn = w * y_bin, w * (1 - y_bin)
     sp, sn = wp.sum(), wn.sum()
@@ -283,7 +314,7 @@ def _weighted_statistics(
     class_aucs = [_WeightedAUC(y == k, p[:, k]) for k in range(K)]
     stats: dict[str, _Stat] = {
         "accuracy": lambda w, cm: _cm_accuracy(cm),
-        "balanced_accuracy": lambda w, cm: _cm_balanced_accuracy(cm),
+        "balanced_accuracy": lambda w, cm: balanced_accuracy_from_confusion(cm),
         "macro_auc": lambda w, cm: _nanmean(np.array([a(w) for a in class_aucs])),
     }
     if ordinal:
@@ -404,7 +435,7 @@ def compute_metrics(
         raise ValueError("compute_metrics: no samples")
     if groups is not None and len(groups) != len(y):
         raise ValueError(f"groups has {len(groups)} entries for {len(y)} samples")
-    ordinal = is_ordinal_names(class_names) if ordinal is None else bool(ordinal)
+    ordinal = is_ordinal(class_names) if ordinal is None else bool(ordinal)
     pred = np.asarray(decode(p, decoding)).astype(np.int64)
     notes: list[str] = []
     task = binary_task(class_names, ordinal)

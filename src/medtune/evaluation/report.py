@@ -22,6 +22,7 @@ import yaml
 from medtune import io
 from medtune.evaluation import plots
 from medtune.evaluation.calibration import reliability_curve
+from medtune.evaluation.metrics import HEADLINE_METRICS
 
 __all__ = ["FIGURE_IDS", "write_report"]
 
@@ -32,22 +33,6 @@ FIGURE_IDS = (
     "fig-confusion",
     "fig-reliability",
     "fig-gradcam",
-)
-
-# (key, label) of the headline table, in order; rows whose value is None everywhere are dropped
-_HEADLINE_ROWS = (
-    ("accuracy", "Accuracy"),
-    ("balanced_accuracy", "Balanced accuracy"),
-    ("macro_f1", "Macro F1"),
-    ("qwk", "Quadratic weighted kappa"),
-    ("macro_auc", "Macro one-vs-rest AUC"),
-    ("auc", "AUC (positive class)"),
-    ("sensitivity", "Sensitivity (Youden point)"),
-    ("specificity", "Specificity (Youden point)"),
-    ("referable_auc", "Referable DR AUC"),
-    ("referable_sensitivity", "Referable DR sensitivity (Youden point)"),
-    ("referable_specificity", "Referable DR specificity (Youden point)"),
-    ("ece", "Expected calibration error (15 bins)"),
 )
 
 _OP_HEADER = (
@@ -149,7 +134,7 @@ def _class_counts(
 def _headline_rows(splits: Mapping[str, Mapping[str, Any]]) -> list[list[str]]:
     return [
         [label, *(_value_ci(m, key) for m in splits.values())]
-        for key, label in _HEADLINE_ROWS
+        for key, label in ((m.key, m.label) for m in HEADLINE_METRICS)
         if any(m.get(key) is not None for m in splits.values())
     ]
 

@@ -5,15 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-HEADLINE = (
-    ("accuracy", "accuracy"),
-    ("balanced_accuracy", "balanced acc."),
-    ("qwk", "quadratic kappa"),
-    ("macro_auc", "macro AUC"),
-    ("referable_auc", "referable AUC"),
-    ("referable_sensitivity", "referable sens."),
-    ("referable_specificity", "referable spec."),
-)
+from medtune.evaluation.metrics import HEADLINE_METRICS
 
 SYNTHETIC_NOTE = (
     "NOTE: the data is SYNTHETIC (lesions drawn on one photograph); not a clinical result."
@@ -34,9 +26,9 @@ def metrics_table(metrics: Mapping[str, Any], *, synthetic: bool = False) -> str
     """One column per split (val, test) and one row per headline metric."""
     splits = [s for s in ("val", "test") if s in metrics]
     rows = [
-        (label, [format_value(metrics[s], key) for s in splits])
-        for key, label in HEADLINE
-        if any(metrics[s].get(key) is not None for s in splits)
+        (m.short, [format_value(metrics[s], m.key) for s in splits])
+        for m in HEADLINE_METRICS
+        if m.terminal and any(metrics[s].get(m.key) is not None for s in splits)
     ]
     rows.insert(0, ("images", [str(metrics[s].get("n", "-")) for s in splits]))
     width = max(len(label) for label, _ in rows)

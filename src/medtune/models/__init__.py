@@ -3,12 +3,12 @@
 from medtune.models.backbones import (
     DEFAULT_BACKBONE,
     Backbone,
-    FeatureExtractor,
     create_backbone,
     load_state_dict_file,
     resolve_name,
 )
-from medtune.models.classifier import TransferModel
+from medtune.models.classifier import TransferModel, build_model
+from medtune.models.feature_extractor import FeatureExtractor
 from medtune.models.stages import (
     Stage,
     StageTaps,
@@ -24,6 +24,7 @@ __all__ = [
     "Stage",
     "StageTaps",
     "TransferModel",
+    "build_model",
     "create_backbone",
     "load_state_dict_file",
     "param_stage_index",

@@ -21,7 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from medtune.errors import MedtuneError, unpickling_detail
-from medtune.models.stages import Stage, _has_params, stage_map
+from medtune.models.feature_extractor import FeatureExtractor
+from medtune.models.stages import Stage, has_params, stage_map
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
 #: timm architecture matching the packaged Lite0 weights exactly (TF "same" padding, BN eps 1e-3).
@@ -39,29 +40,6 @@ _DEFAULT_WORDS = {"default", "imagenet", "pretrained"}
 _WEIGHTS_FIX = "pass --weights PATH to a .pth/.pt/.safetensors state dict, 'default' or 'none'"
 
 
-class FeatureExtractor(nn.Module):
-    """A classification network with its classifier removed: ``forward(x) -> (B, num_features)``.
-
-    ``forward_features`` is the same pooled output (the medtune contract), whatever the wrapped
-    library calls it.
-    """
-
-    def __init__(self, body: nn.Module, num_features: int) -> None:
-        super().__init__()
-        self.body = body
-        self.num_features = num_features
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = self.body(x)
-        if isinstance(out, tuple):  # torchvision named-tuple outputs
-            out = out[0]
-        return out.flatten(1) if out.ndim > 2 else out
-
-    def forward_features(self, x: Tensor) -> Tensor:
-        """Pooled features, (B, num_features)."""
-        return self(x)
-
-
 @dataclass
 class Backbone:
     """A headless pretrained network plus what is needed to feed it and split it into stages."""
@@ -69,7 +47,7 @@ class Backbone:
     model: FeatureExtractor
     name: str
     stages: list[Stage]
-    input_size: int
+    image_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     num_features: int
@@ -440,7 +418,7 @@ def _timm_data_config(net: nn.Module) -> dict[str, Any]:
 
     cfg = resolve_data_config({}, model=net)
     return {
-        "input_size": int(cfg["input_size"][-1]),
+        "image_size": int(cfg["input_size"][-1]),
         "mean": tuple(float(v) for v in cfg["mean"]),
         "std": tuple(float(v) for v in cfg["std"]),
         "interpolation": str(cfg.get("interpolation", "bilinear")),
@@ -464,13 +442,13 @@ def _torchvision_data_config(arch: str) -> dict[str, Any]:
     transform = enum.transforms() if enum is not None else None
     if transform is None:
         return {
-            "input_size": 224,
+            "image_size": 224,
             "mean": IMAGENET_MEAN,
             "std": IMAGENET_STD,
             "interpolation": "bilinear",
         }
     return {
-        "input_size": int(transform.crop_size[0]),
+        "image_size": int(transform.crop_size[0]),
         "mean": tuple(float(v) for v in transform.mean),
         "std": tuple(float(v) for v in transform.std),
         "interpolation": transform.interpolation.value,
@@ -559,7 +537,7 @@ def _drop_dropout_before(root: nn.Module, head_path: str) -> None:
     tail: list[str] = []
     for name in names[: names.index(head_name)]:
         child = parent._modules[name]
-        if child is not None and _has_params(child):
+        if child is not None and has_params(child):
             tail = []
         elif isinstance(child, nn.Dropout):
             tail.append(name)
@@ -585,7 +563,7 @@ def create_backbone(
     weights: str | Path | None = "default",
     aux_logits: bool = False,
     num_classes: int | None = None,
-    input_size: int | None = None,
+    image_size: int | None = None,
     mean: tuple[float, float, float] | None = None,
     std: tuple[float, float, float] | None = None,
 ) -> Backbone:
@@ -595,7 +573,7 @@ def create_backbone(
     / ``"none"`` (random init), or a path to a state dict (``.pt``/``.pth`` read with
     ``weights_only=True``, or ``.safetensors``). ``aux_logits`` keeps GoogLeNet's auxiliary
     classifiers for training. ``num_classes`` is accepted for the documented contract only: the
-    K-class head lives in :class:`~medtune.models.TransferModel`. ``input_size``/``mean``/``std``
+    K-class head lives in :class:`~medtune.models.TransferModel`. ``image_size``/``mean``/``std``
     override the values from the model's pretrained configuration.
     """
     if num_classes is not None and num_classes < 1:
@@ -618,12 +596,12 @@ def create_backbone(
         aux = {}
         head, width = _detach_timm_head(net)
     model = FeatureExtractor(net, width).eval()
-    size = int(input_size or cfg["input_size"])
+    size = int(image_size or cfg["image_size"])
     return Backbone(
         model=model,
         name=arch,
-        stages=stage_map(model, input_size=size),
-        input_size=size,
+        stages=stage_map(model, image_size=size),
+        image_size=size,
         mean=tuple(mean or cfg["mean"]),
         std=tuple(std or cfg["std"]),
         num_features=width,

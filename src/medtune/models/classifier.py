@@ -6,8 +6,8 @@ import copy
 
 from torch import Tensor, nn
 
-from medtune.models.backbones import Backbone
-from medtune.models.stages import Stage, param_stage_index
+from medtune.models.backbones import Backbone, create_backbone
+from medtune.models.stages import Stage, StageTaps, param_stage_index
 
 
 def _new_aux_head(aux: nn.Module, num_classes: int) -> nn.Module:
@@ -51,20 +51,9 @@ class TransferModel(nn.Module):
         """Main logits and the auxiliary logits (empty list without auxiliary heads)."""
         if not len(self.aux_heads):
             return self(x), []
-        taps = {stage.name: stage.tap for stage in self.stages}
-        captured: dict[str, Tensor] = {}
-        handles = [
-            self.backbone.get_submodule(taps[name]).register_forward_hook(
-                lambda _m, _i, out, name=name: captured.__setitem__(name, out)
-            )
-            for name in self.aux_heads
-        ]
-        try:
+        with StageTaps(self, list(self.aux_heads), pool=False) as taps:
             logits = self(x)
-        finally:
-            for handle in handles:
-                handle.remove()
-        aux = [head(captured[name]) for name, head in self.aux_heads.items()]
+        aux = [head(taps.captured[name]) for name, head in self.aux_heads.items()]
         return logits, aux
 
     @property
@@ -79,3 +68,42 @@ class TransferModel(nn.Module):
         for name, _ in self.named_parameters():
             index.setdefault(name, self.head_index)
         return index
+
+
+def build_model(
+    backbone: str,
+    kind: str,
+    num_classes: int,
+    *,
+    stage: str | None = None,
+    dropout: float = 0.0,
+    weights: str | None = None,
+) -> nn.Module:
+    """An untrained model of a trained run's architecture, ready for its ``state_dict``.
+
+    Parameters
+    ----------
+    backbone : str
+        Backbone name (:func:`~medtune.models.create_backbone`).
+    kind : {"finetune", "probe"}
+        :class:`TransferModel`, or a
+        :class:`~medtune.models.stage_classifier.StageProbeClassifier` on ``stage``.
+    num_classes : int
+        K, the number of classes.
+    stage : str or None, default None
+        The probed stage (``None``: the top pooled features).
+    dropout : float, default 0.0
+        Dropout before the head of a :class:`TransferModel`.
+    weights : str or None, default None
+        Pretrained weights to start from; ``None`` builds the architecture only.
+
+    Returns
+    -------
+    torch.nn.Module
+    """
+    from medtune.models.stage_classifier import StageProbeClassifier
+
+    spec = create_backbone(backbone, weights=weights)
+    if kind == "probe":
+        return StageProbeClassifier(spec, stage, num_classes)
+    return TransferModel(spec, num_classes, dropout=dropout)

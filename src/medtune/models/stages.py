@@ -7,6 +7,7 @@ top-level children that hold parameters.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Iterable, Sequence
@@ -16,10 +17,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from medtune.models.feature_extractor import BODY, FeatureExtractor
+
 #: The input side used to probe stage outputs when the model does not state one.
 _PROBE_SIZE = 224
-#: Wrapper attribute that holds the real network inside a medtune feature extractor.
-_BODY = "body"
 
 
 @dataclass
@@ -40,7 +41,7 @@ class Stage:
 # --------------------------------------------------------------------------- grouping
 
 
-def _has_params(module: nn.Module) -> bool:
+def has_params(module: nn.Module) -> bool:
     return any(True for _ in module.parameters())
 
 
@@ -124,7 +125,7 @@ def _timm_groups(model: nn.Module) -> list[tuple[str, list[str]]]:
 
 def _leaf(module: nn.Module) -> bool:
     """A single layer: it has parameters but none of its children do."""
-    return not any(_has_params(child) for child in module.children())
+    return not any(has_params(child) for child in module.children())
 
 
 def _torchvision_groups(model: nn.Module) -> list[tuple[str, list[str]]]:
@@ -133,14 +134,12 @@ def _torchvision_groups(model: nn.Module) -> list[tuple[str, list[str]]]:
     A model whose body sits in one or two containers (``features``, ``trunk_output``) is expanded
     one level so that the stages are its blocks.
     """
-    children = [(n, c) for n, c in model.named_children() if _has_params(c)]
+    children = [(n, c) for n, c in model.named_children() if has_params(c)]
     if len(children) < 3:
         expanded = []
         for name, child in children:
             if isinstance(child, (nn.Sequential, nn.ModuleList)):
-                expanded += [
-                    (f"{name}.{n}", c) for n, c in child.named_children() if _has_params(c)
-                ]
+                expanded += [(f"{name}.{n}", c) for n, c in child.named_children() if has_params(c)]
             else:
                 expanded.append((name, child))
         children = expanded
@@ -235,19 +234,17 @@ def _channels(tensor: Tensor) -> int:
 
 def _unwrap(model: nn.Module) -> tuple[nn.Module, str]:
     """The network inside a medtune feature extractor, with the prefix of its module paths."""
-    from medtune.models.backbones import FeatureExtractor
-
     if isinstance(model, FeatureExtractor):
-        return getattr(model, _BODY), _BODY + "."
+        return getattr(model, BODY), BODY + "."
     return model, ""
 
 
-def stage_map(model: nn.Module, input_size: int | None = None) -> list[Stage]:
+def stage_map(model: nn.Module, image_size: int | None = None) -> list[Stage]:
     """Ordered stages (stem first, last block last) of a headless or full classification model.
 
     The classifier is excluded when it has been removed (``reset_classifier(0)`` or replaced by
     ``nn.Identity``) as :func:`~medtune.models.create_backbone` does. One eval-mode forward at
-    ``input_size`` (default: the model's pretrained input size, else 224) finds each stage's
+    ``image_size`` (default: the model's pretrained input size, else 224) finds each stage's
     output module and channels; batch-norm statistics are not touched.
     """
     body, prefix = _unwrap(model)
@@ -258,7 +255,7 @@ def stage_map(model: nn.Module, input_size: int | None = None) -> list[Stage]:
         [(name, _compress(units, names, modules)) for name, names in groups], modules
     )
     paths = [p for _, mods in groups for p in mods if p in modules]
-    seen = _probe(body, paths, input_size or _probe_size(body))
+    seen = _probe(body, paths, image_size or _probe_size(body))
     stages = []
     for name, mods in groups:
         ran = [p for p in mods if p in seen]
@@ -347,24 +344,29 @@ def param_stage_index(backbone: Any, *, strict: bool = True) -> dict[str, int]:
 
 
 def _pool(tensor: Tensor) -> Tensor:
-    """Global average over spatial (4-D) or token (3-D) dimensions -> (B, C)."""
+    """Global average in float32 over spatial (4-D) or token (3-D) dimensions -> (B, C)."""
     if tensor.ndim == 4:
-        return tensor.mean(dim=(2, 3))
+        return tensor.float().mean(dim=(2, 3))
     if tensor.ndim == 3:
-        return tensor.mean(dim=1)
-    return tensor.flatten(1)
+        return tensor.float().mean(dim=1)
+    return tensor.flatten(1).float()
 
 
 class StageTaps:
-    """Pooled activations of chosen stages from one forward pass, via forward hooks.
+    """Activations of chosen stages from a forward pass, via forward hooks: the one way medtune
+    taps intermediate stages (layer probes, feature extraction, auxiliary heads).
 
-    ``StageTaps(backbone, ["blocks.3", "conv_head"])(x)`` returns ``{name: (B, C)}``. Use it as a
-    context manager to keep the hooks registered across several calls. ``backbone`` is a
-    :class:`~medtune.models.Backbone` or a :class:`~medtune.models.TransferModel`; ``None``
-    taps every stage. Gradients flow unless the caller runs it under ``torch.no_grad()``.
+    ``StageTaps(backbone, ["blocks.3", "conv_head"])(x)`` returns ``{name: (B, C)}`` pooled in
+    float32. Used as a context manager the hooks stay registered, and every forward pass of the
+    network (also one run by the caller, e.g. through a model that wraps it) refreshes
+    :attr:`captured`. ``backbone`` is a :class:`~medtune.models.Backbone` or a
+    :class:`~medtune.models.TransferModel`; ``None`` taps every stage. ``pool=False`` keeps the
+    raw stage outputs instead. Gradients flow unless the caller runs it under ``no_grad``.
     """
 
-    def __init__(self, backbone: Any, stage_names: Sequence[str] | None = None) -> None:
+    def __init__(
+        self, backbone: Any, stage_names: Sequence[str] | None = None, *, pool: bool = True
+    ) -> None:
         self.module, stages = _module_and_stages(backbone)
         by_name = {stage.name: stage for stage in stages}
         names = list(by_name) if stage_names is None else list(stage_names)
@@ -372,8 +374,9 @@ class StageTaps:
         if unknown:
             raise KeyError(f"unknown stage(s) {unknown}; stages are {list(by_name)}")
         self.stages = [by_name[n] for n in names]
+        self.pool = pool
         self._handles: list[Any] = []
-        self._store: dict[str, Tensor] = {}
+        self.captured: dict[str, Tensor] = {}
         self.output: Tensor | None = None
 
     def __enter__(self) -> StageTaps:
@@ -387,22 +390,24 @@ class StageTaps:
             handle.remove()
         self._handles.clear()
 
-    def _hook(self, name: str):
-        def hook(_module, _inputs, output):
-            tensor = _first_tensor(output)
-            if tensor is not None:
-                self._store[name] = _pool(tensor)
+    def _hook(self, name: str) -> functools.partial:
+        # a partial of a bound method, not a closure: ``copy.deepcopy`` of a model that holds
+        # the taps then copies the taps with it, and the copy's hooks fill the copy's dict
+        return functools.partial(self._record, name)
 
-        return hook
+    def _record(self, name: str, _module: nn.Module, _inputs: Any, output: Any) -> None:
+        tensor = _first_tensor(output)
+        if tensor is not None:
+            self.captured[name] = _pool(tensor) if self.pool else tensor
 
     def __call__(self, x: Tensor) -> dict[str, Tensor]:
-        """Run ``x`` through the backbone and return each tapped stage's pooled activation.
+        """Run ``x`` through the backbone and return each tapped stage's activation.
 
         The backbone's own output of that pass is kept in :attr:`output`.
         """
         if self.stages and not self._handles:
             with self:
                 return self(x)
-        self._store = {}
+        self.captured = {}
         self.output = self.module(x)
-        return {stage.name: self._store[stage.name] for stage in self.stages}
+        return {stage.name: self.captured[stage.name] for stage in self.stages}

@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from medtune.data import PreparedCache
+from medtune.data.normalise import normalise_batch
 from medtune.io import atomic_path
 from medtune.models import Backbone, StageTaps
 
@@ -70,8 +71,6 @@ def _run_backbone(
     progress: bool,
 ) -> dict[str, np.ndarray]:
     backbone.model.eval()
-    mean = torch.tensor(backbone.mean).view(1, 3, 1, 1)
-    std = torch.tensor(backbone.std).view(1, 3, 1, 1)
     tapped = [n for n in names if n != TOP]
     outputs: dict[str, list[np.ndarray]] = {n: [] for n in names}
     images = cache.images
@@ -80,7 +79,7 @@ def _run_backbone(
     with StageTaps(backbone, tapped) as taps, torch.inference_mode():
         for start in bar:
             batch = torch.from_numpy(np.array(images[start : start + batch_size]))
-            x = batch.permute(0, 3, 1, 2).float().div_(255).sub_(mean).div_(std)
+            x = normalise_batch(batch.permute(0, 3, 1, 2), backbone.mean, backbone.std)
             x = torch.rot90(x, rotation, dims=(2, 3)).contiguous(memory_format=torch.channels_last)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 pooled = taps(x)

@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 import numpy as np
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import cohen_kappa_score
 from sklearn.model_selection import StratifiedGroupKFold
 
 from medtune.errors import MedtuneError
+from medtune.evaluation.scores import balanced_accuracy, qwk, rank_value
 
 DEFAULT_CS: tuple[float, ...] = tuple(float(c) for c in np.logspace(-4, 2, 13))
 """Half-decade grid 1e-4 .. 1e2 (13 values); walked from strong to weak regularisation."""
@@ -110,21 +110,11 @@ def _standardiser(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean, scale
 
 
-def _balanced_accuracy(y: np.ndarray, pred: np.ndarray) -> float:
-    recalls = [np.mean(pred[y == c] == c) for c in np.unique(y)]
-    return float(np.mean(recalls))
-
-
-def _qwk(y: np.ndarray, pred: np.ndarray) -> float:
-    labels = np.union1d(y, pred)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        kappa = cohen_kappa_score(y, pred, labels=labels, weights="quadratic")
-    return float(kappa) if np.isfinite(kappa) else 0.0
-
-
 def _score(y: np.ndarray, pred: np.ndarray, metric: str) -> float:
-    return _qwk(y, pred) if metric == "qwk" else _balanced_accuracy(y, pred)
+    """The selection metric for ranking candidates; an undefined score ranks lowest."""
+    K = int(max(y.max(initial=0), pred.max(initial=0))) + 1
+    value = qwk(y, pred, K) if metric == "qwk" else balanced_accuracy(y, pred, K)
+    return rank_value(value)
 
 
 def _log_loss(y: np.ndarray, probs: np.ndarray, classes: np.ndarray) -> float:

@@ -16,10 +16,11 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from medtune.data.cache import prepare_image
 from medtune.data.images import is_image_file
+from medtune.data.preprocess import prepare_image
 from medtune.errors import BadImageError, MedtuneError
 from medtune.io import write_text
+from medtune.runs import RunFolder
 
 BATCH = 32
 
@@ -45,7 +46,7 @@ def expand_inputs(inputs: Sequence[str]) -> list[Path]:
 
 
 def predict(
-    inputs: Sequence[str],
+    inputs: Sequence[str | Path],
     *,
     run: str | Path | None = None,
     model_path: str | Path | None = None,
@@ -55,16 +56,53 @@ def predict(
     skip_bad: bool = False,
     progress: bool = True,
 ) -> list[dict]:
-    """Predict every image; write ``out`` (CSV) when given and Grad-CAM PNGs into ``explain``.
+    """Predict the class of every image with a trained run or an exported ONNX model.
 
-    Returns one dict per image: ``image``, ``pred`` (class name), ``pred_index``, ``p_<class>``.
+    The model's own preprocessing (field-of-view crop, image size, normalisation), temperature
+    and decoding are applied.
+
+    Parameters
+    ----------
+    inputs : sequence of str or pathlib.Path
+        Image files, folders (searched recursively, hidden and system files skipped) and glob
+        patterns.
+    run : str or pathlib.Path, optional
+        A run folder (PyTorch, in the precision the run validated in).
+    model_path : str or pathlib.Path, optional
+        An exported ``model.onnx`` with its ``model.json`` (ONNX Runtime, no PyTorch).
+        Exactly one of ``run`` and ``model_path`` is given.
+    out : str or pathlib.Path, optional
+        Write the rows as CSV here (atomically); skipped images go to ``<out>.skipped.csv``.
+    explain : str or pathlib.Path, optional
+        Folder for Grad-CAM overlays (Selvaraju et al. 2017, ``grad-cam`` package), one PNG per
+        image named after it (``run`` only).
+    tta : {"none", "rot90"}, default "none"
+        Average the logits of the four 90-degree rotations.
+    skip_bad : bool, default False
+        Leave unreadable images out (listed) instead of failing.
+    progress : bool, default True
+
+    Returns
+    -------
+    list of dict
+        One per image: ``image``, ``pred`` (class name), ``pred_index``, ``p_<class>`` (the
+        calibrated probability of each class).
+
+    Raises
+    ------
+    MedtuneError
+        For no or both model sources, no images found, or an unreadable image (naming the file)
+        without ``skip_bad``.
     """
+    inputs = [str(item) for item in inputs]
     if (run is None) == (model_path is None):
-        raise MedtuneError("give either --run RUN or --model model.onnx")
+        raise MedtuneError("give either run (a run folder) or model_path (an exported model.onnx)")
     paths = expand_inputs(inputs)
     if model_path is not None:
         if explain:
-            raise MedtuneError("--explain needs --run (Grad-CAM needs the PyTorch model)")
+            raise MedtuneError(
+                "explain needs run (Grad-CAM needs the PyTorch model, not model.onnx)"
+            )
         rows, skipped = _predict_onnx(paths, Path(model_path), tta, skip_bad, progress)
     else:
         rows, skipped = _predict_run(paths, Path(run), explain, tta, skip_bad, progress)
@@ -125,13 +163,13 @@ def _batches(paths: list[Path], progress: bool):
 
 
 def _predict_onnx(paths, model_path, tta, skip_bad, progress):
-    from medtune.export.onnx_predictor import OnnxPredictor
+    from medtune.deploy.onnx_predictor import OnnxPredictor
 
     predictor = OnnxPredictor(model_path)
     fundus = predictor.sidecar.get("fundus") or {"crop": False}
     rows, skipped = [], []
     for chunk in _batches(paths, progress):
-        kept, images = _load_batch(chunk, predictor.input_size, fundus, skip_bad, skipped)
+        kept, images = _load_batch(chunk, predictor.image_size, fundus, skip_bad, skipped)
         if images is None:
             continue
         result = predictor.predict(images, tta=None if tta == "none" else tta)
@@ -143,16 +181,16 @@ def _predict_run(paths, run, explain, tta, skip_bad, progress):
     import torch
 
     from medtune.evaluation.calibration import apply_temperature
+    from medtune.evaluation.decoding import decode
     from medtune.evaluation.inference import predict_logits
-    from medtune.evaluation.ordinal import decode
-    from medtune.models.store import load_model
 
-    model, meta = load_model(run)
-    bf16 = _validated_in_bf16(run)
+    folder = RunFolder(run)
+    model, meta = folder.load_model()
+    bf16 = _validated_in_bf16(folder)
     rows, skipped, written = [], [], set()
 
     def load(chunk: list[Path]) -> tuple[list[Path], np.ndarray | None]:
-        return _load_batch(chunk, meta.input_size, meta.fundus, skip_bad, skipped)
+        return _load_batch(chunk, meta.image_size, meta.fundus, skip_bad, skipped)
 
     for kept, images in _prefetched(_batches(paths, progress), load):
         if images is None:
@@ -183,22 +221,18 @@ def _prefetched(chunks: Iterable[list[Path]], load):  # noqa: ANN001, ANN202
             yield pending.result()
 
 
-def _validated_in_bf16(run: Path) -> bool:
+def _validated_in_bf16(folder: RunFolder) -> bool:
     """Predict in the precision the run validated in (its temperature and decoding were fitted on
     those logits); bf16 is also 2.3x faster on a CPU with bf16 units (docs/performance.md)."""
-    from medtune.training.config import TrainConfig
-    from medtune.training.run import CONFIG_FILE
-
-    path = run / CONFIG_FILE
-    return path.is_file() and TrainConfig.load(path).bf16
+    return folder.has_config() and folder.read_config().bf16
 
 
 def _write_gradcam(model, meta, paths, images, labels, folder: Path, written: set) -> None:
     """One PNG per image, named after the image, always inside ``folder``."""
     from PIL import Image
 
-    from medtune.evaluation.evaluate import target_layer
     from medtune.evaluation.gradcam import gradcam_overlays
+    from medtune.workflows.evaluate import target_layer
 
     overlays = gradcam_overlays(
         model, target_layer(model), images, meta.mean, meta.std, targets=[int(k) for k in labels]

@@ -11,26 +11,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medtune.config import FinetuneRecipe
+from medtune.data.normalise import normalise_batch
 from medtune.evaluation.metrics import quick_metrics
-from medtune.transfer.finetune import (
-    FinetuneRecipe,
+from medtune.models.stages import param_stage_index
+from medtune.transfer.recipe import (
     apply_freeze,
     build_param_groups,
     keep_frozen_norms_in_eval,
     l2sp_penalty,
     lr_lambda,
     make_optimizer,
-    stage_of_parameters,
 )
-
-
-def normalise_batch(
-    images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, channels_last: bool
-) -> torch.Tensor:
-    """uint8 (B,3,H,W) -> normalised float32, optionally in channels-last memory layout."""
-    x = images.float().div_(255.0).sub_(mean).div_(std)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
-
 
 AUX_WEIGHT = 0.3
 BN_MOMENTUM = 0.1
@@ -95,7 +87,7 @@ class FinetuneModule(L.LightningModule):
         body = model.backbone
         stages = model.stages
         self.body_prefix = module_prefix(self, body)
-        self.stage_index = stage_of_parameters(body, [s.modules for s in stages])
+        self.stage_index = param_stage_index(model)
         self.n_stages = len(stages)
         names = {id(m): n for n, m in body.named_modules()}
         frozen = apply_freeze(body, self.stage_index, recipe.freeze)
@@ -142,11 +134,12 @@ class FinetuneModule(L.LightningModule):
         self.anchors = {n: a.to(self.device) for n, a in self.anchors.items()}
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(normalise_batch(images, self.mean, self.std, self.channels_last))
+        x = normalise_batch(images, self.mean, self.std, channels_last=self.channels_last)
+        return self.model(x)
 
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
         images, labels = batch[0], batch[1]
-        x = normalise_batch(images, self.mean, self.std, self.channels_last)
+        x = normalise_batch(images, self.mean, self.std, channels_last=self.channels_last)
         logits, aux_logits = self.model.forward_train(x)
         loss = F.cross_entropy(logits.float(), labels, weight=self.class_weights)
         for aux in aux_logits:  # GoogLeNet's auxiliary classifiers, weighted as in the paper

@@ -14,15 +14,13 @@ validation set, their in-sample QWK is optimistic; the choice therefore uses a c
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import cohen_kappa_score
-from sklearn.model_selection import KFold, StratifiedKFold
 
 from medtune.errors import MedtuneError
+from medtune.evaluation.scores import qwk, rank_value
 
 __all__ = [
     "choose_decoding",
@@ -30,7 +28,6 @@ __all__ = [
     "decode_scores",
     "expected_grade",
     "fit_qwk_thresholds",
-    "qwk_from_confusion",
 ]
 
 METHODS = ("argmax", "expected_grade")
@@ -52,32 +49,9 @@ def decode_scores(scores: np.ndarray, thresholds: Sequence[float]) -> np.ndarray
     return np.digitize(np.asarray(scores, dtype=np.float64), np.asarray(thresholds, dtype=float))
 
 
-def _qwk(y: np.ndarray, pred: np.ndarray, K: int) -> float:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        v = cohen_kappa_score(y, pred, weights="quadratic", labels=np.arange(K))
-    return float(v) if np.isfinite(v) else -1.0
-
-
-def qwk_from_confusion(cm: np.ndarray) -> float:
-    """Quadratic weighted kappa of a (possibly weighted) K x K confusion matrix (rows = true);
-    NaN when undefined. Same formula as sklearn's ``cohen_kappa_score(weights="quadratic")``,
-    written out because the threshold search and the bootstrap call it thousands of times."""
-    cm = np.asarray(cm, dtype=np.float64)
-    K = cm.shape[0]
-    W = (np.arange(K)[:, None] - np.arange(K)[None, :]) ** 2.0
-    total = cm.sum()
-    if total <= 0:
-        return float("nan")
-    expected = np.outer(cm.sum(axis=1), cm.sum(axis=0)) / total
-    den = float(np.sum(W * expected))
-    return 1.0 - float(np.sum(W * cm)) / den if den > 0 else float("nan")
-
-
-def _qwk_fast(y: np.ndarray, pred: np.ndarray, K: int) -> float:
-    cm = np.bincount(y * K + pred, minlength=K * K).reshape(K, K)
-    v = qwk_from_confusion(cm)
-    return v if np.isfinite(v) else -1.0
+def _qwk_rank(y: np.ndarray, pred: np.ndarray, K: int) -> float:
+    """QWK for comparing candidate cut points: undefined ranks lowest."""
+    return rank_value(qwk(y, pred, K))
 
 
 def _candidates(scores_sorted: np.ndarray, lo: float, hi: float, max_candidates: int) -> np.ndarray:
@@ -117,7 +91,7 @@ def fit_qwk_thresholds(
     if t.size != K - 1 or np.any(np.diff(t) <= 0):
         raise ValueError(f"init must be {K - 1} increasing thresholds, got {t.tolist()}")
     s_sorted = np.sort(scores)
-    best = _qwk_fast(y, decode_scores(scores, t), K)
+    best = _qwk_rank(y, decode_scores(scores, t), K)
     for _ in range(max_sweeps):
         improved = False
         for i in range(K - 1):
@@ -126,7 +100,7 @@ def fit_qwk_thresholds(
             for c in _candidates(s_sorted, lo, hi, max_candidates):
                 trial = t.copy()
                 trial[i] = c
-                q = _qwk_fast(y, decode_scores(scores, trial), K)
+                q = _qwk_rank(y, decode_scores(scores, trial), K)
                 if q > best + 1e-12:
                     best, t, improved = q, trial, True
         if not improved:
@@ -152,6 +126,9 @@ def decode(probs: np.ndarray, decoding: dict[str, Any] | None) -> np.ndarray:
 
 
 def _folds(y: np.ndarray, n_folds: int, seed: int):
+    # imported here: the torch-free ONNX predictor imports this module for ``decode`` only
+    from sklearn.model_selection import KFold, StratifiedKFold
+
     counts = np.bincount(y)
     counts = counts[counts > 0]
     if counts.min() >= n_folds:
@@ -172,18 +149,18 @@ def choose_decoding(
     y_val = np.asarray(y_val).astype(np.int64).ravel()
     probs_val = np.asarray(probs_val, dtype=np.float64)
     scores = expected_grade(probs_val)
-    q_arg = _qwk(y_val, probs_val.argmax(axis=1), K)
+    q_arg = qwk(y_val, probs_val.argmax(axis=1), K)
     thresholds = fit_qwk_thresholds(scores, y_val, K)
-    q_in = _qwk(y_val, decode_scores(scores, thresholds), K)
+    q_in = qwk(y_val, decode_scores(scores, thresholds), K)
     q_cv: float | None = None
     if len(y_val) >= 2 * n_folds:
         oof = np.empty_like(y_val)
         for tr, te in _folds(y_val, n_folds, seed):
             t_fold = fit_qwk_thresholds(scores[tr], y_val[tr], K)
             oof[te] = decode_scores(scores[te], t_fold)
-        q_cv = _qwk(y_val, oof, K)
+        q_cv = qwk(y_val, oof, K)
     q_eg = q_cv if q_cv is not None else q_in
-    method = "expected_grade" if q_eg > q_arg else "argmax"
+    method = "expected_grade" if rank_value(q_eg) > rank_value(q_arg) else "argmax"
     return {
         "method": method,
         "thresholds": thresholds,

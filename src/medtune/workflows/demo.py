@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from medtune.evaluation.tables import SYNTHETIC_NOTE, format_value
-from medtune.training.run import RunResult, train
+from medtune.workflows.train import RunResult, train
 
 DEMO_IMAGES_PER_GRADE = 60
 

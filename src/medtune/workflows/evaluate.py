@@ -15,13 +15,16 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from medtune.config import TTA_MODES, TrainConfig
+from medtune.data import Part
+from medtune.engines.finalize import ImageEvaluator
 from medtune.errors import MedtuneError
 from medtune.evaluation.calibration import apply_temperature
-from medtune.evaluation.finalize import ImageEvaluator, load_val_logits, part_groups
+from medtune.evaluation.decoding import decode
 from medtune.evaluation.metrics import compute_metrics
-from medtune.evaluation.ordinal import decode
 from medtune.io import write_json
-from medtune.models.store import ModelMeta, load_model
+from medtune.models.stage_classifier import StageProbeClassifier
+from medtune.runs import ModelMeta, RunFolder, prepare_run_data, prepare_source
 
 GRADCAM_PER_CLASS = 1
 
@@ -46,31 +49,60 @@ def evaluate(
     skip_bad: bool = False,
     progress: bool = True,
 ) -> EvalResult:
-    """Evaluate a run's model on ``data`` (default: the run's own test split).
+    """Evaluate a run's model on labelled images, with intervals and a report.
 
-    Writes ``RUN/eval/<name>/metrics.json``, ``report.html``, ``summary.md`` and ``MODEL_CARD.md``.
+    Thresholds (operating points), the temperature and the decoding all come from the run's
+    VALIDATION data and are applied unchanged to the evaluated data.
+
+    Parameters
+    ----------
+    run : str or pathlib.Path
+        A run folder written by :func:`medtune.train`.
+    data : str or None, default None
+        A labelled image set, every image of which is evaluated, prepared exactly like the
+        training data; ``None`` evaluates the run's own test split.
+    tta : {"none", "rot90"}, default "none"
+        Test-time augmentation: average the logits of the four 90-degree rotations.
+    name : str or None, default None
+        Folder under ``RUN/eval/`` (default: from ``data`` and ``tta``, e.g. ``test-tta-rot90``).
+    n_boot : int, default 1000
+        Bootstrap resamples for the 95% intervals (clustered by patient when groups exist).
+    gradcam : bool, default True
+        Add Grad-CAM overlays (Selvaraju et al. 2017, through the ``grad-cam`` package) of the
+        most confident right and wrong image per class to the report.
+    skip_bad : bool, default False
+        Leave unreadable images out (listed) instead of failing.
+    progress : bool, default True
+
+    Returns
+    -------
+    EvalResult
+        ``RUN/eval/<name>/`` with ``metrics.json``, ``report.html``, ``summary.md`` and
+        ``MODEL_CARD.md``; the metrics (keys in ``docs/metrics.md``).
+
+    Raises
+    ------
+    MedtuneError
+        For a folder that is not a finished run, unreadable data, classes the model does not
+        know, or an unknown ``tta``.
     """
-    from medtune.training.config import TrainConfig
-    from medtune.training.run import CONFIG_FILE
-
-    run = Path(run)
-    if tta not in ("none", "rot90"):
-        raise MedtuneError(f"--tta {tta!r} is not supported by evaluate; use none or rot90")
-    model, meta = load_model(run)
-    config = dataclasses.replace(
-        TrainConfig.load(run / CONFIG_FILE), skip_bad=skip_bad, progress=progress
-    )
+    folder = RunFolder(Path(run))
+    if tta not in TTA_MODES:
+        raise MedtuneError(f"tta {tta!r} is unknown; use one of {', '.join(TTA_MODES)}")
+    model, meta = folder.load_model()
+    config = dataclasses.replace(folder.read_config(), skip_bad=skip_bad, progress=progress)
+    run = folder.dir
     part = _evaluation_part(config, run, data)
     # the precision the run validated in: its temperature and decoding were fitted on those logits
     evaluator = ImageEvaluator(model, meta.mean, meta.std, bf16=config.bf16, progress=progress)
     probs = apply_temperature(evaluator.logits(part, tta), meta.temperature)
-    val = load_val_logits(run)
+    val = folder.read_val_logits()
     val_probs = apply_temperature(val[f"logits_{tta}"], meta.temperature)
     metrics = compute_metrics(
         part.labels,
         probs,
         meta.class_names,
-        groups=part_groups(part),
+        groups=part.groups,
         ordinal=meta.ordinal,
         val=(val["labels"], val_probs),
         decoding=meta.decoding,
@@ -78,26 +110,24 @@ def evaluate(
     )
     metrics["tta"] = tta
     metrics["data"] = data or f"{config.data} (test split)"
-    out = run / "eval" / (name or _default_name(data, tta))
+    out = folder.eval_dir(name or _default_name(data, tta))
     write_json(out / "metrics.json", metrics)
     examples = _gradcam_examples(model, meta, part, probs) if gradcam else None
-    report = _write_report(out, run, meta, config, metrics, part, probs, examples)
+    report = _write_report(out, folder, meta, config, metrics, part, probs, examples)
     return EvalResult(out, metrics, report)
 
 
-def _evaluation_part(config: Any, run: Path, data: str | None) -> Any:
+def _evaluation_part(config: TrainConfig, run: Path, data: str | None) -> Part:
     """The run's test split, or every image of another data set, prepared like the training."""
-    from medtune.training.datamodule import Part
-    from medtune.training.parts import prepare_run_data, prepare_source
-
     if data is None:
-        run_data = prepare_run_data(config, config.image_size, run)
+        run_data = prepare_run_data(config, run)
         if run_data.test is None:
             raise MedtuneError(
-                f"{run}: the run has no test split; pass --data PATH with labelled test images"
+                f"{run}: the run has no test split; evaluate a labelled test set "
+                "(data=PATH, --data PATH)"
             )
         return run_data.test
-    cache = prepare_source(data, config, config.image_size, run, progress=config.progress)
+    cache = prepare_source(data, config, run, progress=config.progress)
     return Part(cache, np.arange(len(cache)))
 
 
@@ -109,8 +139,6 @@ def _default_name(data: str | None, tta: str) -> str:
 
 def target_layer(model: nn.Module) -> nn.Module:
     """The module whose activations Grad-CAM explains: the last stage used by the classifier."""
-    from medtune.models.probe import StageProbeClassifier
-
     if isinstance(model, StageProbeClassifier):
         spec = model.backbone_info
         name = model.stage or spec.stages[-1].name
@@ -148,10 +176,10 @@ def _gradcam_examples(
     return [(overlay, caption) for overlay, (_, caption) in zip(overlays, picks, strict=True)]
 
 
-def _write_report(out, run, meta, config, metrics, part, probs, examples) -> Path:
+def _write_report(out, folder: RunFolder, meta, config, metrics, part, probs, examples) -> Path:
     from medtune.evaluation.report import write_report
 
-    curves = run / "logs" / "metrics.csv"
+    curves = folder.training_log
     return write_report(
         out,
         metrics={"test": metrics},
@@ -161,7 +189,7 @@ def _write_report(out, run, meta, config, metrics, part, probs, examples) -> Pat
         class_names=meta.class_names,
         curves_csv=curves if curves.is_file() else None,
         gradcam_examples=examples,
-        title=f"medtune evaluation: {run.name}",
+        title=f"medtune evaluation: {folder.dir.name}",
         synthetic=meta.synthetic,
         split="test",
         model_info=dataclasses.asdict(meta),

@@ -3,29 +3,13 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
-from medtune.data import CachedImageDataset, PreparedCache
-
-
-@dataclass
-class Part:
-    """One split of a run: the cache that holds its images and the rows that belong to it."""
-
-    cache: PreparedCache
-    indices: np.ndarray
-
-    @property
-    def labels(self) -> np.ndarray:
-        return np.asarray(self.cache.labels)[self.indices]
-
-    def __len__(self) -> int:
-        return len(self.indices)
+from medtune.data import CachedImageDataset, Part
 
 
 class WithPosition(Dataset):

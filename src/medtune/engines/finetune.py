@@ -1,9 +1,8 @@
-"""Scenarios 2 and 4: fine-tune the pretrained network with Lightning."""
+"""The fine-tuning engine, scenarios 2 and 4: fine-tune the pretrained network with Lightning."""
 
 from __future__ import annotations
 
 import csv
-import dataclasses
 import logging
 import os
 import pickle
@@ -21,20 +20,20 @@ from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, Mode
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
+from medtune.config import TrainConfig
+from medtune.data import Part
+from medtune.engines.datamodule import CacheDataModule, class_weights
+from medtune.engines.finalize import ImageEvaluator
+from medtune.engines.guards import NonFiniteLossGuard
+from medtune.engines.lightning_module import FinetuneModule
 from medtune.errors import MedtuneError, unpickling_detail
-from medtune.evaluation.finalize import ImageEvaluator
+from medtune.evaluation.metrics import is_ordinal
 from medtune.io import atomic_path
 from medtune.models import Backbone, TransferModel
-from medtune.training.config import TrainConfig
-from medtune.training.datamodule import CacheDataModule, Part, class_weights
-from medtune.training.guards import NonFiniteLossGuard
-from medtune.training.module import FinetuneModule
-from medtune.training.run import is_ordinal
-from medtune.transfer.finetune import FinetuneRecipe
+from medtune.runs import RunData, RunFolder
 
 log = logging.getLogger("medtune")
 
-CHECKPOINTS = "checkpoints"
 RECORD_SAMPLES_ENV = "MEDTUNE_RECORD_SAMPLES"
 
 
@@ -104,9 +103,40 @@ def monitor_metric(ordinal: bool) -> str:
 
 
 def run_finetune(
-    config: TrainConfig, backbone: Backbone, data, run_dir: Path, *, resume: bool = False
+    config: TrainConfig,
+    backbone: Backbone,
+    data: RunData,
+    run: RunFolder,
+    *,
+    resume: bool = False,
 ) -> tuple[torch.nn.Module, ImageEvaluator]:
-    """Fine-tune ``backbone`` with a new head; return the best model (by the monitored metric)."""
+    """Fine-tune ``backbone`` with a new K-class head.
+
+    Parameters
+    ----------
+    config : TrainConfig
+        The recipe (``config.recipe``), augmentation, loader, precision and scale-out settings.
+    backbone : Backbone
+        The pretrained network.
+    data : RunData
+        Prepared train and validation parts.
+    run : RunFolder
+        Receives checkpoints (``best``/``last``, written atomically) and logs.
+    resume : bool, default False
+        Continue from ``last.ckpt`` (same optimiser state, schedule and epoch).
+
+    Returns
+    -------
+    model : TransferModel
+        The best epoch's model (by validation QWK for grades, balanced accuracy otherwise).
+    evaluator : ImageEvaluator
+        Computes logits of a part in the run's precision.
+
+    Raises
+    ------
+    MedtuneError
+        For settings the hardware or launcher cannot run, or an unreadable checkpoint.
+    """
     L.seed_everything(config.seed, workers=True, verbose=False)
     num_classes = len(data.class_names)
     ordinal = is_ordinal(data.class_names)
@@ -126,7 +156,7 @@ def run_finetune(
     )
     module = FinetuneModule(
         model,
-        _recipe(config),
+        config.recipe,
         mean=config.mean,
         std=config.std,
         optimizer=config.optimizer,
@@ -136,15 +166,15 @@ def run_finetune(
         channels_last=config.channels_last,
         epochs=config.epochs,
     )
-    trainer = _trainer(config, run_dir, monitor_metric(ordinal))
-    ckpt = _resume_checkpoint(run_dir) if resume else None
+    trainer = _trainer(config, run, monitor_metric(ordinal))
+    ckpt = _resume_checkpoint(run) if resume else None
     module.train()  # Lightning keeps the modes it is given; the backbone was built in eval mode
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         # validation metrics are computed from predictions gathered from every process
         warnings.filterwarnings("ignore", message=".*sync_dist=True.*")
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt, weights_only=True)
-    best = Path(run_dir) / CHECKPOINTS / "best.ckpt"
+    best = run.best_checkpoint
     if trainer.is_global_zero:  # only global rank 0 goes on to evaluate
         if best.is_file():
             state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
@@ -161,22 +191,16 @@ def run_finetune(
     return module.model.eval(), evaluator
 
 
-def _recipe(config: TrainConfig) -> FinetuneRecipe:
-    """The recipe fields share their names with the config's."""
-    names = [f.name for f in dataclasses.fields(FinetuneRecipe)]
-    return FinetuneRecipe(**{name: getattr(config, name) for name in names})
-
-
 def _class_weights(config: TrainConfig, train: Part, num_classes: int) -> list[float] | None:
     if config.class_weights in (None, "none"):
         return None
     if config.class_weights == "auto":
         return class_weights(train.labels, num_classes)
-    raise MedtuneError(f"--class-weights {config.class_weights!r} is unknown; use auto or none")
+    raise MedtuneError(f"class_weights {config.class_weights!r} is unknown; use auto or none")
 
 
-def _trainer(config: TrainConfig, run_dir: Path, monitor: str) -> L.Trainer:
-    folder = Path(run_dir) / CHECKPOINTS
+def _trainer(config: TrainConfig, run: RunFolder, monitor: str) -> L.Trainer:
+    run_dir, folder = run.dir, run.checkpoints
     best = ModelCheckpoint(
         dirpath=folder, filename="best", monitor=monitor, mode="max", enable_version_counter=False
     )
@@ -246,8 +270,8 @@ def _make_trainer(config: TrainConfig, run_dir: Path, callbacks: list) -> L.Trai
 
 def _loggers(run_dir: Path) -> list:
     loggers: list = [
-        HistoryKeepingCSVLogger(str(run_dir), name="logs", version=""),
-        TensorBoardLogger(str(run_dir), name="logs", version="tensorboard"),
+        HistoryKeepingCSVLogger(str(run_dir), name=RunFolder.LOGS, version=""),
+        TensorBoardLogger(str(run_dir), name=RunFolder.LOGS, version="tensorboard"),
     ]
     if os.environ.get("MLFLOW_TRACKING_URI"):
         from lightning.pytorch.loggers import MLFlowLogger
@@ -256,8 +280,8 @@ def _loggers(run_dir: Path) -> list:
     return loggers
 
 
-def _resume_checkpoint(run_dir: Path) -> str:
-    last = Path(run_dir) / CHECKPOINTS / "last.ckpt"
+def _resume_checkpoint(run: RunFolder) -> str:
+    last = run.last_checkpoint
     if not last.is_file():
         raise MedtuneError(
             f"{last}: no checkpoint to resume from; start the run again without --resume"

@@ -1,7 +1,7 @@
 """Run an exported ``model.onnx`` with ONNX Runtime, without importing torch.
 
 The JSON sidecar ``model.json`` next to the model carries everything needed to go from images to
-grades: ``input_size``, ``mean``/``std`` (RGB, on the 0-1 scale), ``class_names``,
+grades: ``image_size``, ``mean``/``std`` (RGB, on the 0-1 scale), ``class_names``,
 ``temperature`` and ``decoding``. The network input is ``image`` (N x 3 x S x S float32, RGB,
 normalised) and the output is ``logits`` (N x K).
 
@@ -30,16 +30,17 @@ from typing import Any, NamedTuple
 import numpy as np
 from PIL import Image
 
+from medtune.config import TTA_MODES
+from medtune.data.normalise import normalise_images
 from medtune.errors import MedtuneError
 from medtune.evaluation.calibration import apply_temperature  # numpy/scipy only, no torch
-from medtune.evaluation.ordinal import decode
+from medtune.evaluation.decoding import decode
 
 SIDECAR_NAME = "model.json"
 INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
 INPUT_LAYOUT = "NCHW float32 RGB normalised"
 DECODING_METHODS = ("argmax", "expected_grade")
-TTA_MODES = (None, "rot90")
 
 ImageLike = str | os.PathLike[str] | Image.Image | np.ndarray
 Images = np.ndarray | Sequence[ImageLike]
@@ -57,19 +58,6 @@ class Prediction(NamedTuple):
 # ---------------------------------------------------------------------------------------------
 
 
-def normalise(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """uint8 N x H x W x 3 RGB -> float32 N x 3 x H x W, ``(x / 255 - mean) / std``."""
-    x = np.asarray(images)
-    if x.ndim != 4 or x.shape[-1] != 3:
-        raise MedtuneError(f"expected images shaped N x H x W x 3, got {tuple(x.shape)}")
-    if x.dtype != np.uint8:
-        raise MedtuneError(f"expected uint8 images (0-255), got dtype {x.dtype}")
-    m = np.asarray(mean, dtype=np.float32).reshape(1, 3, 1, 1)
-    s = np.asarray(std, dtype=np.float32).reshape(1, 3, 1, 1)
-    chw = x.transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255.0)
-    return np.ascontiguousarray((chw - m) / s, dtype=np.float32)
-
-
 def validate_sidecar(sidecar: dict[str, Any], source: object = "sidecar") -> dict[str, Any]:
     """Check the fields the predictor relies on; return a copy with defaults filled in."""
     out = dict(sidecar)
@@ -84,9 +72,9 @@ def validate_sidecar(sidecar: dict[str, Any], source: object = "sidecar") -> dic
         out[key] = [float(v) for v in vals]
     if min(out["std"]) <= 0:
         raise MedtuneError(f"{source}: 'std' values must be positive")
-    size = out.get("input_size")
+    size = out.get("image_size")
     if not isinstance(size, int) or size <= 0:
-        raise MedtuneError(f"{source}: 'input_size' must be a positive integer")
+        raise MedtuneError(f"{source}: 'image_size' must be a positive integer")
     temp = out.get("temperature")
     temp = 1.0 if temp is None else float(temp)
     if not temp > 0:
@@ -166,8 +154,8 @@ class OnnxPredictor:
         return list(self.sidecar["class_names"])
 
     @property
-    def input_size(self) -> int:
-        return int(self.sidecar["input_size"])
+    def image_size(self) -> int:
+        return int(self.sidecar["image_size"])
 
     @property
     def temperature(self) -> float:
@@ -180,7 +168,7 @@ class OnnxPredictor:
     # --- inference -----------------------------------------------------------------------------
     def prepare(self, images: Images) -> np.ndarray:
         """uint8 N x S x S x 3 from an array (already at input size), paths or PIL images."""
-        size = self.input_size
+        size = self.image_size
         if isinstance(images, np.ndarray):
             arr = images[None] if images.ndim == 3 else images
         else:
@@ -195,19 +183,20 @@ class OnnxPredictor:
         return arr
 
     def _prepare_one(self, im: ImageLike) -> np.ndarray:
-        size = self.input_size
+        size = self.image_size
         if isinstance(im, np.ndarray):
             return im
-        from medtune.data.cache import prepare_image  # numpy/PIL/scipy only, no torch
+        from medtune.data.preprocess import prepare_image  # numpy/PIL/scipy only, no torch
 
         return prepare_image(im, size, self.sidecar.get("fundus") or {"crop": False})
 
     def logits(self, images: Images, *, tta: str | None = None) -> np.ndarray:
         """Raw logits (N x K float32); with ``tta="rot90"`` the mean over 4 rotations."""
+        tta = tta or "none"
         if tta not in TTA_MODES:
-            raise MedtuneError(f"unknown tta {tta!r}; use one of {TTA_MODES}")
-        x = normalise(self.prepare(images), self.sidecar["mean"], self.sidecar["std"])
-        if tta is None:
+            raise MedtuneError(f"unknown tta {tta!r}; use one of {', '.join(TTA_MODES)}")
+        x = normalise_images(self.prepare(images), self.sidecar["mean"], self.sidecar["std"])
+        if tta == "none":
             return self._run(x)
         rots = [self._run(np.ascontiguousarray(np.rot90(x, k, axes=(2, 3)))) for k in range(4)]
         return np.mean(rots, axis=0, dtype=np.float64).astype(np.float32)

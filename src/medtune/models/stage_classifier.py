@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from medtune.models.backbones import Backbone
+from medtune.models.stages import StageTaps
 
 
 class StageProbeClassifier(nn.Module):
@@ -13,7 +14,7 @@ class StageProbeClassifier(nn.Module):
 
     ``stage=None`` uses the backbone's top pooled features (scenario 1); a stage name taps that
     stage's output with a forward hook (scenario 3). The weights usually come from
-    :func:`medtune.transfer.probe.fit_probe` (standardisation folded in).
+    :func:`medtune.transfer.linear_probe.fit_probe` (standardisation folded in).
     """
 
     def __init__(self, backbone: Backbone, stage: str | None, num_classes: int) -> None:
@@ -23,21 +24,16 @@ class StageProbeClassifier(nn.Module):
         self.stage = stage
         channels = backbone.num_features if stage is None else _stage(backbone, stage).channels
         self.head = nn.Linear(channels, num_classes)
-        self._tapped: torch.Tensor | None = None
-        if stage is not None:
-            module = self.body.get_submodule(_stage(backbone, stage).tap)
-            module.register_forward_hook(self._keep_output)
+        # hooks registered for the model's lifetime: every forward pass refreshes the stage
+        self._taps = StageTaps(backbone, [stage]).__enter__() if stage is not None else None
         self.requires_grad_(False)
 
-    def _keep_output(self, _module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
-        self._tapped = output
-
     def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled activations of the probed stage, (B, C) float32."""
         pooled = self.backbone_info.features(x)
-        if self.stage is None:
+        if self._taps is None:
             return pooled
-        tapped, self._tapped = self._tapped, None
-        return tapped.float().mean(dim=(2, 3))
+        return self._taps.captured.pop(self.stage)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x).float())

@@ -1,4 +1,5 @@
-"""From a config to prepared caches and the train/val/test parts of a run (splits reused)."""
+"""The prepared data of a run: from its config to prepared caches and the train/val/test parts
+(the split of every image is written once to ``RUN/splits.csv`` and reused)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from typing import IO
 
 import numpy as np
 
+from medtune.config import TrainConfig
 from medtune.data import (
+    Part,
     PreparedCache,
     load_imageset,
     make_splits,
@@ -23,11 +26,7 @@ from medtune.data import (
 )
 from medtune.data.fundus import FundusOptions
 from medtune.errors import MedtuneError
-from medtune.training.config import TrainConfig
-from medtune.training.datamodule import Part
-
-SPLITS_FILE = "splits.csv"
-PREPARE_LOCK = ".prepare.lock"
+from medtune.runs.folder import RunFolder
 
 log = logging.getLogger("medtune")
 
@@ -52,7 +51,7 @@ def prepare_lock(run_dir: Path) -> Iterator[None]:
         yield
         return
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    with open(Path(run_dir) / PREPARE_LOCK, "a") as fh:
+    with open(RunFolder(run_dir).path(RunFolder.PREPARE_LOCK), "a") as fh:
         locked = _flock(fh, fcntl)
         try:
             yield
@@ -79,7 +78,17 @@ def _flock(fh: IO[str], fcntl: ModuleType) -> bool:
 
 @dataclass
 class RunData:
-    """The prepared data of a run."""
+    """The prepared data of a run.
+
+    Attributes
+    ----------
+    class_names : list of str
+        Class names in label order.
+    train, val : Part
+        The training and validation images.
+    test : Part or None
+        The test images, when the run has a test split or ``test_data``.
+    """
 
     class_names: list[str]
     train: Part
@@ -94,15 +103,37 @@ class RunData:
 
 
 def prepare_source(
-    source: str, config: TrainConfig, size: int, run_dir: Path, *, progress: bool = True
+    source: str, config: TrainConfig, run_dir: Path, *, progress: bool = True
 ) -> PreparedCache:
-    """Load a data source and build (or reuse) its prepared cache."""
-    skipped_log = run_dir / "skipped_images.csv" if config.skip_bad else None
+    """Load a data source and build (or reuse) its prepared cache at ``config.image_size``.
+
+    Parameters
+    ----------
+    source : str
+        A labelled image set (:func:`medtune.data.load_imageset`).
+    config : TrainConfig
+        Its ``image_size`` (resolved), ``fundus``, ``cache_dir``, ``skip_bad`` and
+        ``num_workers`` are used.
+    run_dir : pathlib.Path
+        The run folder (receives ``skipped_images.csv`` with ``skip_bad``).
+    progress : bool, default True
+        Show a progress bar while preparing.
+
+    Returns
+    -------
+    PreparedCache
+
+    Raises
+    ------
+    MedtuneError
+        For unreadable data (one line naming the file and the fix).
+    """
+    skipped_log = RunFolder(run_dir).path(RunFolder.SKIPPED) if config.skip_bad else None
     imageset = load_imageset(source, skip_bad=config.skip_bad, skipped_log=skipped_log)
     cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
     return prepare(
         imageset,
-        size,
+        config.image_size,
         FundusOptions.from_dict(config.fundus),
         cache_dir / "prepared",
         skip_bad=config.skip_bad,
@@ -111,14 +142,33 @@ def prepare_source(
     )
 
 
-def prepare_run_data(config: TrainConfig, size: int, run_dir: Path) -> RunData:
-    """Caches for the training data (and separate val/test data), and the split of each image."""
-    main = prepare_source(config.data, config, size, run_dir, progress=config.progress)
+def prepare_run_data(config: TrainConfig, run_dir: Path) -> RunData:
+    """Prepared caches of a run's data and the train/val/test part of each image.
+
+    Parameters
+    ----------
+    config : TrainConfig
+        ``data`` (and optional ``val_data``/``test_data``), the split fractions and seed, and the
+        resolved ``image_size``.
+    run_dir : pathlib.Path
+        The run folder: ``splits.csv`` is read when present, else made (stratified,
+        group-aware) and written.
+
+    Returns
+    -------
+    RunData
+
+    Raises
+    ------
+    MedtuneError
+        When there are no validation images, or the data cannot be read.
+    """
+    main = prepare_source(config.data, config, run_dir, progress=config.progress)
     splits = _splits_for(main, config, run_dir)
     parts = {name: Part(main, np.flatnonzero(splits == name)) for name in ("train", "val", "test")}
     for name, source in (("val", config.val_data), ("test", config.test_data)):
         if source:
-            other = prepare_source(source, config, size, run_dir, progress=config.progress)
+            other = prepare_source(source, config, run_dir, progress=config.progress)
             _check_same_classes(main, other, source)
             parts[name] = Part(other, np.arange(len(other)))
     if len(parts["val"]) == 0:
@@ -130,7 +180,7 @@ def prepare_run_data(config: TrainConfig, size: int, run_dir: Path) -> RunData:
 
 
 def _splits_for(cache: PreparedCache, config: TrainConfig, run_dir: Path) -> np.ndarray:
-    path = run_dir / SPLITS_FILE
+    path = RunFolder(run_dir).splits_path
     if path.is_file():
         return read_splits(path, cache.keys)
     splits = make_splits(

@@ -27,17 +27,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from medtune.errors import MedtuneError
-from medtune.evaluation.calibration import apply_temperature
-from medtune.export.onnx_predictor import (
+from medtune.data.normalise import normalise_images
+from medtune.deploy.onnx_predictor import (
     INPUT_LAYOUT,
     INPUT_NAME,
     OUTPUT_NAME,
     SIDECAR_NAME,
     OnnxPredictor,
-    normalise,
     validate_sidecar,
 )
+from medtune.errors import MedtuneError
+from medtune.evaluation.calibration import apply_temperature
 from medtune.io import atomic_path, write_json
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.ts"}
@@ -64,7 +64,7 @@ def export_model(
     out_dir: str | os.PathLike[str],
     *,
     fmt: str = "onnx",
-    input_size: int,
+    image_size: int,
     sidecar: dict[str, Any],
     parity_inputs: np.ndarray | torch.Tensor,
     mean: Sequence[float],
@@ -75,7 +75,7 @@ def export_model(
 ) -> ExportResult:
     """Export ``model`` to ``out_dir`` (``model.onnx`` or ``model.ts`` + ``model.json``).
 
-    ``parity_inputs`` are real uint8 images, N x input_size x input_size x 3 RGB; the exported
+    ``parity_inputs`` are real uint8 images, N x image_size x image_size x 3 RGB; the exported
     model's ``softmax(logits / temperature)`` must match PyTorch's within ``tolerance``.
     ``sidecar`` holds at least ``class_names``; ``temperature`` (default 1) and ``decoding``
     (default argmax) are optional and any other keys (e.g. ``fundus``) are kept.
@@ -86,9 +86,9 @@ def export_model(
         raise MedtuneError(f"unknown ONNX exporter {onnx_exporter!r}; use {ONNX_EXPORTERS}")
     if opset < MIN_OPSET:
         raise MedtuneError(f"ONNX opset {opset} is too old; use {MIN_OPSET} or newer")
-    meta = build_sidecar(sidecar, fmt=fmt, input_size=input_size, mean=mean, std=std)
-    images = _as_uint8_images(parity_inputs, input_size)
-    x = normalise(images, meta["mean"], meta["std"])
+    meta = build_sidecar(sidecar, fmt=fmt, image_size=image_size, mean=mean, std=std)
+    images = _as_uint8_images(parity_inputs, image_size)
+    x = normalise_images(images, meta["mean"], meta["std"])
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -131,24 +131,24 @@ def export_model(
 # sidecar and inputs
 # ---------------------------------------------------------------------------------------------
 
-_OWNED_KEYS = ("format", "model_file", "input_size", "mean", "std", "input_layout")
+_OWNED_KEYS = ("format", "model_file", "image_size", "mean", "std", "input_layout")
 
 
 def build_sidecar(
     sidecar: dict[str, Any],
     *,
     fmt: str,
-    input_size: int,
+    image_size: int,
     mean: Sequence[float],
     std: Sequence[float],
 ) -> dict[str, Any]:
     """Caller's sidecar plus the fields export owns; raises on a conflicting caller value."""
-    from medtune import __version__
+    from medtune.version import __version__
 
     owned: dict[str, Any] = {
         "format": fmt,
         "model_file": FORMATS[fmt],
-        "input_size": int(input_size),
+        "image_size": int(image_size),
         "mean": [float(v) for v in mean],
         "std": [float(v) for v in std],
         "input_layout": INPUT_LAYOUT,

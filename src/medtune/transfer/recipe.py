@@ -1,44 +1,19 @@
-"""Fine-tuning recipe: frozen stages, per-stage learning rates, decay exemptions, L2-SP, schedule.
+"""How a :class:`~medtune.config.FinetuneRecipe` is applied: frozen stages, per-stage learning
+rates, decay exemptions, L2-SP and the schedule.
 
-Everything here is driven by the backbone's stage map (``medtune.models.stages``), so it works for
-any backbone without per-model tables.
+Everything here is driven by the backbone's stage map (:func:`medtune.models.param_stage_index`),
+so it works for any backbone without per-model tables.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-
-@dataclass(frozen=True)
-class FinetuneRecipe:
-    """How the pretrained body and the new head are trained."""
-
-    lr: float = 2e-3
-    backbone_lr_mult: float = 0.1
-    layer_decay: float | None = None
-    freeze: int = 4
-    weight_decay: float = 1e-4
-    l2sp: float = 0.0
-    head_epochs: int = 0
-    warmup_epochs: float = 1.0
-    schedule: str = "cosine"
-    lr_floor: float = 0.01
-
-
-def stage_of_parameters(model: nn.Module, stage_modules: list[list[str]]) -> dict[str, int]:
-    """Map every backbone parameter name to its stage index (modules are prefixes in ``model``)."""
-    mapping: dict[str, int] = {}
-    for name, _ in model.named_parameters():
-        for idx, prefixes in enumerate(stage_modules):
-            if any(name == p or name.startswith(p + ".") for p in prefixes):
-                mapping[name] = idx
-                break
-    return mapping
+from medtune.config import FinetuneRecipe
 
 
 def frozen_parameter_names(stage_index: dict[str, int], freeze: int) -> set[str]:

@@ -1,29 +1,27 @@
-"""The last step of training: calibrate and decode on validation, measure val and test, save."""
+"""The last step of every engine: calibrate and decode on validation, measure val and test, save
+the deployable model and the metrics into the run folder."""
 
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 from torch import nn
 
+from medtune.config import TTA_MODES
+from medtune.data import Part
 from medtune.evaluation.calibration import apply_temperature, fit_temperature
+from medtune.evaluation.decoding import choose_decoding
 from medtune.evaluation.metrics import compute_metrics
-from medtune.evaluation.ordinal import choose_decoding
-from medtune.io import atomic_path, write_json
-from medtune.models.store import ModelMeta, save_model
-
-VAL_LOGITS = "val_logits.npz"
-TTA_MODES = ("none", "rot90")
+from medtune.runs import ModelMeta, RunData, RunFolder
 
 
 class Evaluator(Protocol):
     def logits(self, part: Any, tta: str = "none") -> np.ndarray: ...
 
 
-def uint8_batches(part: Any, batch_size: int):
+def uint8_batches(part: Part, batch_size: int):
     """The part's cached images as uint8 (B, 3, H, W) tensors, in order."""
     import torch
 
@@ -49,7 +47,8 @@ class ImageEvaluator:
         self.mean, self.std, self.bf16 = list(mean), list(std), bf16
         self.batch_size, self.progress = batch_size, progress
 
-    def logits(self, part: Any, tta: str = "none") -> np.ndarray:
+    def logits(self, part: Part, tta: str = "none") -> np.ndarray:
+        """Logits (N, K) float32 of ``part``'s images, in order."""
         from medtune.evaluation.inference import predict_logits
 
         return predict_logits(
@@ -63,19 +62,45 @@ class ImageEvaluator:
         )
 
 
-def part_groups(part: Any) -> list[str] | None:
-    groups = part.cache.groups
-    return None if groups is None else [groups[i] for i in part.indices]
-
-
 def finalize_run(
-    model: nn.Module, meta: ModelMeta, data: Any, run_dir: Path, evaluator: Evaluator, config: Any
+    model: nn.Module,
+    meta: ModelMeta,
+    data: RunData,
+    run: RunFolder,
+    evaluator: Evaluator,
+    strategy: str,
 ) -> dict[str, Any]:
-    """Fit the temperature and the decoding on validation logits, compute ``metrics.json``
-    (``{"val": ..., "test": ...}``), and save the deployable model with both."""
+    """Calibrate, decode, measure and save a trained model.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The trained image-level model.
+    meta : ModelMeta
+        Its description; ``temperature``, ``decoding`` and ``stage`` are filled in here.
+    data : RunData
+        Validation (and test) parts.
+    run : RunFolder
+        Receives ``val_logits.npz``, ``model.safetensors`` + ``model.json`` and ``metrics.json``.
+    evaluator : Evaluator
+        Computes logits of a part (from images, or from cached features for probes).
+    strategy : str
+        Recorded in ``metrics.json``.
+
+    Returns
+    -------
+    dict
+        ``{"val": ..., "test": ..., "model": ...}`` as written to ``metrics.json``.
+
+    Notes
+    -----
+    The temperature is fitted by minimising validation negative log-likelihood (Guo et al.
+    2017); graded labels choose between argmax and expected-grade thresholds by cross-fitted
+    validation QWK (:func:`medtune.evaluation.decoding.choose_decoding`).
+    """
     y_val = data.val.labels
     val_logits = {tta: evaluator.logits(data.val, tta) for tta in TTA_MODES}
-    save_val_logits(run_dir, y_val, val_logits)
+    run.write_val_logits(y_val, val_logits)
     temperature = fit_temperature(val_logits["none"], y_val)
     val_probs = apply_temperature(val_logits["none"], temperature)
     decoding = (
@@ -86,35 +111,25 @@ def finalize_run(
     meta = dataclasses.replace(
         meta, temperature=float(temperature), decoding=decoding, stage=getattr(model, "stage", None)
     )
-    save_model(model, meta, run_dir)
+    run.write_model(model, meta)
     common = {"class_names": meta.class_names, "ordinal": meta.ordinal, "decoding": decoding}
     metrics = {
-        "val": compute_metrics(y_val, val_probs, groups=part_groups(data.val), **common),
+        "val": compute_metrics(y_val, val_probs, groups=data.val.groups, **common),
     }
     if data.test is not None:
         test_probs = apply_temperature(evaluator.logits(data.test, "none"), temperature)
         metrics["test"] = compute_metrics(
             data.test.labels,
             test_probs,
-            groups=part_groups(data.test),
+            groups=data.test.groups,
             val=(y_val, val_probs),
             **common,
         )
     metrics["model"] = {
         "temperature": float(temperature),
         "decoding": decoding,
-        "strategy": config.strategy,
+        "strategy": strategy,
         "stage": meta.stage,
     }
-    write_json(Path(run_dir) / "metrics.json", metrics)
+    run.write_metrics(metrics)
     return metrics
-
-
-def save_val_logits(run_dir: Path, labels: np.ndarray, logits: dict[str, np.ndarray]) -> None:
-    with atomic_path(Path(run_dir) / VAL_LOGITS) as tmp, open(tmp, "wb") as fh:
-        np.savez(fh, labels=labels, **{f"logits_{k}": v for k, v in logits.items()})
-
-
-def load_val_logits(run_dir: Path) -> dict[str, np.ndarray]:
-    with np.load(Path(run_dir) / VAL_LOGITS) as npz:
-        return {k: npz[k] for k in npz.files}

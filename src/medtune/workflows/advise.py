@@ -19,13 +19,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from medtune.config import TrainConfig
 from medtune.data import PreparedCache, make_splits
+from medtune.data.normalise import normalise_batch
 from medtune.io import write_json
 from medtune.models import Backbone, create_backbone
-from medtune.training.config import TrainConfig
+from medtune.runs import RunFolder
 from medtune.transfer.advisor import Advice, SimilarityEvidence, decide, format_table
 from medtune.transfer.features import TOP, backbone_id, extract_features
-from medtune.transfer.probe import cv_probe_score
+from medtune.transfer.linear_probe import cv_probe_score
 from medtune.transfer.transferability import (
     leep,
     logme,
@@ -136,10 +138,7 @@ def reference_similarity(backbone: Backbone, size: int) -> tuple[float | None, f
             for p in natural_photos()
         ]
     )
-    x = torch.from_numpy(batch).permute(0, 3, 1, 2).float().div(255)
-    x = (x - torch.tensor(backbone.mean).view(1, 3, 1, 1)) / torch.tensor(backbone.std).view(
-        1, 3, 1, 1
-    )
+    x = normalise_batch(torch.from_numpy(batch).permute(0, 3, 1, 2), backbone.mean, backbone.std)
     with torch.inference_mode():
         feats = backbone.features(x.contiguous(memory_format=torch.channels_last)).float().numpy()
     probs = imagenet_probs(backbone, feats)
@@ -156,7 +155,7 @@ def measure_backbone(
 ) -> BackboneReport:
     """Features of every stage once, then similarity, LogME and probe scores, then the advice."""
     started = time.perf_counter()
-    from medtune.evaluation.metrics import is_ordinal_names
+    from medtune.evaluation.metrics import is_ordinal
 
     names = [s.name for s in backbone.stages]
     feats = extract_features(
@@ -170,7 +169,7 @@ def measure_backbone(
     )
     y = np.asarray(cache.labels)[rows]
     groups = None if cache.groups is None else np.asarray(cache.groups)[rows]
-    ordinal = is_ordinal_names(cache.class_names)
+    ordinal = is_ordinal(cache.class_names)
     stages = []
     for stage in backbone.stages:
         X = feats[(stage.name, 0)][rows]
@@ -224,20 +223,46 @@ def advise(
     config: TrainConfig | None = None,
     json_path: str | Path | None = None,
 ) -> AdviceReport:
-    """Measure ``data`` with each backbone and recommend a scenario (see module docstring).
+    """Measure a labelled image set and recommend one of the four transfer scenarios.
 
-    Only the training and validation rows of a group-aware split are used, never the test rows.
+    Parameters
+    ----------
+    data : str
+        A labelled image set (:func:`medtune.data.load_imageset`). Only the training and
+        validation rows of a group-aware split are used, never the test rows.
+    backbones : list of str, optional
+        Backbones to measure (default: ``config.backbone``); the report ranks them.
+    config : TrainConfig, optional
+        Image size, fundus options, cache folder, seed.
+    json_path : str or pathlib.Path, optional
+        Also write the evidence and the advice as JSON here.
+
+    Returns
+    -------
+    AdviceReport
+        Per class image counts, and per backbone the similarity to ImageNet (prediction entropy
+        of the ImageNet head on the data against natural photographs), LogME evidence
+        (You et al. 2021) and cross-validated probe scores of every stage, with the advice.
+
+    Raises
+    ------
+    MedtuneError
+        For unreadable data or a backbone without weights.
+
+    Notes
+    -----
+    The decision rule and its evidence: ``docs/advisor.md`` (Yosinski et al. 2014; Kornblith
+    et al. 2019).
     """
-    from medtune.training.parts import prepare_source
+    from medtune.runs.data import prepare_source
 
     config = config or TrainConfig(data=data)
     reports = []
     n_per_class: dict[str, int] = {}
     for name in backbones or [config.backbone]:
         backbone = create_backbone(name, weights=config.weights)
-        size = config.image_size or backbone.input_size
-        cfg = dataclasses.replace(config, data=data, backbone=name, image_size=size)
-        cache = prepare_source(data, cfg, size, Path(cfg.out), progress=cfg.progress)
+        cfg = dataclasses.replace(config, data=data, backbone=name).resolve_input(backbone)
+        cache = prepare_source(data, cfg, Path(cfg.out), progress=cfg.progress)
         rows = np.flatnonzero(make_splits(cache, seed=cfg.seed) != "test")
         reports.append(measure_backbone(backbone, cache, rows, cfg))
         counts = np.bincount(np.asarray(cache.labels)[rows], minlength=len(cache.class_names))
@@ -260,7 +285,7 @@ def advise_for_run(
         else data.train.indices
     )
     report = measure_backbone(backbone, cache, np.sort(rows), config)
-    write_json(Path(run_dir) / "advice.json", report.to_dict())
+    write_json(RunFolder(run_dir).path(RunFolder.ADVICE), report.to_dict())
     a = report.advice
     log.info("advisor: scenario %d -> %s", a.scenario, a.strategy)
     changes: dict[str, Any] = {"strategy": a.strategy}
