@@ -17,7 +17,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from medtune.data.cache import prepare_image
-from medtune.data.images import is_image_file
+from medtune.data.images import iter_image_files
 from medtune.errors import BadImageError, MedtuneError
 from medtune.io import write_text
 
@@ -34,7 +34,7 @@ def expand_inputs(inputs: Sequence[str]) -> list[Path]:
         for match in matches:
             path = Path(match)
             if path.is_dir():
-                found.extend(sorted(p for p in path.rglob("*") if is_image_file(p)))
+                found.extend(iter_image_files(path))
             elif path.is_file():
                 found.append(path)
             else:
