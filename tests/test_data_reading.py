@@ -354,3 +354,14 @@ def test_near_duplicates_only_on_request(tmp_path: Path) -> None:
     for i in range(3):
         assert g[f"{i % 2}/x{i}.png"] == g[f"{(i + 1) % 2}/x{i}_reencoded.jpg"]
     assert len(set(near.groups)) == 3
+
+
+def test_predict_glob_skips_hidden_and_non_images_but_keeps_named_files(tmp_path: Path) -> None:
+    from medtune.evaluation.predict import expand_inputs
+
+    _png(tmp_path / "0" / "x.png", 1)
+    _junk(tmp_path)
+    (tmp_path / "0" / "notes.txt").write_text("x")
+    assert expand_inputs([str(tmp_path / "0" / "*")]) == [tmp_path / "0" / "x.png"]
+    named = tmp_path / "0" / "Thumbs.db"  # named explicitly: used (and fails later if bad)
+    assert expand_inputs([str(named)]) == [named]

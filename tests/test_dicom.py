@@ -200,3 +200,20 @@ def test_patient_id_groups_are_anonymous(tmp_path: Path, caplog) -> None:
     text = " ".join(s.groups) + caplog.text
     assert "PAT-" not in text and "Doe" not in text
     assert all(x.startswith("patient:") and len(x) == len("patient:") + 16 for x in s.groups)
+
+
+def test_csv_set_uses_patient_id_unless_the_csv_has_a_patient_column(tmp_path: Path) -> None:
+    rows = [("a.dcm", 0, "P1"), ("b.dcm", 1, "P1"), ("c.dcm", 0, "P2"), ("d.dcm", 1, "P3")]
+    for i, (name, _, pid) in enumerate(rows):
+        arr = np.full((4, 4), 10 * i, np.uint8)
+        write_dicom(tmp_path / name, arr, photometric="MONOCHROME2", rows=4, cols=4, patient_id=pid)
+    (tmp_path / "labels.csv").write_text(
+        "image,label\n" + "".join(f"{n},{v}\n" for n, v, _ in rows)
+    )
+    g = load_imageset(tmp_path).groups
+    assert g is not None and g[0] == g[1] and len({g[0], g[2], g[3]}) == 3
+    # a patient column in the CSV is the grouping key: the DICOM ids are not read
+    (tmp_path / "labels.csv").write_text(
+        "image,label,patient_id\n" + "".join(f"{n},{v},x{i}\n" for i, (n, v, _) in enumerate(rows))
+    )
+    assert load_imageset(tmp_path).groups == ["x0", "x1", "x2", "x3"]

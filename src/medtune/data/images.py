@@ -56,6 +56,7 @@ __all__ = [
     "ImageListing",
     "is_hidden",
     "is_image_file",
+    "is_listed_image",
     "iter_image_files",
     "list_image_files",
     "load_rgb",
@@ -172,6 +173,17 @@ def list_image_files(root: str | os.PathLike[str]) -> ImageListing:
     listing.files.sort()
     listing.ignored.sort()
     return listing
+
+
+def is_listed_image(path: str | os.PathLike[str]) -> bool:
+    """The walker's rule for one file: not hidden/system, and an image extension or DICOM.
+
+    For files that reach a command by other means than :func:`list_image_files` (glob patterns).
+    """
+    from medtune.data.dicom import looks_like_dicom
+
+    name = os.path.basename(os.fspath(path))
+    return not is_hidden(name) and (is_image_file(name) or looks_like_dicom(path))
 
 
 def warn_ignored(root: str | os.PathLike[str], ignored: list[str], what: str = "non-image") -> None:

@@ -17,7 +17,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from medtune.data.cache import prepare_image
-from medtune.data.images import iter_image_files
+from medtune.data.images import is_listed_image, iter_image_files
 from medtune.errors import BadImageError, MedtuneError
 from medtune.io import write_text
 
@@ -36,6 +36,8 @@ def expand_inputs(inputs: Sequence[str]) -> list[Path]:
             if path.is_dir():
                 found.extend(iter_image_files(path))
             elif path.is_file():
+                if glob.has_magic(item) and not is_listed_image(path):  # walker's rule
+                    continue
                 found.append(path)
             else:
                 raise MedtuneError(f"{path}: no such file or folder; check the path")
