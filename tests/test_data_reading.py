@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image, PngImagePlugin, features
 
+from medtune.data import images
 from medtune.data.cache import prepare_image
 from medtune.data.images import IMAGE_EXTENSIONS, is_hidden, list_image_files, load_rgb
 from medtune.data.sources import load_imageset
@@ -140,7 +141,10 @@ def test_png_sbit_left_aligned_data_per_spec(tmp_path: Path) -> None:
     assert np.abs(out - _expected8(_gray12())).max() <= 1
 
 
-def test_undeclared_depth_warns_naming_file_and_keeps_range(tmp_path: Path, caplog) -> None:
+def test_undeclared_depth_warns_naming_file_and_keeps_range(
+    tmp_path: Path, caplog, monkeypatch
+) -> None:
+    monkeypatch.setattr(images, "_warned", 0)  # the per-process warning cap
     data = (_gray12().astype(int) * 2700 // 4095).astype(np.uint16)  # a dim 12-bit image, max 2700
     Image.fromarray(data).save(tmp_path / "dim.png")
     with caplog.at_level(logging.WARNING):
@@ -169,7 +173,8 @@ def test_16bit_colour_png_with_sbit(tmp_path: Path) -> None:
     assert np.abs(out[3, 5] - [64, 187, 255]).max() <= 1
 
 
-def test_signed_and_float_tiff(tmp_path: Path, caplog) -> None:
+def test_signed_and_float_tiff(tmp_path: Path, caplog, monkeypatch) -> None:
+    monkeypatch.setattr(images, "_warned", 0)
     tifffile = pytest.importorskip("tifffile")
     signed = np.array([[-1000, 0], [500, 1000]], np.int16)
     tifffile.imwrite(tmp_path / "s.tif", signed)
@@ -365,3 +370,30 @@ def test_predict_glob_skips_hidden_and_non_images_but_keeps_named_files(tmp_path
     assert expand_inputs([str(tmp_path / "0" / "*")]) == [tmp_path / "0" / "x.png"]
     named = tmp_path / "0" / "Thumbs.db"  # named explicitly: used (and fails later if bad)
     assert expand_inputs([str(named)]) == [named]
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_16bit_colour_upright_and_declared_depth(tmp_path: Path, orientation: int) -> None:
+    """16-bit colour is read at full depth, scaled by its declared maximum, turned once."""
+    tifffile = pytest.importorskip("tifffile")
+    cv2 = pytest.importorskip("cv2")
+    stored8 = np.asarray(Image.fromarray(upright_card()).transpose(_STORE[orientation]))
+    stored = (stored8.astype(np.uint32) * 4095 // 255).astype(np.uint16)  # 12-bit colour
+    tags = [(0x0112, 3, 1, orientation, False), (281, 3, 1, 4095, False)]
+    tifffile.imwrite(tmp_path / "c.tif", stored, photometric="rgb", extratags=tags)
+    tifffile.imwrite(
+        tmp_path / "p.tif",
+        np.moveaxis(stored, -1, 0),
+        photometric="rgb",
+        planarconfig="separate",
+        extratags=tags,
+    )
+    cv2.imwrite(str(tmp_path / "c.png"), stored[..., ::-1])
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    _insert_chunk(tmp_path / "c.png", b"eXIf", exif.tobytes()[6:])  # without the "Exif" header
+    _insert_chunk(tmp_path / "c.png", b"sBIT", bytes([12, 12, 12]))
+    for name in ("c.tif", "p.tif", "c.png"):
+        out = np.asarray(load_rgb(tmp_path / name)).astype(int)
+        assert out.shape == (80, 40, 3), name
+        assert np.abs(out - upright_card()).max() <= 1, name

@@ -267,7 +267,7 @@ def _reason(err: BaseException) -> str:
 def _decode(img: Image.Image, max_side: int | None, path: Path) -> Image.Image:
     peak = _declared_peak(img, path)
     deep = _read_deep_colour(img, path)
-    if deep is not None:  # 16-bit colour: pixels from OpenCV, which ignores the EXIF tag
+    if deep is not None:  # 16-bit colour as stored: orientation still to apply
         orientation = _orientation(img)
         out = to_rgb8(Image.fromarray(_scale_colour(deep, peak, path)), max_side=max_side)
         return _transpose(out, orientation)
@@ -352,28 +352,56 @@ def _png_sbit(path: Path) -> int | None:
 
 
 def _read_deep_colour(img: Image.Image, path: Path) -> np.ndarray | None:
-    """Full-depth 16-bit colour pixels (H x W x 3/4, RGB order) of a PNG/TIFF, else ``None``.
+    """Full-depth 16-bit colour pixels (H x W x 3/4, RGB order, as stored), else ``None``.
 
-    Pillow decodes 16-bit colour to 8 bits by keeping the high byte; OpenCV keeps all 16.
+    Pillow decodes 16-bit colour to 8 bits by keeping the high byte. PNG is read with OpenCV
+    (``IMREAD_UNCHANGED`` leaves the EXIF orientation to us), TIFF with tifffile (which never
+    applies the Orientation tag; OpenCV's TIFF reader does, so it is not used for TIFF). When
+    neither can read the file (e.g. LZW TIFF without ``imagecodecs``), Pillow's 8-bit decode
+    is used with a warning.
     """
     if img.format not in ("PNG", "TIFF") or img.mode not in ("RGB", "RGBA"):
         return None
     if img.format == "PNG":
-        if img.info.get("bitdepth", 8) != 16 and _png_ihdr_depth(path) != 16:
+        if _png_ihdr_depth(path) != 16:
             return None
-    elif max(_as_tuple(img.tag_v2.get(258, (8,)))) <= 8:  # BitsPerSample
-        return None
+        arr = _read_png16(path)
+    else:
+        if max(_as_tuple(img.tag_v2.get(258, (8,)))) <= 8:  # BitsPerSample
+            return None
+        arr = _read_tiff16(path)
+    if arr is None:
+        _warn_depth(str(path), "16-bit colour could not be read at full depth; read at 8 bits")
+    return arr
+
+
+def _read_png16(path: Path) -> np.ndarray | None:
     try:
         import cv2
-    except ImportError:
-        log.warning("%s: 16-bit colour read at 8 bits (OpenCV is not installed)", path)
+
+        # np.fromfile + imdecode: non-ASCII paths work
+        arr = cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    except Exception:  # ImportError, cv2.error: fall back to Pillow's 8 bits
         return None
-    buf = np.fromfile(path, dtype=np.uint8)  # np.fromfile + imdecode: non-ASCII paths work
-    arr = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
-    if arr is None or arr.ndim != 3 or arr.dtype != np.uint16:
+    if arr is None or arr.ndim != 3 or arr.dtype != np.uint16 or arr.shape[2] not in (3, 4):
         return None
-    code = cv2.COLOR_BGRA2RGBA if arr.shape[2] == 4 else cv2.COLOR_BGR2RGB
-    return cv2.cvtColor(arr, code)
+    return np.ascontiguousarray(arr[..., [2, 1, 0, 3][: arr.shape[2]]])  # BGR(A) -> RGB(A)
+
+
+def _read_tiff16(path: Path) -> np.ndarray | None:
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages[0]
+            arr, axes = page.asarray(), page.axes
+    except Exception:  # ImportError, a codec tifffile lacks: fall back to Pillow's 8 bits
+        return None
+    if axes.startswith("S"):  # planar configuration 2: samples first
+        arr = np.moveaxis(arr, 0, -1)
+    if arr.ndim != 3 or arr.shape[2] not in (3, 4) or arr.dtype.itemsize != 2:
+        return None
+    return arr
 
 
 def _png_ihdr_depth(path: Path) -> int:
