@@ -311,6 +311,8 @@ def _declared_peak(img: Image.Image, path: Path) -> float | None:
     """The sample value that means full intensity, when the file declares it (else ``None``)."""
     try:
         if img.format == "PNG":
+            if not _png_is_16bit(img):  # sBIT only matters above 8 bits: no extra file read
+                return None
             bits = _png_sbit(path)
             return float(2**bits - 1) if bits else None
         if img.format == "TIFF":
@@ -363,7 +365,7 @@ def _read_deep_colour(img: Image.Image, path: Path) -> np.ndarray | None:
     if img.format not in ("PNG", "TIFF") or img.mode not in ("RGB", "RGBA"):
         return None
     if img.format == "PNG":
-        if _png_ihdr_depth(path) != 16:
+        if not _png_is_16bit(img):
             return None
         arr = _read_png16(path)
     else:
@@ -404,10 +406,9 @@ def _read_tiff16(path: Path) -> np.ndarray | None:
     return arr
 
 
-def _png_ihdr_depth(path: Path) -> int:
-    with open(path, "rb") as fh:
-        head = fh.read(33)
-    return head[24] if len(head) >= 25 else 8
+def _png_is_16bit(img: Image.Image) -> bool:
+    """True for 16-bit samples (Pillow's raw mode, e.g. ``RGB;16B``, before decoding)."""
+    return any("16" in str(tile.args) for tile in getattr(img, "tile", None) or ())
 
 
 def _as_tuple(value: object) -> tuple:
@@ -464,7 +465,7 @@ def scale_to_uint8(
         if top > peak:  # left-aligned (PNG spec): the container is the scale
             peak = _container_peak(np.asarray(arr).dtype, top)
         return _rescale(data, 0.0, peak)
-    if low < 0 or (kind == "f" and top > 1.0 and top > 65535.0):
+    if low < 0 or (kind == "f" and top > 65535.0):
         _warn_depth(name, f"no declared bit depth for values {low:g}..{top:g}; stretched to 0..255")
         return _rescale(data, low, top if top > low else low + 1.0)
     if kind == "f" and top <= 1.0:
