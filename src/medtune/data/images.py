@@ -1,8 +1,35 @@
-"""Robust image decoding to 8-bit RGB.
+"""Robust image decoding to 8-bit RGB, and the one folder walker every command uses.
 
-:func:`load_rgb` accepts whatever a clinic exports (grayscale, RGBA, palette, CMYK, 16-bit PNG/TIFF,
-EXIF-rotated JPEG) and returns an 8-bit RGB :class:`PIL.Image.Image`. Every decoding problem is a
-:class:`~medtune.errors.BadImageError` naming the file.
+:func:`load_rgb` accepts whatever a clinic exports (every format Pillow opens, grayscale, RGBA,
+palette, CMYK, 16-bit PNG/TIFF, EXIF-rotated photos, DICOM) and returns an 8-bit RGB
+:class:`PIL.Image.Image`. Every decoding problem is a :class:`~medtune.errors.BadImageError`
+naming the file. DICOM files (``.dcm``/``.dicom``, or any file with the ``DICM`` preamble) are
+read by :mod:`medtune.data.dicom`.
+
+Orientation: the EXIF (or XMP) Orientation tag is applied exactly once, with the semantics of
+:func:`PIL.ImageOps.exif_transpose`. Pillow itself already transposes TIFF images while loading
+(and then removes the tag), so the tag is read *after* decoding: whatever Pillow left is applied.
+
+Bit depth (the rule for data deeper than 8 bits, e.g. 16-bit PNG/TIFF holding 10-, 12- or 14-bit
+detector values):
+
+1. Declared depth wins: PNG ``sBIT`` and TIFF ``MaxSampleValue`` (and DICOM ``BitsStored``) give
+   the value that maps to 255, so 12-bit data is scaled by 4095, not by 65535. PNG data stored
+   left-aligned as the PNG specification asks (values above the declared maximum) is scaled by
+   the container maximum instead, which gives the same picture.
+2. Undeclared depth: values are scaled by the smallest of 8/10/12/14/16 bits that holds the
+   image's largest value (consistent across images of one detector, unlike a per-image stretch);
+   when that is below 16 bits a warning names the file and the depth assumed. Signed data with
+   negative values and floats outside 0..1 are stretched from their minimum to their maximum,
+   with a warning naming the file. Nothing is ever clipped silently.
+3. 16-bit colour PNG/TIFF are read at full depth through OpenCV (Pillow keeps only the high
+   byte, which makes right-aligned 12-bit colour data black).
+
+Folders: :func:`list_image_files` / :func:`iter_image_files` are the only folder walkers; they skip
+hidden and system entries (:func:`is_hidden`: dot-files such as AppleDouble ``._x.png`` and
+``.DS_Store``, ``__MACOSX``, ``Thumbs.db``, ``desktop.ini``, ``$RECYCLE.BIN``, ...) and count the
+other files they ignore. Image files are those with one of :data:`IMAGE_EXTENSIONS` (every
+extension Pillow registers for a format it can decode, plus ``.dcm``) and extensionless DICOM.
 
 Pixel limit: Pillow refuses images above ``2 * Image.MAX_IMAGE_PIXELS`` (about 179 MP by default)
 as possible decompression bombs. Whole-slide-like fundus mosaics can be larger, so importing this
@@ -12,17 +39,33 @@ then warns above that and refuses above twice that). It never lowers a limit set
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFile
+from PIL import ExifTags, Image, ImageFile, PngImagePlugin
 
 from medtune.errors import BadImageError
 
-__all__ = ["IMAGE_EXTENSIONS", "MAX_PIXELS", "is_image_file", "load_rgb", "to_rgb8"]
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "MAX_PIXELS",
+    "ImageListing",
+    "is_hidden",
+    "is_image_file",
+    "is_listed_image",
+    "iter_image_files",
+    "list_image_files",
+    "load_rgb",
+    "scale_to_uint8",
+    "to_rgb8",
+]
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+log = logging.getLogger(__name__)
+
 MAX_PIXELS = 20000 * 20000
 
 if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < MAX_PIXELS:
@@ -30,41 +73,175 @@ if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < MAX_PIXELS:
 # Truncated files must fail: never decode them partially.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
-_ORIENTATION = 0x0112
-_TRANSPOSE = {
-    2: (Image.Transpose.FLIP_LEFT_RIGHT,),
-    3: (Image.Transpose.ROTATE_180,),
-    4: (Image.Transpose.FLIP_TOP_BOTTOM,),
-    5: (Image.Transpose.TRANSPOSE,),
-    6: (Image.Transpose.ROTATE_270,),
-    7: (Image.Transpose.TRANSVERSE,),
-    8: (Image.Transpose.ROTATE_90,),
-}
+# Formats Pillow registers but cannot decode here: stubs needing an external handler (BUFR, GRIB,
+# HDF5, WMF off Windows), MPEG (header only) and PostScript (needs Ghostscript; not an image).
+_UNDECODABLE = frozenset({"BUFR", "GRIB", "HDF5", "WMF", "MPEG", "EPS"})
+_PREFERRED = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")  # tie-break order for CSV stems
+DICOM_EXTENSIONS = (".dcm", ".dicom")
+
+
+def _pillow_extensions() -> tuple[str, ...]:
+    registered = Image.registered_extensions()  # imports every plugin once
+    usable = {e for e, fmt in registered.items() if fmt in Image.OPEN and fmt not in _UNDECODABLE}
+    return tuple(e for e in _PREFERRED if e in usable) + tuple(sorted(usable - set(_PREFERRED)))
+
+
+PILLOW_EXTENSIONS = _pillow_extensions()
+IMAGE_EXTENSIONS = PILLOW_EXTENSIONS + DICOM_EXTENSIONS
+
+# Names that are never data: OS/file-manager metadata and archive leftovers (compared lowercased).
+_SYSTEM_NAMES = frozenset(
+    {
+        "__macosx",
+        "thumbs.db",
+        "ehthumbs.db",
+        "desktop.ini",
+        "$recycle.bin",
+        "system volume information",
+        "@eadir",
+        "icon\r",
+    }
+)
+
+
+def is_hidden(name: str) -> bool:
+    """True for hidden or system entries that are never data.
+
+    Dot-files and dot-folders (``.DS_Store``, AppleDouble ``._x.png``, ``.git``), ``__MACOSX``,
+    ``Thumbs.db``, ``desktop.ini``, ``$RECYCLE.BIN``, ``System Volume Information`` and Synology's
+    ``@eaDir``. ``name`` is one path component (not a path).
+    """
+    return name.startswith(".") or name.lower() in _SYSTEM_NAMES
 
 
 def is_image_file(path: str | os.PathLike[str]) -> bool:
-    """True when the file name has a supported image extension (case-insensitive)."""
+    """True when the file name has a supported image extension (case-insensitive, no I/O)."""
     return os.path.splitext(str(path))[1].lower() in IMAGE_EXTENSIONS
 
 
-def load_rgb(path: str | os.PathLike[str], max_side: int | None = None) -> Image.Image:
-    """Decode ``path`` fully into an 8-bit RGB image, EXIF orientation applied.
+@dataclass
+class ImageListing:
+    """What :func:`list_image_files` found under ``root``.
 
-    ``max_side``: when given, the result's longer side is at most ``max_side`` pixels. JPEGs are
-    then decoded with DCT scaling (``Image.draft``) so large photos are never decoded at full size;
-    other formats are decoded and reduced. Raises :class:`BadImageError` for empty, truncated,
-    non-image or oversized files.
+    ``files``: sorted relative POSIX paths of image files; ``ignored``: sorted relative paths of
+    the other (non-hidden) files; ``folders``: relative paths of the non-hidden top-level folders.
     """
+
+    root: Path
+    files: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+    folders: list[str] = field(default_factory=list)
+
+
+def list_image_files(root: str | os.PathLike[str]) -> ImageListing:
+    """Walk ``root`` (following symlinks, cycles cut) and sort its files into images and others.
+
+    Hidden and system entries (:func:`is_hidden`) are skipped, folders included. Files without an
+    image extension are sniffed for the DICOM ``DICM`` preamble (extensionless DICOM is common).
+
+    Parameters
+    ----------
+    root : path-like
+        The folder to walk.
+
+    Returns
+    -------
+    ImageListing
+        Image files, ignored files and top-level folders, relative to ``root``.
+    """
+    from medtune.data.dicom import looks_like_dicom  # dicom imports this module
+
+    root = Path(root)
+    listing = ImageListing(root=root)
+    visited: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in visited:  # a symlink cycle
+            dirnames[:] = []
+            continue
+        visited.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
+        rel_dir = os.path.relpath(dirpath, root)
+        if rel_dir == ".":
+            listing.folders = list(dirnames)
+        for name in filenames:
+            if is_hidden(name):
+                continue
+            rel = (name if rel_dir == "." else f"{rel_dir}/{name}").replace(os.sep, "/")
+            image = is_image_file(name) or looks_like_dicom(os.path.join(dirpath, name))
+            (listing.files if image else listing.ignored).append(rel)
+    listing.files.sort()
+    listing.ignored.sort()
+    return listing
+
+
+def is_listed_image(path: str | os.PathLike[str]) -> bool:
+    """The walker's rule for one file: not hidden/system, and an image extension or DICOM.
+
+    For files that reach a command by other means than :func:`list_image_files` (glob patterns).
+    """
+    from medtune.data.dicom import looks_like_dicom
+
+    name = os.path.basename(os.fspath(path))
+    return not is_hidden(name) and (is_image_file(name) or looks_like_dicom(path))
+
+
+def warn_ignored(root: str | os.PathLike[str], ignored: list[str], what: str = "non-image") -> None:
+    """Log one warning saying how many files under ``root`` were ignored, with an example."""
+    if ignored:
+        log.warning("ignored %d %s file(s) under %s, e.g. %s", len(ignored), what, root, ignored[0])
+
+
+def iter_image_files(root: str | os.PathLike[str]) -> Iterator[Path]:
+    """The image files under ``root`` as paths (``root / relative``), in sorted order.
+
+    Hidden/system entries are skipped (see :func:`list_image_files`); other non-image files are
+    skipped with one logged warning naming how many and an example.
+    """
+    listing = list_image_files(root)
+    warn_ignored(root, listing.ignored)
+    return iter([Path(root) / f for f in listing.files])
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def load_rgb(path: str | os.PathLike[str], max_side: int | None = None) -> Image.Image:
+    """Decode ``path`` fully into an 8-bit RGB image, EXIF orientation applied exactly once.
+
+    Parameters
+    ----------
+    path : path-like
+        Any image Pillow decodes, or a DICOM file (by extension or ``DICM`` preamble).
+    max_side : int, optional
+        When given, the result's longer side is at most ``max_side`` pixels. JPEGs are then
+        decoded with DCT scaling (``Image.draft``) so large photos are never decoded at full
+        size; other formats are decoded and reduced.
+
+    Returns
+    -------
+    PIL.Image.Image
+        Mode ``RGB``, upright, deeper data scaled by the module's bit-depth rule.
+
+    Raises
+    ------
+    BadImageError
+        Empty, truncated, non-image, undecodable or oversized files.
+    """
+    from medtune.data import dicom
+
     path = Path(path)
     try:
         if path.stat().st_size == 0:
             raise BadImageError(path, "empty file")
     except OSError as err:
         raise BadImageError(path, f"cannot open: {err.strerror or err}") from None
+    if dicom.is_dicom_path(path):
+        return dicom.read_dicom(path, max_side=max_side)
     img = None
     try:
         img = Image.open(path)
-        out = _decode(img, max_side)
+        out = _decode(img, max_side, path)
         if out is not img:
             img.close()
         return out  # when ``out is img``, load() already closed the file of a single-frame image
@@ -87,31 +264,262 @@ def _reason(err: BaseException) -> str:
     return f"{type(err).__name__}: {text}" if not isinstance(err, OSError) else text
 
 
-def _decode(img: Image.Image, max_side: int | None) -> Image.Image:
-    orientation = _orientation(img)
+def _decode(img: Image.Image, max_side: int | None, path: Path) -> Image.Image:
+    peak = _declared_peak(img, path)
+    deep = _read_deep_colour(img, path)
+    if deep is not None:  # 16-bit colour as stored: orientation still to apply
+        orientation = _orientation(img)
+        out = to_rgb8(Image.fromarray(_scale_colour(deep, peak, path)), max_side=max_side)
+        return _transpose(out, orientation)
     if max_side is not None and img.format == "JPEG":
         # choose the largest DCT scale that keeps both sides >= max_side; never full size
         img.draft("RGB" if img.mode in ("RGB", "YCbCr") else img.mode, (max_side, max_side))
     img.load()  # full decode here, so truncated files fail now and not later
-    out = to_rgb8(img, max_side=max_side)
-    for op in _TRANSPOSE.get(orientation, ()):
-        out = out.transpose(op)
-    return out
+    # read after load(): Pillow has already transposed TIFF and removed the tag; never twice
+    orientation = _orientation(img)
+    out = to_rgb8(img, max_side=max_side, peak=peak, name=str(path))
+    return _transpose(out, orientation)
+
+
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}  # the table of PIL.ImageOps.exif_transpose
+
+
+def _transpose(img: Image.Image, orientation: int) -> Image.Image:
+    op = _TRANSPOSE.get(orientation)
+    return img if op is None else img.transpose(op)
 
 
 def _orientation(img: Image.Image) -> int:
     try:
-        return int(img.getexif().get(_ORIENTATION, 1))
+        return int(img.getexif().get(ExifTags.Base.Orientation, 1))
     except Exception:  # malformed EXIF must not make a readable image unreadable
         return 1
 
 
-def to_rgb8(img: Image.Image, max_side: int | None = None) -> Image.Image:
+# --------------------------------------------------------------------------- bit depth
+
+
+def _declared_peak(img: Image.Image, path: Path) -> float | None:
+    """The sample value that means full intensity, when the file declares it (else ``None``)."""
+    try:
+        if img.format == "PNG":
+            if not _png_is_16bit(img):  # sBIT only matters above 8 bits: no extra file read
+                return None
+            bits = _png_sbit(path)
+            return float(2**bits - 1) if bits else None
+        if img.format == "TIFF":
+            top = img.tag_v2.get(281)  # MaxSampleValue (one value per sample, or one for all)
+            if top is not None:
+                top = max(top) if isinstance(top, tuple) else top
+                return float(top) if top > 0 else None
+    except Exception:  # malformed metadata: fall back to the undeclared rule
+        return None
+    return None
+
+
+def _png_sbit(path: Path) -> int | None:
+    """The largest colour-channel value of the PNG ``sBIT`` chunk (Pillow does not read it).
+
+    Walks the chunk headers with Pillow's own :class:`PIL.PngImagePlugin.ChunkStream` up to the
+    first ``IDAT``; ``None`` when there is no ``sBIT`` or the image is not deeper than 8 bits.
+    """
+    with open(path, "rb") as fh:
+        if fh.read(8) != b"\x89PNG\r\n\x1a\n":
+            return None
+        stream = PngImagePlugin.ChunkStream(fh)
+        depth = colour = 0
+        while True:
+            cid, pos, length = stream.read()
+            if cid == b"IHDR":
+                head = fh.read(length)
+                depth, colour = head[8], head[9]
+            elif cid == b"sBIT":
+                data = fh.read(length)
+                if depth <= 8 or not data:
+                    return None
+                channels = {0: 1, 2: 3, 3: 3, 4: 1, 6: 3}.get(colour, len(data))
+                bits = max(data[:channels])
+                return bits if 0 < bits < depth else None
+            elif cid in (b"IDAT", b"IEND", b""):
+                return None
+            fh.seek(pos + length + 4)  # skip the CRC
+
+
+def _read_deep_colour(img: Image.Image, path: Path) -> np.ndarray | None:
+    """Full-depth 16-bit colour pixels (H x W x 3/4, RGB order, as stored), else ``None``.
+
+    Pillow decodes 16-bit colour to 8 bits by keeping the high byte. PNG is read with OpenCV
+    (``IMREAD_UNCHANGED`` leaves the EXIF orientation to us), TIFF with tifffile (which never
+    applies the Orientation tag; OpenCV's TIFF reader does, so it is not used for TIFF). When
+    neither can read the file (e.g. LZW TIFF without ``imagecodecs``), Pillow's 8-bit decode
+    is used with a warning.
+    """
+    if img.format not in ("PNG", "TIFF") or img.mode not in ("RGB", "RGBA"):
+        return None
+    if img.format == "PNG":
+        if not _png_is_16bit(img):
+            return None
+        arr = _read_png16(path)
+    else:
+        if max(_as_tuple(img.tag_v2.get(258, (8,)))) <= 8:  # BitsPerSample
+            return None
+        arr = _read_tiff16(path)
+    if arr is None:
+        _warn_depth(str(path), "16-bit colour could not be read at full depth; read at 8 bits")
+    return arr
+
+
+def _read_png16(path: Path) -> np.ndarray | None:
+    try:
+        import cv2
+
+        # np.fromfile + imdecode: non-ASCII paths work
+        arr = cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    except Exception:  # ImportError, cv2.error: fall back to Pillow's 8 bits
+        return None
+    if arr is None or arr.ndim != 3 or arr.dtype != np.uint16 or arr.shape[2] not in (3, 4):
+        return None
+    return np.ascontiguousarray(arr[..., [2, 1, 0, 3][: arr.shape[2]]])  # BGR(A) -> RGB(A)
+
+
+def _read_tiff16(path: Path) -> np.ndarray | None:
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages[0]
+            arr, axes = page.asarray(), page.axes
+    except Exception:  # ImportError, a codec tifffile lacks: fall back to Pillow's 8 bits
+        return None
+    if axes.startswith("S"):  # planar configuration 2: samples first
+        arr = np.moveaxis(arr, 0, -1)
+    if arr.ndim != 3 or arr.shape[2] not in (3, 4) or arr.dtype.itemsize != 2:
+        return None
+    return arr
+
+
+def _png_is_16bit(img: Image.Image) -> bool:
+    """True for 16-bit samples (Pillow's raw mode, e.g. ``RGB;16B``, before decoding)."""
+    return any("16" in str(tile.args) for tile in getattr(img, "tile", None) or ())
+
+
+def _as_tuple(value: object) -> tuple:
+    return value if isinstance(value, tuple) else (value,)
+
+
+def _scale_colour(arr: np.ndarray, peak: float | None, path: Path) -> np.ndarray:
+    colour = scale_to_uint8(arr[..., :3], peak=peak, name=str(path))
+    if arr.shape[2] == 4:  # alpha: always the full container range
+        alpha = scale_to_uint8(arr[..., 3:], peak=65535.0, name=str(path))
+        return np.concatenate([colour, alpha], axis=2)
+    return colour
+
+
+_DEPTHS = (8, 10, 12, 14, 16)
+_warned = 0
+_MAX_WARNINGS = 20  # per process: a folder of 30k such images must not flood the log
+
+
+def _warn_depth(name: str | None, message: str) -> None:
+    global _warned
+    if _warned < _MAX_WARNINGS:
+        _warned += 1
+        tail = " (further bit-depth warnings suppressed)" if _warned == _MAX_WARNINGS else ""
+        log.warning("%s: %s%s", name or "image", message, tail)
+
+
+def scale_to_uint8(
+    arr: np.ndarray, peak: float | None = None, name: str | None = None
+) -> np.ndarray:
+    """Map deeper-than-8-bit samples to 0..255 by the module's bit-depth rule (never clipping).
+
+    Parameters
+    ----------
+    arr : numpy.ndarray
+        Samples of any shape; unsigned/signed integers or floats.
+    peak : float, optional
+        The declared full-intensity value (e.g. ``2**BitsStored - 1``). Values above it mean the
+        data is left-aligned in its container, which is then used instead.
+    name : str, optional
+        The file named in warnings when the depth has to be guessed.
+
+    Returns
+    -------
+    numpy.ndarray
+        uint8, same shape.
+    """
+    data = np.nan_to_num(np.asarray(arr, dtype=np.float64))
+    if data.size == 0:
+        return np.zeros(data.shape, np.uint8)
+    low, top = float(data.min()), float(data.max())
+    kind = np.asarray(arr).dtype.kind
+    if peak is not None and low >= 0:
+        if top > peak:  # left-aligned (PNG spec): the container is the scale
+            peak = _container_peak(np.asarray(arr).dtype, top)
+        return _rescale(data, 0.0, peak)
+    if low < 0 or (kind == "f" and top > 65535.0):
+        _warn_depth(name, f"no declared bit depth for values {low:g}..{top:g}; stretched to 0..255")
+        return _rescale(data, low, top if top > low else low + 1.0)
+    if kind == "f" and top <= 1.0:
+        return _rescale(data, 0.0, 1.0)
+    bits = next((b for b in _DEPTHS if top <= 2**b - 1), None)
+    if bits is None:  # wider than 16 bits (32-bit integers or big floats): stretch to the max
+        _warn_depth(name, f"no declared bit depth, values reach {top:g}; scaled by that maximum")
+        return _rescale(data, 0.0, top)
+    if bits < 16 and np.asarray(arr).dtype.itemsize > 1:
+        _warn_depth(
+            name,
+            f"no declared bit depth (PNG sBIT / TIFF MaxSampleValue), values reach {top:g}; "
+            f"read as {bits}-bit data (scaled by {2**bits - 1})",
+        )
+    return _rescale(data, 0.0, float(2**bits - 1))
+
+
+def _container_peak(dtype: np.dtype, top: float) -> float:
+    if dtype.kind in "ui" and dtype.itemsize <= 2:
+        return float(np.iinfo(dtype).max)
+    return top
+
+
+def _rescale(data: np.ndarray, low: float, high: float) -> np.ndarray:
+    out = (data - low) * (255.0 / (high - low))
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def to_rgb8(
+    img: Image.Image,
+    max_side: int | None = None,
+    *,
+    peak: float | None = None,
+    name: str | None = None,
+) -> Image.Image:
     """Convert any Pillow mode to 8-bit RGB (alpha composited on black), optionally shrunk.
 
-    16-bit data is scaled (``65535 -> 255``), not clipped. CMYK uses Pillow's conversion.
+    Parameters
+    ----------
+    img : PIL.Image.Image
+        Any mode. 16-bit/32-bit/float single-channel data follows the module's bit-depth rule.
+    max_side : int, optional
+        Longest side of the result (bicubic reduction), when given.
+    peak : float, optional
+        Declared full-intensity sample value for deep data (PNG sBIT, TIFF MaxSampleValue).
+    name : str, optional
+        The file named in bit-depth warnings.
+
+    Returns
+    -------
+    PIL.Image.Image
+        Mode ``RGB``. CMYK uses Pillow's conversion.
     """
-    img = _to_8bit(img)
+    img = _to_8bit(img, peak, name)
     if max_side is not None and max(img.size) > max_side:
         img = _shrink(img, max_side)
     if img.mode in ("RGBA", "LA"):
@@ -130,7 +538,7 @@ def _shrink(img: Image.Image, max_side: int) -> Image.Image:
     return img.resize(new, Image.Resampling.BICUBIC, reducing_gap=2.0)
 
 
-def _to_8bit(img: Image.Image) -> Image.Image:
+def _to_8bit(img: Image.Image, peak: float | None, name: str | None) -> Image.Image:
     """Return an image in mode L, LA, RGB or RGBA (palette/CMYK/16-bit/float resolved)."""
     mode = img.mode
     if mode in ("L", "LA", "RGB", "RGBA"):
@@ -144,18 +552,6 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     if mode == "RGBa":
         return img.convert("RGBA")
     if mode.startswith("I;16") or mode in ("I", "F"):
-        return Image.fromarray(_scale_to_uint8(np.asarray(img), mode), mode="L")
+        arr = np.asarray(img)
+        return Image.fromarray(scale_to_uint8(arr, peak=peak, name=name), mode="L")
     return img.convert("RGB")  # CMYK, YCbCr, LAB, HSV, RGBX
-
-
-def _scale_to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
-    """Map 16-bit / 32-bit / float single-channel data to 0..255 by scaling, never clipping."""
-    arr = arr.astype(np.float64, copy=False)
-    top = float(np.nanmax(arr)) if arr.size else 0.0
-    if mode.startswith("I;16"):
-        peak = 65535.0
-    else:  # "I" (32-bit ints, usually holding 8- or 16-bit data) or "F" (float, maybe 0..1)
-        ranges = ((1.0,) if mode == "F" else ()) + (255.0, 65535.0)
-        peak = next((r for r in ranges if top <= r), max(top, 1.0))
-    out = np.nan_to_num(arr, nan=0.0) * (255.0 / peak)
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)

@@ -3,6 +3,10 @@
 :func:`make_splits` uses scikit-learn's ``StratifiedGroupKFold`` so every group (patient, or a
 set of duplicate images) lands in exactly one split while class proportions stay close to the
 whole set's. The result depends only on the data and the seed.
+
+The groups come from :func:`medtune.data.sources.load_imageset`, already merged (union-find) over
+patient ids, ``metadata.csv`` duplicate groups, anonymised DICOM ``PatientID`` and byte-identical
+(optionally near-identical) files, so a copy of a training image never lands in validation or test.
 """
 
 from __future__ import annotations

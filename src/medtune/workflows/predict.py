@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from medtune.data.images import is_image_file
+from medtune.data.images import is_listed_image, iter_image_files
 from medtune.data.preprocess import prepare_image
 from medtune.errors import BadImageError, MedtuneError
 from medtune.io import write_text
@@ -35,8 +35,10 @@ def expand_inputs(inputs: Sequence[str]) -> list[Path]:
         for match in matches:
             path = Path(match)
             if path.is_dir():
-                found.extend(sorted(p for p in path.rglob("*") if is_image_file(p)))
+                found.extend(iter_image_files(path))
             elif path.is_file():
+                if glob.has_magic(item) and not is_listed_image(path):  # walker's rule
+                    continue
                 found.append(path)
             else:
                 raise MedtuneError(f"{path}: no such file or folder; check the path")
