@@ -31,7 +31,7 @@ import numpy as np
 
 from medtune.config import InputSpec, TrainConfig
 from medtune.errors import MedtuneError
-from medtune.io import atomic_path, read_yaml, write_json, write_yaml
+from medtune.io import atomic_path, write_json, write_yaml
 
 if TYPE_CHECKING:
     from torch import nn
@@ -70,6 +70,13 @@ class ModelMeta:
         Graded labels (QWK is the selection metric).
     synthetic : bool
         Trained on medtune's synthetic demo set.
+    operating_points : dict or None
+        Referral thresholds chosen on VALIDATION (``None``: no referral task, or a run from
+        before medtune 0.2): ``{"name", "positive_classes", "score", "n_val", "n_val_positive",
+        "points": {tta: {point: {"threshold", "rule", "sensitivity", "sensitivity_ci",
+        "specificity", "specificity_ci"}}}}`` with points ``sens90``, ``sens97.5`` and
+        ``youden`` (:func:`medtune.evaluation.metrics.choose_operating_points`), so ``predict``
+        and an exported model refer without the validation logits.
     """
 
     backbone: str
@@ -85,6 +92,7 @@ class ModelMeta:
     decoding: dict[str, Any] = field(default_factory=lambda: {"method": "argmax"})
     ordinal: bool = False
     synthetic: bool = False
+    operating_points: dict[str, Any] | None = None
     format_version: int = FORMAT_VERSION
 
     @property
