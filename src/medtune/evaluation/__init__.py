@@ -1,8 +1,10 @@
 """medtune.evaluation: clinical metrics with bootstrap intervals, operating points, calibration,
-ordinal decoding, TTA inference, Grad-CAM, figures, and the HTML report / model card.
+ordinal decoding, TTA inference, Grad-CAM, figures, the HTML report / model card, and the
+image-quality gate (``assess_quality``).
 
-Submodules needing torch or grad-cam (``inference``, ``gradcam``) and matplotlib (``plots``,
-``report``) are imported lazily, so ``import medtune.evaluation`` stays light.
+Submodules needing torch or grad-cam (``inference``, ``gradcam``), matplotlib (``plots``,
+``report``) or ``medtune.data`` (``quality``) are imported lazily, so ``import medtune.evaluation``
+stays light.
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ _LAZY = {
     "gradcam_overlays": "medtune.evaluation.gradcam",
     "select_gradcam_examples": "medtune.evaluation.gradcam",
     "write_report": "medtune.evaluation.report",
+    "assess_quality": "medtune.evaluation.quality",
+    "QualityThresholds": "medtune.evaluation.quality",
+    "QualityVerdict": "medtune.evaluation.quality",
 }
 
 __all__ = [
