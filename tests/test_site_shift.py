@@ -113,6 +113,13 @@ def test_summary_message():
     )
     calm = shift_summary(np.array([True] + [False] * 99))
     assert not calm["warning"] and "about 1% expected" in calm["message"]
+    # the default alarm is 3x the expected share: 4% flagged at the 99th percentile warns,
+    # at the 95th (5% expected) it does not
+    four = np.array([True] * 4 + [False] * 96)
+    assert shift_summary(four)["warning"] and not shift_summary(four, percentile=95.0)["warning"]
+    assert not shift_summary(four, alarm=0.05)["warning"]
+    few = shift_summary(np.array([True] + [False] * 418))
+    assert few["message"].startswith("0.2% of these images (1 of 419)")
 
 
 # --------------------------------------------------------------------------- real backbones
