@@ -30,7 +30,12 @@ from sklearn.metrics import (
     roc_curve,
 )
 
-from medtune.evaluation.calibration import expected_calibration_error
+from medtune.errors import MedtuneError
+from medtune.evaluation.calibration import (
+    apply_temperature,
+    expected_calibration_error,
+    fit_temperature,
+)
 from medtune.evaluation.decoding import decode
 from medtune.evaluation.scores import (
     balanced_accuracy,
@@ -51,6 +56,7 @@ __all__ = [
     "choose_operating_points",
     "compute_metrics",
     "is_ordinal",
+    "move_operating_point",
     "quick_metrics",
 ]
 
@@ -166,8 +172,7 @@ def choose_operating_points(y_bin: np.ndarray, score: np.ndarray) -> dict[str, d
             i = int(np.argmax(j))
             rule = "max Youden's J (sensitivity + specificity - 1) on validation"
         else:
-            ok = np.flatnonzero(finite & (tpr >= target - 1e-12))
-            i = int(ok[np.lexsort((-tpr[ok], -spec[ok]))[0]])
+            i = _at_sensitivity(tpr, spec, finite, target)
             rule = f"highest specificity with sensitivity >= {target:g} on validation"
         out[name] = {
             "threshold": float(thr[i]),
@@ -176,6 +181,115 @@ def choose_operating_points(y_bin: np.ndarray, score: np.ndarray) -> dict[str, d
             "val_specificity": float(spec[i]),
         }
     return out
+
+
+def _at_sensitivity(tpr: np.ndarray, spec: np.ndarray, finite: np.ndarray, target: float) -> int:
+    """ROC index with sensitivity >= ``target`` and the highest specificity (ties: sensitivity)."""
+    ok = np.flatnonzero(finite & (tpr >= target - 1e-12))
+    return int(ok[np.lexsort((-tpr[ok], -spec[ok]))[0]])
+
+
+#: Fewest positives a labelled new-site sample needs before :func:`move_operating_point` moves
+#: the threshold: with 10, a sensitivity of 9/10 has a 95% Clopper-Pearson interval of 0.55-1.00.
+MIN_SITE_POSITIVES = 10
+
+
+def move_operating_point(
+    logits: np.ndarray,
+    y: np.ndarray | None,
+    task: BinaryTask,
+    *,
+    validated_threshold: float,
+    target_sensitivity: float,
+    temperature: float = 1.0,
+    min_positives: int = MIN_SITE_POSITIVES,
+) -> dict[str, Any]:
+    """Move a validated operating point to a new site using a small labelled sample of it.
+
+    Without labels (``y is None``) nothing moves: the validated threshold and temperature are
+    returned with ``moved=False``. With labels, the temperature is refitted on the sample
+    (:func:`~medtune.evaluation.calibration.fit_temperature`, Guo et al. 2017) and the threshold
+    on the recalibrated score is the one :func:`choose_operating_points` would pick: the highest
+    specificity among points with sensitivity >= ``target_sensitivity`` on the sample.
+
+    Parameters
+    ----------
+    logits : ndarray, shape (N, K)
+        The model's logits for the sample's images (before any temperature).
+    y : ndarray of int, shape (N,), or None
+        Class labels (e.g. DR grades 0-4) of the sample; ``None`` keeps the validated point.
+    task : BinaryTask
+        The binary view (e.g. referable DR: grades 2-4) the operating point is on.
+    validated_threshold : float
+        The run's threshold on ``task.score(softmax(logits / temperature))``.
+    target_sensitivity : float
+        Sensitivity (0-1) the validated operating point was chosen for, e.g. 0.9 for ``sens90``.
+    temperature : float, default 1.0
+        The run's validated temperature (returned unchanged without labels).
+    min_positives : int, default :data:`MIN_SITE_POSITIVES` (10)
+        Fewest positives (and at least one negative) the sample must hold to move the point.
+
+    Returns
+    -------
+    dict
+        ``moved`` (bool), ``threshold`` and ``temperature`` (apply both: positive when
+        ``task.score(apply_temperature(logits, temperature)) >= threshold``), ``rule``, and with
+        labels ``n_images``, ``n_positives``, ``n_negatives``, ``sensitivity``,
+        ``sensitivity_ci95`` (Clopper-Pearson) and ``specificity`` on the sample.
+
+    Raises
+    ------
+    MedtuneError
+        When the sample has fewer than ``min_positives`` positives or no negatives, or the
+        shapes of ``logits`` and ``y`` disagree.
+    """
+    from scipy.stats import binomtest  # Clopper-Pearson; imported here to keep the module light
+
+    if y is None:
+        return {
+            "moved": False,
+            "threshold": float(validated_threshold),
+            "temperature": float(temperature),
+            "rule": "validated operating point kept (no labels from the new site)",
+        }
+    if not 0.0 < float(target_sensitivity) <= 1.0:
+        raise MedtuneError(f"target sensitivity must be in (0, 1], got {target_sensitivity}")
+    logits = np.asarray(logits, dtype=np.float64)
+    y = np.asarray(y).astype(np.int64).ravel()
+    if logits.ndim != 2 or len(logits) != len(y):
+        raise MedtuneError(
+            f"logits must be (N, K) with one label per row; got {logits.shape} and {len(y)} labels"
+        )
+    y_bin = task.labels(y)
+    n_pos = int(y_bin.sum())
+    n_neg = len(y_bin) - n_pos
+    if n_pos < min_positives or n_neg < 1:
+        raise MedtuneError(
+            f"the labelled sample has {n_pos} positive and {n_neg} negative images ({task.name}); "
+            f"moving the operating point needs at least {min_positives} positives and one "
+            "negative: label more images of the new site or keep the validated point"
+        )
+    new_t = fit_temperature(logits, y)
+    score = task.score(apply_temperature(logits, new_t))
+    fpr, tpr, thr = roc_curve(y_bin, score, drop_intermediate=False)
+    i = _at_sensitivity(tpr, 1.0 - fpr, np.isfinite(thr), float(target_sensitivity))
+    applied = apply_operating_point(y_bin, score, float(thr[i]))
+    ci = binomtest(applied["tp"], n_pos).proportion_ci(0.95, method="exact")
+    return {
+        "moved": True,
+        "threshold": float(thr[i]),
+        "temperature": float(new_t),
+        "rule": (
+            f"temperature refitted and highest specificity with sensitivity >= "
+            f"{float(target_sensitivity):g} on {len(y)} labelled new-site images"
+        ),
+        "n_images": len(y),
+        "n_positives": n_pos,
+        "n_negatives": n_neg,
+        "sensitivity": applied["sensitivity"],
+        "sensitivity_ci95": [float(ci.low), float(ci.high)],
+        "specificity": applied["specificity"],
+    }
 
 
 def _sens_spec(y_bin: np.ndarray, pred: np.ndarray) -> tuple[float, float]:
