@@ -3,23 +3,24 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import pickle
 import sys
 from collections.abc import Sequence
 
-from medtune import __version__
+from medtune import __version__, logs
 from medtune.errors import MedtuneError, unpickling_detail
 
 EXIT_USER_ERROR = 2
+VERBOSE_HELP = (
+    "also show progress messages, the libraries' messages (Lightning) and library warnings; "
+    "without it only medtune's progress bars, results and errors are printed"
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s"
-    )
+    logs.configure(args.verbose)
     if not hasattr(args, "handler"):
         parser.print_help()
         return EXIT_USER_ERROR
@@ -70,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"medtune {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress messages")
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
     from medtune.cli import commands
 
@@ -88,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--verbose",
             action="store_true",
             default=argparse.SUPPRESS,
-            help="log progress messages",
+            help=VERBOSE_HELP,
         )
         add_args(cmd)
         cmd.set_defaults(handler=handler)
