@@ -63,6 +63,45 @@ def _environment_error(err: BaseException) -> str | None:
     return None
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Help that states every option's default.
+
+    An option whose help does not mention its default gets ``(default: X)``: X is the
+    argparse default, or, for ``medtune train`` flags (default None so that a ``--config`` file
+    can set them), the :class:`~medtune.training.TrainConfig` default. Switches (store_true /
+    store_false) and options without a default are left alone. TrainConfig is imported only
+    when help is printed, so parsing stays fast.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not action.option_strings or "default" in text.lower():
+            return text
+        if isinstance(action, argparse._StoreConstAction):  # store_true / store_false
+            return text
+        value = action.default
+        if value is None and self._prog.split()[-1] == "train":
+            value = config_default(action.dest)
+        if value is None or value is False or value in ("", argparse.SUPPRESS):
+            return text
+        if isinstance(value, dict):  # --fundus: its help states the default in words
+            return text
+        shown = str(value).replace("%", "%%")
+        return f"{text} (default: {shown})" if text else f"default: {shown}"
+
+
+def config_default(dest: str) -> object:
+    """The :class:`TrainConfig` default of the setting ``dest`` (None if it has none)."""
+    import dataclasses
+
+    from medtune.training.config import TrainConfig
+
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == dest:
+            return f.default if f.default is not dataclasses.MISSING else None
+    return None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="medtune",
@@ -76,7 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     from medtune.cli import commands
 
     for name, (help_text, add_args, handler) in commands.COMMANDS.items():
-        cmd = sub.add_parser(name, help=help_text, description=help_text)
+        cmd = sub.add_parser(
+            name,
+            help=help_text.replace("%", "%%"),  # argparse %-formats help=, not description=
+            description=help_text,
+            formatter_class=DefaultsHelpFormatter,
+        )
         # Accept the global flags after the command too (SUPPRESS keeps a flag given before it).
         cmd.add_argument(
             "--debug",

@@ -99,6 +99,13 @@ def train(
 
         if global_rank() != 0:  # probes run in one process
             return _other_rank_result(run_dir, config, started)
+        if config.epochs != TrainConfig.epochs:  # say so rather than drop the setting silently
+            log.warning(
+                "note: %s ignores epochs=%d: a probe fits its logistic-regression head to "
+                "convergence; epochs applies to fine-tuning only",
+                config.strategy,
+                config.epochs,
+            )
         model, evaluator = run_probe(config, backbone, data, run_dir)
     else:
         from medtune.training.finetune_run import run_finetune
