@@ -78,6 +78,21 @@ class _QuietShowWarning:
         self.original(message, category, filename, lineno, file, line)  # type: ignore[operator]
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A handler on whatever ``sys.stderr`` is when a record is written (tests swap it)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: TextIO) -> None:
+        pass
+
+
+_HANDLER: logging.Handler | None = None
+
+
 def configure(verbose: bool, stream: TextIO | None = None) -> None:
     """Set up logging for the command line.
 
@@ -87,14 +102,21 @@ def configure(verbose: bool, stream: TextIO | None = None) -> None:
         ``-v``: medtune's progress messages, Lightning's INFO lines and library warnings are
         shown (each once). Otherwise only warnings and errors, and no library warnings.
     stream : file, optional
-        Where log records go (default ``sys.stderr``).
+        Where log records go (default: ``sys.stderr`` at the time of each record).
+
+    Notes
+    -----
+    Adds one ``%(message)s`` handler to the root logger (replacing the one an earlier call
+    added; handlers others installed are kept) and sets the root level.
     """
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(message)s",
-        stream=stream or sys.stderr,
-        force=True,  # configure() may run twice in one process (tests); one handler
-    )
+    global _HANDLER
+    root = logging.getLogger()
+    if _HANDLER is not None:
+        root.removeHandler(_HANDLER)
+    _HANDLER = _StderrHandler() if stream is None else logging.StreamHandler(stream)
+    _HANDLER.setFormatter(logging.Formatter("%(message)s"))
+    root.addHandler(_HANDLER)
+    root.setLevel(logging.INFO if verbose else logging.WARNING)
     logging.getLogger("medtune").setLevel(logging.NOTSET)  # follow the root level
     route_library_logs()
     current = warnings.showwarning
