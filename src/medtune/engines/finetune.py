@@ -6,6 +6,7 @@ import csv
 import logging
 import os
 import pickle
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,13 @@ from lightning.fabric.plugins.environments import TorchElasticEnvironment
 from lightning.fabric.plugins.io import TorchCheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.accelerators import CPUAccelerator
-from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import (
+    EarlyStopping,
+    LearningRateMonitor,
+    ModelCheckpoint,
+    TQDMProgressBar,
+)
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
@@ -29,12 +36,27 @@ from medtune.engines.lightning_module import FinetuneModule
 from medtune.errors import MedtuneError, unpickling_detail
 from medtune.evaluation.metrics import is_ordinal
 from medtune.io import atomic_path
+from medtune.logs import route_library_logs
 from medtune.models import Backbone, TransferModel
 from medtune.runs import RunData, RunFolder
 
 log = logging.getLogger("medtune")
 
 RECORD_SAMPLES_ENV = "MEDTUNE_RECORD_SAMPLES"
+
+
+class EpochProgressBar(TQDMProgressBar):
+    """Lightning's progress bar without ``v_num`` (the logger version, here the tail of
+    "tensorboard": ``v_num=oard``) and, when stdout is not a terminal, without the nested
+    validation bar, which there cannot redraw and repeats the same line every epoch."""
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
+        items = super().get_metrics(trainer, pl_module)
+        items.pop("v_num", None)
+        return items
+
+    def init_validation_tqdm(self) -> Tqdm:
+        return super().init_validation_tqdm() if sys.stdout.isatty() else Tqdm(disable=True)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -211,6 +233,8 @@ def _trainer(config: TrainConfig, run: RunFolder, monitor: str) -> L.Trainer:
     )
     callbacks: list = [best, last, LearningRateMonitor(logging_interval="epoch")]
     callbacks.append(NonFiniteLossGuard())  # NaN/inf loss: stop, keep the last good ckpt
+    if config.progress:
+        callbacks.append(EpochProgressBar())
     if config.early_stopping:
         callbacks.append(EarlyStopping(monitor=monitor, mode="max", patience=config.early_stopping))
     if os.environ.get(RECORD_SAMPLES_ENV, "") not in ("", "0"):
@@ -247,6 +271,7 @@ def _check_launch(config: TrainConfig, trainer: L.Trainer) -> None:
 def _make_trainer(config: TrainConfig, run_dir: Path, callbacks: list) -> L.Trainer:
     """Lightning picks DDP whenever more than one process runs (``--dist-strategy auto``) and
     detects torchrun / SLURM from their environment variables."""
+    route_library_logs()  # Lightning's INFO lines once, and only at medtune's level (-v)
     return L.Trainer(
         default_root_dir=str(run_dir),
         max_epochs=config.epochs,

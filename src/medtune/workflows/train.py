@@ -334,6 +334,13 @@ def run_training(config: TrainConfig, *, resume: bool = False) -> RunResult:
 
         if global_rank() != 0:  # probes run in one process
             return _other_rank_result(run.dir, config, started)
+        if config.epochs != TrainConfig.epochs:  # say so rather than drop the setting silently
+            log.warning(
+                "note: %s ignores epochs=%d: a probe fits its logistic-regression head to "
+                "convergence; epochs applies to fine-tuning only",
+                config.strategy,
+                config.epochs,
+            )
         model, evaluator = run_probe(config.probe, backbone, data, run)
     else:
         from medtune.engines.finetune import run_finetune
