@@ -144,6 +144,14 @@ TRAIN_FLAGS: list[tuple[str, dict[str, Any]]] = [
         },
     ),
     (
+        "--positive-class",
+        {
+            "metavar": "NAME",
+            "help": "the positive class of a two-class task, for the headline sensitivity, "
+            "specificity and AUC (default: the class not named like no/normal/negative/0)",
+        },
+    ),
+    (
         "--epochs",
         {
             "type": int,

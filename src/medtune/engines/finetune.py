@@ -30,7 +30,6 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from medtune.config import TrainConfig
 from medtune.data import Part
 from medtune.engines.datamodule import CacheDataModule, class_weights
-from medtune.engines.finalize import ImageEvaluator
 from medtune.engines.guards import NonFiniteLossGuard
 from medtune.engines.lightning_module import FinetuneModule
 from medtune.errors import MedtuneError, unpickling_detail
@@ -131,7 +130,7 @@ def run_finetune(
     run: RunFolder,
     *,
     resume: bool = False,
-) -> tuple[torch.nn.Module, ImageEvaluator]:
+) -> torch.nn.Module:
     """Fine-tune ``backbone`` with a new K-class head.
 
     Parameters
@@ -149,10 +148,9 @@ def run_finetune(
 
     Returns
     -------
-    model : TransferModel
-        The best epoch's model (by validation QWK for grades, balanced accuracy otherwise).
-    evaluator : ImageEvaluator
-        Computes logits of a part in the run's precision.
+    TransferModel
+        The best epoch's model (by validation QWK for grades, balanced accuracy otherwise), in
+        eval mode on the device it trained on.
 
     Raises
     ------
@@ -202,15 +200,7 @@ def run_finetune(
             state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
             module.load_state_dict(state)
         module.to(trainer.strategy.root_device)  # evaluate where it trained (fit ends on the CPU)
-    evaluator = ImageEvaluator(
-        module.model,
-        config.mean,
-        config.std,
-        bf16=config.bf16,
-        batch_size=config.batch_size,
-        progress=config.progress,
-    )
-    return module.model.eval(), evaluator
+    return module.model.eval()
 
 
 def _class_weights(config: TrainConfig, train: Part, num_classes: int) -> list[float] | None:

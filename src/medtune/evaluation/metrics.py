@@ -148,14 +148,72 @@ def is_ordinal(class_names: Sequence[Any]) -> bool:
     return len(vals) > 2 and all(b - a == 1 for a, b in zip(vals[:-1], vals[1:], strict=True))
 
 
-def binary_task(class_names: Sequence[Any], ordinal: bool) -> BinaryTask | None:
-    """Referable DR for 5 ordinal classes, the positive class (index 1) for 2 classes, else None."""
-    K = len(class_names)
-    if K == 5 and ordinal:
+#: Class names that mean "no finding" (compared lowercased, after removing - _ and spaces):
+#: never the default positive class of a binary task.
+NEGATIVE_NAMES = frozenset(
+    {"0", "no", "none", "normal", "negative", "neg", "healthy", "benign", "absent", "control",
+     "nodr", "nodisease", "nofinding", "nonreferable", "false", "n"}
+)  # fmt: skip
+
+
+def default_positive_class(class_names: Sequence[Any]) -> str:
+    """The positive class of a two-class task when none is given: the class NOT named like a
+    negative finding (:data:`NEGATIVE_NAMES`, also with a ``no``/``non`` prefix); when that does
+    not single one out, the second class.
+
+    Parameters
+    ----------
+    class_names : sequence of 2 names
+
+    Returns
+    -------
+    str
+    """
+    names = [str(c) for c in class_names]
+
+    def negative(name: str) -> bool:
+        flat = "".join(ch for ch in name.lower() if ch.isalnum())
+        return flat in NEGATIVE_NAMES or flat.startswith(("no", "non")) and len(flat) > 3
+
+    marked = [negative(n) for n in names]
+    if marked.count(True) == 1:
+        return names[marked.index(False)]
+    return names[1]
+
+
+def binary_task(
+    class_names: Sequence[Any], ordinal: bool, positive_class: str | None = None
+) -> BinaryTask | None:
+    """The binary question behind the headline sensitivity, specificity and AUC.
+
+    Parameters
+    ----------
+    class_names : sequence
+    ordinal : bool
+    positive_class : str, optional
+        For two classes, the positive one (default :func:`default_positive_class`).
+
+    Returns
+    -------
+    BinaryTask or None
+        Referable DR (grades >= 2) for 5 DR grades, the positive class for 2 classes, else None.
+
+    Raises
+    ------
+    MedtuneError
+        When ``positive_class`` is not one of the two classes.
+    """
+    names = [str(c) for c in class_names]
+    if len(names) == 5 and ordinal:
         return BinaryTask("referable DR (grade >= 2)", (2, 3, 4), "referable_")
-    if K == 2:
-        return BinaryTask(f"positive class {class_names[1]!s}", (1,), "")
-    return None
+    if len(names) != 2:
+        return None
+    positive = default_positive_class(names) if positive_class is None else str(positive_class)
+    if positive not in names:
+        raise MedtuneError(
+            f"positive class {positive!r} is not one of the classes {names}; pick one of them"
+        )
+    return BinaryTask(f"positive class {positive}", (names.index(positive),), "")
 
 
 # ---------------------------------------------------------------- operating points
@@ -645,8 +703,12 @@ def compute_metrics(
     decoding: dict[str, Any] | None = None,
     n_boot: int = 1000,
     seed: int = 0,
+    positive_class: str | None = None,
 ) -> dict[str, Any]:
     """All evaluation metrics of ``probs`` (N, K) against ``y_true``; see ``docs/metrics.md``.
+
+    ``positive_class`` names the positive class of a two-class task (default: the class not
+    named like a negative finding, see :func:`default_positive_class`).
 
     ``val=(y_val, probs_val)`` supplies the data on which operating-point thresholds are chosen
     (without it they are chosen on this data and flagged optimistic). ``groups`` (one id per image,
@@ -662,7 +724,7 @@ def compute_metrics(
     ordinal = is_ordinal(class_names) if ordinal is None else bool(ordinal)
     pred = np.asarray(decode(p, decoding)).astype(np.int64)
     notes: list[str] = []
-    task = binary_task(class_names, ordinal)
+    task = binary_task(class_names, ordinal, positive_class)
 
     # operating points: chosen on validation, applied unchanged
     points: dict[str, dict[str, Any]] = {}
@@ -714,6 +776,8 @@ def compute_metrics(
         "classes_absent": [c for k, c in enumerate(class_names) if not np.any(y == k)],
         "ordinal": ordinal,
         "task": "dr_grading" if task and task.prefix else ("binary" if task else "multiclass"),
+        # what the headline sensitivity, specificity and AUC are computed for
+        "positive": None if task is None else task.name,
         "prediction": dict(decoding) if decoding else {"method": "argmax"},
         "accuracy": _f(point["accuracy"]),
         "accuracy_ci": ci("accuracy"),

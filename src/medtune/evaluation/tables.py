@@ -56,6 +56,9 @@ def metrics_table(metrics: Mapping[str, Any], *, synthetic: bool = False) -> str
     for label, values in rows:
         cells = (v.ljust(c) for v, c in zip(values, cols, strict=True))
         lines.append("  ".join([label.ljust(width), *cells]))
+    positive = {metrics[s].get("positive") for s in splits} - {None}
+    if positive and any(metrics[s].get("task") == "binary" for s in splits):
+        lines.append(f"AUC, sensitivity and specificity are for the {positive.pop()}.")
     cells = [v for _, values in rows for v in values]
     if any("(n=" in v for v in cells):
         lines.append(SMALL_N_NOTE)

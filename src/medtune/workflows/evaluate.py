@@ -93,8 +93,8 @@ def evaluate(
     config = dataclasses.replace(folder.read_config(), skip_bad=skip_bad, progress=progress)
     run = folder.dir
     part = _evaluation_part(config, run, data, meta.class_names)
-    # the precision the run validated in: its temperature and decoding were fitted on those logits
-    evaluator = ImageEvaluator(model, meta.mean, meta.std, bf16=config.bf16, progress=progress)
+    # fp32, the precision the temperature, decoding and operating points were fitted in
+    evaluator = ImageEvaluator(model, meta.mean, meta.std, progress=progress)
     probs = apply_temperature(evaluator.logits(part, tta), meta.temperature)
     val = folder.read_val_logits()
     val_probs = apply_temperature(val[f"logits_{tta}"], meta.temperature)
@@ -107,6 +107,7 @@ def evaluate(
         val=(val["labels"], val_probs),
         decoding=meta.decoding,
         n_boot=n_boot,
+        positive_class=meta.positive_class,
     )
     metrics["tta"] = tta
     metrics["data"] = data or f"{config.data} (test split)"

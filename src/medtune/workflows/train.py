@@ -20,7 +20,7 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 
 from medtune.config import PROBE_STRATEGIES, TrainConfig, apply_preset
 from medtune.errors import MedtuneError
-from medtune.evaluation.metrics import is_ordinal
+from medtune.evaluation.metrics import binary_task, is_ordinal
 from medtune.models import Backbone, create_backbone
 from medtune.runs import ModelMeta, RunData, RunFolder, prepare_lock, prepare_run_data
 
@@ -110,6 +110,7 @@ def train(
     strategy: str = _D.strategy,
     layer: str | None = _D.layer,
     probe_rotations: bool = _D.probe_rotations,
+    positive_class: str | None = _D.positive_class,
     epochs: int = _D.epochs,
     batch_size: int = _D.batch_size,
     lr: float = _D.lr,
@@ -189,6 +190,10 @@ def train(
         Stage of a ``layer-probe``, or ``"best"`` to choose on validation.
     probe_rotations : bool, default True
         Probes train on the features of all four 90-degree rotations of each image.
+    positive_class : str or None, default None
+        The positive class of a two-class task, for the headline sensitivity, specificity and
+        AUC (default: the class not named like a negative finding, e.g. ``DR`` beside
+        ``No_DR``). Stored with the model.
     epochs : int, default 10
         Fine-tuning epochs (probes fit in closed form and ignore it).
     batch_size : int, default 32
@@ -341,17 +346,25 @@ def run_training(config: TrainConfig, *, resume: bool = False) -> RunResult:
                 config.strategy,
                 config.epochs,
             )
-        model, evaluator = run_probe(config.probe, backbone, data, run)
+        model = run_probe(config.probe, backbone, data, run)
     else:
         from medtune.engines.finetune import run_finetune
 
-        model, evaluator = run_finetune(config, backbone, data, run, resume=resume)
+        model = run_finetune(config, backbone, data, run, resume=resume)
         if global_rank() != 0:  # DDP: global rank 0 alone evaluates and writes the results
             return _other_rank_result(run.dir, config, started)
 
     from medtune.engines.finalize import finalize_run
 
-    metrics = finalize_run(model, meta, data, run, evaluator, config.strategy)
+    metrics = finalize_run(
+        model,
+        meta,
+        data,
+        run,
+        config.strategy,
+        batch_size=config.batch_size,
+        progress=config.progress,
+    )
     seconds = time.perf_counter() - started
     log.info("run finished in %.1f s: %s", seconds, run.dir)
     return RunResult(run.dir, config, metrics, seconds)
@@ -445,7 +458,16 @@ def _meta(config: TrainConfig, data: RunData) -> ModelMeta:
         dropout=0.0 if probe else config.dropout,
         ordinal=is_ordinal(data.class_names),
         synthetic=config.synthetic,
+        positive_class=_positive_class(config, data),
     )
+
+
+def _positive_class(config: TrainConfig, data: RunData) -> str | None:
+    """The two-class task's positive class, checked against the classes (None otherwise)."""
+    task = binary_task(data.class_names, is_ordinal(data.class_names), config.positive_class)
+    if task is None or task.prefix:
+        return None
+    return data.class_names[task.positive[0]]
 
 
 def _apply_advice(config: TrainConfig, backbone: Backbone, data: RunData, run_dir: Path):
