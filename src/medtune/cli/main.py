@@ -69,7 +69,7 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
 
     An option whose help does not mention its default gets ``(default: X)``: X is the
     argparse default, or, for ``medtune train`` flags (default None so that a ``--config`` file
-    can set them), the :class:`~medtune.training.TrainConfig` default. Switches (store_true /
+    can set them), the :class:`~medtune.config.TrainConfig` default. Switches (store_true /
     store_false) and options without a default are left alone. TrainConfig is imported only
     when help is printed, so parsing stays fast.
     """
@@ -95,7 +95,7 @@ def config_default(dest: str) -> object:
     """The :class:`TrainConfig` default of the setting ``dest`` (None if it has none)."""
     import dataclasses
 
-    from medtune.training.config import TrainConfig
+    from medtune.config import TrainConfig
 
     for f in dataclasses.fields(TrainConfig):
         if f.name == dest:
