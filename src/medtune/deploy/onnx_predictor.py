@@ -2,7 +2,8 @@
 
 The JSON sidecar ``model.json`` next to the model carries everything needed to go from images to
 grades: ``image_size``, ``mean``/``std`` (RGB, on the 0-1 scale), ``class_names``,
-``temperature`` and ``decoding``. The network input is ``image`` (N x 3 x S x S float32, RGB,
+``temperature`` and ``decoding``; ``operating_points`` (the referral thresholds chosen on
+validation, ``ModelMeta.operating_points``) lets ``medtune predict --model`` set the refer flag. The network input is ``image`` (N x 3 x S x S float32, RGB,
 normalised) and the output is ``logits`` (N x K).
 
 Probabilities are ``softmax(logits / temperature)``. With ``tta="rot90"`` the LOGITS of the four

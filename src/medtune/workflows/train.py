@@ -20,7 +20,7 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 
 from medtune.config import PROBE_STRATEGIES, TrainConfig, apply_preset
 from medtune.errors import MedtuneError
-from medtune.evaluation.metrics import is_ordinal
+from medtune.evaluation.metrics import binary_task, is_ordinal
 from medtune.models import Backbone, create_backbone
 from medtune.runs import ModelMeta, RunData, RunFolder, prepare_lock, prepare_run_data
 
@@ -110,6 +110,7 @@ def train(
     strategy: str = _D.strategy,
     layer: str | None = _D.layer,
     probe_rotations: bool = _D.probe_rotations,
+    positive_class: str | None = _D.positive_class,
     epochs: int = _D.epochs,
     batch_size: int = _D.batch_size,
     lr: float = _D.lr,
@@ -189,6 +190,10 @@ def train(
         Stage of a ``layer-probe``, or ``"best"`` to choose on validation.
     probe_rotations : bool, default True
         Probes train on the features of all four 90-degree rotations of each image.
+    positive_class : str or None, default None
+        The positive class of a two-class task, for the headline sensitivity, specificity and
+        AUC (default: the class not named like a negative finding, e.g. ``DR`` beside
+        ``No_DR``). Stored with the model.
     epochs : int, default 10
         Fine-tuning epochs (probes fit in closed form and ignore it).
     batch_size : int, default 32
@@ -334,17 +339,32 @@ def run_training(config: TrainConfig, *, resume: bool = False) -> RunResult:
 
         if global_rank() != 0:  # probes run in one process
             return _other_rank_result(run.dir, config, started)
-        model, evaluator = run_probe(config.probe, backbone, data, run)
+        if config.epochs != TrainConfig.epochs:  # say so rather than drop the setting silently
+            log.warning(
+                "note: %s ignores epochs=%d: a probe fits its logistic-regression head to "
+                "convergence; epochs applies to fine-tuning only",
+                config.strategy,
+                config.epochs,
+            )
+        model = run_probe(config.probe, backbone, data, run)
     else:
         from medtune.engines.finetune import run_finetune
 
-        model, evaluator = run_finetune(config, backbone, data, run, resume=resume)
+        model = run_finetune(config, backbone, data, run, resume=resume)
         if global_rank() != 0:  # DDP: global rank 0 alone evaluates and writes the results
             return _other_rank_result(run.dir, config, started)
 
     from medtune.engines.finalize import finalize_run
 
-    metrics = finalize_run(model, meta, data, run, evaluator, config.strategy)
+    metrics = finalize_run(
+        model,
+        meta,
+        data,
+        run,
+        config.strategy,
+        batch_size=config.batch_size,
+        progress=config.progress,
+    )
     seconds = time.perf_counter() - started
     log.info("run finished in %.1f s: %s", seconds, run.dir)
     return RunResult(run.dir, config, metrics, seconds)
@@ -362,13 +382,18 @@ def _other_rank_result(run_dir: Path, config: TrainConfig, started: float) -> Ru
     return RunResult(run_dir, config, {}, seconds, is_global_zero=False)
 
 
-def resume(run: str | Path) -> RunResult:
-    """Continue an interrupted run from ``RUN/checkpoints/last.ckpt`` with its own settings.
+def resume(run: str | Path, *, epochs: int | None = None) -> RunResult:
+    """Continue an interrupted fine-tuning run, or extend a finished one, with its own settings.
 
     Parameters
     ----------
     run : str or pathlib.Path
-        A run folder written by :func:`train`.
+        A fine-tuning run folder written by :func:`train`.
+    epochs : int, optional
+        A new total number of epochs, larger than the run's: the run continues from
+        ``RUN/checkpoints/last.ckpt`` to that many epochs (the cosine decay is re-planned over
+        the new total from where it stands). Without it, an interrupted run finishes its own
+        epochs.
 
     Returns
     -------
@@ -377,11 +402,46 @@ def resume(run: str | Path) -> RunResult:
     Raises
     ------
     MedtuneError
-        When the folder holds no ``config.yaml`` or no checkpoint.
+        When the folder holds no ``config.yaml`` or no checkpoint, when the run already finished
+        and ``epochs`` does not extend it, or for a probe run (probes fit in one go: train again).
     """
     folder = RunFolder(Path(run))
     config = folder.read_config()
-    return run_training(dataclasses.replace(config, out=str(folder.dir)), resume=True)
+    if config.strategy in PROBE_STRATEGIES:
+        raise MedtuneError(
+            f"{folder.dir}: a {config.strategy} run has no epochs to resume; train it again"
+        )
+    done = _epochs_done(folder)
+    if epochs is not None:
+        if epochs <= done:
+            raise MedtuneError(
+                f"{folder.dir}: {done} epoch(s) are done already; give more than {done} epochs "
+                "to extend the run"
+            )
+        config = dataclasses.replace(config, epochs=epochs)
+    elif folder.path(RunFolder.METRICS).is_file():
+        raise MedtuneError(
+            f"{folder.dir}: the run finished ({done} of {config.epochs} epochs; early stopping "
+            "may have ended it); give epochs (--epochs N) larger than that to train longer"
+        )
+    return run_training(config, resume=True)
+
+
+def _epochs_done(folder: RunFolder) -> int:
+    """Completed epochs of a run, from its last checkpoint (0 without one)."""
+    import torch
+
+    last = folder.last_checkpoint
+    if not last.is_file():
+        return 0
+    try:
+        state = torch.load(last, map_location="cpu", weights_only=True)
+    except Exception as err:  # torn or foreign file: name it
+        raise MedtuneError(
+            f"{last}: cannot read this checkpoint ({type(err).__name__}); delete it to restart "
+            "the run, or train again into a new folder"
+        ) from None
+    return int(state.get("epoch", -1)) + 1
 
 
 def _meta(config: TrainConfig, data: RunData) -> ModelMeta:
@@ -398,7 +458,16 @@ def _meta(config: TrainConfig, data: RunData) -> ModelMeta:
         dropout=0.0 if probe else config.dropout,
         ordinal=is_ordinal(data.class_names),
         synthetic=config.synthetic,
+        positive_class=_positive_class(config, data),
     )
+
+
+def _positive_class(config: TrainConfig, data: RunData) -> str | None:
+    """The two-class task's positive class, checked against the classes (None otherwise)."""
+    task = binary_task(data.class_names, is_ordinal(data.class_names), config.positive_class)
+    if task is None or task.prefix:
+        return None
+    return data.class_names[task.positive[0]]
 
 
 def _apply_advice(config: TrainConfig, backbone: Backbone, data: RunData, run_dir: Path):
