@@ -228,7 +228,7 @@ def _header(folder: RunFolder, meta: ModelMeta, config: TrainConfig, data: str) 
     kind = "linear probe" if meta.kind == "probe" else "fine-tuned"
     stage = f", stage {meta.stage}" if meta.stage else ""
     return {
-        "Model": f"{meta.backbone} ({kind}{stage}), run {folder.dir.name}",
+        "Model": f"{meta.backbone} ({kind}{stage}), run folder {folder.dir.name}",
         "Training data": str(config.data),
         "Evaluated data": data,
         "Decoding": (meta.decoding or {}).get("method", "argmax"),
