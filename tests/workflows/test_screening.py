@@ -285,3 +285,21 @@ def test_report_of_a_real_run_renders_in_headless_chromium(dr_run: Path, tmp_pat
     with Image.open(shot) as png:
         assert png.size == (1280, 4000)
         assert len(set(np.asarray(png.convert("L").resize((64, 200))).ravel())) > 20  # drawn
+
+
+def test_training_curves_keep_epoch_series_with_words_for_labels(tmp_path: Path):
+    from medtune.evaluation.plots import _epoch_curves, _read_curves, curve_label
+
+    log = tmp_path / "metrics.csv"
+    log.write_text(
+        "epoch,step,train_loss_step,train_loss_epoch,val_loss,val_qwk\n"
+        "0,4,0.9,,,\n0,7,,0.8,0.7,0.3\n1,15,,0.6,0.5,0.5\n"
+    )
+    _, curves = _read_curves(log)
+    kept = _epoch_curves(curves)
+    assert "train_loss_step" not in kept and {"train_loss_epoch", "val_loss", "val_qwk"} <= set(
+        kept
+    )
+    assert curve_label("train_loss_epoch") == "training loss"
+    assert curve_label("val_qwk") == "validation quadratic weighted kappa"
+    assert curve_label("val_balanced_accuracy") == "validation balanced accuracy"
