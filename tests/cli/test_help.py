@@ -14,7 +14,7 @@ from medtune.cli.main import build_parser, config_default, main
 from medtune.config import TrainConfig
 from medtune.transfer.advisor import SimilarityEvidence, decide
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = {
     "weights": None,
     "image_size": 40,

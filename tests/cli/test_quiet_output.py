@@ -16,7 +16,7 @@ import pytest
 
 from medtune import logs
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 TINY = [
     "--strategy",
     "finetune",

@@ -419,28 +419,22 @@ def resume(run: str | Path, *, epochs: int | None = None) -> RunResult:
                 "to extend the run"
             )
         config = dataclasses.replace(config, epochs=epochs)
-    elif folder.path(RunFolder.METRICS).is_file():
+    elif done >= config.epochs:
         raise MedtuneError(
-            f"{folder.dir}: the run finished ({done} of {config.epochs} epochs; early stopping "
-            "may have ended it); give epochs (--epochs N) larger than that to train longer"
+            f"{folder.dir}: the run finished its {config.epochs} epoch(s); give epochs "
+            f"(--epochs N) larger than {done} to train longer"
         )
     return run_training(config, resume=True)
 
 
 def _epochs_done(folder: RunFolder) -> int:
-    """Completed epochs of a run, from its last checkpoint (0 without one)."""
-    import torch
+    """Completed epochs of a run, from its last checkpoint (0 without one), read safely."""
+    from medtune.engines.finetune import AtomicCheckpointIO
 
     last = folder.last_checkpoint
     if not last.is_file():
         return 0
-    try:
-        state = torch.load(last, map_location="cpu", weights_only=True)
-    except Exception as err:  # torn or foreign file: name it
-        raise MedtuneError(
-            f"{last}: cannot read this checkpoint ({type(err).__name__}); delete it to restart "
-            "the run, or train again into a new folder"
-        ) from None
+    state = AtomicCheckpointIO().load_checkpoint(last, map_location="cpu")
     return int(state.get("epoch", -1)) + 1
 
 
