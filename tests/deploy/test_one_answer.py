@@ -27,4 +27,4 @@ def test_predict_run_and_onnx_agree(tmp_path, strategy):
     a = np.array([[r[k] for k in probs] for r in by_run])
     b = np.array([[r[k] for k in probs] for r in by_onnx])
     assert np.abs(a - b).max() < 1e-4
-    assert [r["pred"] for r in by_run] == [r["pred"] for r in by_onnx]
+    assert [r["grade"] for r in by_run] == [r["grade"] for r in by_onnx]
