@@ -53,7 +53,8 @@ def test_prepare_and_train_share_one_cache_layout(tmp_path):
     assert len(prepared) == 1
     built = [(p, p.stat().st_mtime_ns) for p in (cache / prepared[0]).iterdir()]
     argv = ["train", "--data", str(data), "--out", str(tmp_path / "run"), "--cache-dir",
-            str(cache), "--strategy", "linear-probe", "--no-probe-rotations", *tiny_flags()]  # fmt: skip
+            str(cache), "--strategy", "linear-probe", "--no-probe-rotations",
+            *tiny_flags()]  # fmt: skip
     assert main(argv) == 0
     assert sorted(p.name for p in cache.iterdir() if p.is_dir()) == prepared  # reused, not rebuilt
     assert all(p.stat().st_mtime_ns == t for p, t in built)
