@@ -71,3 +71,55 @@ def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     cache = tmp_path / "medtune-cache"
     monkeypatch.setenv("MEDTUNE_CACHE", str(cache))
     return cache
+
+
+def write_dicom(
+    path: Path,
+    pixels: np.ndarray | bytes,
+    *,
+    photometric: str,
+    rows: int,
+    cols: int,
+    samples: int = 1,
+    bits_allocated: int = 8,
+    bits_stored: int = 8,
+    frames: int = 1,
+    syntax: str = "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+    patient_id: str | None = "PAT-0001",
+    preamble: bool = True,
+) -> Path:
+    """A minimal Secondary Capture data set written with pydicom itself."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = syntax
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    if patient_id is not None:
+        ds.PatientID = patient_id
+        ds.PatientName = "Doe^Jane"
+    ds.Modality = "OP"
+    ds.Rows, ds.Columns = rows, cols
+    ds.SamplesPerPixel = samples
+    ds.PhotometricInterpretation = photometric
+    if samples == 3:
+        ds.PlanarConfiguration = 0
+    ds.BitsAllocated = bits_allocated
+    ds.BitsStored = bits_stored
+    ds.HighBit = bits_stored - 1
+    ds.PixelRepresentation = 0
+    if frames > 1:
+        ds.NumberOfFrames = frames
+    if isinstance(pixels, bytes):
+        ds.PixelData = pixels
+    else:
+        ds.PixelData = np.ascontiguousarray(pixels).tobytes()
+    if syntax != ExplicitVRLittleEndian:
+        ds["PixelData"].VR = "OB"
+    ds.save_as(path, enforce_file_format=preamble)
+    return path

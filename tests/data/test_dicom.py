@@ -12,68 +12,14 @@ from PIL import Image
 
 pydicom = pytest.importorskip("pydicom")
 
-from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
+from conftest import write_dicom  # noqa: E402
 from pydicom.encaps import encapsulate  # noqa: E402
-from pydicom.uid import (  # noqa: E402
-    ExplicitVRLittleEndian,
-    JPEGBaseline8Bit,
-    SecondaryCaptureImageStorage,
-    generate_uid,
-)
+from pydicom.uid import JPEGBaseline8Bit  # noqa: E402
 
 from medtune.data.images import list_image_files, load_rgb  # noqa: E402
 from medtune.data.preprocess import prepare_image  # noqa: E402
 from medtune.data.sources import load_imageset  # noqa: E402
 from medtune.errors import BadImageError  # noqa: E402
-
-
-def write_dicom(
-    path: Path,
-    pixels: np.ndarray | bytes,
-    *,
-    photometric: str,
-    rows: int,
-    cols: int,
-    samples: int = 1,
-    bits_allocated: int = 8,
-    bits_stored: int = 8,
-    frames: int = 1,
-    syntax: str = ExplicitVRLittleEndian,
-    patient_id: str | None = "PAT-0001",
-    preamble: bool = True,
-) -> Path:
-    """A minimal Secondary Capture data set written with pydicom itself."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = syntax
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = SecondaryCaptureImageStorage
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    if patient_id is not None:
-        ds.PatientID = patient_id
-        ds.PatientName = "Doe^Jane"
-    ds.Modality = "OP"
-    ds.Rows, ds.Columns = rows, cols
-    ds.SamplesPerPixel = samples
-    ds.PhotometricInterpretation = photometric
-    if samples == 3:
-        ds.PlanarConfiguration = 0
-    ds.BitsAllocated = bits_allocated
-    ds.BitsStored = bits_stored
-    ds.HighBit = bits_stored - 1
-    ds.PixelRepresentation = 0
-    if frames > 1:
-        ds.NumberOfFrames = frames
-    if isinstance(pixels, bytes):
-        ds.PixelData = pixels
-    else:
-        ds.PixelData = np.ascontiguousarray(pixels).tobytes()
-    if syntax != ExplicitVRLittleEndian:
-        ds["PixelData"].VR = "OB"
-    ds.save_as(path, enforce_file_format=preamble)
-    return path
 
 
 def card(h: int = 24, w: int = 32) -> np.ndarray:
