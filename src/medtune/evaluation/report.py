@@ -486,6 +486,9 @@ def _html(
         _table(
             "tbl-metrics", ["metric", *(f"{s} [95% CI]" for s in splits)], _headline_rows(splits)
         ),
+        f'<p class="muted">Sensitivity, specificity and AUC are for the {esc(m["positive"])}.</p>'
+        if m.get("positive")
+        else "",
         f'<p class="muted">{esc(boot_txt)}{esc(_optimistic_note(splits))}</p>',
         f'<p class="warn" id="small-n-note">{esc(_small_n_note(splits))}</p>'
         if _small_n_note(splits)
