@@ -201,13 +201,6 @@ class TrainConfig:
             items = [str(d) for d in self.data]
             self.data = items[0] if len(items) == 1 else items
 
-    @property
-    def data_sources(self) -> list[str]:
-        """``data`` as a list (one item per site)."""
-        if isinstance(self.data, list):
-            return list(self.data)
-        return [self.data] if self.data else []
-
     def to_dict(self) -> dict[str, Any]:
         """Every setting as plain YAML/JSON values."""
         return dataclasses.asdict(self)
