@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install demo test test-all lint bench ablation clean
+.PHONY: install demo test test-all lint bench bench-sites ablation clean
 
 install: $(STAMP)
 
@@ -30,6 +30,11 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[bench]'
 	$(BIN)/python benchmarks/run.py
+
+# Cross-site benchmark (not a test): train on ../shared/data/aptos2019-224, score at home and on
+# ../shared/data/eyepacs-dev; rewrites the table in docs/generalisation.md. Exits 2 without the data.
+bench-sites: $(STAMP)
+	$(BIN)/python benchmarks/sites.py
 
 ablation: $(STAMP)
 	$(BIN)/python benchmarks/ablation.py --skip probe-large

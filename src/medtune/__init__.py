@@ -9,6 +9,7 @@ The public API, one function per job (the command-line tool is a thin skin over 
     rows = medtune.predict(["photo.jpg"], run=run.dir)
     exported = medtune.export(run.dir, fmt="onnx")
     advice = medtune.advise("data/")
+    adapted = medtune.adapt(run.dir, "site_b_images/", out="runs/dr-site-b")
 
 Names are imported on first use (PEP 562, through ``lazy_loader``), so ``import medtune`` is
 cheap and the torch-free ONNX predictor (:mod:`medtune.deploy.onnx_predictor`) never imports
@@ -28,6 +29,7 @@ if TYPE_CHECKING:  # what an IDE and a type checker see; at run time names load 
     from medtune.data import load_imageset, prepare  # noqa: F401
     from medtune.models import create_backbone  # noqa: F401
     from medtune.runs import RunFolder  # noqa: F401
+    from medtune.workflows.adapt import AdaptResult, adapt  # noqa: F401
     from medtune.workflows.advise import advise  # noqa: F401
     from medtune.workflows.evaluate import EvalResult, evaluate  # noqa: F401
     from medtune.workflows.export import export  # noqa: F401
@@ -42,6 +44,7 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
         "workflows.predict": ["predict"],
         "workflows.export": ["export"],
         "workflows.advise": ["advise"],
+        "workflows.adapt": ["adapt", "AdaptResult"],
         "config": ["TrainConfig", "FinetuneRecipe", "InputSpec"],
         "runs": ["RunFolder"],
         "data": ["load_imageset", "prepare"],

@@ -131,9 +131,13 @@ class ProbeSettings:
 
 @dataclass
 class TrainConfig:
-    """Every setting of a run. Defaults are medtune's recommended recipe."""
+    """Every setting of a run. Defaults are medtune's recommended recipe.
 
-    data: str = ""
+    ``data`` is one labelled image set, or a list of several (one per site: trained on their
+    union, split per site, figures reported per site too); a list of one is stored as its item.
+    """
+
+    data: str | list[str] = ""
     out: str = "runs/run"
     val_data: str | None = None
     test_data: str | None = None
@@ -191,6 +195,11 @@ class TrainConfig:
     progress: bool = True
     synthetic: bool = False
     preset: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.data, (list, tuple)):
+            items = [str(d) for d in self.data]
+            self.data = items[0] if len(items) == 1 else items
 
     def to_dict(self) -> dict[str, Any]:
         """Every setting as plain YAML/JSON values."""

@@ -94,8 +94,10 @@ TRAIN_FLAGS: list[tuple[str, dict[str, Any]]] = [
     (
         "--data",
         {
+            "action": "append",
             "help": "training images: class folders, folder with labels.csv, CSV, or .npz "
-            "(required, here or in --config)"
+            "(required, here or in --config); give it once per site to train on several "
+            "sites (split per site, figures per site)",
         },
     ),
     ("--val-data", {"help": "separate validation set (default: a group-aware split of --data)"}),
@@ -422,6 +424,32 @@ def run_export(args: argparse.Namespace) -> None:
     )
 
 
+# ----------------------------------------------------------------------------------- adapt
+def add_adapt(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True, help="a fine-tuning run folder (left unchanged)")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="the new site's images: a folder (searched recursively) or a labelled set "
+        "(labels ignored)",
+    )
+    p.add_argument("--out", required=True, help="the new run folder to write")
+    p.add_argument(
+        "--labels",
+        help="a small labelled sample of the new site: refits the temperature and moves the "
+        "operating points so the validated sensitivity holds there (needs 10+ positives)",
+    )
+    p.add_argument("--batch-size", type=int, default=32, help="images per AdaBN batch")
+
+
+def run_adapt(args: argparse.Namespace) -> None:
+    from medtune.workflows.adapt import adapt
+
+    result = adapt(args.run, args.data, args.out, labels=args.labels, batch_size=args.batch_size)
+    print(result.summary)
+    print(f"run folder: {result.dir}")
+
+
 # ----------------------------------------------------------------------------------- advise
 def add_advise(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="the labelled image set to measure")
@@ -476,6 +504,12 @@ COMMANDS: dict[
         "export a run's model to ONNX or TorchScript (parity-checked)",
         add_export,
         run_export,
+    ),
+    "adapt": (
+        "adapt a fine-tuned run to a new site (AdaBN on its unlabelled images; --labels "
+        "moves the operating points)",
+        add_adapt,
+        run_adapt,
     ),
     "advise": ("measure a data set and recommend a transfer scenario", add_advise, run_advise),
 }

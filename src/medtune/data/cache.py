@@ -71,6 +71,7 @@ class PreparedCache:
     skipped: list[dict[str, str]] = field(default_factory=list)
     source_indices: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     params: dict[str, Any] = field(default_factory=dict)
+    sites: list[str] | None = None
     _images: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -121,6 +122,7 @@ def open_cache(path: str | os.PathLike[str]) -> PreparedCache:
         skipped=list(meta["skipped"]),
         source_indices=np.asarray(meta["source_indices"], dtype=np.int64),
         params=dict(meta["params"]),
+        sites=meta.get("sites"),
     )
     expected = (len(cache.keys), cache.size, cache.size, 3)
     try:
@@ -202,6 +204,8 @@ def cache_key(imageset: ImageSet, identities: Sequence[str], params: dict[str, A
         "groups": imageset.groups,
         "predefined_split": imageset.predefined_split,
     }
+    if imageset.sites is not None:  # added only when set: existing caches keep their keys
+        payload["sites"] = imageset.sites
     blob = json.dumps(payload, sort_keys=True, ensure_ascii=False).encode("utf-8")
     return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -355,6 +359,7 @@ def _index(
         "class_names": list(imageset.class_names),
         "groups": pick(imageset.groups),
         "predefined_split": pick(imageset.predefined_split),
+        "sites": pick(imageset.sites),
         "source_indices": good,
         "identities": pick(identities),
         "skipped": skipped,
@@ -496,3 +501,9 @@ class Part:
         """Patient/group id of each row, or ``None`` when the data has none."""
         groups = self.cache.groups
         return None if groups is None else [groups[i] for i in self.indices]
+
+    @property
+    def sites(self) -> list[str] | None:
+        """Site of each row (several ``data`` sources or a ``site`` column), else ``None``."""
+        sites = self.cache.sites
+        return None if sites is None else [sites[i] for i in self.indices]

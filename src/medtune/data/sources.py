@@ -55,12 +55,13 @@ from medtune.data.images import (
 from medtune.data.preprocess import decode_source
 from medtune.errors import BadImageError, MedtuneError
 
-__all__ = ["ImageSet", "load_imageset", "SPLIT_NAMES"]
+__all__ = ["ImageSet", "load_imageset", "load_sites", "site_name", "SPLIT_NAMES"]
 
 SPLIT_NAMES = ("train", "val", "test")
 IMAGE_COLUMNS = ("image", "id_code", "filename", "file", "path")
 LABEL_COLUMNS = ("label", "level", "diagnosis", "class", "grade")
 GROUP_COLUMNS = ("patient_id", "group", "patient", "dup_group")
+SITE_COLUMNS = ("site",)
 IMAGE_SUBDIRS = ("", "images/", "train/")  # where CSV image names are looked up, in this order
 _KAGGLE_EYE = re.compile(r"^(.+)_(left|right)$", re.IGNORECASE)
 _INT_LABEL = re.compile(r"^[+-]?\d+(\.0*)?$")
@@ -85,11 +86,12 @@ class ImageSet:
     paths: list[Path] | None = field(default=None, repr=False)
     skipped: list[tuple[str, str]] = field(default_factory=list, repr=False)
     npz: _NpzStore | None = field(default=None, repr=False)
+    sites: list[str] | None = None
 
     def __post_init__(self) -> None:
         self.labels = np.asarray(self.labels, dtype=np.int64)
         n = len(self.keys)
-        for name in ("labels", "groups", "predefined_split", "paths"):
+        for name in ("labels", "groups", "predefined_split", "paths", "sites"):
             value = getattr(self, name)
             if value is not None and len(value) != n:
                 raise ValueError(f"ImageSet.{name} has {len(value)} entries for {n} keys")
@@ -141,6 +143,7 @@ class ImageSet:
             groups=pick(self.groups),
             predefined_split=pick(self.predefined_split),
             paths=pick(self.paths),
+            sites=pick(self.sites),
         )
 
 
@@ -190,6 +193,7 @@ class _Rows:
     npz: _NpzStore | None = None
     row_numbers: list[int] | None = None
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    sites: list[str] | None = None
 
 
 def load_imageset(
@@ -225,6 +229,116 @@ def load_imageset(
         with mio.atomic_path(skipped_log) as tmp:
             frame.to_csv(tmp, index=False)
     return imageset
+
+
+def site_name(src: str | os.PathLike[str]) -> str:
+    """The site name of a data source: its folder name, or the CSV/npz file's stem."""
+    path = Path(os.path.abspath(os.path.expanduser(os.fspath(src))))
+    if path.is_file() and path.name.lower() in ("labels.csv", "trainlabels.csv"):
+        path = path.parent
+    return (path.stem if path.is_file() else path.name) or "site"
+
+
+def load_sites(
+    sources: Sequence[str | os.PathLike[str]],
+    *,
+    skip_bad: bool = False,
+    skipped_log: str | os.PathLike[str] | None = None,
+    classes: Sequence[Any] | None = None,
+) -> ImageSet:
+    """Several labelled image sets, one per site, read as one set whose images know their site.
+
+    Each source is read by :func:`load_imageset`. Keys become ``<site>/<key>``, groups
+    ``<site>/<group>`` (an image without a group is its own group), so a patient id that two
+    sites happen to share never links their images. The site of an image is the source's name
+    (:func:`site_name`; a repeated name gets ``-2``, ``-3``...), or ``<name>/<site>`` where the
+    source's CSV has its own ``site`` column. :func:`medtune.data.splits.make_splits` then splits
+    every site separately.
+
+    Parameters
+    ----------
+    sources : sequence of str or path-like
+        Labelled image sets (folders, CSVs); ``.npz`` sets cannot be combined.
+    skip_bad : bool, default False
+        As in :func:`load_imageset`.
+    skipped_log : str or path-like, optional
+        One CSV (``path,reason``) listing the skipped files of every source.
+    classes : sequence, optional
+        The expected class list; default: the classes of all sources together, in
+        :func:`load_imageset`'s order (every class needs 2 images in total).
+
+    Returns
+    -------
+    ImageSet
+        With ``sites`` set (one name per image); ``predefined_split`` only when every source
+        has one.
+
+    Raises
+    ------
+    MedtuneError
+        For no sources, an ``.npz`` source, or any error of :func:`load_imageset`.
+    """
+    if not sources:
+        raise MedtuneError("no data sources given; give at least one labelled image set")
+    if len(sources) == 1 and classes is None:
+        return load_imageset(sources[0], skip_bad=skip_bad, skipped_log=skipped_log)
+    sets = [load_imageset(src, skip_bad=skip_bad, classes=classes) for src in sources]
+    for src, imageset in zip(sources, sets, strict=True):
+        if imageset.paths is None:
+            raise MedtuneError(f"{src}: an .npz set cannot be combined with other sites")
+    names = _unique([site_name(src) for src in sources])
+    if classes is None:  # the union of the classes, relabelled to one list
+        union = sorted({c for s in sets for c in s.class_names}, key=_class_sort_key)
+        sets = [_relabel(s, union) for s in sets]
+        _check_class_counts(Path(str(sources[0])), np.concatenate([s.labels for s in sets]), union)
+    combined = _concat(sets, names, [str(src) for src in sources])
+    if skipped_log is not None:
+        frame = pd.DataFrame(combined.skipped, columns=["path", "reason"])
+        with mio.atomic_path(skipped_log) as tmp:
+            frame.to_csv(tmp, index=False)
+    return combined
+
+
+def _unique(names: list[str]) -> list[str]:
+    seen: Counter[str] = Counter()
+    out = []
+    for name in names:
+        seen[name] += 1
+        out.append(name if seen[name] == 1 else f"{name}-{seen[name]}")
+    return out
+
+
+def _relabel(imageset: ImageSet, class_names: list[str]) -> ImageSet:
+    lookup = np.array([class_names.index(c) for c in imageset.class_names], dtype=np.int64)
+    return dataclasses.replace(imageset, labels=lookup[imageset.labels], class_names=class_names)
+
+
+def _concat(sets: list[ImageSet], names: list[str], sources: list[str]) -> ImageSet:
+    keys, groups, sites, paths, labels, splits, skipped = [], [], [], [], [], [], []
+    for imageset, name in zip(sets, names, strict=True):
+        own = imageset.groups or [None] * len(imageset)
+        inner = imageset.sites or [None] * len(imageset)
+        for key, group, site in zip(imageset.keys, own, inner, strict=True):
+            keys.append(f"{name}/{key}")
+            groups.append(f"{name}/{group if group else 'image:' + key}")
+            sites.append(name if site is None else f"{name}/{site}")
+        paths += list(imageset.paths or [])
+        labels.append(imageset.labels)
+        splits.append(imageset.predefined_split)
+        skipped += imageset.skipped
+    roots = [str(s.root) for s in sets]
+    return ImageSet(
+        keys=keys,
+        labels=np.concatenate(labels),
+        class_names=list(sets[0].class_names),
+        groups=groups,
+        predefined_split=None if any(s is None for s in splits) else sum(splits, []),
+        root=Path(os.path.commonpath(roots)) if len(set(roots)) > 1 else Path(roots[0]),
+        source=" + ".join(sources),
+        paths=paths,
+        skipped=skipped,
+        sites=sites,
+    )
 
 
 def _read_source(path: Path, skip_bad: bool) -> _Rows:
@@ -391,6 +505,7 @@ def _read_csv_source(
     rows.row_numbers = [row_numbers[p] for p in keep]
     rows.paths = [root / k for k in rows.keys]
     rows.groups = _groups_for(frame, csv, keep, rows.keys, kaggle, rows.paths)
+    rows.sites = _sites_for(frame, csv, keep, rows.row_numbers)
     if check_unlabelled:
         _check_unlabelled(csv, root, index, rows, skip_bad)
     return _drop_empty_files(rows, skip_bad)
@@ -463,6 +578,7 @@ def _drop_empty_files(rows: _Rows, skip_bad: bool) -> _Rows:
         groups=None if rows.groups is None else [rows.groups[i] for i in keep],
         split=None if rows.split is None else [rows.split[i] for i in keep],
         row_numbers=None if rows.row_numbers is None else [rows.row_numbers[i] for i in keep],
+        sites=None if rows.sites is None else [rows.sites[i] for i in keep],
     )
 
 
@@ -504,6 +620,23 @@ def _groups_for(
     if not sources:
         return None
     return _merge_groups(sources, keys)
+
+
+def _sites_for(
+    frame: pd.DataFrame, csv: Path, keep: list[int], row_numbers: list[int]
+) -> list[str] | None:
+    """The ``site`` column (where each image was taken), or ``None`` when the CSV has none."""
+    col = _pick_column(frame, SITE_COLUMNS)
+    if col is None:
+        return None
+    sites = [str(frame[col].iat[p]).strip() for p in keep]
+    for site, row in zip(sites, row_numbers, strict=True):
+        if not site:
+            raise MedtuneError(
+                f"{csv}: row {row}: empty site; fill in the site of every image or drop the "
+                "site column"
+            )
+    return sites
 
 
 def _metadata_dup_groups(csv: Path, frame: pd.DataFrame, keep: list[int]) -> list[str] | None:
@@ -946,6 +1079,7 @@ def _build(rows: _Rows, path: Path, source: str, classes: Sequence[Any] | None) 
         paths=rows.paths,
         skipped=rows.skipped,
         npz=rows.npz,
+        sites=rows.sites,
     )
 
 

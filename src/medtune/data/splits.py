@@ -28,7 +28,8 @@ __all__ = ["make_splits", "read_splits", "write_splits"]
 
 
 class Labelled(Protocol):
-    """Anything with labels, optional groups and an optional official split (ImageSet, cache)."""
+    """Anything with labels, optional groups and an optional official split (ImageSet, cache);
+    an optional ``sites`` attribute (one site name per item) splits every site separately."""
 
     labels: np.ndarray
     groups: list[str] | None
@@ -41,7 +42,15 @@ def make_splits(
     """Assign ``'train'``/``'val'``/``'test'`` to every item (the official split when present).
 
     Fractions are approximate (a fold of ``StratifiedGroupKFold``); ``val=0`` or ``test=0`` gives no
-    such split. Groups (``imageset.groups``, else one per image) never cross splits.
+    such split. Groups (``imageset.groups``, else one per image) never cross splits. When the items
+    know their site (``imageset.sites``: several data sources or a ``site`` column), every site is
+    split on its own, stratified within the site, so each site contributes about ``val`` and
+    ``test`` of its images to those splits and a group stays inside one split of its site.
+
+    Raises
+    ------
+    MedtuneError
+        For invalid fractions, or a set (or site, named) with too few images or groups to split.
     """
     if imageset.predefined_split is not None:
         return np.asarray(imageset.predefined_split, dtype=str)
@@ -57,6 +66,22 @@ def make_splits(
         if imageset.groups is not None
         else np.arange(n).astype(str).astype(object)
     )
+    sites = getattr(imageset, "sites", None)
+    if sites is None:
+        return _split(labels, groups, val, test, seed)
+    sites = np.asarray(sites, dtype=object)
+    out = np.full(n, "train", dtype=object)
+    for i, site in enumerate(sorted(set(sites.tolist()))):
+        rows = np.flatnonzero(sites == site)
+        try:
+            out[rows] = _split(labels[rows], groups[rows], val, test, seed + i)
+        except MedtuneError as err:
+            raise MedtuneError(f"site {site!r}: {err}") from None
+    return out.astype(str)
+
+
+def _split(labels: np.ndarray, groups: np.ndarray, val: float, test: float, seed: int):
+    n = len(labels)
     out = np.full(n, "train", dtype=object)
     rest = np.arange(n)
     rng = np.random.default_rng(seed)

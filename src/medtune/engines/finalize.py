@@ -1,9 +1,12 @@
-"""The last step of every engine: calibrate and decode on validation, measure val and test, save
-the deployable model and the metrics into the run folder."""
+"""The last step of every engine: calibrate and decode on validation, measure val and test (pooled
+and per site), fit the site-shift model, save the deployable model and the metrics into the run
+folder."""
 
 from __future__ import annotations
 
 import dataclasses
+import logging
+import time
 from typing import Any
 
 import numpy as np
@@ -11,10 +14,17 @@ from torch import nn
 
 from medtune.config import TTA_MODES
 from medtune.data import Part
+from medtune.errors import MedtuneError
 from medtune.evaluation.calibration import apply_temperature, fit_temperature
 from medtune.evaluation.decoding import choose_decoding
 from medtune.evaluation.metrics import compute_metrics
+from medtune.evaluation.shift import SiteShiftModel
 from medtune.runs import ModelMeta, RunData, RunFolder
+
+log = logging.getLogger("medtune")
+
+#: Training images whose features fit the site-shift model (a seeded subsample above this).
+SITE_SHIFT_MAX_TRAIN = 2000
 
 
 def uint8_batches(part: Part, batch_size: int):
@@ -50,6 +60,88 @@ class ImageEvaluator:
             tta=tta,
             progress=self.progress,
         )
+
+    def logits_and_features(self, part: Part, tta: str = "none") -> tuple[np.ndarray, np.ndarray]:
+        """Logits (N, K) and the pooled features the head sees (N, D), float32, in one pass."""
+        from medtune.evaluation.inference import predict_logits_and_features
+
+        return predict_logits_and_features(
+            self.model,
+            uint8_batches(part, self.batch_size),
+            mean=self.mean,
+            std=self.std,
+            tta=tta,
+            progress=self.progress,
+        )
+
+
+def fit_site_shift(
+    evaluator: ImageEvaluator,
+    train: Part,
+    val_features: np.ndarray,
+    *,
+    max_train: int = SITE_SHIFT_MAX_TRAIN,
+    seed: int = 0,
+) -> SiteShiftModel:
+    """Fit the site-shift model on the trained model's fp32 features of the training images.
+
+    Parameters
+    ----------
+    evaluator : ImageEvaluator
+        The trained model, fed like in deployment.
+    train : Part
+        The training images; at most ``max_train`` of them (a seeded random subsample) are used.
+    val_features : ndarray, shape (M, D)
+        Features of the validation images (:meth:`ImageEvaluator.logits_and_features`), which
+        set the threshold at their 99th percentile.
+    max_train : int, default :data:`SITE_SHIFT_MAX_TRAIN` (2000)
+    seed : int, default 0
+
+    Returns
+    -------
+    SiteShiftModel
+        Mahalanobis distance with a Ledoit-Wolf covariance (Lee et al. 2018; Ledoit & Wolf
+        2004; :mod:`medtune.evaluation.shift`).
+
+    Raises
+    ------
+    MedtuneError
+        With fewer than 2 training images or non-finite features.
+    """
+    rows = train.indices
+    if len(rows) > max_train:
+        rng = np.random.default_rng(seed)
+        rows = np.sort(rng.choice(rows, size=max_train, replace=False))
+    _, train_features = evaluator.logits_and_features(Part(train.cache, rows))
+    return SiteShiftModel.fit(train_features, val_features)
+
+
+def per_site_metrics(
+    part: Part, probs: np.ndarray, **kwargs: Any
+) -> dict[str, dict[str, Any]] | None:
+    """:func:`compute_metrics` of every site's images (``None`` when the part has no sites).
+
+    ``kwargs`` go to :func:`compute_metrics` unchanged (e.g. ``val=`` the POOLED validation
+    labels and probabilities, so every site is scored at the same operating points).
+    """
+    sites = part.sites
+    if sites is None:
+        return None
+    sites = np.asarray(sites, dtype=object)
+    groups = part.groups
+    out = {}
+    for site in sorted(set(sites.tolist())):
+        rows = np.flatnonzero(sites == site)
+        try:
+            out[site] = compute_metrics(
+                part.labels[rows],
+                probs[rows],
+                groups=None if groups is None else [groups[i] for i in rows],
+                **kwargs,
+            )
+        except (MedtuneError, ValueError) as err:
+            out[site] = {"n": len(rows), "error": str(err)}
+    return out
 
 
 def finalize_run(
@@ -95,7 +187,10 @@ def finalize_run(
     # compute (issue: one model, one answer), not on bf16 training-time logits.
     evaluator = ImageEvaluator(model, meta.mean, meta.std, batch_size=batch_size, progress=progress)
     y_val = data.val.labels
-    val_logits = {tta: evaluator.logits(data.val, tta) for tta in TTA_MODES}
+    plain, val_features = evaluator.logits_and_features(data.val)
+    val_logits = {
+        tta: plain if tta == "none" else evaluator.logits(data.val, tta) for tta in TTA_MODES
+    }
     run.write_val_logits(y_val, val_logits)
     temperature = fit_temperature(val_logits["none"], y_val)
     val_probs = apply_temperature(val_logits["none"], temperature)
@@ -123,6 +218,7 @@ def finalize_run(
         ),
     )
     run.write_model(model, meta)
+    _add_per_site(metrics["val"], data.val, val_probs, val=(y_val, val_probs), **common)
     if data.test is not None:
         test_probs = apply_temperature(evaluator.logits(data.test, "none"), temperature)
         metrics["test"] = compute_metrics(
@@ -132,11 +228,13 @@ def finalize_run(
             val=(y_val, val_probs),
             **common,
         )
+        _add_per_site(metrics["test"], data.test, test_probs, val=(y_val, val_probs), **common)
     metrics["model"] = {
         "temperature": float(temperature),
         "decoding": decoding,
         "strategy": strategy,
         "stage": meta.stage,
+        "site_shift": _site_shift(evaluator, data, val_features, run),
     }
     run.write_metrics(metrics)
     return metrics
@@ -197,3 +295,24 @@ def validated_operating_points(
         "n_val_positive": int(task["n_positive"]),
         "points": points,
     }
+
+
+def _add_per_site(metrics: dict[str, Any], part: Part, probs: np.ndarray, **kwargs: Any) -> None:
+    per_site = per_site_metrics(part, probs, **kwargs)
+    if per_site is not None:
+        metrics["per_site"] = per_site
+
+
+def _site_shift(
+    evaluator: ImageEvaluator, data: RunData, val_features: np.ndarray, run: RunFolder
+) -> dict[str, Any] | None:
+    """Fit and save ``site_shift.npz``; its scalar description for ``metrics.json`` (``None``
+    with a logged warning when it cannot be fitted, e.g. a single training image)."""
+    started = time.perf_counter()
+    try:
+        shift = fit_site_shift(evaluator, data.train, val_features)
+    except MedtuneError as err:
+        log.warning("no site-shift model for this run: %s", err)
+        return None
+    run.write_site_shift(shift)
+    return {**shift.to_dict(arrays=False), "seconds": round(time.perf_counter() - started, 2)}

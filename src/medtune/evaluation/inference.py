@@ -26,7 +26,14 @@ from tqdm.auto import tqdm
 from medtune.config import TTA_MODES
 from medtune.data.normalise import normalise_batch
 
-__all__ = ["TTA_MODES", "predict_logits", "softmax", "tta_views"]
+__all__ = [
+    "TTA_MODES",
+    "head_input",
+    "predict_logits",
+    "predict_logits_and_features",
+    "softmax",
+    "tta_views",
+]
 
 
 def softmax(logits: np.ndarray, T: float = 1.0) -> np.ndarray:
@@ -62,6 +69,24 @@ def _images(batch: Any) -> torch.Tensor:
     return x
 
 
+def head_input(model: nn.Module) -> nn.Module:
+    """The model's final linear layer (``model.head``), whose input is the pooled feature vector.
+
+    Both :class:`~medtune.models.TransferModel` (backbone features, dropout off in eval mode)
+    and :class:`~medtune.models.stage_classifier.StageProbeClassifier` (the probed stage's
+    pooled activations) end in ``head``; what it receives is what the site-shift score measures.
+
+    Raises
+    ------
+    ValueError
+        When the model has no ``head`` module.
+    """
+    head = getattr(model, "head", None)
+    if not isinstance(head, nn.Module):
+        raise ValueError(f"{type(model).__name__} has no head module to read the features from")
+    return head
+
+
 def predict_logits(
     model: nn.Module,
     batches: Iterable[Any],
@@ -82,14 +107,84 @@ def predict_logits(
     enables bfloat16 autocast; ``channels_last`` converts the model and inputs to that memory
     format (the caller's model is converted in place). TTA logits are averaged (module doc).
     """
+    logits, _ = _run(
+        model, batches, mean, std, tta, bf16, channels_last, progress, device, features=False
+    )
+    return logits
+
+
+def predict_logits_and_features(
+    model: nn.Module,
+    batches: Iterable[Any],
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    tta: str = "none",
+    channels_last: bool = True,
+    progress: bool = False,
+    device: torch.device | str | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and the pooled features the head sees, in one fp32 pass.
+
+    The features are captured by a forward pre-hook on the model's head (:func:`head_input`):
+    for a :class:`~medtune.models.TransferModel` that is ``model.backbone(x)``, for a
+    ``StageProbeClassifier`` ``model.features(x)``. With TTA the features of the views are
+    averaged like the logits; the head is linear, so the averaged features still map to the
+    averaged logits. The site-shift score (:class:`medtune.evaluation.shift.SiteShiftModel`)
+    is computed from these features.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A trained image-level model with a ``head``.
+    batches : iterable of uint8 Tensor (B, 3, H, W) or ``(images, labels)`` tuples
+        Prepared images (:func:`medtune.data.prepare_image` or a prepared cache).
+    mean, std : sequence of 3 floats
+        RGB normalisation on the 0-1 scale (``ModelMeta.mean``/``std``).
+    tta : {"none", "rot90"}, default "none"
+        Test-time augmentation (module doc).
+    channels_last : bool, default True
+        Channels-last memory format.
+    progress : bool, default False
+        Show a progress bar.
+    device : torch.device or str, optional
+        Default: the model's device.
+
+    Returns
+    -------
+    logits : ndarray, shape (N, K), float32
+    features : ndarray, shape (N, D), float32
+        D is the head's input width (1,280 for EfficientNet-Lite0's top features).
+
+    Raises
+    ------
+    ValueError
+        For batches of the wrong shape or type, an unknown ``tta``, no batches, or a model
+        without a head.
+    """
+    logits, feats = _run(
+        model, batches, mean, std, tta, False, channels_last, progress, device, features=True
+    )
+    assert feats is not None
+    return logits, feats
+
+
+def _run(model, batches, mean, std, tta, bf16, channels_last, progress, device, *, features):
     if tta not in TTA_MODES:
         raise ValueError(f"tta must be one of {TTA_MODES}, got {tta!r}")
+    captured: list[torch.Tensor] = []
+    hook = None
+    if features:
+        hook = head_input(model).register_forward_pre_hook(
+            lambda _module, args: captured.append(args[0].detach().float())
+        )
     dev = torch.device(device) if device is not None else model_device(model)
     was_training = model.training
     model.eval()
     if channels_last:
         model.to(memory_format=torch.channels_last)
     outs: list[np.ndarray] = []
+    feats: list[np.ndarray] = []
     try:
         with torch.inference_mode():
             for batch in tqdm(batches, desc="predict", unit="batch", disable=not progress):
@@ -102,8 +197,14 @@ def predict_logits(
                         views.append(model(view))
                 z = torch.stack(views).float().mean(dim=0)  # (views, b, K) -> (b, K)
                 outs.append(z.cpu().numpy())
+                if features:
+                    feats.append(torch.stack(captured).mean(dim=0).flatten(1).cpu().numpy())
+                    captured.clear()
     finally:
+        if hook is not None:
+            hook.remove()
         model.train(was_training)
     if not outs:
         raise ValueError("predict_logits: no batches")
-    return np.concatenate(outs).astype(np.float32, copy=False)
+    logits = np.concatenate(outs).astype(np.float32, copy=False)
+    return logits, (np.concatenate(feats).astype(np.float32, copy=False) if features else None)

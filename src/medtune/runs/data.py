@@ -105,7 +105,7 @@ class RunData:
 
 
 def prepare_source(
-    source: str,
+    source: str | list[str],
     config: TrainConfig,
     run_dir: Path,
     *,
@@ -116,8 +116,9 @@ def prepare_source(
 
     Parameters
     ----------
-    source : str
-        A labelled image set (:func:`medtune.data.load_imageset`).
+    source : str or list of str
+        A labelled image set (:func:`medtune.data.load_imageset`), or several, one per site
+        (:func:`medtune.data.sources.load_sites`: keys, groups and sites named by the site).
     config : TrainConfig
         Its ``image_size`` (resolved), ``fundus``, ``cache_dir``, ``skip_bad`` and
         ``num_workers`` are used.
@@ -139,9 +140,17 @@ def prepare_source(
         For unreadable data (one line naming the file and the fix).
     """
     skipped_log = RunFolder(run_dir).path(RunFolder.SKIPPED) if config.skip_bad else None
-    imageset = load_imageset(
-        source, skip_bad=config.skip_bad, skipped_log=skipped_log, classes=classes
-    )
+    if isinstance(source, list) and len(source) > 1:
+        from medtune.data.sources import load_sites
+
+        imageset = load_sites(
+            source, skip_bad=config.skip_bad, skipped_log=skipped_log, classes=classes
+        )
+    else:
+        one = source[0] if isinstance(source, list) else source
+        imageset = load_imageset(
+            one, skip_bad=config.skip_bad, skipped_log=skipped_log, classes=classes
+        )
     cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
     return prepare(
         imageset,
@@ -160,11 +169,11 @@ def prepare_run_data(config: TrainConfig, run_dir: Path) -> RunData:
     Parameters
     ----------
     config : TrainConfig
-        ``data`` (and optional ``val_data``/``test_data``), the split fractions and seed, and the
-        resolved ``image_size``.
+        ``data`` (one set or a list of sites; optional ``val_data``/``test_data``), the split
+        fractions and seed, and the resolved ``image_size``.
     run_dir : pathlib.Path
         The run folder: ``splits.csv`` is read when present, else made (stratified,
-        group-aware) and written.
+        group-aware, per site when there are several) and written.
 
     Returns
     -------

@@ -13,6 +13,8 @@ Layout (``FORMAT_VERSION`` 2)::
     RUN/probe.json           the probe's stage and L2 choice (scenarios 1 and 3)
     RUN/advice.json          the advisor's evidence (``--strategy auto``)
     RUN/skipped_images.csv   unreadable images left out (``--skip-bad``)
+    RUN/site_shift.npz       the site-shift model: training features' distribution, threshold
+    RUN/adaptation.json      what ``medtune adapt`` changed (a run adapted to a new site)
     RUN/eval/<name>/         one ``medtune evaluate`` each: metrics.json, report.html, ...
 
 Version 1 folders (medtune 0.1) wrote the image size as ``input_size`` in ``model.json``; they
@@ -37,13 +39,20 @@ from medtune.io import atomic_path, write_json, write_yaml
 if TYPE_CHECKING:
     from torch import nn
 
+    from medtune.evaluation.shift import SiteShiftModel
+
 FORMAT_VERSION = 2
 
 
-def _paths(config: TrainConfig) -> dict[str, str]:
-    """The config's data and cache paths that are set."""
+def _paths(config: TrainConfig) -> dict[str, str | list[str]]:
+    """The config's data and cache paths that are set (``data`` may be a list of sites)."""
     names = ("data", "val_data", "test_data", "cache_dir")
     return {n: getattr(config, n) for n in names if getattr(config, n)}
+
+
+def _each(value: str | list[str], fn: Any) -> str | list[str]:
+    """``fn`` applied to a path or to every path of a list."""
+    return [fn(v) for v in value] if isinstance(value, list) else fn(value)
 
 
 @dataclass
@@ -159,6 +168,8 @@ class RunFolder:
     PROBE = "probe.json"
     ADVICE = "advice.json"
     SKIPPED = "skipped_images.csv"
+    SITE_SHIFT = "site_shift.npz"
+    ADAPTATION = "adaptation.json"
     PREPARE_LOCK = ".prepare.lock"
     CHECKPOINTS = "checkpoints"
     LOGS = "logs"
@@ -225,12 +236,15 @@ class RunFolder:
             )
         config = TrainConfig.load(self.config_path)
         here = self.dir.resolve()
-        moved = {k: self._relocated(v, Path(config.out), here) for k, v in _paths(config).items()}
+        old = Path(config.out)
+        moved = {
+            k: _each(v, lambda p: self._relocated(p, old, here)) for k, v in _paths(config).items()
+        }
         return dataclasses.replace(config, out=str(here), **moved)
 
     def write_config(self, config: TrainConfig) -> None:
         """Write ``config.yaml`` with absolute paths (see :meth:`read_config`)."""
-        absolute = {k: os.path.abspath(v) for k, v in _paths(config).items()}
+        absolute = {k: _each(v, os.path.abspath) for k, v in _paths(config).items()}
         config = dataclasses.replace(config, out=str(self.dir.resolve()), **absolute)
         write_yaml(self.config_path, config.to_dict())
 
@@ -334,3 +348,30 @@ class RunFolder:
 
     def write_probe_report(self, report: dict[str, Any]) -> None:
         write_json(self.dir / self.PROBE, report)
+
+    # ------------------------------------------------------------------ site shift, adaptation
+    def write_site_shift(self, model: SiteShiftModel) -> None:
+        """Save the site-shift model (:class:`medtune.evaluation.shift.SiteShiftModel`)."""
+        model.save(self.dir / self.SITE_SHIFT)
+
+    def read_site_shift(self) -> SiteShiftModel | None:
+        """The run's site-shift model, or ``None`` for a run without one (older runs, adapted
+        runs).
+
+        Raises
+        ------
+        MedtuneError
+            When the file exists but cannot be read.
+        """
+        from medtune.evaluation.shift import SiteShiftModel
+
+        path = self.dir / self.SITE_SHIFT
+        return SiteShiftModel.load(path) if path.is_file() else None
+
+    def write_adaptation(self, record: dict[str, Any]) -> None:
+        write_json(self.dir / self.ADAPTATION, record)
+
+    def read_adaptation(self) -> dict[str, Any] | None:
+        """``adaptation.json`` of a run made by ``medtune adapt``, else ``None``."""
+        path = self.dir / self.ADAPTATION
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None

@@ -17,7 +17,7 @@ from torch import nn
 
 from medtune.config import TTA_MODES, TrainConfig
 from medtune.data import Part
-from medtune.engines.finalize import ImageEvaluator
+from medtune.engines.finalize import ImageEvaluator, per_site_metrics
 from medtune.errors import MedtuneError
 from medtune.evaluation.calibration import apply_temperature
 from medtune.evaluation.decoding import decode
@@ -100,7 +100,8 @@ def evaluate(
     part = _evaluation_part(config, run, data, meta.class_names)
     # fp32, the precision the temperature, decoding and operating points were fitted in
     evaluator = ImageEvaluator(model, meta.mean, meta.std, progress=progress)
-    probs = apply_temperature(evaluator.logits(part, tta), meta.temperature)
+    logits, site_shift = _logits_and_site_shift(evaluator, part, tta, folder)
+    probs = apply_temperature(logits, meta.temperature)
     val = folder.read_val_logits()
     val_probs = apply_temperature(val[f"logits_{tta}"], meta.temperature)
     settings = {
@@ -112,6 +113,11 @@ def evaluate(
         "positive_class": meta.positive_class,
     }
     metrics = compute_metrics(part.labels, probs, groups=part.groups, **settings)
+    per_site = per_site_metrics(part, probs, **settings)  # sites (issue 13)
+    if per_site is not None:
+        metrics["per_site"] = per_site
+    if site_shift is not None:
+        metrics["site_shift"] = site_shift
     metrics["tta"] = tta
     metrics["data"] = data or f"{config.data} (test split)"
     out = folder.eval_dir(name or _default_name(data, tta))
@@ -155,6 +161,26 @@ def _images(part: Part, batch: int = 64):
     """The part's prepared images one by one, read from the cache in batches."""
     for start in range(0, len(part.indices), batch):
         yield from np.asarray(part.cache.images[part.indices[start : start + batch]])
+
+
+def _logits_and_site_shift(
+    evaluator: ImageEvaluator, part: Part, tta: str, folder: RunFolder
+) -> tuple[np.ndarray, dict[str, Any] | None]:
+    """The logits with ``tta``, and the share of images outside the training distribution
+    (:func:`medtune.evaluation.shift.shift_summary`; ``None`` for a run without
+    ``site_shift.npz``). The site-shift model was fitted on plain (no TTA) features."""
+    from medtune.evaluation.shift import shift_summary
+
+    shift = folder.read_site_shift()
+    if shift is None:
+        return evaluator.logits(part, tta), None
+    logits, features = evaluator.logits_and_features(part)
+    if tta != "none":
+        logits = evaluator.logits(part, tta)
+    scores = shift.score(features)
+    summary = shift_summary(scores > shift.threshold, shift.percentile)
+    summary.update(threshold=shift.threshold, median_score=float(np.median(scores)))
+    return logits, summary
 
 
 def _evaluation_part(
@@ -266,4 +292,6 @@ def _write_report(
         header=_header(folder, meta, config, str(metrics.get("data"))),
         curves_note=_curves_note(meta),
         quality=quality,
+        sites=metrics.get("per_site"),
+        site_shift=metrics.get("site_shift"),
     )

@@ -92,7 +92,7 @@ def build_config(
 
 
 def train(
-    data: str | Path | None = None,
+    data: str | Path | list[str] | None = None,
     *,
     out: str = _D.out,
     val_data: str | None = _D.val_data,
@@ -156,10 +156,12 @@ def train(
 
     Parameters
     ----------
-    data : str or pathlib.Path
+    data : str or pathlib.Path, or a list of them
         Training images: class folders, a folder with ``labels.csv`` / ``trainLabels.csv``, a
         CSV, or a MedMNIST ``.npz`` (``medtune.data.load_imageset``). Required unless
-        ``config`` gives it.
+        ``config`` gives it. Several sets (one per site) train on their union, split every
+        site separately (groups stay inside one split of their site) and report val/test
+        figures per site too (``per_site``); so does a ``site`` column in ``labels.csv``.
     out : str, default "runs/run"
         The run folder; nothing is written outside it (prepared images go to ``cache_dir``).
     val_data, test_data : str or None, default None
@@ -295,7 +297,7 @@ def train(
     defaults = TrainConfig()
     changed = {k: v for k, v in settings.items() if v != getattr(defaults, k)}
     if data is not None:
-        changed["data"] = str(data)
+        changed["data"] = [str(d) for d in data] if isinstance(data, (list, tuple)) else str(data)
     return run_training(build_config(config, preset, **changed))
 
 

@@ -1,0 +1,406 @@
+"""``medtune adapt``: a run adapted to a new site, written as a new run folder.
+
+Without labels, only the BatchNorm running statistics of the fine-tuned stages are re-estimated
+on the new site's unlabelled images (AdaBN, Li et al. 2016; :func:`medtune.transfer.adabn.adabn`).
+Nothing else changes: not the weights, not the head, not the frozen stages' statistics, not the
+temperature nor the operating points. Measured on APTOS -> EyePACS (``findings.md``): the
+referable AUC abroad rises (0.687 -> 0.719) but every P(referable) shifts upward, so the
+validated operating point no longer holds there; moving it needs labels.
+
+With ``labels`` (a small labelled sample of the new site) the adapted model's temperature is
+refitted on the sample (Guo et al. 2017) and every sensitivity operating point moved to the
+highest specificity that keeps its validated sensitivity on the sample
+(:func:`medtune.evaluation.metrics.move_operating_point`). The sample's logits then replace the
+run's ``val_logits.npz``: every later command that chooses operating points from validation
+logits (``evaluate``, ``predict``) finds the moved ones, with the refitted temperature.
+
+The source run is never modified. The new run keeps the source's ``config.yaml`` and
+``splits.csv`` (``evaluate`` without ``--data`` measures the adapted model on the home site's
+test split) and its ``metrics.json`` (the SOURCE model's figures, marked as such). The
+site-shift model is not carried over: it describes the source model's features, and AdaBN
+moves the new site's features towards them, so its scores would no longer mean what they say.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medtune.config import TTA_MODES
+from medtune.errors import MedtuneError
+from medtune.evaluation.metrics import (
+    MIN_SITE_POSITIVES,
+    OPERATING_POINTS,
+    BinaryTask,
+    apply_operating_point,
+    binary_task,
+    choose_operating_points,
+    move_operating_point,
+)
+from medtune.runs import ModelMeta, RunFolder
+
+log = logging.getLogger("medtune")
+
+#: The operating point named in the one-line summary (the screening default).
+SUMMARY_POINT = "sens90"
+#: Files of a run that the adapted run starts from (model files are rewritten).
+_COPIED = (RunFolder.SPLITS, RunFolder.METRICS, RunFolder.VAL_LOGITS, RunFolder.ADVICE)
+
+
+@dataclass
+class AdaptResult:
+    """What :func:`adapt` wrote.
+
+    Attributes
+    ----------
+    dir : pathlib.Path
+        The new run folder.
+    record : dict
+        ``adaptation.json``: images used, layers adapted and, with labels, the moved
+        operating points.
+    """
+
+    dir: Path
+    record: dict[str, Any]
+
+    @property
+    def summary(self) -> str:
+        """One line: ``adapted N BatchNorm layers on M images; operating point ...``."""
+        head = (
+            f"adapted {self.record['layers_adapted']} BatchNorm layers on "
+            f"{self.record['images']} images"
+        )
+        points = self.record["operating_points"]
+        if not points["moved"]:
+            return (
+                f"{head}; operating points kept (no labels from the new site: they may not hold "
+                "there, give --labels to move them)"
+            )
+        point = points["points"].get(SUMMARY_POINT) or next(iter(points["points"].values()))
+        return (
+            f"{head}; operating point {point['name']} moved from {point['from']:.4f} to "
+            f"{point['to']:.4f} (temperature {points['temperature']['from']:.3f} -> "
+            f"{points['temperature']['to']:.3f}) using {points['n_images']} labelled images "
+            f"({points['n_positives']} positives)"
+        )
+
+
+def adapt(
+    run: str | Path,
+    data: str | Path,
+    out: str | Path,
+    *,
+    labels: str | Path | None = None,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> AdaptResult:
+    """Adapt a fine-tuned run to a new site: AdaBN on its unlabelled images, optionally moved
+    operating points from a small labelled sample; written as a new run folder.
+
+    Parameters
+    ----------
+    run : str or pathlib.Path
+        A fine-tuning run folder written by :func:`medtune.train` (left unchanged).
+    data : str or pathlib.Path
+        The new site's images: any folder of images (searched recursively, hidden and non-image
+        files skipped) or a labelled set :func:`medtune.data.load_imageset` reads (its labels
+        are ignored). Prepared like the run's training images (size, fundus options).
+    out : str or pathlib.Path
+        The new run folder; must not exist or be empty, and must not be ``run``.
+    labels : str or pathlib.Path or None, default None
+        A labelled sample of the new site (any set :func:`medtune.data.load_imageset` reads,
+        labelled with the run's classes): refits the temperature and moves the sensitivity
+        operating points (``sens90``, ``sens97.5``; ``youden`` is re-chosen) on it. Needs at
+        least 10 positives and one negative of the model's binary task (referable DR for
+        five DR grades, the positive class for two classes).
+    batch_size : int, default 32
+        Images per AdaBN batch (the images are split into batches of near-equal size, since
+        each batch weighs the same in the re-estimated statistics).
+    progress : bool, default True
+        Show progress bars.
+
+    Returns
+    -------
+    AdaptResult
+        The new run folder and ``adaptation.json``'s record.
+
+    Raises
+    ------
+    MedtuneError
+        For a linear- or layer-probe run (AdaBN makes a probe collapse, ``findings.md``), an
+        ``out`` that exists or is the run, no images in ``data``, an unreadable image (naming
+        the file), or a labelled sample with too few positives or a model without a binary task.
+
+    Notes
+    -----
+    AdaBN: Li, Wang, Shi, Liu & Hou 2016, "Revisiting batch normalization for practical domain
+    adaptation". Temperature scaling: Guo et al. 2017. Sensitivity and specificity on the
+    labelled sample are where the thresholds were chosen (in-sample, optimistic); the
+    sensitivity interval is Clopper-Pearson (exact).
+    """
+    source = RunFolder(Path(run))
+    target = RunFolder(Path(out))
+    meta = source.read_meta()
+    config = source.read_config()
+    _check_adaptable(source, target, meta)
+    if batch_size < 1:
+        raise MedtuneError(f"batch_size must be at least 1, got {batch_size}")
+    sample_set = _labelled_set(source, meta, labels) if labels is not None else None
+    model, meta = source.load_model()
+    paths = _site_images(data)
+    info = _adabn(model, meta, paths, config.freeze, batch_size, progress)
+    points: dict[str, Any] = {"moved": False, "rule": "validated operating points kept"}
+    sample = None
+    if sample_set is not None:
+        sample = _sample_logits(model, meta, sample_set, batch_size, progress)
+        points = _move_points(meta, source, sample, str(labels))
+        meta = _with_temperature(meta, points["temperature"]["to"])
+    # everything is computed: only now is the new folder written
+    target.dir.mkdir(parents=True, exist_ok=True)
+    target.write_config(config)
+    for name in _COPIED:
+        if source.path(name).is_file():
+            shutil.copy2(source.path(name), target.path(name))
+    if sample is not None:
+        target.write_val_logits(sample["labels"], sample["logits"])
+    target.write_model(model, meta)
+    record = {
+        "source_run": str(source.dir.resolve()),
+        "data": str(data),
+        **info,
+        "operating_points": points,
+        "val_logits": (
+            f"the labelled sample of the new site ({labels})"
+            if labels is not None
+            else "the source run's validation logits (operating points kept)"
+        ),
+        "metrics_json": "the SOURCE run's figures, before adaptation; evaluate this run",
+        "site_shift": (
+            "not carried over: it was fitted on the source model's features, which AdaBN "
+            "changed for the new site's images"
+        ),
+    }
+    target.write_adaptation(record)
+    _mark_metrics(target, record)
+    return AdaptResult(target.dir, record)
+
+
+def _check_adaptable(source: RunFolder, target: RunFolder, meta: ModelMeta) -> None:
+    if meta.kind == "probe":
+        raise MedtuneError(
+            f"{source.dir}: a probe run cannot be adapted by AdaBN: its linear layer was fitted "
+            "on features computed with ImageNet BatchNorm statistics, and new statistics put "
+            "its logits on another scale (AUC ~0.50 even at home, findings.md); adapt a "
+            "fine-tuning run"
+        )
+    if target.dir.resolve() == source.dir.resolve():
+        raise MedtuneError(f"{target.dir}: out must be a new folder, not the run being adapted")
+    if target.dir.exists() and (not target.dir.is_dir() or any(target.dir.iterdir())):
+        raise MedtuneError(f"{target.dir}: already exists and is not empty; choose a new --out")
+
+
+def _site_images(data: str | Path) -> list[Any]:
+    """What to decode for each image of the new site: file paths, or arrays of an npz set."""
+    path = Path(data)
+    if not path.exists():
+        raise MedtuneError(f"{path}: no such file or folder; give the new site's images")
+    if path.is_dir():
+        from medtune.data.images import iter_image_files
+
+        found: list[Any] = list(iter_image_files(path))
+    else:  # a labelled set given as a CSV or an .npz: its images, labels ignored
+        from medtune.data import load_imageset
+
+        imageset = load_imageset(path)
+        found = [imageset.source_of(i) for i in range(len(imageset))]
+    if not found:
+        raise MedtuneError(f"{path}: no images found; give a folder of the new site's images")
+    return found
+
+
+def _prepared_batches(
+    sources: list[Any], meta: ModelMeta, batch_size: int, progress: bool
+) -> Iterator[Any]:
+    """uint8 (B, 3, S, S) tensors of near-equal size B <= ``batch_size``, prepared like the
+    training cache (:func:`medtune.data.prepare_image`)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from medtune.data.preprocess import prepare_image
+
+    n_batches = -(-len(sources) // batch_size)
+    chunks = np.array_split(np.arange(len(sources)), n_batches)
+    for chunk in tqdm(chunks, desc="adapt", unit="batch", disable=not progress):
+        images = np.stack([prepare_image(sources[i], meta.image_size, meta.fundus) for i in chunk])
+        yield torch.from_numpy(images).permute(0, 3, 1, 2)
+
+
+def _adabn(
+    model: Any, meta: ModelMeta, sources: list[Any], freeze: int, batch_size: int, progress: bool
+) -> dict[str, Any]:
+    from medtune.data.normalise import normalise_batch
+    from medtune.transfer.adabn import adabn
+
+    batches = (
+        normalise_batch(x, meta.mean, meta.std)
+        for x in _prepared_batches(sources, meta, batch_size, progress)
+    )
+    return adabn(model, batches, freeze)
+
+
+def _labelled_set(source: RunFolder, meta: ModelMeta, labels: str | Path) -> Any:
+    """The labelled sample, checked before any work: a binary task and enough positives."""
+    from medtune.data import load_imageset
+
+    task = binary_task(meta.class_names, meta.ordinal, meta.positive_class)
+    if task is None:
+        raise MedtuneError(
+            f"{source.dir}: the model's {meta.num_classes} classes define no binary task "
+            "(referable DR or a positive class), so it has no operating point to move; "
+            "adapt without labels"
+        )
+    imageset = load_imageset(labels, classes=meta.class_names)
+    n_pos = int(task.labels(imageset.labels).sum())
+    n_neg = len(imageset) - n_pos
+    if n_pos < MIN_SITE_POSITIVES or n_neg < 1:
+        raise MedtuneError(
+            f"{labels}: {n_pos} positive and {n_neg} negative images ({task.name}); moving the "
+            f"operating points needs at least {MIN_SITE_POSITIVES} positives and one negative: "
+            "label more images of the new site, or adapt without labels"
+        )
+    return imageset
+
+
+def _sample_logits(
+    model: Any, meta: ModelMeta, imageset: Any, batch_size: int, progress: bool
+) -> dict[str, Any]:
+    """Labels (N,) and logits per TTA mode of the labelled sample, from the adapted model."""
+    from medtune.evaluation.inference import predict_logits
+
+    sources = [imageset.source_of(i) for i in range(len(imageset))]
+    logits = {}
+    for tta in TTA_MODES:
+        batches = list(_prepared_batches(sources, meta, batch_size, progress and tta == "none"))
+        logits[tta] = predict_logits(model, batches, mean=meta.mean, std=meta.std, tta=tta)
+    return {"labels": np.asarray(imageset.labels), "logits": logits}
+
+
+def _move_points(
+    meta: ModelMeta, source: RunFolder, sample: dict[str, Any], labels: str
+) -> dict[str, Any]:
+    """The moved operating points, as recorded in ``adaptation.json``."""
+    from medtune.evaluation.calibration import apply_temperature, fit_temperature
+
+    task = binary_task(meta.class_names, meta.ordinal, meta.positive_class)
+    assert task is not None  # checked by _labelled_set
+    y, logits = sample["labels"], sample["logits"]["none"]
+    val = source.read_val_logits()
+    old = choose_operating_points(
+        task.labels(val["labels"]),
+        task.score(apply_temperature(val["logits_none"], meta.temperature)),
+    )
+    if not old:
+        raise MedtuneError(
+            f"{source.dir}: the run's validation images hold no positive or no negative case, "
+            "so it has no validated operating point to move"
+        )
+    new_t = fit_temperature(logits, y)  # the temperature move_operating_point refits
+    points: dict[str, Any] = {}
+    for name, target in OPERATING_POINTS.items():
+        if target is None:
+            continue
+        moved = move_operating_point(
+            logits,
+            y,
+            task,
+            validated_threshold=old[name]["threshold"],
+            target_sensitivity=target,
+            temperature=meta.temperature,
+        )
+        points[name] = _point(name, old[name]["threshold"], moved, task, y, logits)
+    new = choose_operating_points(task.labels(y), task.score(apply_temperature(logits, new_t)))
+    points["youden"] = _point(
+        "youden", old["youden"]["threshold"], new["youden"], task, y, logits, new_t
+    )
+    y_bin = task.labels(y)
+    return {
+        "moved": True,
+        "labels": labels,
+        "task": task.name,
+        "n_images": len(y),
+        "n_positives": int(y_bin.sum()),
+        "n_negatives": int(len(y_bin) - y_bin.sum()),
+        "temperature": {"from": float(meta.temperature), "to": float(new_t)},
+        "points": points,
+        "note": (
+            "sensitivity and specificity are on the labelled sample the thresholds were chosen "
+            "on (in-sample, optimistic); 95% intervals are Clopper-Pearson"
+        ),
+    }
+
+
+def _point(
+    name: str,
+    old_threshold: float,
+    moved: dict[str, Any],
+    task: BinaryTask,
+    y: np.ndarray,
+    logits: np.ndarray,
+    temperature: float | None = None,
+) -> dict[str, Any]:
+    """One moved point: thresholds from and to, sensitivity/specificity on the sample with
+    exact (Clopper-Pearson) 95% intervals."""
+    from scipy.stats import binomtest
+
+    from medtune.evaluation.calibration import apply_temperature
+
+    t = moved.get("temperature", temperature)
+    y_bin = task.labels(y)
+    applied = apply_operating_point(
+        y_bin, task.score(apply_temperature(logits, t)), moved["threshold"]
+    )
+    n_pos, n_neg = int(y_bin.sum()), int(len(y_bin) - y_bin.sum())
+    sens_ci = binomtest(applied["tp"], n_pos).proportion_ci(0.95, method="exact")
+    spec_ci = binomtest(applied["tn"], n_neg).proportion_ci(0.95, method="exact")
+    return {
+        "name": name,
+        "from": float(old_threshold),
+        "to": float(moved["threshold"]),
+        "rule": moved["rule"],
+        "sensitivity": applied["sensitivity"],
+        "sensitivity_ci95": [float(sens_ci.low), float(sens_ci.high)],
+        "specificity": applied["specificity"],
+        "specificity_ci95": [float(spec_ci.low), float(spec_ci.high)],
+    }
+
+
+def _with_temperature(meta: ModelMeta, temperature: float) -> ModelMeta:
+    changes: dict[str, Any] = {"temperature": float(temperature)}
+    # Where model.json stores validated operating points (branch screening), those are the
+    # source's and no longer hold: clear them so readers choose them again from val_logits.npz,
+    # which now holds the labelled sample (the moved points).
+    if "operating_points" in {f.name for f in dataclasses.fields(ModelMeta)}:
+        changes["operating_points"] = None
+    return dataclasses.replace(meta, **changes)
+
+
+def _mark_metrics(target: RunFolder, record: dict[str, Any]) -> None:
+    """Say in the copied ``metrics.json`` that its figures are the source model's."""
+    if not target.path(RunFolder.METRICS).is_file():
+        return
+    metrics = target.read_metrics()
+    metrics["adaptation"] = {
+        "source_run": record["source_run"],
+        "note": "val/test figures are the source run's, before adaptation; evaluate this run",
+        "layers_adapted": record["layers_adapted"],
+        "images": record["images"],
+        "operating_points_moved": record["operating_points"]["moved"],
+    }
+    target.write_metrics(metrics)

@@ -1,0 +1,158 @@
+"""``medtune adapt``: AdaBN changes only the BatchNorm running statistics of the fine-tuned
+stages, writes a new run that evaluate/predict/export use, and moves the operating points only
+when given labels of the new site."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_SETTINGS, write_graded_images
+from PIL import Image
+
+from medtune.errors import MedtuneError
+from medtune.runs import RunFolder
+from medtune.transfer.adabn import adaptable_norms
+from medtune.workflows.adapt import adapt
+from medtune.workflows.evaluate import evaluate
+from medtune.workflows.predict import predict
+from medtune.workflows.train import train
+
+FREEZE = 4  # test_efficientnet: 7 stages, 7 BatchNorm layers adapted, 6 kept
+
+
+def _site_b(root: Path, n_per_class: int = 12, labelled: bool = True, seed: int = 5) -> Path:
+    """Images of a 'new site': the same two classes, brighter and with another contrast."""
+    write_graded_images(root, n_per_class=n_per_class, classes=2, seed=seed)
+    for path in root.rglob("*.png"):
+        img = np.asarray(Image.open(path)).astype(np.float32)
+        Image.fromarray(np.clip(img * 0.6 + 90, 0, 255).astype(np.uint8)).save(path)
+    if not labelled:  # a flat folder of unlabelled images
+        flat = root.parent / f"{root.name}-flat"
+        flat.mkdir()
+        for i, path in enumerate(sorted(root.rglob("*.png"))):
+            path.rename(flat / f"b_{i:03d}.png")
+        return flat
+    return root
+
+
+@pytest.fixture(scope="module")
+def source_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("adapt")
+    data = write_graded_images(tmp / "data", n_per_class=12, classes=2)
+    settings = {**TINY_SETTINGS, "cache_dir": str(tmp / "cache")}
+    out = tmp / "run"
+    train(data=str(data), out=str(out), epochs=1, freeze=FREEZE, progress=False, **settings)
+    return out
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_adapt_changes_only_the_fine_tuned_batchnorm_statistics(source_run: Path, tmp_path):
+    before = _digests(source_run)
+    site_b = _site_b(tmp_path / "site-b", labelled=False)
+    out = tmp_path / "adapted"
+    result = adapt(source_run, site_b, out, batch_size=5, progress=False)
+
+    assert _digests(source_run) == before, "the source run must not change"
+    old, meta = RunFolder(source_run).load_model()
+    new, new_meta = RunFolder(out).load_model()
+    adapted, kept = adaptable_norms(new, FREEZE)
+    assert len(adapted) == 7 and len(kept) == 6
+    stats = {"running_mean", "running_var", "num_batches_tracked"}
+    adapted_keys = {f"backbone.{path}.{s}" for path in adapted for s in stats}
+    old_state, new_state = old.state_dict(), new.state_dict()
+    assert old_state.keys() == new_state.keys()
+    for key, value in old_state.items():
+        if key in adapted_keys:
+            continue
+        assert torch.equal(value, new_state[key]), f"{key} must not change"
+    for path in adapted:
+        key = f"backbone.{path}.running_mean"
+        assert not torch.allclose(old_state[key], new_state[key]), f"{key} was not re-estimated"
+
+    record = result.record
+    assert record["images"] == 24 and record["layers_adapted"] == 7
+    assert record["operating_points"]["moved"] is False
+    assert new_meta.temperature == meta.temperature
+    # without labels the validated points stay: the source's validation logits are kept
+    assert (out / "val_logits.npz").read_bytes() == (source_run / "val_logits.npz").read_bytes()
+    assert json.loads((out / "adaptation.json").read_text())["source_run"] == str(
+        source_run.resolve()
+    )
+    assert "kept" in result.summary and "adapted 7 BatchNorm layers on 24 images" in result.summary
+
+    # a usable run: evaluate (its home test split), predict and export
+    evaluated = evaluate(out, gradcam=False, n_boot=0, progress=False)
+    assert evaluated.metrics["n"] > 0
+    rows = predict([str(site_b)], run=out, progress=False)
+    assert len(rows) == 24
+    from medtune.workflows.export import export
+
+    exported = export(out, "onnx", str(tmp_path / "export"))
+    assert exported.max_abs_diff < 1e-4
+
+
+def test_thresholds_move_only_with_labels_and_evaluate_uses_the_moved_ones(
+    source_run: Path, tmp_path
+):
+    unlabelled = _site_b(tmp_path / "site-b", labelled=False)
+    sample = _site_b(tmp_path / "sample", n_per_class=12, seed=9)
+    out = tmp_path / "adapted"
+    result = adapt(source_run, unlabelled, out, labels=sample, batch_size=8, progress=False)
+
+    points = result.record["operating_points"]
+    assert points["moved"] is True
+    assert (points["n_images"], points["n_positives"], points["n_negatives"]) == (24, 12, 12)
+    sens90 = points["points"]["sens90"]
+    assert sens90["sensitivity"] >= 0.9  # the validated sensitivity holds on the sample
+    assert 0.0 <= sens90["sensitivity_ci95"][0] <= sens90["sensitivity"]
+    assert "specificity_ci95" in sens90
+    assert "using 24 labelled images (12 positives)" in result.summary
+    meta = RunFolder(out).read_meta()
+    assert meta.temperature == pytest.approx(points["temperature"]["to"])
+    val = RunFolder(out).read_val_logits()
+    assert len(val["labels"]) == 24 and {"logits_none", "logits_rot90"} <= set(val)
+    # evaluate chooses its operating points from val_logits.npz: the moved thresholds
+    evaluated = evaluate(out, gradcam=False, n_boot=0, progress=False)
+    chosen = evaluated.metrics["operating_points"]["sens90"]["threshold"]
+    assert chosen == pytest.approx(sens90["to"])
+
+
+def test_adapt_refuses_probe_runs_an_existing_out_and_too_few_positives(source_run: Path, tmp_path):
+    site_b = _site_b(tmp_path / "site-b", labelled=False)
+    with pytest.raises(MedtuneError, match="already exists"):
+        adapt(source_run, site_b, source_run.parent, progress=False)
+    few = _site_b(tmp_path / "few", n_per_class=4, seed=3)
+    with pytest.raises(MedtuneError, match="at least 10 positives"):
+        adapt(source_run, site_b, tmp_path / "never", labels=few, progress=False)
+    assert not (tmp_path / "never").exists(), "nothing is written when adapt fails"
+
+    data = write_graded_images(tmp_path / "pdata", n_per_class=6, classes=2)
+    probe = tmp_path / "probe"
+    settings = {**TINY_SETTINGS, "cache_dir": str(tmp_path / "cache")}
+    train(data=str(data), out=str(probe), strategy="linear-probe", progress=False, **settings)
+    with pytest.raises(MedtuneError, match="probe run cannot be adapted"):
+        adapt(probe, site_b, tmp_path / "probe-b", progress=False)
+
+
+def test_cli_adapt_prints_one_line(source_run: Path, tmp_path, capsys):
+    from medtune.cli.main import main
+
+    site_b = _site_b(tmp_path / "site-b", labelled=False)
+    code = main(
+        ["adapt", "--run", str(source_run), "--data", str(site_b), "--out", str(tmp_path / "b")]
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("adapted 7 BatchNorm layers on 24 images; operating points kept")
