@@ -58,6 +58,8 @@ def test_predict_screens_good_bad_and_dicom_images(tmp_path, capsys):
     dcm = np.array([float(rows["good.dcm"][k]) for k in probs])
     assert np.abs(png - dcm).max() <= 1e-5
     assert rows["good.png"]["refer"] in ("yes", "no")
+    assert all(float(r["site_shift"]) >= 0 for r in rows.values())  # the run's site-shift model
+    assert {r["outside_training"] for r in rows.values()} <= {"yes", "no"}
     assert rows["cat.png"]["refer"] == "ungradable"
 
     written = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]

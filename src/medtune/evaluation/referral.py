@@ -146,6 +146,13 @@ class PredictionRow:
     refer : str or None
         ``"yes"``, ``"no"``, ``"ungradable"`` (refer for re-imaging or in-person examination),
         ``""`` (no validated threshold), or ``None`` (no referral task).
+    site_shift : float or None
+        Mahalanobis distance of the image's features to the training images'
+        (:mod:`medtune.evaluation.shift`); ``None`` when the model has no site-shift model
+        (an exported ONNX model, or a run adapted to a new site).
+    outside_training : str or None
+        ``"yes"`` when ``site_shift`` is above the validation images' 99th percentile: the image
+        lies outside the training distribution and the validated operating point may not hold.
     """
 
     image: str
@@ -157,6 +164,8 @@ class PredictionRow:
     expected_grade: float | None = None
     p_referable: float | None = None
     refer: str | None = None
+    site_shift: float | None = None
+    outside_training: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """The row as a flat mapping in column order (``p_<grade name>`` columns)."""
@@ -173,7 +182,14 @@ class PredictionRow:
         if self.p_referable is not None:
             out["p_referable"] = self.p_referable
             out["refer"] = self.refer
+        if self.site_shift is not None:
+            out["site_shift"] = self.site_shift
+            out["outside_training"] = self.outside_training
         return out
+
+
+def _yes_no(flag: bool) -> str:
+    return "yes" if flag else "no"
 
 
 def _refer(p: float, gradable: bool, rule: ReferralRule) -> str:
@@ -193,6 +209,7 @@ def build_rows(
     decoding: Mapping[str, Any] | None,
     rule: ReferralRule | None,
     quality: Sequence[tuple[bool, str | None] | None] | None = None,
+    shift: tuple[np.ndarray, float] | None = None,
 ) -> list[PredictionRow]:
     """One :class:`PredictionRow` per image.
 
@@ -215,6 +232,9 @@ def build_rows(
     quality : sequence of (gradable, reason) or None, optional
         The image-quality verdict of each image; ``None`` (or a ``None`` entry) means not
         assessed.
+    shift : (ndarray of shape (N,), float) or None, optional
+        Site-shift scores and the threshold above which an image is outside the training
+        distribution.
 
     Returns
     -------
@@ -243,6 +263,8 @@ def build_rows(
                 expected_grade=float(scores[i]) if scores is not None else None,
                 p_referable=p_ref,
                 refer=None if rule is None else _refer(p_ref, gradable, rule),
+                site_shift=None if shift is None else float(shift[0][i]),
+                outside_training=None if shift is None else _yes_no(shift[0][i] > shift[1]),
             )
         )
     return rows

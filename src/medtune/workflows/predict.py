@@ -117,9 +117,17 @@ class Predictor:
     tta: str
     backbone: str | None
     positive_class: str | None
-    probs: Callable[[np.ndarray], np.ndarray] = field(repr=False)
+    #: prepared uint8 images (N, S, S, 3) -> calibrated probabilities (N, K) and, for a run
+    #: with a site-shift model, the images' site-shift scores (N,) (else None)
+    infer: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]] = field(repr=False)
+    #: site-shift score above which an image is outside the training distribution
+    shift_threshold: float | None = None
     torch_model: Any = field(default=None, repr=False)
     torch_meta: Any = field(default=None, repr=False)
+
+    def probs(self, images: np.ndarray) -> np.ndarray:
+        """Calibrated probabilities (N, K) of prepared uint8 images (N, S, S, 3)."""
+        return self.infer(images)[0]
 
     @property
     def grade_names(self) -> list[str]:
@@ -177,8 +185,8 @@ def _onnx_predictor(model_path: Path, tta: str) -> Predictor:
     onnx = OnnxPredictor(model_path)
     sidecar = onnx.sidecar
 
-    def probs(images: np.ndarray) -> np.ndarray:
-        return onnx.predict_proba(images, tta=None if tta == "none" else tta)
+    def infer(images: np.ndarray) -> tuple[np.ndarray, None]:
+        return onnx.predict_proba(images, tta=None if tta == "none" else tta), None
 
     return Predictor(
         source=str(model_path),
@@ -191,7 +199,7 @@ def _onnx_predictor(model_path: Path, tta: str) -> Predictor:
         tta=tta,
         backbone=sidecar.get("backbone"),
         positive_class=sidecar.get("positive_class"),
-        probs=probs,
+        infer=infer,
     )
 
 
@@ -199,15 +207,25 @@ def _run_predictor(run: Path, tta: str) -> Predictor:
     import torch
 
     from medtune.evaluation.calibration import apply_temperature
-    from medtune.evaluation.inference import predict_logits
+    from medtune.evaluation.inference import predict_logits, predict_logits_and_features
 
     folder = RunFolder(run)
     model, meta = folder.load_model()
 
-    def probs(images: np.ndarray) -> np.ndarray:  # fp32: the same probabilities as the ONNX model
+    shift_model = folder.read_site_shift()
+    norm = {"mean": meta.mean, "std": meta.std}
+
+    def infer(images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """fp32: the same probabilities as the exported ONNX model."""
         batch = torch.from_numpy(images).permute(0, 3, 1, 2)
-        logits = predict_logits(model, [batch], mean=meta.mean, std=meta.std, tta=tta)
-        return apply_temperature(logits, meta.temperature)
+        scores = None
+        if shift_model is None or tta != "none":
+            logits = predict_logits(model, [batch], tta=tta, **norm)
+        if shift_model is not None:  # the features the site-shift model was fitted on (no TTA)
+            plain, feats = predict_logits_and_features(model, [batch], **norm)
+            logits = plain if tta == "none" else logits
+            scores = shift_model.score(feats)
+        return apply_temperature(logits, meta.temperature), scores
 
     return Predictor(
         source=str(run),
@@ -220,7 +238,8 @@ def _run_predictor(run: Path, tta: str) -> Predictor:
         tta=tta,
         backbone=meta.backbone,
         positive_class=meta.positive_class,
-        probs=probs,
+        infer=infer,
+        shift_threshold=None if shift_model is None else float(shift_model.threshold),
         torch_model=model,
         torch_meta=meta,
     )
@@ -300,8 +319,9 @@ def prepare_batch(
 def _predict_batch(
     batch: PreparedBatch, predictor: Predictor, rule: ReferralRule | None
 ) -> tuple[list[PredictionRow], np.ndarray, np.ndarray]:
-    probs = predictor.probs(batch.images)
+    probs, scores = predictor.infer(batch.images)
     labels = decode(probs, predictor.decoding)
+    shift = None if scores is None else (scores, float(predictor.shift_threshold))
     rows = build_rows(
         batch.names,
         probs,
@@ -311,6 +331,7 @@ def _predict_batch(
         predictor.decoding,
         rule,
         batch.quality,
+        shift,
     )
     return rows, probs, labels
 
