@@ -9,6 +9,7 @@ The public API, one function per job (the command-line tool is a thin skin over 
     rows = medtune.predict(["photo.jpg"], run=run.dir)
     exported = medtune.export(run.dir, fmt="onnx")
     advice = medtune.advise("data/")
+    medtune.serve(model_path="runs/dr/export/model.onnx")  # web page on 127.0.0.1:8000
 
 Names are imported on first use (PEP 562, through ``lazy_loader``), so ``import medtune`` is
 cheap and the torch-free ONNX predictor (:mod:`medtune.deploy.onnx_predictor`) never imports
@@ -32,6 +33,7 @@ if TYPE_CHECKING:  # what an IDE and a type checker see; at run time names load 
     from medtune.workflows.evaluate import EvalResult, evaluate  # noqa: F401
     from medtune.workflows.export import export  # noqa: F401
     from medtune.workflows.predict import predict  # noqa: F401
+    from medtune.workflows.serve import serve  # noqa: F401
     from medtune.workflows.train import RunResult, resume, train  # noqa: F401
 
 __getattr__, __dir__, __all__ = lazy_loader.attach(
@@ -42,6 +44,7 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
         "workflows.predict": ["predict"],
         "workflows.export": ["export"],
         "workflows.advise": ["advise"],
+        "workflows.serve": ["serve"],
         "config": ["TrainConfig", "FinetuneRecipe", "InputSpec"],
         "runs": ["RunFolder"],
         "data": ["load_imageset", "prepare"],

@@ -7,6 +7,7 @@ applied automatically. With an exported ``model.onnx`` the ONNX Runtime predicto
 
 from __future__ import annotations
 
+import functools
 import glob
 import os
 import re
@@ -165,9 +166,7 @@ def _batches(paths: list[Path], progress: bool):
 
 
 def _predict_onnx(paths, model_path, tta, skip_bad, progress):
-    from medtune.deploy.onnx_predictor import OnnxPredictor
-
-    predictor = OnnxPredictor(model_path)
+    predictor = loaded_model("onnx", model_path)
     fundus = predictor.sidecar.get("fundus") or {"crop": False}
     rows, skipped = [], []
     for chunk in _batches(paths, progress):
@@ -187,7 +186,7 @@ def _predict_run(paths, run, explain, tta, skip_bad, progress):
     from medtune.evaluation.inference import predict_logits
 
     folder = RunFolder(run)
-    model, meta = folder.load_model()
+    model, meta = loaded_model("run", run)
     bf16 = _validated_in_bf16(folder)
     rows, skipped, written = [], [], set()
 
@@ -205,6 +204,39 @@ def _predict_run(paths, run, explain, tta, skip_bad, progress):
         if explain:
             _write_gradcam(model, meta, kept, images, labels, Path(explain), written)
     return rows, skipped
+
+
+def loaded_model(kind: str, path: Path):  # noqa: ANN201
+    """The model at ``path`` (``kind`` "onnx": an :class:`OnnxPredictor`; "run": ``(model,
+    meta)``), loaded once per process while its files are unchanged, so ``medtune serve`` does
+    not reload it for every request."""
+    path = Path(path)
+    if kind == "onnx" and path.is_dir():
+        path = path / "model.onnx"
+    files = (
+        [path, path.parent / "model.json"]
+        if kind == "onnx"
+        else [path / RunFolder.MODEL_WEIGHTS, path / RunFolder.MODEL_META]
+    )
+    stamp = tuple(_file_stamp(f) for f in files)
+    return _load_model(kind, str(path.resolve()), stamp)
+
+
+def _file_stamp(path: Path) -> tuple[int, int, int] | None:
+    """Changes when the file is rewritten (a new inode when replaced atomically)."""
+    if not path.is_file():
+        return None
+    stat = path.stat()
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+@functools.lru_cache(maxsize=2)
+def _load_model(kind: str, path: str, stamp: tuple):  # noqa: ANN202, ARG001 (stamp: cache key)
+    if kind == "onnx":
+        from medtune.deploy.onnx_predictor import OnnxPredictor
+
+        return OnnxPredictor(path)
+    return RunFolder(path).load_model()
 
 
 def _prefetched(chunks: Iterable[list[Path]], load):  # noqa: ANN001, ANN202
