@@ -89,7 +89,7 @@ class Bench:
         self.spec, self.args = spec, args
         self.work = Path(spec.work)
         self.train_set, self.val_set = load_imageset(spec.train_dir), load_imageset(spec.val_dir)
-        cache_dir = self.work / "cache-ablation" / "prepared"  # where medtune.train looks
+        cache_dir = self.work / "cache-ablation"  # where medtune.train (cache_dir) looks
         size = spec.image_size
         self.train_cache = prepare(self.train_set, size, {"crop": True}, cache_dir, progress=False)
         self.val_cache = prepare(self.val_set, size, {"crop": True}, cache_dir, progress=False)

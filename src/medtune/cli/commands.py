@@ -173,7 +173,12 @@ TRAIN_FLAGS: list[tuple[str, dict[str, Any]]] = [
 
 def add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="a config.yaml (e.g. RUN/config.yaml); flags override it")
-    p.add_argument("--resume", metavar="RUN", help="continue an interrupted run")
+    p.add_argument(
+        "--resume",
+        metavar="RUN",
+        help="continue an interrupted fine-tuning run with its own settings "
+        "(with --epochs N: extend a finished one to N epochs)",
+    )
     for flag, kwargs in TRAIN_FLAGS:
         p.add_argument(flag, **{"default": None, **kwargs})
     _add_data_args(p)
@@ -192,10 +197,19 @@ def train_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_train(args: argparse.Namespace) -> None:
     from medtune.config import TrainConfig
+    from medtune.errors import MedtuneError
     from medtune.workflows.train import build_config, resume, run_training
 
     if args.resume:
-        result = resume(args.resume)
+        given = train_overrides(args)
+        epochs = given.pop("epochs", None)
+        if given:
+            flags = ", ".join("--" + k.replace("_", "-") for k in sorted(given))
+            raise MedtuneError(
+                f"--resume continues {args.resume} with its own settings and ignores {flags}; "
+                "drop them (--epochs N extends the run), or train a new run with --config"
+            )
+        result = resume(args.resume, epochs=epochs)
     else:
         config = TrainConfig.load(args.config) if args.config else None
         result = run_training(build_config(config, **train_overrides(args)))

@@ -46,6 +46,7 @@ from medtune import io as mio
 from medtune.data.dicom import patient_groups
 from medtune.data.images import (
     IMAGE_EXTENSIONS,
+    ImageListing,
     is_image_file,
     list_image_files,
     load_rgb,
@@ -460,6 +461,7 @@ def _drop_empty_files(rows: _Rows, skip_bad: bool) -> _Rows:
         raw_labels=[rows.raw_labels[i] for i in keep],
         paths=[rows.paths[i] for i in keep],
         groups=None if rows.groups is None else [rows.groups[i] for i in keep],
+        split=None if rows.split is None else [rows.split[i] for i in keep],
         row_numbers=None if rows.row_numbers is None else [rows.row_numbers[i] for i in keep],
     )
 
@@ -722,8 +724,60 @@ def _popcount(x: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- class folders
 
 
+#: Folder names of an already-split layout (``root/train/<class>/``, ``root/valid/<class>/``,
+#: the common Kaggle layout), mapped to medtune's split names.
+SPLIT_FOLDERS = {
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "dev": "val",
+    "test": "test",
+    "testing": "test",
+}
+
+
+def _split_layout(folders: list[str]) -> bool:
+    """Whether the top-level folders are split names (train/valid/test) rather than classes."""
+    names = {f.lower() for f in folders}
+    return bool(names) and names <= set(SPLIT_FOLDERS) and "train" in names | {"training"}
+
+
+def _read_split_folders(root: Path, listing: ImageListing, skip_bad: bool) -> _Rows:
+    """``root/<split>/<class>/<image>``: the folders give the split and the class of each image."""
+    files = [f for f in listing.files if f.count("/") >= 2]
+    loose = [f for f in listing.files if f.count("/") < 2]
+    if loose:
+        warn_ignored(root, loose, "image (outside any <split>/<class>/ folder)")
+    warn_ignored(root, listing.ignored)
+    if not files:
+        raise MedtuneError(
+            f"{root}: split folders ({', '.join(listing.folders)}) hold no <class>/ folders with "
+            f"images; put images in {root}/train/<class>/ and {root}/valid/<class>/"
+        )
+    rows = _Rows(
+        keys=files,
+        raw_labels=[f.split("/")[1] for f in files],
+        where=root,
+        paths=[root / f for f in files],
+        split=[SPLIT_FOLDERS[f.split("/", 1)[0].lower()] for f in files],
+    )
+    rows = _drop_empty_files(rows, skip_bad)
+    log.info(
+        "%s: already split (%s): those folders are the train/val/test splits",
+        root,
+        ", ".join(listing.folders),
+    )
+    if _any_dicom(rows.paths or []):
+        rows.groups = patient_groups(rows.paths or [])
+    return rows
+
+
 def _read_class_folders(root: Path, skip_bad: bool) -> _Rows:
     listing = list_image_files(root)
+    if _split_layout(listing.folders):
+        return _read_split_folders(root, listing, skip_bad)
     files = [f for f in listing.files if "/" in f]
     if not files:
         raise MedtuneError(
@@ -877,7 +931,10 @@ def _build(rows: _Rows, path: Path, source: str, classes: Sequence[Any] | None) 
                 "fix the label or the class list"
             )
     labels = np.array([lookup[v] for v in raw], dtype=np.int64)
-    _check_class_counts(rows.where, labels, class_names)
+    if classes is None:  # a set labelled with a model's classes may lack some of them
+        _check_class_counts(rows.where, labels, class_names)
+    elif len(labels) == 0:
+        raise MedtuneError(f"{rows.where}: no labelled images; check the path")
     return ImageSet(
         keys=rows.keys,
         labels=labels,

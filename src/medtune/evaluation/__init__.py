@@ -1,5 +1,6 @@
 """medtune.evaluation: the evaluation core. Clinical metrics with intervals, operating points,
-calibration, ordinal decoding, TTA inference, Grad-CAM, figures, and the HTML report.
+calibration, ordinal decoding, TTA inference, Grad-CAM, figures, the HTML report, and the
+image-quality gate (``assess_quality``).
 
 Names are imported lazily (PEP 562, through ``lazy_loader``): the torch-free ONNX predictor
 imports :mod:`medtune.evaluation.calibration` and :mod:`medtune.evaluation.decoding`
@@ -32,5 +33,6 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
         "inference": ["predict_logits", "softmax"],
         "gradcam": ["gradcam_overlays", "select_gradcam_examples"],
         "report": ["write_report"],
+        "quality": ["QualityThresholds", "QualityVerdict", "assess_quality"],
     },
 )

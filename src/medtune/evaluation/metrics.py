@@ -480,6 +480,8 @@ def compute_metrics(
         "n": int(len(y)),
         "n_classes": K,
         "class_names": class_names,
+        # classes of the model with no image here: their recall/AUC are undefined, not zero
+        "classes_absent": [c for k, c in enumerate(class_names) if not np.any(y == k)],
         "ordinal": ordinal,
         "task": "dr_grading" if task and task.prefix else ("binary" if task else "multiclass"),
         "prediction": dict(decoding) if decoding else {"method": "argmax"},

@@ -32,9 +32,11 @@ log = logging.getLogger("medtune")
 
 
 def default_cache_dir() -> Path:
-    """``$MEDTUNE_CACHE`` or ``~/.cache/medtune``: prepared images are shared between runs."""
+    """``$MEDTUNE_CACHE`` or ``~/.cache/medtune/prepared``: prepared images are shared between
+    runs. ``medtune prepare --out CACHE`` and ``train --cache-dir CACHE`` use the same layout
+    (``CACHE/<key>/``), so a cache prepared once is found by every later command."""
     env = os.environ.get("MEDTUNE_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "medtune"
+    return Path(env) if env else Path.home() / ".cache" / "medtune" / "prepared"
 
 
 @contextlib.contextmanager
@@ -103,7 +105,12 @@ class RunData:
 
 
 def prepare_source(
-    source: str, config: TrainConfig, run_dir: Path, *, progress: bool = True
+    source: str,
+    config: TrainConfig,
+    run_dir: Path,
+    *,
+    classes: list[str] | None = None,
+    progress: bool = True,
 ) -> PreparedCache:
     """Load a data source and build (or reuse) its prepared cache at ``config.image_size``.
 
@@ -116,6 +123,9 @@ def prepare_source(
         ``num_workers`` are used.
     run_dir : pathlib.Path
         The run folder (receives ``skipped_images.csv`` with ``skip_bad``).
+    classes : list of str, optional
+        The class list to label with (a model's): the data may lack some of these classes,
+        and a label outside them is an error. Default: the data's own classes.
     progress : bool, default True
         Show a progress bar while preparing.
 
@@ -129,13 +139,15 @@ def prepare_source(
         For unreadable data (one line naming the file and the fix).
     """
     skipped_log = RunFolder(run_dir).path(RunFolder.SKIPPED) if config.skip_bad else None
-    imageset = load_imageset(source, skip_bad=config.skip_bad, skipped_log=skipped_log)
+    imageset = load_imageset(
+        source, skip_bad=config.skip_bad, skipped_log=skipped_log, classes=classes
+    )
     cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
     return prepare(
         imageset,
         config.image_size,
         FundusOptions.from_dict(config.fundus),
-        cache_dir / "prepared",
+        cache_dir,
         skip_bad=config.skip_bad,
         num_workers=config.num_workers,
         progress=progress,
@@ -168,12 +180,14 @@ def prepare_run_data(config: TrainConfig, run_dir: Path) -> RunData:
     parts = {name: Part(main, np.flatnonzero(splits == name)) for name in ("train", "val", "test")}
     for name, source in (("val", config.val_data), ("test", config.test_data)):
         if source:
-            other = prepare_source(source, config, run_dir, progress=config.progress)
-            _check_same_classes(main, other, source)
+            other = prepare_source(
+                source, config, run_dir, classes=list(main.class_names), progress=config.progress
+            )
+            _note_absent_classes(other, source)
             parts[name] = Part(other, np.arange(len(other)))
     if len(parts["val"]) == 0:
         raise MedtuneError(
-            f"{config.data}: no validation images; give --val-data or a larger data set"
+            f"{config.data}: no validation images; give val_data (--val-data) or more images"
         )
     test = parts["test"] if len(parts["test"]) else None
     return RunData(list(main.class_names), parts["train"], parts["val"], test)
@@ -193,9 +207,9 @@ def _splits_for(cache: PreparedCache, config: TrainConfig, run_dir: Path) -> np.
     return splits
 
 
-def _check_same_classes(main: PreparedCache, other: PreparedCache, source: str) -> None:
-    if list(other.class_names) != list(main.class_names):
-        raise MedtuneError(
-            f"{source}: classes {list(other.class_names)} differ from the training data's "
-            f"{list(main.class_names)}; use data with the same class names"
-        )
+def _note_absent_classes(cache: PreparedCache, source: str) -> None:
+    """A validation or test set may lack a class of the training data; say which."""
+    present = set(np.unique(np.asarray(cache.labels)).tolist())
+    absent = [c for i, c in enumerate(cache.class_names) if i not in present]
+    if absent:
+        log.warning("%s has no images of class(es) %s; their figures are left out", source, absent)

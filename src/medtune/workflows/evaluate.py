@@ -92,7 +92,7 @@ def evaluate(
     model, meta = folder.load_model()
     config = dataclasses.replace(folder.read_config(), skip_bad=skip_bad, progress=progress)
     run = folder.dir
-    part = _evaluation_part(config, run, data)
+    part = _evaluation_part(config, run, data, meta.class_names)
     # the precision the run validated in: its temperature and decoding were fitted on those logits
     evaluator = ImageEvaluator(model, meta.mean, meta.std, bf16=config.bf16, progress=progress)
     probs = apply_temperature(evaluator.logits(part, tta), meta.temperature)
@@ -117,7 +117,9 @@ def evaluate(
     return EvalResult(out, metrics, report)
 
 
-def _evaluation_part(config: TrainConfig, run: Path, data: str | None) -> Part:
+def _evaluation_part(
+    config: TrainConfig, run: Path, data: str | None, class_names: list[str]
+) -> Part:
     """The run's test split, or every image of another data set, prepared like the training."""
     if data is None:
         run_data = prepare_run_data(config, run)
@@ -127,7 +129,7 @@ def _evaluation_part(config: TrainConfig, run: Path, data: str | None) -> Part:
                 "(data=PATH, --data PATH)"
             )
         return run_data.test
-    cache = prepare_source(data, config, run, progress=config.progress)
+    cache = prepare_source(data, config, run, classes=class_names, progress=config.progress)
     return Part(cache, np.arange(len(cache)))
 
 

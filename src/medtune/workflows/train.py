@@ -362,13 +362,18 @@ def _other_rank_result(run_dir: Path, config: TrainConfig, started: float) -> Ru
     return RunResult(run_dir, config, {}, seconds, is_global_zero=False)
 
 
-def resume(run: str | Path) -> RunResult:
-    """Continue an interrupted run from ``RUN/checkpoints/last.ckpt`` with its own settings.
+def resume(run: str | Path, *, epochs: int | None = None) -> RunResult:
+    """Continue an interrupted fine-tuning run, or extend a finished one, with its own settings.
 
     Parameters
     ----------
     run : str or pathlib.Path
-        A run folder written by :func:`train`.
+        A fine-tuning run folder written by :func:`train`.
+    epochs : int, optional
+        A new total number of epochs, larger than the run's: the run continues from
+        ``RUN/checkpoints/last.ckpt`` to that many epochs (the cosine decay is re-planned over
+        the new total from where it stands). Without it, an interrupted run finishes its own
+        epochs.
 
     Returns
     -------
@@ -377,11 +382,46 @@ def resume(run: str | Path) -> RunResult:
     Raises
     ------
     MedtuneError
-        When the folder holds no ``config.yaml`` or no checkpoint.
+        When the folder holds no ``config.yaml`` or no checkpoint, when the run already finished
+        and ``epochs`` does not extend it, or for a probe run (probes fit in one go: train again).
     """
     folder = RunFolder(Path(run))
     config = folder.read_config()
-    return run_training(dataclasses.replace(config, out=str(folder.dir)), resume=True)
+    if config.strategy in PROBE_STRATEGIES:
+        raise MedtuneError(
+            f"{folder.dir}: a {config.strategy} run has no epochs to resume; train it again"
+        )
+    done = _epochs_done(folder)
+    if epochs is not None:
+        if epochs <= done:
+            raise MedtuneError(
+                f"{folder.dir}: {done} epoch(s) are done already; give more than {done} epochs "
+                "to extend the run"
+            )
+        config = dataclasses.replace(config, epochs=epochs)
+    elif folder.path(RunFolder.METRICS).is_file():
+        raise MedtuneError(
+            f"{folder.dir}: the run finished ({done} of {config.epochs} epochs; early stopping "
+            "may have ended it); give epochs (--epochs N) larger than that to train longer"
+        )
+    return run_training(config, resume=True)
+
+
+def _epochs_done(folder: RunFolder) -> int:
+    """Completed epochs of a run, from its last checkpoint (0 without one)."""
+    import torch
+
+    last = folder.last_checkpoint
+    if not last.is_file():
+        return 0
+    try:
+        state = torch.load(last, map_location="cpu", weights_only=True)
+    except Exception as err:  # torn or foreign file: name it
+        raise MedtuneError(
+            f"{last}: cannot read this checkpoint ({type(err).__name__}); delete it to restart "
+            "the run, or train again into a new folder"
+        ) from None
+    return int(state.get("epoch", -1)) + 1
 
 
 def _meta(config: TrainConfig, data: RunData) -> ModelMeta:

@@ -26,7 +26,7 @@ SIZE = 32
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 GRADES = ["0", "1", "2", "3", "4"]
-SRC = str(Path(__file__).resolve().parents[1] / "src")
+SRC = str(Path(__file__).resolve().parents[2] / "src")
 
 
 def real_like_images(n: int, size: int, seed: int = 0) -> np.ndarray:

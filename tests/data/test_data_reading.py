@@ -13,8 +13,8 @@ import pytest
 from PIL import Image, PngImagePlugin, features
 
 from medtune.data import images
-from medtune.data.cache import prepare_image
 from medtune.data.images import IMAGE_EXTENSIONS, is_hidden, list_image_files, load_rgb
+from medtune.data.preprocess import prepare_image
 from medtune.data.sources import load_imageset
 from medtune.data.splits import make_splits
 from medtune.errors import MedtuneError
@@ -221,7 +221,7 @@ def test_walker_skips_hidden_and_system_files(tmp_path: Path) -> None:
 
 
 def test_predict_walker_skips_appledouble(tmp_path: Path) -> None:
-    from medtune.evaluation.predict import expand_inputs
+    from medtune.workflows.predict import expand_inputs
 
     _png(tmp_path / "0" / "x.png", 1)
     _junk(tmp_path)
@@ -362,7 +362,7 @@ def test_near_duplicates_only_on_request(tmp_path: Path) -> None:
 
 
 def test_predict_glob_skips_hidden_and_non_images_but_keeps_named_files(tmp_path: Path) -> None:
-    from medtune.evaluation.predict import expand_inputs
+    from medtune.workflows.predict import expand_inputs
 
     _png(tmp_path / "0" / "x.png", 1)
     _junk(tmp_path)

@@ -21,8 +21,8 @@ from pydicom.uid import (  # noqa: E402
     generate_uid,
 )
 
-from medtune.data.cache import prepare_image  # noqa: E402
 from medtune.data.images import list_image_files, load_rgb  # noqa: E402
+from medtune.data.preprocess import prepare_image  # noqa: E402
 from medtune.data.sources import load_imageset  # noqa: E402
 from medtune.errors import BadImageError  # noqa: E402
 

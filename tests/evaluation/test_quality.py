@@ -1,0 +1,172 @@
+"""The image-quality gate: each rule on made-up photographs, size independence, overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw, ImageFilter
+
+from medtune.evaluation.quality import (
+    QUALITY_CODES,
+    QualityThresholds,
+    QualityVerdict,
+    assess_quality,
+    quality_measures,
+)
+
+ALL_MEASURES = {
+    "frame_level",
+    "frame_spread",
+    "fov_found",
+    "fov_fraction",
+    "corner_ratio",
+    "fov_solidity",
+    "brightness",
+    "saturation",
+    "clipped_share",
+    "red_blue",
+    "red_green",
+    "sharpness",
+}
+
+
+@functools.lru_cache(maxsize=4)
+def retina(size: int = 512) -> Image.Image:
+    """The real fundus photograph shipped with scikit-image, resized to ``size`` px."""
+    from skimage import data
+
+    return Image.fromarray(data.retina()).resize((size, size), Image.Resampling.LANCZOS)
+
+
+def blurred(img: Image.Image, sigma_per_512: float = 4.0) -> Image.Image:
+    return img.filter(ImageFilter.GaussianBlur(sigma_per_512 * max(img.size) / 512))
+
+
+def scaled(img: Image.Image, factor: float) -> Image.Image:
+    arr = np.asarray(img, dtype=np.float32) * factor
+    return Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8))
+
+
+def document() -> Image.Image:
+    page = Image.new("RGB", (300, 400), (250, 250, 247))
+    draw = ImageDraw.Draw(page)
+    for y in range(30, 370, 14):
+        for x in range(25, 260, 45):
+            draw.rectangle((x, y, x + 35, y + 6), fill=(20, 20, 20))
+    return page
+
+
+def test_real_fundus_photograph_is_gradable_with_every_measure() -> None:
+    verdict = assess_quality(retina())
+    assert isinstance(verdict, QualityVerdict)
+    assert (verdict.gradable, verdict.code, verdict.reason) == (True, "ok", None)
+    assert set(verdict.measures) == ALL_MEASURES
+    assert all(isinstance(v, float) and np.isfinite(v) for v in verdict.measures.values())
+    assert verdict.measures["fov_found"] == 1.0
+
+
+def test_synthetic_fundus_photographs_are_gradable() -> None:
+    from medtune.data.synthetic import synthesize_image
+
+    for grade in (0, 4):
+        img = Image.fromarray(synthesize_image(grade, 224, seed=grade).image)
+        assert assess_quality(img).code == "ok", grade
+
+
+@pytest.mark.parametrize(
+    ("make", "code"),
+    [
+        (blurred, "blur"),
+        (lambda im: scaled(im, 0.15), "dark"),
+        (lambda im: scaled(im, 4.0), "bright"),
+        (lambda im: Image.fromarray(np.asarray(im)[..., ::-1]), "not_fundus"),  # BGR mix-up
+        (lambda im: im.convert("L").convert("RGB"), "not_fundus"),  # grey-scale (red-free)
+    ],
+    ids=["blurred", "dark", "overexposed", "bgr", "greyscale"],
+)
+def test_each_defect_of_a_fundus_photograph_gets_its_code(make, code: str) -> None:
+    verdict = assess_quality(make(retina()))
+    assert (verdict.gradable, verdict.code, verdict.reason) == (False, code, QUALITY_CODES[code])
+
+
+@pytest.mark.parametrize(
+    ("name", "code"),
+    [("chelsea", "not_fundus"), ("coffee", "not_fundus"), ("document", "not_fundus")],
+)
+def test_photographs_that_are_not_fundus_are_rejected_as_such(name: str, code: str) -> None:
+    from skimage import data
+
+    img = document() if name == "document" else Image.fromarray(getattr(data, name)())
+    verdict = assess_quality(img)
+    assert verdict.code == code
+    assert verdict.reason == "not a colour fundus photograph"
+    assert verdict.measures["corner_ratio"] > QualityThresholds().max_corner_ratio
+
+
+def test_a_shadowed_field_of_view_is_partial() -> None:
+    arr = np.asarray(retina()).copy()
+    yy, xx = np.mgrid[:512, :512]
+    lid = (yy**2 + (xx - 256) ** 2) < 200**2  # an eyelid's shadow over the top of the retina
+    arr[lid] //= 12
+    verdict = assess_quality(Image.fromarray(arr))
+    assert verdict.code == "partial_fov"
+    assert verdict.measures["fov_solidity"] < QualityThresholds().min_solidity
+
+
+@pytest.mark.parametrize("level", [0, 128, 255])
+def test_blank_frames_have_no_field_of_view(level: int) -> None:
+    verdict = assess_quality(Image.new("RGB", (320, 240), (level, level, level)))
+    assert (verdict.gradable, verdict.code) == (False, "no_fov")
+    assert verdict.reason == "no field of view found"
+    assert "sharpness" not in verdict.measures  # later rules did not run
+
+
+def test_lens_cap_sensor_noise_has_no_field_of_view() -> None:
+    rng = np.random.default_rng(0)
+    noise = np.clip(rng.normal(8, 6, (240, 320, 3)), 0, 255).astype(np.uint8)
+    assert assess_quality(Image.fromarray(noise)).code == "no_fov"
+
+
+def test_verdict_and_sharpness_do_not_depend_on_pixel_size() -> None:
+    good = [assess_quality(retina(s)) for s in (224, 512, 1024)]
+    assert [v.code for v in good] == ["ok", "ok", "ok"]
+    sharp = [v.measures["sharpness"] for v in good]
+    assert max(sharp) - min(sharp) < 0.05, sharp
+    bad = [assess_quality(blurred(retina(s))) for s in (224, 512, 1024)]
+    assert [v.code for v in bad] == ["blur", "blur", "blur"]
+
+
+def test_exposure_is_judged_before_blur_and_shape_before_exposure() -> None:
+    assert assess_quality(scaled(blurred(retina()), 0.15)).code == "dark"
+    assert assess_quality(scaled(document(), 1.5)).code == "not_fundus"  # white page, clipped
+
+
+def test_thresholds_are_overridable_and_frozen() -> None:
+    soft = dataclasses.replace(QualityThresholds(), min_sharpness=0.1)
+    assert assess_quality(blurred(retina()), thresholds=soft).code == "ok"
+    strict = dataclasses.replace(QualityThresholds(), max_brightness=50.0)
+    assert assess_quality(retina(), thresholds=strict).code == "bright"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        QualityThresholds().min_sharpness = 0.0  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        assess_quality(retina()).code = "ok"  # type: ignore[misc]
+
+
+def test_quality_measures_computes_everything_even_for_a_blank_frame() -> None:
+    m = quality_measures(Image.new("L", (64, 48), 0))  # grey-scale mode is accepted
+    assert set(m) == ALL_MEASURES
+
+
+def test_non_image_input_is_a_type_error() -> None:
+    with pytest.raises(TypeError, match="PIL.Image.Image"):
+        assess_quality(np.zeros((8, 8, 3), dtype=np.uint8))  # type: ignore[arg-type]
+
+
+def test_gate_is_exported_lazily_from_the_evaluation_package() -> None:
+    import medtune.evaluation as evaluation
+
+    assert evaluation.assess_quality is assess_quality
+    assert "QualityThresholds" in evaluation.__all__
