@@ -390,7 +390,7 @@ def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
     for key, value in metrics.items():
         if isinstance(value, bool) or key.endswith("_ci"):
             continue
-        if isinstance(value, (int, float)):
+        if isinstance(value, float) or key == "n":
             ci = metrics.get(f"{key}_ci")
             if ci is None and isinstance(metrics.get("ci"), dict):
                 ci = metrics["ci"].get(key)
@@ -421,9 +421,23 @@ def _run_card(folder: RunFolder) -> dict[str, Any]:
     source, metrics = _best_metrics(folder)
     if metrics:
         card["metrics"] = {"source": source, "values": _headline(metrics)}
-        if isinstance(metrics.get("operating_point"), dict):
-            card["operating_point"] = metrics["operating_point"]
+        point = _operating_point(metrics)
+        if point:
+            card["operating_point"] = point
     return card
+
+
+def _operating_point(metrics: dict[str, Any]) -> dict[str, Any] | None:
+    """The run's headline referral operating point (threshold on P(referable) chosen on
+    validation) with the sensitivity and specificity measured at it and their CIs."""
+    if isinstance(metrics.get("operating_point"), dict):
+        return metrics["operating_point"]
+    points = metrics.get("operating_points")
+    name = metrics.get("headline_operating_point")
+    if not isinstance(points, dict) or name not in points:
+        return None
+    keep = ("threshold", "sensitivity", "sensitivity_ci", "specificity", "specificity_ci", "rule")
+    return {"name": name, **{k: points[name][k] for k in keep if k in points[name]}}
 
 
 def _best_metrics(folder: RunFolder) -> tuple[str | None, dict[str, Any]]:

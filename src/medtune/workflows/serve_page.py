@@ -105,12 +105,12 @@ button:disabled { background: #9aa7b8; cursor: default; }
 .decision .op { display: block; font-size: 12px; opacity: .9; }
 .warn { background: var(--warnbg); color: var(--warn); border-radius: 6px; padding: 6px 10px;
   margin: 8px 0; font-size: 14px; }
-.bars { display: grid; grid-template-columns: max-content 1fr 52px; gap: 3px 8px;
+.bars { display: grid; grid-template-columns: max-content 1fr 64px; gap: 3px 8px;
   align-items: center; font-size: 13px; margin: 6px 0; }
 .bar { height: 10px; background: #e8ecf2; border-radius: 5px; overflow: hidden; }
 .bar span { display: block; height: 100%; background: var(--accent); }
 .bar.top span { background: #0d3b73; }
-.num { text-align: right; font-variant-numeric: tabular-nums; }
+.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 .pref { font-size: 14px; margin: 4px 0; }
 figure { margin: 10px 0 0; }
 figure img { width: 100%; border-radius: 6px; border: 1px solid var(--line); }
@@ -146,10 +146,15 @@ function truthy(v) {
   if (typeof v === "number") return v !== 0;
   return ["1", "true", "yes", "refer", "y"].includes(String(v).trim().toLowerCase());
 }
-function fmt(v) {
-  if (typeof v === "number" && !Number.isInteger(v)) return v.toFixed(4);
+function fmt(v, column) {
+  const prob = column && column.startsWith("p_");
+  if (typeof v === "number" && (prob || !Number.isInteger(v))) return v.toFixed(4);
   return v === null || v === undefined ? "" : String(v);
 }
+const METRIC_NAMES = { n: "test images", balanced_accuracy: "balanced accuracy",
+  macro_f1: "macro F1", qwk: "quadratic kappa", macro_auc: "macro AUC", ece: "ECE",
+  referable_auc: "referable AUC", referable_sensitivity: "referable sensitivity",
+  referable_specificity: "referable specificity" };
 function pick(row, names) {
   for (const n of names) if (row[n] !== undefined && row[n] !== null && row[n] !== "") return n;
   return null;
@@ -186,7 +191,7 @@ function renderCard() {
   add("Training data", (t.data || "not recorded") + (t.synthetic ? " (synthetic demo set)" : ""));
   add("Strategy", t.strategy);
   const op = card.operating_point;
-  if (op) add("Operating point", opText(op));
+  if (op) add("Referral", opText(op) + (op.rule ? " (" + op.rule + ")" : ""));
   add("Intended use", card.intended_use);
   left.append(dl);
   const metrics = card.metrics;
@@ -199,7 +204,8 @@ function renderCard() {
     for (const [name, item] of Object.entries(metrics.values)) {
       const tr = el("tr");
       const ci = Array.isArray(item.ci95) ? fmt(item.ci95[0]) + " \u2013 " + fmt(item.ci95[1]) : "";
-      tr.append(el("td", null, name), el("td", "n", fmt(item.value)), el("td", "n", ci));
+      const label = METRIC_NAMES[name] || name.replace(/_/g, " ");
+      tr.append(el("td", null, label), el("td", "n", fmt(item.value)), el("td", "n", ci));
       table.append(tr);
     }
     right.append(table);
@@ -213,8 +219,13 @@ function renderCard() {
 function opText(op) {
   const parts = [];
   if (op.threshold !== undefined) parts.push("P(referable) \u2265 " + fmt(op.threshold));
-  if (op.sensitivity !== undefined) parts.push("sensitivity " + pct(op.sensitivity));
-  if (op.specificity !== undefined) parts.push("specificity " + pct(op.specificity));
+  const ci = (c) => (Array.isArray(c) ? " [" + pct(c[0]) + ", " + pct(c[1]) + "]" : "");
+  if (op.sensitivity !== undefined) {
+    parts.push("sensitivity " + pct(op.sensitivity) + ci(op.sensitivity_ci));
+  }
+  if (op.specificity !== undefined) {
+    parts.push("specificity " + pct(op.specificity) + ci(op.specificity_ci));
+  }
   return parts.length ? parts.join(", ") : JSON.stringify(op);
 }
 
@@ -291,8 +302,11 @@ function eyeCard(row, index, data) {
   if (nameKey) {
     const g = el("div", "grade");
     g.dataset.role = "grade";
-    const prefix = gradeKey !== null ? "Grade " + row[gradeKey] + " \u2013 " : "";
-    g.append(document.createTextNode(prefix + row[nameKey] + " "));
+    const index = gradeKey !== null ? String(row[gradeKey]) : null;
+    const name = String(row[nameKey]);
+    const text = index === null ? name : index === name ? "Grade " + index :
+      "Grade " + index + " \u2013 " + name;
+    g.append(document.createTextNode(text + " "));
     if (!gradable) g.append(el("small", null, "(not to be relied on: ungradable photograph)"));
     box.append(g);
   }
@@ -382,7 +396,7 @@ function render(data) {
   for (const row of data.rows) {
     const tr = el("tr");
     for (const c of data.columns) {
-      tr.append(el("td", typeof row[c] === "number" ? "n" : null, fmt(row[c])));
+      tr.append(el("td", typeof row[c] === "number" ? "n" : null, fmt(row[c], c)));
     }
     table.append(tr);
   }
