@@ -78,4 +78,4 @@ def test_the_readme_python_example_runs_as_written(tmp_path, monkeypatch):
     assert (run.dir / "model.safetensors").is_file()
     assert 0.0 <= run.metrics["test"]["accuracy"] <= 1.0
     assert (result.dir / "report.html").is_file()
-    assert len(rows) == 40 and {r["pred"] for r in rows} <= {"0", "1", "2", "3", "4"}
+    assert len(rows) == 40 and {r["grade"] for r in rows} <= {0, 1, 2, 3, 4}

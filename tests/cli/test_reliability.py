@@ -428,7 +428,7 @@ def test_predict_writes_only_inside_its_output_folder(probe_run: Path, tmp_path:
     after = _files(tmp_path, explain)
     assert victim.read_bytes() == b"precious"
     changed = {p for p in after if before.get(p) != after[p]}
-    assert changed <= {str(out)}, changed
+    assert changed <= {str(out), str(out.with_suffix(".meta.json"))}, changed
     assert all(
         p.resolve().parent == explain.resolve() for p in explain.iterdir() if not p.is_symlink()
     )
@@ -790,7 +790,7 @@ def test_predict_over_several_batches_keeps_order_and_names_a_bad_file(probe_run
     assert str(bad) in (tmp_path / "p.skipped.csv").read_text()
     one = predict([str(paths[BATCH + 4])], run=probe_run, progress=False)[0]
     last = rows[-1]  # the same image gives the same prediction alone or in a batch
-    assert last["image"] == one["image"] and last["pred"] == one["pred"]
+    assert last["image"] == one["image"] and last["grade"] == one["grade"]
     assert all(last[k] == pytest.approx(v, abs=1e-3) for k, v in one.items() if k[:2] == "p_")
     with pytest.raises(MedtuneError, match=re.escape(str(bad))):
         predict([str(images)], run=probe_run, progress=False)

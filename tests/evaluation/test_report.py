@@ -15,6 +15,7 @@ from torch import nn
 from medtune.evaluation.gradcam import gradcam_overlays, select_gradcam_examples
 from medtune.evaluation.inference import predict_logits
 from medtune.evaluation.metrics import compute_metrics
+from medtune.evaluation.plots import GradcamExample
 from medtune.evaluation.report import FIGURE_IDS, write_report
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -111,7 +112,7 @@ def test_select_gradcam_examples() -> None:
     probs = np.array([[0.9, 0.1], [0.4, 0.6], [0.2, 0.8], [0.3, 0.7]])
     picks = select_gradcam_examples(y, probs, ["no", "yes"])
     assert [i for i, _ in picks] == [0, 1, 2]
-    assert picks[1][1] == "true no, pred yes (p=0.60), wrong"
+    assert picks[1][1] == "predicted: yes, P = 0.60\ntrue: no"
 
 
 # ---------------------------------------------------------------- report
@@ -148,7 +149,10 @@ def test_report_is_self_contained(tmp_path: Path) -> None:
         "test": compute_metrics(y, probs, DR, val=(y_val, p_val), n_boot=50),
     }
     rng = np.random.default_rng(0)
-    examples = [(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), f"ex {i}") for i in range(5)]
+    examples = [
+        GradcamExample(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), rng.random((32, 32)), "e")
+        for i in range(5)
+    ]
     counts = {"train": {c: 10 for c in DR}, "val": {c: 3 for c in DR}, "test": {c: 2 for c in DR}}
     out = write_report(
         tmp_path / "rep",

@@ -38,7 +38,7 @@ BASE = "http://127.0.0.1"  # the server answers loopback Host names only
 def tiny_run(tmp_path_factory) -> Path:
     """A linear probe on made-up graded images (48 px, no pretrained weights) and its ONNX."""
     root = tmp_path_factory.mktemp("serve")
-    data = write_graded_images(root / "data")
+    data = write_graded_images(root / "data", classes=5)  # grades 0-4: a DR model, referral
     run = root / "run"
     args = ["train", "--data", str(data), "--out", str(run), "--strategy", "linear-probe"]
     assert main([*args, "--cache-dir", str(root / "cache"), *tiny_flags(image_size=48)]) == 0
@@ -108,7 +108,10 @@ def test_model_card_reads_the_run_and_says_research_use(tiny_run: Path) -> None:
     with TestClient(create_app(run=tiny_run), base_url=BASE) as client:
         card = client.get("/api/model").json()
     assert "not a medical device" in card["disclaimer"].lower()
-    assert card["model"]["classes"] == ["0", "1", "2"]
+    assert card["model"]["grades"][0] == "No DR" and len(card["model"]["grades"]) == 5
+    assert card["referral"]["operating_point"] == "sens90"
+    assert 0 <= card["referral"]["threshold"] <= 1
+    assert card["referral"]["validation_sensitivity"] is not None
     assert card["training"]["data"] == "data" and card["training"]["strategy"] == "linear-probe"
     values = card["metrics"]["values"]
     assert "accuracy" in values and 0 <= values["accuracy"]["value"] <= 1
@@ -304,7 +307,7 @@ def test_several_users_at_once_all_answered_with_their_own_rows(
     assert len(answers) == 12
     for name, row in answers:
         assert row["image"] == name
-        assert row["p_0"] == pytest.approx(expected[name]["p_0"], abs=1e-9)
+        assert row["p_referable"] == pytest.approx(expected[name]["p_referable"], abs=1e-9)
 
 
 # ------------------------------------------------------------------------------ browser
@@ -344,9 +347,8 @@ def test_page_end_to_end_in_headless_chromium(tiny_run: Path, tmp_path: Path) ->
         "playwright.sync_api", reason="playwright is not installed (.ci/run installs it)"
     )
     photos = browser_photographs(tmp_path / "photos")
-    if importlib.util.find_spec(
-        "medtune.evaluation.quality"
-    ):  # the photographs are what they claim
+    gate = importlib.util.find_spec("medtune.evaluation.quality") is not None
+    if gate:  # the three photographs are what they claim to be
         from medtune.evaluation.quality import assess_quality
 
         verdicts = [assess_quality(Image.open(p)) for p in photos]
@@ -377,10 +379,10 @@ def test_page_end_to_end_in_headless_chromium(tiny_run: Path, tmp_path: Path) ->
         assert set(shown) == {p.name for p in photos}
         for card in shown.values():
             assert card.locator("[data-role=grade]").count() == 1
-            assert card.locator(".bars .num").count() == 3  # one probability per grade
+            assert card.locator(".bars .num").count() == 5  # one probability per grade
             assert card.locator("figure img").count() == 1  # Grad-CAM
         header = page.locator("#table tr th").all_inner_texts()
-        if "quality" in header:  # the screening quality gate is in the rows
+        if gate:  # the image-quality gate is installed: predict's rows carry its verdict
             verdict = {
                 n: c.locator(".badge").get_attribute("data-verdict") for n, c in shown.items()
             }
@@ -391,7 +393,14 @@ def test_page_end_to_end_in_headless_chromium(tiny_run: Path, tmp_path: Path) ->
             }
             reason = shown["blurred_fundus.jpg"].locator(".reason").inner_text().lower()
             assert "focus" in reason or "blur" in reason
-        else:  # predict's rows carry no quality verdict yet: the page may not invent one
+            assert header[:3] == ["image", "quality", "quality_reason"]
+            decision = {n: c.locator("[data-role=decision]") for n, c in shown.items()}
+            assert decision["blurred_fundus.jpg"].get_attribute("data-refer") == "ungradable"
+            assert decision["cat.png"].get_attribute("data-refer") == "ungradable"
+            good = decision["good_fundus.jpg"]  # refer or not, at the validated threshold
+            assert good.get_attribute("data-refer") in ("yes", "no")
+            assert "sensitivity" in good.inner_text() and "specificity" in good.inner_text()
+        else:  # no gate, no verdict: the page may not invent one
             assert page.locator(".badge").count() == 0
         with page.expect_download() as download_info:
             page.click("#download")

@@ -278,26 +278,53 @@ def add_predict(p: argparse.ArgumentParser) -> None:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--run", help="a run folder (PyTorch model)")
     source.add_argument("--model", help="an exported model.onnx (ONNX Runtime, no PyTorch)")
-    p.add_argument("--out", help="write predictions to this CSV (default: print them)")
-    p.add_argument("--explain", metavar="DIR", help="write Grad-CAM overlays into DIR")
+    p.add_argument(
+        "--out", help="write predictions to this CSV, and what they mean to OUT.meta.json"
+    )
+    p.add_argument(
+        "--json",
+        nargs="?",
+        const="-",
+        metavar="PATH",
+        help="write the predictions and their meaning as JSON to PATH (no PATH: print them)",
+    )
+    p.add_argument(
+        "--operating-point",
+        choices=["sens90", "sens97.5", "youden"],
+        default="sens90",
+        help="validated threshold for the refer column (default: sens90, the most specific "
+        "threshold with >= 90%% sensitivity for referable disease on validation: screening)",
+    )
+    p.add_argument("--explain", metavar="DIR", help="write Grad-CAM figures into DIR")
     p.add_argument("--tta", choices=["none", "rot90"], default="none")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images")
 
 
 def run_predict(args: argparse.Namespace) -> None:
+    import tempfile
+    from pathlib import Path
+
     from medtune.workflows.predict import predict, to_csv
 
-    rows = predict(
-        args.inputs,
-        run=args.run,
-        model_path=args.model,
-        out=args.out,
-        explain=args.explain,
-        tta=args.tta,
-        skip_bad=args.skip_bad,
-    )
-    if args.out:
-        print(f"{len(rows)} predictions written to {args.out}")
+    to_stdout = args.json == "-"
+    with tempfile.TemporaryDirectory() as tmp:
+        json_path = Path(tmp) / "predictions.json" if to_stdout else args.json
+        rows = predict(
+            args.inputs,
+            run=args.run,
+            model_path=args.model,
+            out=args.out,
+            json_path=json_path,
+            explain=args.explain,
+            operating_point=args.operating_point,
+            tta=args.tta,
+            skip_bad=args.skip_bad,
+        )
+        if to_stdout:  # the same document as --json PATH
+            print(Path(json_path).read_text(encoding="utf-8"), end="")
+            return
+    if args.out or args.json:
+        print(f"{len(rows)} predictions written to {args.out or args.json}")
     else:
         print(to_csv(rows), end="")
 
@@ -361,6 +388,12 @@ def add_serve(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--tta", choices=["none", "rot90"], default="none")
+    p.add_argument(
+        "--operating-point",
+        choices=["sens90", "sens97.5", "youden"],
+        default="sens90",
+        help="validated threshold that sets the referral flag (default sens90, as predict)",
+    )
     p.add_argument("--workers", type=int, help="batches predicted at once (default 1 run, 2 ONNX)")
     p.add_argument("--max-files", type=int, default=50, help="images per request (default 50)")
     p.add_argument("--max-file-mb", type=float, default=25.0, help="MiB per image (default 25)")
@@ -388,6 +421,7 @@ def run_serve(args: argparse.Namespace) -> None:
         host=args.host,
         port=args.port,
         tta=args.tta,
+        operating_point=args.operating_point,
         limits=limits,
         workers=args.workers,
         log_level="info" if args.verbose else "warning",

@@ -108,14 +108,20 @@ def finalize_run(
         if meta.ordinal
         else {"method": "argmax"}
     )
-    meta = dataclasses.replace(
-        meta, temperature=float(temperature), decoding=decoding, stage=getattr(model, "stage", None)
-    )
-    run.write_model(model, meta)
     common = {"class_names": meta.class_names, "ordinal": meta.ordinal, "decoding": decoding}
     metrics = {
         "val": compute_metrics(y_val, val_probs, groups=data.val.groups, **common),
     }
+    meta = dataclasses.replace(
+        meta,
+        temperature=float(temperature),
+        decoding=decoding,
+        stage=getattr(model, "stage", None),
+        operating_points=validated_operating_points(
+            y_val, val_logits, temperature, metrics["val"], data.val.groups, common
+        ),
+    )
+    run.write_model(model, meta)
     if data.test is not None:
         test_probs = apply_temperature(evaluator.logits(data.test, "none"), temperature)
         metrics["test"] = compute_metrics(
@@ -133,3 +139,60 @@ def finalize_run(
     }
     run.write_metrics(metrics)
     return metrics
+
+
+def validated_operating_points(
+    y_val: np.ndarray,
+    val_logits: dict[str, np.ndarray],
+    temperature: float,
+    val_metrics: dict[str, Any],
+    groups: Any,
+    common: dict[str, Any],
+) -> dict[str, Any] | None:
+    """The referral thresholds chosen on validation, per TTA mode, for ``ModelMeta``.
+
+    Parameters
+    ----------
+    y_val : ndarray of int, shape (N,)
+        Validation labels.
+    val_logits : dict of str to ndarray, shape (N, K)
+        Validation logits per TTA mode (``"none"``, ``"rot90"``).
+    temperature : float
+        The fitted temperature.
+    val_metrics : dict
+        :func:`compute_metrics` of the plain (``"none"``) validation probabilities, reused.
+    groups : sequence or None
+        Patient ids (cluster bootstrap of the intervals).
+    common : dict
+        ``class_names``, ``ordinal`` and ``decoding`` for :func:`compute_metrics`.
+
+    Returns
+    -------
+    dict or None
+        ``None`` when the model has no referral task or validation lacks positives or
+        negatives; else the ``ModelMeta.operating_points`` mapping. Sensitivity and
+        specificity are those on validation, where the thresholds were chosen (in-sample), with
+        95% bootstrap intervals.
+    """
+    if not val_metrics.get("operating_points"):
+        return None
+    task = val_metrics["binary_task"]
+    points = {}
+    for tta, logits in val_logits.items():
+        m = val_metrics
+        if tta != "none":
+            probs = apply_temperature(logits, temperature)
+            m = compute_metrics(y_val, probs, groups=groups, **common)
+        keys = ("threshold", "rule", "sensitivity", "sensitivity_ci", "specificity")
+        points[tta] = {
+            name: {k: d.get(k) for k in (*keys, "specificity_ci")}
+            for name, d in (m.get("operating_points") or {}).items()
+        }
+    return {
+        "name": task["name"],
+        "positive_classes": list(task["positive_class_indices"]),
+        "score": task["score"],
+        "n_val": int(val_metrics["n"]),
+        "n_val_positive": int(task["n_positive"]),
+        "points": points,
+    }

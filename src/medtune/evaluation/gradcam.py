@@ -105,9 +105,29 @@ def select_gradcam_examples(
 ) -> list[tuple[int, str]]:
     """Pick, for each true class, the most confident correct and wrong predictions.
 
-    Returns ``[(index, caption)]`` with captions like ``"true 2, pred 3 (p=0.81), wrong"``.
-    ``pred`` defaults to the argmax of ``probs`` (pass the decoded labels when using a decoding).
+    Parameters
+    ----------
+    y_true : sequence of int, shape (N,)
+        True classes.
+    probs : ndarray, shape (N, K)
+        Calibrated probabilities.
+    class_names : sequence of str
+        Names shown in captions (pass grade names).
+    pred : sequence of int, optional
+        Decoded classes (default: the argmax of ``probs``; pass the decoded labels when using a
+        decoding).
+    n_correct, n_wrong : int, default 1
+        Examples per true class.
+
+    Returns
+    -------
+    list of (int, str)
+        ``(index, caption)`` with captions from :func:`plots.prediction_caption`, e.g.
+        ``"predicted: Moderate NPDR, P = 0.62\ntrue: Severe NPDR"`` (P: the calibrated
+        probability of the predicted class).
     """
+    from medtune.evaluation.plots import prediction_caption
+
     y = np.asarray(y_true).astype(np.int64)
     probs = np.asarray(probs, dtype=np.float64)
     yhat = probs.argmax(axis=1) if pred is None else np.asarray(pred).astype(np.int64)
@@ -117,10 +137,8 @@ def select_gradcam_examples(
         for is_correct, limit in ((True, n_correct), (False, n_wrong)):
             idx = np.flatnonzero((y == k) & ((yhat == y) == is_correct))
             for i in idx[np.argsort(-conf[idx], kind="stable")][:limit]:
-                verdict = "correct" if is_correct else "wrong"
-                caption = (
-                    f"true {class_names[y[i]]}, pred {class_names[yhat[i]]} "
-                    f"(p={conf[i]:.2f}), {verdict}"
+                caption = prediction_caption(
+                    class_names[yhat[i]], float(conf[i]), class_names[y[i]]
                 )
                 out.append((int(i), caption))
     return out

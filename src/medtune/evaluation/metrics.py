@@ -32,6 +32,7 @@ from sklearn.metrics import (
 
 from medtune.evaluation.calibration import expected_calibration_error
 from medtune.evaluation.decoding import decode
+from medtune.evaluation.grades import is_dr_grading, referral_classes, referral_name
 from medtune.evaluation.scores import (
     balanced_accuracy,
     balanced_accuracy_from_confusion,
@@ -134,12 +135,11 @@ def is_ordinal(class_names: Sequence[Any]) -> bool:
 
 def binary_task(class_names: Sequence[Any], ordinal: bool) -> BinaryTask | None:
     """Referable DR for 5 ordinal classes, the positive class (index 1) for 2 classes, else None."""
-    K = len(class_names)
-    if K == 5 and ordinal:
-        return BinaryTask("referable DR (grade >= 2)", (2, 3, 4), "referable_")
-    if K == 2:
-        return BinaryTask(f"positive class {class_names[1]!s}", (1,), "")
-    return None
+    positive = referral_classes(class_names, ordinal)  # one definition (evaluation.grades)
+    if positive is None:
+        return None
+    prefix = "referable_" if is_dr_grading(class_names, ordinal) else ""
+    return BinaryTask(str(referral_name(class_names, ordinal)), positive, prefix)
 
 
 # ---------------------------------------------------------------- operating points

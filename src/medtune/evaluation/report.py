@@ -22,9 +22,11 @@ import yaml
 from medtune import io
 from medtune.evaluation import plots
 from medtune.evaluation.calibration import reliability_curve
+from medtune.evaluation.grades import grade_names
 from medtune.evaluation.metrics import HEADLINE_METRICS
+from medtune.evaluation.referral import decoding_rule
 
-__all__ = ["FIGURE_IDS", "write_report"]
+__all__ = ["FIGURE_IDS", "SECTION_IDS", "write_report"]
 
 FIGURE_IDS = (
     "fig-class-balance",
@@ -33,6 +35,23 @@ FIGURE_IDS = (
     "fig-confusion",
     "fig-reliability",
     "fig-gradcam",
+)
+
+#: Sections of ``report.html`` in reading order (``sec-sites`` only with per-site metrics).
+SECTION_IDS = (
+    "sec-header",
+    "sec-metrics",
+    "sec-sites",
+    "sec-quality",
+    "sec-shift",
+    "sec-data",
+    "sec-per-class",
+    "sec-roc",
+    "sec-confusion",
+    "sec-calibration",
+    "sec-curves",
+    "sec-gradcam",
+    "sec-config",
 )
 
 _OP_HEADER = (
@@ -51,12 +70,13 @@ max-width:1100px;padding:0 1rem;color:#1d232a;line-height:1.45}
 h1{margin-bottom:.2rem}h2{border-bottom:2px solid #dde3ea;padding-bottom:.2rem;margin-top:2rem}
 table{border-collapse:collapse;margin:.6rem 0;font-size:.92rem}
 th,td{border:1px solid #d0d7de;padding:.3rem .6rem;text-align:left}th{background:#f3f6f9}
-td.num{text-align:right;font-variant-numeric:tabular-nums}
+td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 figure{margin:1rem 0}figure img{max-width:100%;height:auto;border:1px solid #e4e8ec}
 figcaption{font-size:.85rem;color:#57606a}
 pre{background:#f6f8fa;padding:.8rem;overflow:auto;font-size:.82rem}
 .warn{background:#fff4e5;border-left:4px solid #e8a317;padding:.6rem .9rem;margin:1rem 0}
 .missing{color:#57606a;font-style:italic}.muted{color:#57606a;font-size:.88rem}
+table.facts th{width:11rem}details{margin:1rem 0}summary{cursor:pointer;font-weight:600}
 """
 
 
@@ -131,6 +151,17 @@ def _class_counts(
     return {split: {name: int(counts[k]) for k, name in enumerate(class_names)}}
 
 
+def _named_counts(
+    counts: Mapping[str, Any], class_names: Sequence[str], shown: Sequence[str]
+) -> dict[str, Any]:
+    """The counts keyed by grade name (for the bar chart)."""
+    rename = dict(zip(class_names, shown, strict=True))
+    return {
+        s: {rename.get(c, c): n for c, n in d.items()} if isinstance(d, Mapping) else d
+        for s, d in counts.items()
+    }
+
+
 def _headline_rows(splits: Mapping[str, Mapping[str, Any]]) -> list[list[str]]:
     return [
         [label, *(_value_ci(m, key) for m in splits.values())]
@@ -142,9 +173,10 @@ def _headline_rows(splits: Mapping[str, Mapping[str, Any]]) -> list[list[str]]:
 def _op_rows(m: Mapping[str, Any]) -> list[list[str]]:
     rows = []
     for name, d in (m.get("operating_points") or {}).items():
+        label = plots.OPERATING_POINT_LABELS.get(name, name)
         rows.append(
             [
-                name + (" (headline)" if name == m.get("headline_operating_point") else ""),
+                label + (" (headline)" if name == m.get("headline_operating_point") else ""),
                 _num(d["threshold"], 4),
                 f"{_num(d['sensitivity'])} {_ci(d.get('sensitivity_ci'))}",
                 f"{_num(d['specificity'])} {_ci(d.get('specificity_ci'))}",
@@ -156,9 +188,22 @@ def _op_rows(m: Mapping[str, Any]) -> list[list[str]]:
     return rows
 
 
+def _names(m: Mapping[str, Any]) -> list[str]:
+    """Grade names of the metrics' classes (one table: :mod:`medtune.evaluation.grades`)."""
+    return grade_names(m["class_names"], bool(m.get("ordinal")))
+
+
 def _per_class_rows(m: Mapping[str, Any]) -> list[list[str]]:
+    shown = dict(zip(m["class_names"], _names(m), strict=True))
     return [
-        [name, _num(d["precision"]), _num(d["recall"]), _num(d["f1"]), d["support"], _num(d["auc"])]
+        [
+            shown.get(name, name),
+            _num(d["precision"]),
+            _num(d["recall"]),
+            _num(d["f1"]),
+            d["support"],
+            _num(d["auc"]),
+        ]
         for name, d in m["per_class"].items()
     ]
 
@@ -203,7 +248,8 @@ def _figures(
     class_names: Sequence[str],
     counts: Mapping[str, Any],
     curves_csv: str | os.PathLike[str] | None,
-    gradcam_examples: Sequence[tuple[np.ndarray, str]] | None,
+    gradcam_examples: Sequence[plots.GradcamExample] | None,
+    curves_note: str | None,
 ) -> dict[str, str]:
     binary = _binary_view(m, y, probs)
     curve = reliability_curve(probs, y)
@@ -215,43 +261,145 @@ def _figures(
         "fig-class-balance": _figure(
             "fig-class-balance",
             plots.class_balance_png(counts, class_names),
-            "Images per class.",
+            "Images per grade.",
             "",
         ),
         "fig-curves": _figure(
             "fig-curves",
             curves_png,
             "Training curves (per-epoch means from the training log).",
-            "No training log was given.",
+            curves_note or "No training log was given.",
         ),
         "fig-roc": _figure(
             "fig-roc",
             plots.roc_png(
                 y, probs, class_names, binary=binary, operating_points=m.get("operating_points")
             ),
-            "ROC curves: one-vs-rest per class"
+            "ROC curves: one grade against the rest"
             + (f"; {binary[0]} with the validation-chosen operating points" if binary else "."),
             "",
         ),
         "fig-confusion": _figure(
             "fig-confusion",
             plots.confusion_png(cm, class_names),
-            "Confusion matrix (rows = true class): counts and row-normalised.",
+            "Confusion matrix (rows = true grade): counts and row-normalised.",
             "",
         ),
         "fig-reliability": _figure(
             "fig-reliability",
             plots.reliability_png(curve),
-            "Reliability diagram (top-label confidence vs accuracy) with images per bin.",
+            "Reliability diagram (probability of the predicted grade against how often it was "
+            "right) with images per bin.",
             "",
         ),
         "fig-gradcam": _figure(
             "fig-gradcam",
-            plots.gradcam_grid_png(gradcam_examples) if gradcam_examples else None,
-            "Grad-CAM: where the network looked, for correct and incorrect predictions per class.",
+            plots.gradcam_png(gradcam_examples) if gradcam_examples else None,
+            "Grad-CAM: where the network looked, for the most confident right and wrong "
+            "prediction of each true grade.",
             "No Grad-CAM examples were given.",
         ),
     }
+
+
+# ---------------------------------------------------------------- sections
+
+
+def _facts(tid: str, rows: Sequence[Sequence[str]]) -> str:
+    """A two-column table of labelled facts (row headers, no column header)."""
+    body = "".join(
+        f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows
+    )
+    return f'<table id="{tid}" class="facts"><tbody>{body}</tbody></table>'
+
+
+def _score_in_words(m: Mapping[str, Any]) -> str:
+    """``P(referable DR) = P(Moderate NPDR) + ...`` from the binary task's classes."""
+    names = _names(m)
+    task = m["binary_task"]
+    terms = " + ".join(f"P({names[k]})" for k in task["positive_class_indices"])
+    return f"P({task['name']}) = {terms}"
+
+
+def _header(header: Mapping[str, Any] | None, m: Mapping[str, Any], main: str) -> list[list[str]]:
+    """Facts first: date, medtune version, model, data."""
+    import datetime
+
+    from medtune.version import __version__
+
+    facts: dict[str, Any] = {
+        "Date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "medtune version": __version__,
+    }
+    facts.update({k: v for k, v in (header or {}).items() if v not in (None, "")})
+    facts.setdefault("Evaluated data", f"{main} split")
+    facts["Images evaluated"] = f"{m['n']} ({m['n_classes']} grades)"
+    return [[k, str(v)] for k, v in facts.items()]
+
+
+def _sites_section(sites: Mapping[str, Mapping[str, Any]] | None) -> str:
+    if not sites:
+        return ""
+    rows = [["images", *(str(d.get("n", "")) for d in sites.values())], *_headline_rows(sites)]
+    return (
+        '<section id="sec-sites"><h2>By site</h2>'
+        + _table("tbl-sites", ["metric", *(f"{s} [95% CI]" for s in sites)], rows)
+        + '<p class="muted">The same model and validation thresholds at every site; differences '
+        "show how performance moves with the camera, population and grading.</p></section>"
+    )
+
+
+def _quality_section(quality: Mapping[str, Any] | None, m: Mapping[str, Any]) -> str:
+    head = '<section id="sec-quality"><h2>Image quality</h2>'
+    if not quality:
+        return (
+            head + '<p class="missing">Image quality was not assessed in this evaluation; every '
+            "image was graded as given.</p></section>"
+        )
+    n, bad = int(quality.get("n", m["n"])), int(quality.get("n_ungradable", 0))
+    parts = [
+        head,
+        f"<p><strong>{bad} of {n}</strong> images ({(bad / n if n else 0):.1%}) were judged "
+        "ungradable. A screening programme re-images them or refers the patient for an "
+        "examination in person; their grades below are shown for completeness only.</p>",
+    ]
+    reasons = quality.get("reasons") or {}
+    if reasons:
+        parts.append(
+            _table("tbl-quality-reasons", ["reason", "images"], list(map(list, reasons.items())))
+        )
+    gradable = quality.get("gradable_metrics")
+    if gradable:
+        parts.append(
+            _table(
+                "tbl-quality-metrics",
+                ["metric", "all images [95% CI]", "gradable images [95% CI]"],
+                _headline_rows({"all": m, "gradable": gradable}),
+            )
+        )
+    return "".join(parts) + "</section>"
+
+
+def _shift_section(shift: Mapping[str, Any] | None) -> str:
+    head = '<section id="sec-shift"><h2>Site shift</h2>'
+    if not shift:
+        return (
+            head + '<p class="missing">No site-shift score was computed for this data.</p>'
+            "</section>"
+        )
+    message = html.escape(str(shift.get("message", "")))
+    cls = "warn" if shift.get("warning") else "muted"
+    rows = [
+        [k.replace("_", " "), _num(v) if isinstance(v, float) else str(v)]
+        for k, v in shift.items()
+        if k not in ("message", "warning")
+    ]
+    return (
+        head
+        + f'<p class="{cls}">{message}</p>'
+        + (_table("tbl-shift", ["measure", "value"], rows) if rows else "")
+        + "</section>"
+    )
 
 
 # ---------------------------------------------------------------- documents
@@ -265,9 +413,11 @@ def _html(
     counts: Mapping[str, Any],
     figs: Mapping[str, str],
     synthetic: bool,
+    extra: Mapping[str, Any],
 ) -> str:
     m = splits[main]
     esc = html.escape
+    names = _names(m)
     cfg = yaml.safe_dump(_plain(config), sort_keys=False, allow_unicode=True) if config else "{}"
     boot = m.get("bootstrap") or {}
     boot_txt = (
@@ -280,27 +430,43 @@ def _html(
     thr_txt = ""
     if m.get("operating_points"):
         thr_txt = (
-            f"<p>Thresholds on {esc(m['binary_task']['score'])} were chosen on "
+            f"<h3>Operating points: {esc(m['binary_task']['name'])}</h3>"
+            f"<p>Thresholds on {esc(_score_in_words(m))} were chosen on "
             f"<strong>{esc(str(m.get('thresholds_from')))}</strong> and applied unchanged to the "
             f"{esc(main)} data; a case is positive when its score is at or above the threshold. "
-            "The headline sensitivity/specificity use the Youden point.</p>"
+            "The headline sensitivity/specificity use the Youden point; <code>medtune predict"
+            "</code> refers at the 90% sensitivity point unless told otherwise.</p>"
             + _table("tbl-operating-points", _OP_HEADER, _op_rows(m))
         )
     notes = "".join(f"<li>{esc(n)}</li>" for n in m.get("notes") or [])
     pred = m.get("prediction") or {"method": "argmax"}
+    grades = ", ".join(f"{k} = {n}" for k, n in enumerate(names))
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>{esc(title)}</title><style>{_CSS}</style></head><body>",
         f"<h1>{esc(title)}</h1>",
-        f'<p class="muted">Evaluated split: <strong>{esc(main)}</strong>, {m["n"]} images, '
-        f"{m['n_classes']} classes; predictions by {esc(str(pred.get('method')))}.</p>",
+        '<section id="sec-header">',
+        _facts("tbl-header", _header(extra.get("header"), m, main)),
+        f'<p class="muted">Grades: {esc(grades)}. Grade = '
+        f"{esc(decoding_rule(pred, names))}.</p></section>",
         _synthetic_banner(synthetic),
-        '<section id="sec-data"><h2>Data summary and class balance</h2>',
+        '<section id="sec-metrics"><h2>Headline metrics</h2>',
+        _table(
+            "tbl-metrics", ["metric", *(f"{s} [95% CI]" for s in splits)], _headline_rows(splits)
+        ),
+        f'<p class="muted">{esc(boot_txt)}{esc(_optimistic_note(splits))}</p>',
+        thr_txt,
+        f"<ul>{notes}</ul>" if notes else "",
+        "</section>",
+        _sites_section(extra.get("sites")),
+        _quality_section(extra.get("quality"), m),
+        _shift_section(extra.get("site_shift")),
+        '<section id="sec-data"><h2>Data summary and grade balance</h2>',
         _table(
             "tbl-class-counts",
-            ["split", *m["class_names"], "total"],
+            ["split", *names, "total"],
             [
                 [s, *(d.get(c, 0) for c in m["class_names"]), sum(d.values())]
                 for s, d in counts.items()
@@ -309,24 +475,12 @@ def _html(
         ),
         figs["fig-class-balance"],
         "</section>",
-        '<section id="sec-config"><h2>Configuration</h2>',
-        f"<pre>{esc(cfg)}</pre></section>",
-        '<section id="sec-metrics"><h2>Headline metrics</h2>',
-        _table(
-            "tbl-metrics", ["metric", *(f"{s} [95% CI]" for s in splits)], _headline_rows(splits)
-        ),
-        f'<p class="muted">{esc(boot_txt)}{esc(_optimistic_note(splits))}</p>',
-        thr_txt,
-        "<h3>Per class</h3>",
+        '<section id="sec-per-class"><h2>Per grade</h2>',
         _table(
             "tbl-per-class",
-            ["class", "precision", "recall", "F1", "support", "AUC"],
+            ["grade", "precision", "recall (sensitivity)", "F1", "images", "AUC (vs rest)"],
             _per_class_rows(m),
         ),
-        f"<ul>{notes}</ul>" if notes else "",
-        "</section>",
-        '<section id="sec-curves"><h2>Training curves</h2>',
-        figs["fig-curves"],
         "</section>",
         '<section id="sec-roc"><h2>ROC</h2>',
         figs["fig-roc"],
@@ -337,9 +491,15 @@ def _html(
         '<section id="sec-calibration"><h2>Calibration</h2>',
         figs["fig-reliability"],
         "</section>",
+        '<section id="sec-curves"><h2>Training curves</h2>',
+        figs["fig-curves"],
+        "</section>",
         '<section id="sec-gradcam"><h2>Grad-CAM examples</h2>',
         figs["fig-gradcam"],
         "</section>",
+        '<section id="sec-config"><h2>Configuration</h2>',
+        "<details><summary>Training settings (config.yaml)</summary>",
+        f"<pre>{esc(cfg)}</pre></details></section>",
         '<p class="muted">Research and decision-support use only; not a standalone diagnostic. '
         "See MODEL_CARD.md.</p>",
         "</body></html>",
@@ -496,20 +656,68 @@ def write_report(
     class_names: Sequence[str],
     class_counts: Mapping[str, Any] | None = None,
     curves_csv: str | os.PathLike[str] | None = None,
-    gradcam_examples: Sequence[tuple[np.ndarray, str]] | None = None,
+    gradcam_examples: Sequence[plots.GradcamExample] | None = None,
     title: str = "medtune evaluation report",
     synthetic: bool = False,
     split: str = "test",
     model_info: Mapping[str, Any] | None = None,
+    header: Mapping[str, Any] | None = None,
+    sites: Mapping[str, Mapping[str, Any]] | None = None,
+    quality: Mapping[str, Any] | None = None,
+    site_shift: Mapping[str, Any] | None = None,
+    curves_note: str | None = None,
 ) -> Path:
     """Write ``report.html``, ``summary.md`` and ``MODEL_CARD.md`` into ``out_dir``.
 
-    ``metrics``: a :func:`compute_metrics` dict for the split ``y_true``/``probs`` come from, or
-    ``{split_name: compute_metrics dict}`` (all splits are tabulated; figures use ``split``).
-    ``class_counts``: ``{class: n}`` or ``{split: {class: n}}`` (default: counts of ``y_true``).
-    ``curves_csv``: a Lightning ``metrics.csv``. ``gradcam_examples``: ``[(overlay uint8 HxWx3,
-    caption)]``. ``synthetic`` adds a warning everywhere. ``model_info``: extra model-card facts
-    (e.g. backbone, weights, temperature). Returns the path of ``report.html``.
+    ``report.html`` reads top-down for a clinician: header facts, headline metrics and operating
+    points, per-site figures, image quality, site shift, then the data, per-grade tables,
+    figures, and the configuration folded away at the end (:data:`SECTION_IDS`). Grades are
+    named throughout (:func:`medtune.evaluation.grades.grade_names`).
+
+    Parameters
+    ----------
+    out_dir : path-like
+        Output folder.
+    metrics : mapping
+        A :func:`compute_metrics` dict for the split ``y_true``/``probs`` come from, or
+        ``{split_name: compute_metrics dict}`` (all splits are tabulated; figures use ``split``).
+    config : mapping
+        The training settings (shown folded at the end).
+    y_true : array of int, shape (N,)
+        True grades.
+    probs : ndarray, shape (N, K)
+        Calibrated probabilities.
+    class_names : sequence of str
+        Class names in logit order (shown as grade names).
+    class_counts : mapping, optional
+        ``{class: n}`` or ``{split: {class: n}}`` (default: counts of ``y_true``).
+    curves_csv : path-like, optional
+        A Lightning ``metrics.csv``.
+    gradcam_examples : sequence of GradcamExample, optional
+        Image, Grad-CAM map and caption of each example.
+    title : str, default "medtune evaluation report"
+    synthetic : bool, default False
+        Adds a synthetic-data warning everywhere.
+    split : str, default "test"
+    model_info : mapping, optional
+        Extra model-card facts (e.g. backbone, weights, temperature).
+    header : mapping, optional
+        Facts for the header table, e.g. ``{"Model": ..., "Training data": ...,
+        "Evaluated data": ...}`` (date and medtune version are added).
+    sites : mapping, optional
+        ``{site: compute_metrics dict}``; a per-site table when given.
+    quality : mapping, optional
+        ``{"n", "n_ungradable", "reasons": {reason: n}, "gradable_metrics": compute_metrics
+        dict}``: the share ungradable and the metrics on gradable images beside all images.
+    site_shift : mapping, optional
+        :func:`medtune.evaluation.shift.shift_summary`-style ``{"message", "warning", ...}``.
+    curves_note : str, optional
+        Why there are no training curves (e.g. a linear probe has no epochs).
+
+    Returns
+    -------
+    pathlib.Path
+        The path of ``report.html``.
     """
     out = Path(out_dir)
     y = np.asarray(y_true).astype(np.int64).ravel()
@@ -517,9 +725,20 @@ def write_report(
     class_names = [str(c) for c in class_names]
     splits, main = _splits(metrics, split)
     counts = _class_counts(class_counts, y, class_names, main)
-    figs = _figures(splits[main], y, probs, class_names, counts, curves_csv, gradcam_examples)
+    shown = _names(splits[main])
+    figs = _figures(
+        splits[main],
+        y,
+        probs,
+        shown,
+        _named_counts(counts, class_names, shown),
+        curves_csv,
+        gradcam_examples,
+        curves_note,
+    )
+    extra = {"header": header, "sites": sites, "quality": quality, "site_shift": site_shift}
     report = out / "report.html"
-    io.write_text(report, _html(title, splits, main, config, counts, figs, synthetic))
+    io.write_text(report, _html(title, splits, main, config, counts, figs, synthetic, extra))
     io.write_text(out / "summary.md", _summary_md(title, splits, main, synthetic))
     io.write_text(
         out / "MODEL_CARD.md",

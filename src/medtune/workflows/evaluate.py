@@ -149,16 +149,18 @@ def target_layer(model: nn.Module) -> nn.Module:
     return model.backbone.get_submodule(model.stages[-1].tap)
 
 
-def _gradcam_examples(
-    model: nn.Module, meta: ModelMeta, part: Any, probs: np.ndarray
-) -> list[tuple[np.ndarray, str]]:
-    from medtune.evaluation.gradcam import gradcam_overlays, select_gradcam_examples
+def _gradcam_examples(model: nn.Module, meta: ModelMeta, part: Any, probs: np.ndarray) -> list:
+    """The most confident right and wrong prediction per true grade, as captioned Grad-CAM
+    panels (map, image, "predicted: ..., P = ...; true: ...")."""
+    from medtune.evaluation.gradcam import gradcam_maps, select_gradcam_examples
+    from medtune.evaluation.grades import grade_names
+    from medtune.evaluation.plots import GradcamExample
 
     pred = decode(probs, meta.decoding)
     picks = select_gradcam_examples(
         part.labels,
         probs,
-        meta.class_names,
+        grade_names(meta.class_names, meta.ordinal),
         pred=pred,
         n_correct=GRADCAM_PER_CLASS,
         n_wrong=GRADCAM_PER_CLASS,
@@ -167,7 +169,7 @@ def _gradcam_examples(
         return []
     rows = [i for i, _ in picks]
     images = np.array(part.cache.images[part.indices[rows]])
-    overlays = gradcam_overlays(
+    maps = gradcam_maps(
         model,
         target_layer(model),
         images,
@@ -175,7 +177,31 @@ def _gradcam_examples(
         meta.std,
         targets=[int(pred[i]) for i in rows],
     )
-    return [(overlay, caption) for overlay, (_, caption) in zip(overlays, picks, strict=True)]
+    return [
+        GradcamExample(image, cam, caption)
+        for image, cam, (_, caption) in zip(images, maps, picks, strict=True)
+    ]
+
+
+def _header(folder: RunFolder, meta: ModelMeta, config: TrainConfig, data: str) -> dict:
+    """Header facts of the report: model, training data, evaluated data."""
+    kind = "linear probe" if meta.kind == "probe" else "fine-tuned"
+    stage = f", stage {meta.stage}" if meta.stage else ""
+    return {
+        "Model": f"{meta.backbone} ({kind}{stage}), run {folder.dir.name}",
+        "Training data": str(config.data),
+        "Evaluated data": data,
+        "Decoding": (meta.decoding or {}).get("method", "argmax"),
+    }
+
+
+def _curves_note(meta: ModelMeta) -> str:
+    if meta.kind == "probe":
+        return (
+            "A linear probe is fitted on frozen features in one step, so it has no training "
+            "epochs to plot; its layer and L2 choice are in probe.json."
+        )
+    return "The run has no training log (logs/metrics.csv)."
 
 
 def _write_report(out, folder: RunFolder, meta, config, metrics, part, probs, examples) -> Path:
@@ -194,5 +220,7 @@ def _write_report(out, folder: RunFolder, meta, config, metrics, part, probs, ex
         title=f"medtune evaluation: {folder.dir.name}",
         synthetic=meta.synthetic,
         split="test",
-        model_info=dataclasses.asdict(meta),
+        model_info={k: v for k, v in dataclasses.asdict(meta).items() if k != "operating_points"},
+        header=_header(folder, meta, config, str(metrics.get("data"))),
+        curves_note=_curves_note(meta),
     )

@@ -1,29 +1,52 @@
-"""``medtune predict``: probabilities, decoded class and optional Grad-CAM for image files.
+"""``medtune predict``: the screening output of every image, with a trained run or an exported
+ONNX model.
 
-The run's own preprocessing (fundus crop, size, normalisation), temperature and decoding are
-applied automatically. With an exported ``model.onnx`` the ONNX Runtime predictor is used instead
-(no PyTorch in the loop).
+Per image: the image-quality verdict, the decoded grade and its name, the calibrated probability
+of every grade, P(referable) and the referral flag at an operating point chosen on validation
+(``docs/screening.md``, "Referral output"). The run's own preprocessing (fundus crop, size,
+normalisation), temperature and decoding are applied; with an exported ``model.onnx`` the ONNX
+Runtime predictor is used instead (no PyTorch in the loop) and the rows are the same.
+
+:func:`predict_images` is the one place rows are made from decoded images; :func:`predict`
+(files) and the web page call it, and :func:`to_csv` is the one CSV writer.
 """
 
 from __future__ import annotations
 
-import functools
+import csv
 import glob
+import io
+import json
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from PIL import Image
 from tqdm.auto import tqdm
 
+from medtune.config import TTA_MODES
 from medtune.data.images import is_listed_image, iter_image_files
-from medtune.data.preprocess import prepare_image
+from medtune.data.preprocess import DECODE_SIDE_FACTOR, decode_source, prepare_image
 from medtune.errors import BadImageError, MedtuneError
-from medtune.io import write_text
+from medtune.evaluation.decoding import decode
+from medtune.evaluation.grades import grade_names
+from medtune.evaluation.referral import (
+    DEFAULT_OPERATING_POINT,
+    PredictionRow,
+    ReferralRule,
+    build_rows,
+    predictions_meta,
+    referral_rule,
+)
+from medtune.io import write_json, write_text
 from medtune.runs import RunFolder
 
 BATCH = 32
+QUALITY_NOT_ASSESSED = "not assessed (no image-quality gate in this medtune)"
 
 
 def expand_inputs(inputs: Sequence[str]) -> list[Path]:
@@ -48,21 +71,321 @@ def expand_inputs(inputs: Sequence[str]) -> list[Path]:
     return found
 
 
+# ---------------------------------------------------------------------------- the model
+
+
+@dataclass
+class Predictor:
+    """A loaded model (a PyTorch run or an ONNX export) and what reading its outputs needs.
+
+    Make one with :func:`load_predictor`; pass it to :func:`predict_images`.
+
+    Attributes
+    ----------
+    source : str
+        The run folder or ``model.onnx``.
+    class_names : list of str
+        Class names in logit order.
+    ordinal : bool
+        Graded labels.
+    decoding : dict
+        How probabilities become a grade (:func:`medtune.evaluation.decoding.decode`).
+    operating_points : dict or None
+        Validated referral thresholds (``ModelMeta.operating_points``).
+    image_size : int
+        Network input side, pixels.
+    fundus : dict
+        Fundus preprocessing options.
+    tta : str
+        Test-time augmentation.
+    backbone : str or None
+        The network.
+    """
+
+    source: str
+    class_names: list[str]
+    ordinal: bool
+    decoding: dict[str, Any]
+    operating_points: dict[str, Any] | None
+    image_size: int
+    fundus: dict[str, Any]
+    tta: str
+    backbone: str | None
+    probs: Callable[[np.ndarray], np.ndarray] = field(repr=False)
+    torch_model: Any = field(default=None, repr=False)
+    torch_meta: Any = field(default=None, repr=False)
+
+    @property
+    def grade_names(self) -> list[str]:
+        """Display names of the grades (DR grade names for a 5-grade DR model)."""
+        return grade_names(self.class_names, self.ordinal)
+
+    def referral(self, operating_point: str = DEFAULT_OPERATING_POINT) -> ReferralRule | None:
+        """The referral rule at ``operating_point`` (None: the model has no referral task)."""
+        return referral_rule(
+            self.class_names, self.ordinal, self.operating_points, operating_point, self.tta
+        )
+
+
+def load_predictor(
+    *, run: str | Path | None = None, model_path: str | Path | None = None, tta: str = "none"
+) -> Predictor:
+    """Load a run (PyTorch) or an exported ``model.onnx`` (ONNX Runtime) for prediction.
+
+    Parameters
+    ----------
+    run : str or pathlib.Path, optional
+        A run folder.
+    model_path : str or pathlib.Path, optional
+        An exported ``model.onnx`` (or its folder) with its ``model.json``. Exactly one of
+        ``run`` and ``model_path`` is given.
+    tta : {"none", "rot90"}, default "none"
+        Average the logits of the four 90-degree rotations.
+
+    Returns
+    -------
+    Predictor
+
+    Raises
+    ------
+    MedtuneError
+        For no or both model sources, an unknown ``tta``, or a folder without a model.
+    """
+    if (run is None) == (model_path is None):
+        raise MedtuneError("give either run (a run folder) or model_path (an exported model.onnx)")
+    if tta not in TTA_MODES:
+        raise MedtuneError(f"tta {tta!r} is unknown; use one of {', '.join(TTA_MODES)}")
+    if model_path is not None:
+        return _onnx_predictor(Path(model_path), tta)
+    return _run_predictor(Path(run), tta)
+
+
+def _onnx_predictor(model_path: Path, tta: str) -> Predictor:
+    from medtune.deploy.onnx_predictor import OnnxPredictor
+
+    onnx = OnnxPredictor(model_path)
+    sidecar = onnx.sidecar
+
+    def probs(images: np.ndarray) -> np.ndarray:
+        return onnx.predict_proba(images, tta=None if tta == "none" else tta)
+
+    return Predictor(
+        source=str(model_path),
+        class_names=onnx.class_names,
+        ordinal=bool(sidecar.get("ordinal", False)),
+        decoding=onnx.decoding,
+        operating_points=sidecar.get("operating_points"),
+        image_size=onnx.image_size,
+        fundus=sidecar.get("fundus") or {"crop": False},
+        tta=tta,
+        backbone=sidecar.get("backbone"),
+        probs=probs,
+    )
+
+
+def _run_predictor(run: Path, tta: str) -> Predictor:
+    import torch
+
+    from medtune.evaluation.calibration import apply_temperature
+    from medtune.evaluation.inference import predict_logits
+
+    folder = RunFolder(run)
+    model, meta = folder.load_model()
+    bf16 = _validated_in_bf16(folder)
+
+    def probs(images: np.ndarray) -> np.ndarray:
+        batch = torch.from_numpy(images).permute(0, 3, 1, 2)
+        logits = predict_logits(model, [batch], mean=meta.mean, std=meta.std, tta=tta, bf16=bf16)
+        return apply_temperature(logits, meta.temperature)
+
+    return Predictor(
+        source=str(run),
+        class_names=list(meta.class_names),
+        ordinal=meta.ordinal,
+        decoding=dict(meta.decoding),
+        operating_points=meta.operating_points or _points_from_val_logits(folder, meta),
+        image_size=meta.image_size,
+        fundus=dict(meta.fundus),
+        tta=tta,
+        backbone=meta.backbone,
+        probs=probs,
+        torch_model=model,
+        torch_meta=meta,
+    )
+
+
+def _points_from_val_logits(folder: RunFolder, meta: Any) -> dict[str, Any] | None:
+    """Runs trained before ``ModelMeta.operating_points``: choose them from ``val_logits.npz``
+    exactly as training now does."""
+    from medtune.engines.finalize import validated_operating_points
+    from medtune.evaluation.calibration import apply_temperature
+    from medtune.evaluation.metrics import compute_metrics
+
+    try:
+        val = folder.read_val_logits()
+    except MedtuneError:
+        return None
+    logits = {k[len("logits_") :]: v for k, v in val.items() if k.startswith("logits_")}
+    common = {"class_names": meta.class_names, "ordinal": meta.ordinal, "decoding": meta.decoding}
+    probs = apply_temperature(logits["none"], meta.temperature)
+    metrics = compute_metrics(val["labels"], probs, **common)
+    return validated_operating_points(
+        val["labels"], logits, meta.temperature, metrics, None, common
+    )
+
+
+def _validated_in_bf16(folder: RunFolder) -> bool:
+    """Predict in the precision the run validated in (its temperature and decoding were fitted on
+    those logits); bf16 is also 2.3x faster on a CPU with bf16 units (docs/performance.md)."""
+    return folder.has_config() and folder.read_config().bf16
+
+
+# ---------------------------------------------------------------------------- rows
+
+
+def assess_image_quality(img: Image.Image) -> tuple[bool, str | None] | None:
+    """``(gradable, reason)`` of a decoded image, or ``None`` when no quality gate exists."""
+    try:
+        from medtune.evaluation.quality import assess_quality
+    except ImportError:  # the image-quality gate lands separately (issue 14, item 1)
+        return None
+    verdict = assess_quality(img)
+    return bool(verdict.gradable), verdict.reason
+
+
+@dataclass
+class PreparedBatch:
+    """Decoded images ready for the model: names, network inputs and quality verdicts."""
+
+    names: list[str]
+    images: np.ndarray  # uint8 N x S x S x 3
+    quality: list[tuple[bool, str | None] | None]
+
+
+def prepare_batch(
+    names: Sequence[str], images: Sequence[Image.Image], predictor: Predictor
+) -> PreparedBatch:
+    """Judge image quality on each decoded image, then preprocess it as training did.
+
+    Parameters
+    ----------
+    names : sequence of str
+        One name per image.
+    images : sequence of PIL.Image.Image
+        Decoded images (any size; :func:`medtune.data.preprocess.decode_source`).
+    predictor : Predictor
+        Supplies the input size and fundus options.
+
+    Returns
+    -------
+    PreparedBatch
+    """
+    quality = [assess_image_quality(img) for img in images]
+    arrays = [prepare_image(img, predictor.image_size, predictor.fundus) for img in images]
+    size = predictor.image_size
+    stacked = np.stack(arrays) if arrays else np.zeros((0, size, size, 3), np.uint8)
+    return PreparedBatch(list(names), stacked, quality)
+
+
+def _predict_batch(
+    batch: PreparedBatch, predictor: Predictor, rule: ReferralRule | None
+) -> tuple[list[PredictionRow], np.ndarray, np.ndarray]:
+    probs = predictor.probs(batch.images)
+    labels = decode(probs, predictor.decoding)
+    rows = build_rows(
+        batch.names,
+        probs,
+        labels,
+        predictor.class_names,
+        predictor.ordinal,
+        predictor.decoding,
+        rule,
+        batch.quality,
+    )
+    return rows, probs, labels
+
+
+def predict_images(
+    names: Sequence[str],
+    images: Sequence[Image.Image],
+    predictor: Predictor,
+    *,
+    operating_point: str = DEFAULT_OPERATING_POINT,
+) -> list[PredictionRow]:
+    """Screening rows for decoded images (the web page's entry point; :func:`predict` uses the
+    same steps for files).
+
+    Parameters
+    ----------
+    names : sequence of str
+        One name per image (shown in the ``image`` column).
+    images : sequence of PIL.Image.Image
+        Decoded images, e.g. ``medtune.data.preprocess.decode_source(path)`` or an upload
+        opened with Pillow.
+    predictor : Predictor
+        From :func:`load_predictor`.
+    operating_point : {"sens90", "sens97.5", "youden"}, default "sens90"
+        The validated threshold the ``refer`` flag uses.
+
+    Returns
+    -------
+    list of PredictionRow
+        In input order.
+    """
+    rows, _, _ = _predict_batch(
+        prepare_batch(names, images, predictor), predictor, predictor.referral(operating_point)
+    )
+    return rows
+
+
+def prediction_meta(predictor: Predictor, operating_point: str) -> dict[str, Any]:
+    """The sidecar that explains a predictions file (:func:`predictions_meta`)."""
+    quality = (
+        "medtune.evaluation.quality.assess_quality on the decoded image, before preprocessing"
+        if _has_quality_gate()
+        else QUALITY_NOT_ASSESSED
+    )
+    return predictions_meta(
+        model=predictor.source,
+        class_names=predictor.class_names,
+        ordinal=predictor.ordinal,
+        decoding=predictor.decoding,
+        rule=predictor.referral(operating_point),
+        operating_points=predictor.operating_points,
+        tta=predictor.tta,
+        quality=quality,
+        backbone=predictor.backbone,
+    )
+
+
+def _has_quality_gate() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("medtune.evaluation.quality") is not None
+
+
+# ---------------------------------------------------------------------------- files
+
+
 def predict(
     inputs: Sequence[str | Path],
     *,
     run: str | Path | None = None,
     model_path: str | Path | None = None,
     out: str | Path | None = None,
+    json_path: str | Path | None = None,
     explain: str | Path | None = None,
+    operating_point: str = DEFAULT_OPERATING_POINT,
     tta: str = "none",
     skip_bad: bool = False,
     progress: bool = True,
-) -> list[dict]:
-    """Predict the class of every image with a trained run or an exported ONNX model.
+    predictor: Predictor | None = None,
+) -> list[dict[str, Any]]:
+    """Screen every image with a trained run or an exported ONNX model.
 
-    The model's own preprocessing (field-of-view crop, image size, normalisation), temperature
-    and decoding are applied.
+    Each image is decoded once; its quality is judged on the decoded image, then the model's own
+    preprocessing (field-of-view crop, image size, normalisation), temperature and decoding are
+    applied, and the referral flag is set at a threshold chosen on the run's VALIDATION data.
 
     Parameters
     ----------
@@ -73,170 +396,147 @@ def predict(
         A run folder (PyTorch, in the precision the run validated in).
     model_path : str or pathlib.Path, optional
         An exported ``model.onnx`` with its ``model.json`` (ONNX Runtime, no PyTorch).
-        Exactly one of ``run`` and ``model_path`` is given.
+        Exactly one of ``run`` and ``model_path`` is given; both give the same columns.
     out : str or pathlib.Path, optional
-        Write the rows as CSV here (atomically); skipped images go to ``<out>.skipped.csv``.
+        Write the rows as CSV here (atomically) and what they mean to ``<out stem>.meta.json``;
+        skipped images go to ``<out stem>.skipped.csv``.
+    json_path : str or pathlib.Path, optional
+        Write ``{"meta": ..., "predictions": [row, ...]}`` as JSON here.
     explain : str or pathlib.Path, optional
-        Folder for Grad-CAM overlays (Selvaraju et al. 2017, ``grad-cam`` package), one PNG per
-        image named after it (``run`` only).
+        Folder for Grad-CAM figures (Selvaraju et al. 2017, ``grad-cam`` package), one PNG per
+        image named after it: the map over the field of view, a colour bar and a caption with
+        the predicted grade and its probability (``run`` only).
+    operating_point : {"sens90", "sens97.5", "youden"}, default "sens90"
+        The validated threshold on ``p_referable`` that sets ``refer``. ``sens90`` (the most
+        specific threshold that reached 90% sensitivity on validation) suits screening, where a
+        missed referable case costs more than an extra referral; see ``docs/screening.md``.
     tta : {"none", "rot90"}, default "none"
-        Average the logits of the four 90-degree rotations.
+        Average the logits of the four 90-degree rotations (thresholds validated with it).
     skip_bad : bool, default False
         Leave unreadable images out (listed) instead of failing.
     progress : bool, default True
+    predictor : Predictor, optional
+        A model already loaded with :func:`load_predictor` (instead of ``run``, ``model_path``
+        and ``tta``): ``medtune serve`` loads it once and predicts every request with it.
 
     Returns
     -------
     list of dict
-        One per image: ``image``, ``pred`` (class name), ``pred_index``, ``p_<class>`` (the
-        calibrated probability of each class).
+        One per image, in column order: ``image``, ``quality`` (``gradable``/``ungradable``,
+        empty when no quality gate is installed), ``quality_reason``, ``grade`` (decoded grade
+        index), ``grade_name`` (``"No DR"`` ... ``"Proliferative DR"`` for 5-grade DR models,
+        else the class name), ``p_<grade name>`` (calibrated probability of each grade),
+        ``expected_grade`` (only with expected-grade decoding), and, for DR grading and binary
+        models, ``p_referable`` (sum of the probabilities of grades >= 2, or of the positive
+        class) and ``refer`` (``yes``/``no`` at the operating point, ``ungradable`` for
+        ungradable images, empty when the model has no validated thresholds).
 
     Raises
     ------
     MedtuneError
-        For no or both model sources, no images found, or an unreadable image (naming the file)
-        without ``skip_bad``.
+        For no or both model sources, no images found, an unknown operating point, explain with
+        an ONNX model, or an unreadable image (naming the file) without ``skip_bad``.
     """
-    inputs = [str(item) for item in inputs]
-    if (run is None) == (model_path is None):
-        raise MedtuneError("give either run (a run folder) or model_path (an exported model.onnx)")
-    paths = expand_inputs(inputs)
-    if model_path is not None:
+    if predictor is None:
+        predictor = load_predictor(run=run, model_path=model_path, tta=tta)
+    rule = predictor.referral(operating_point)  # fails early on an unknown point
+    if explain and predictor.torch_model is None:
+        raise MedtuneError("explain needs run (Grad-CAM needs the PyTorch model, not model.onnx)")
+    paths = expand_inputs([str(item) for item in inputs])
+    rows: list[PredictionRow] = []
+    skipped: list[tuple[str, str]] = []
+    written: set[str] = set()
+
+    def load(chunk: list[Path]) -> PreparedBatch:
+        return _prepare_files(chunk, predictor, skip_bad, skipped)
+
+    for batch in _prefetched(_batches(paths, progress), load):
+        if not batch.names:
+            continue
+        new, probs, labels = _predict_batch(batch, predictor, rule)
+        rows += new
         if explain:
-            raise MedtuneError(
-                "explain needs run (Grad-CAM needs the PyTorch model, not model.onnx)"
-            )
-        rows, skipped = _predict_onnx(paths, Path(model_path), tta, skip_bad, progress)
-    else:
-        rows, skipped = _predict_run(paths, Path(run), explain, tta, skip_bad, progress)
+            _write_gradcam(predictor, batch, new, labels, Path(explain), written)
+    meta = prediction_meta(predictor, operating_point)
     if out:
         write_text(out, to_csv(rows))
+        write_json(Path(out).with_suffix(".meta.json"), meta)
         if skipped:
             write_text(
-                Path(out).with_suffix(".skipped.csv"),
-                "image,reason\n" + "".join(f'"{p}","{r}"\n' for p, r in skipped),
+                Path(out).with_suffix(".skipped.csv"), _csv_text(["image", "reason"], skipped)
             )
-    return rows
+    if json_path:
+        write_text(json_path, to_json(rows, meta))
+    return [row.as_dict() for row in rows]
 
 
-def to_csv(rows: Iterable[dict]) -> str:
-    rows = list(rows)
-    if not rows:
-        return ""
-    header = list(rows[0])
-    lines = [",".join(header)]
-    for row in rows:
-        lines.append(",".join(_cell(row[k]) for k in header))
-    return "\n".join(lines) + "\n"
-
-
-def _cell(value: object) -> str:
-    if isinstance(value, float):
-        return f"{value:.6f}"
-    text = str(value)
-    return f'"{text}"' if any(c in text for c in ',"\n') else text
-
-
-def _load_batch(paths, size, fundus, skip_bad, skipped):
-    images, kept = [], []
+def _prepare_files(
+    paths: list[Path], predictor: Predictor, skip_bad: bool, skipped: list
+) -> PreparedBatch:
+    """Decode each file once (as training did), skipping unreadable ones when asked."""
+    names, images = [], []
+    side = DECODE_SIDE_FACTOR * predictor.image_size
     for path in paths:
         try:
-            images.append(prepare_image(path, size, fundus))
-            kept.append(path)
+            images.append(decode_source(str(path), side))
+            names.append(str(path))
         except BadImageError as err:
             if not skip_bad:
                 raise
             skipped.append((str(path), str(err)))
-    return kept, (np.stack(images) if images else None)
+    return prepare_batch(names, images, predictor)
 
 
-def _rows(paths, probs, labels, class_names) -> list[dict]:
-    rows = []
-    for path, p, label in zip(paths, probs, labels, strict=True):
-        row = {"image": str(path), "pred": class_names[int(label)], "pred_index": int(label)}
-        row.update({f"p_{c}": float(v) for c, v in zip(class_names, p, strict=True)})
-        rows.append(row)
-    return rows
+def _cell(value: Any) -> Any:
+    if isinstance(value, float):
+        return f"{value:.6f}"
+    return "" if value is None else value
+
+
+def _csv_text(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")  # RFC 4180 quoting of any name or value
+    writer.writerow(header)
+    writer.writerows([_cell(v) for v in row] for row in rows)
+    return buf.getvalue()
+
+
+def _as_dict(row: PredictionRow | Mapping[str, Any]) -> dict[str, Any]:
+    return row.as_dict() if isinstance(row, PredictionRow) else dict(row)
+
+
+def to_csv(rows: Iterable[PredictionRow | Mapping[str, Any]]) -> str:
+    """The predictions as CSV text (the one CSV writer of predictions).
+
+    Parameters
+    ----------
+    rows : iterable of PredictionRow or dict
+        As returned by :func:`predict` or :func:`predict_images`; the first row's keys are the
+        header.
+
+    Returns
+    -------
+    str
+        CSV with a header line (``csv`` module quoting: names with commas or quotes are safe);
+        probabilities with six decimals; empty text for no rows.
+    """
+    dicts = [_as_dict(r) for r in rows]
+    if not dicts:
+        return ""
+    header = list(dicts[0])
+    return _csv_text(header, ([d.get(k) for k in header] for d in dicts))
+
+
+def to_json(rows: Iterable[PredictionRow | Mapping[str, Any]], meta: Mapping[str, Any]) -> str:
+    """``{"meta": meta, "predictions": [row, ...]}`` as indented JSON text (same fields as the
+    CSV and its ``.meta.json``)."""
+    return json.dumps({"meta": meta, "predictions": [_as_dict(r) for r in rows]}, indent=2) + "\n"
 
 
 def _batches(paths: list[Path], progress: bool):
     starts = range(0, len(paths), BATCH)
     for start in tqdm(starts, desc="predict", unit="batch", disable=not progress):
         yield paths[start : start + BATCH]
-
-
-def _predict_onnx(paths, model_path, tta, skip_bad, progress):
-    predictor = loaded_model("onnx", model_path)
-    fundus = predictor.sidecar.get("fundus") or {"crop": False}
-    rows, skipped = [], []
-    for chunk in _batches(paths, progress):
-        kept, images = _load_batch(chunk, predictor.image_size, fundus, skip_bad, skipped)
-        if images is None:
-            continue
-        result = predictor.predict(images, tta=None if tta == "none" else tta)
-        rows += _rows(kept, result.probs, result.labels, predictor.class_names)
-    return rows, skipped
-
-
-def _predict_run(paths, run, explain, tta, skip_bad, progress):
-    import torch
-
-    from medtune.evaluation.calibration import apply_temperature
-    from medtune.evaluation.decoding import decode
-    from medtune.evaluation.inference import predict_logits
-
-    folder = RunFolder(run)
-    model, meta = loaded_model("run", run)
-    bf16 = _validated_in_bf16(folder)
-    rows, skipped, written = [], [], set()
-
-    def load(chunk: list[Path]) -> tuple[list[Path], np.ndarray | None]:
-        return _load_batch(chunk, meta.image_size, meta.fundus, skip_bad, skipped)
-
-    for kept, images in _prefetched(_batches(paths, progress), load):
-        if images is None:
-            continue
-        batch = torch.from_numpy(images).permute(0, 3, 1, 2)
-        logits = predict_logits(model, [batch], mean=meta.mean, std=meta.std, tta=tta, bf16=bf16)
-        probs = apply_temperature(logits, meta.temperature)
-        labels = decode(probs, meta.decoding)
-        rows += _rows(kept, probs, labels, meta.class_names)
-        if explain:
-            _write_gradcam(model, meta, kept, images, labels, Path(explain), written)
-    return rows, skipped
-
-
-def loaded_model(kind: str, path: Path):  # noqa: ANN201
-    """The model at ``path`` (``kind`` "onnx": an :class:`OnnxPredictor`; "run": ``(model,
-    meta)``), loaded once per process while its files are unchanged, so ``medtune serve`` does
-    not reload it for every request."""
-    path = Path(path)
-    if kind == "onnx" and path.is_dir():
-        path = path / "model.onnx"
-    files = (
-        [path, path.parent / "model.json"]
-        if kind == "onnx"
-        else [path / RunFolder.MODEL_WEIGHTS, path / RunFolder.MODEL_META]
-    )
-    stamp = tuple(_file_stamp(f) for f in files)
-    return _load_model(kind, str(path.resolve()), stamp)
-
-
-def _file_stamp(path: Path) -> tuple[int, int, int] | None:
-    """Changes when the file is rewritten (a new inode when replaced atomically)."""
-    if not path.is_file():
-        return None
-    stat = path.stat()
-    return stat.st_ino, stat.st_size, stat.st_mtime_ns
-
-
-@functools.lru_cache(maxsize=2)
-def _load_model(kind: str, path: str, stamp: tuple):  # noqa: ANN202, ARG001 (stamp: cache key)
-    if kind == "onnx":
-        from medtune.deploy.onnx_predictor import OnnxPredictor
-
-        return OnnxPredictor(path)
-    return RunFolder(path).load_model()
 
 
 def _prefetched(chunks: Iterable[list[Path]], load):  # noqa: ANN001, ANN202
@@ -255,31 +555,38 @@ def _prefetched(chunks: Iterable[list[Path]], load):  # noqa: ANN001, ANN202
             yield pending.result()
 
 
-def _validated_in_bf16(folder: RunFolder) -> bool:
-    """Predict in the precision the run validated in (its temperature and decoding were fitted on
-    those logits); bf16 is also 2.3x faster on a CPU with bf16 units (docs/performance.md)."""
-    return folder.has_config() and folder.read_config().bf16
-
-
-def _write_gradcam(model, meta, paths, images, labels, folder: Path, written: set) -> None:
-    """One PNG per image, named after the image, always inside ``folder``."""
-    from PIL import Image
-
-    from medtune.evaluation.gradcam import gradcam_overlays
+def _write_gradcam(
+    predictor: Predictor,
+    batch: PreparedBatch,
+    rows: list[PredictionRow],
+    labels: np.ndarray,
+    folder: Path,
+    written: set,
+) -> None:
+    """One captioned Grad-CAM figure per image, named after the image, always inside ``folder``."""
+    from medtune.evaluation.gradcam import gradcam_maps
+    from medtune.evaluation.plots import GradcamExample, gradcam_png, prediction_caption
     from medtune.workflows.evaluate import target_layer
 
-    overlays = gradcam_overlays(
-        model, target_layer(model), images, meta.mean, meta.std, targets=[int(k) for k in labels]
+    model, meta = predictor.torch_model, predictor.torch_meta
+    maps = gradcam_maps(
+        model, target_layer(model), batch.images, meta.mean, meta.std, [int(k) for k in labels]
     )
-    for path, overlay in zip(paths, overlays, strict=True):
-        target = safe_output_path(folder, f"{Path(path).stem}_gradcam.png")
+    for name, image, cam, row in zip(batch.names, batch.images, maps, rows, strict=True):
+        caption = prediction_caption(row.grade_name, row.probabilities[row.grade_name])
+        if row.p_referable is not None:
+            caption += f"\nP(referable) = {row.p_referable:.2f}" + (
+                f", refer: {row.refer}" if row.refer else ""
+            )
+        png = gradcam_png([GradcamExample(image, cam, caption)], title=Path(name).name)
+        target = safe_output_path(folder, f"{Path(name).stem}_gradcam.png")
         n = 1
         while target.exists() and target.name in written:  # a/x.png and b/x.png: x_gradcam_2
             n += 1
-            target = safe_output_path(folder, f"{Path(path).stem}_gradcam_{n}.png")
+            target = safe_output_path(folder, f"{Path(name).stem}_gradcam_{n}.png")
         written.add(target.name)
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        Image.fromarray(overlay).save(tmp, format="PNG")
+        tmp.write_bytes(png)
         os.replace(tmp, target)
 
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 import base64
 import csv
 import ipaddress
+import json
 import logging
 import re
 import shutil
@@ -55,8 +56,9 @@ from starlette.exceptions import HTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from medtune.errors import MedtuneError
+from medtune.evaluation.referral import DEFAULT_OPERATING_POINT
 from medtune.runs import RunFolder
-from medtune.workflows.predict import loaded_model, predict, to_csv
+from medtune.workflows.predict import load_predictor, predict, prediction_meta, to_csv
 
 log = logging.getLogger("medtune.serve")
 
@@ -67,7 +69,6 @@ INTENDED_USE = (
 )
 #: Content types accepted, by their magic bytes (Pillow/pydicom decode them afterwards).
 ACCEPTED_TYPES = ("JPEG", "PNG", "TIFF", "DICOM")
-_SUFFIX = {"JPEG": ".jpg", "PNG": ".png", "TIFF": ".tif", "DICOM": ".dcm"}
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
@@ -158,6 +159,9 @@ class ScreeningResult:
         ``{"image": name, "reason": one line}`` for each photograph that could not be read.
     gradcam : dict of int to bytes
         PNG Grad-CAM figures by row index (``run`` models with ``explain`` only).
+    meta : dict
+        What the columns mean, as ``medtune predict --out`` writes it to ``<out>.meta.json``
+        (grades, decoding, the referral rule with its validated sensitivity and specificity).
     seconds : float
         Wall time of the prediction.
     """
@@ -165,6 +169,7 @@ class ScreeningResult:
     rows: list[dict[str, Any]]
     skipped: list[dict[str, str]] = field(default_factory=list)
     gradcam: dict[int, bytes] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
 
     @property
@@ -173,13 +178,14 @@ class ScreeningResult:
         return to_csv(self.rows)
 
     def to_json(self) -> dict[str, Any]:
-        """A JSON-ready mapping: ``rows``, ``columns``, ``skipped``, ``csv``, ``gradcam`` (PNG
-        data URLs keyed by row index as a string) and ``seconds``."""
+        """A JSON-ready mapping: ``rows``, ``columns``, ``skipped``, ``csv``, ``meta``,
+        ``gradcam`` (PNG data URLs keyed by row index as a string) and ``seconds``."""
         return {
             "rows": self.rows,
             "columns": list(self.rows[0]) if self.rows else [],
             "skipped": self.skipped,
             "csv": self.csv,
+            "meta": self.meta,
             "gradcam": {
                 str(i): "data:image/png;base64," + base64.b64encode(png).decode("ascii")
                 for i, png in self.gradcam.items()
@@ -192,6 +198,11 @@ class ScreeningResult:
 class Screener:
     """The prediction workflow behind the page, as a Python API.
 
+    The model is loaded once (:func:`~medtune.workflows.predict.load_predictor`); each batch is
+    written to a private temporary folder and screened by
+    :func:`~medtune.workflows.predict.predict` with that model, so the rows, the CSV and the
+    Grad-CAM figures are ``medtune predict``'s.
+
     Parameters
     ----------
     run : str or pathlib.Path, optional
@@ -201,19 +212,22 @@ class Screener:
         ``run`` and ``model_path``.
     tta : {"none", "rot90"}, default "none"
         Test-time augmentation, as for :func:`~medtune.workflows.predict.predict`.
+    operating_point : {"sens90", "sens97.5", "youden"}, default "sens90"
+        The validated threshold that sets ``refer`` (as ``medtune predict --operating-point``).
     temp_dir : str or pathlib.Path, optional
         Where the private temporary folder is made (default: the system's).
 
     Raises
     ------
     MedtuneError
-        For no or both model sources, or a model that cannot be loaded.
+        For no or both model sources, an unknown ``tta`` or operating point, or a model that
+        cannot be loaded.
 
     Examples
     --------
     >>> screener = Screener(model_path="runs/dr/export/model.onnx")  # doctest: +SKIP
     >>> result = screener.screen([("eye.jpg", open("eye.jpg", "rb").read())])  # doctest: +SKIP
-    >>> result.rows[0]["pred"]  # doctest: +SKIP
+    >>> result.rows[0]["grade_name"], result.rows[0]["refer"]  # doctest: +SKIP
     """
 
     def __init__(
@@ -222,26 +236,23 @@ class Screener:
         run: str | Path | None = None,
         model_path: str | Path | None = None,
         tta: str = "none",
+        operating_point: str = DEFAULT_OPERATING_POINT,
         temp_dir: str | Path | None = None,
     ) -> None:
-        if (run is None) == (model_path is None):
-            raise MedtuneError("give either run (a run folder) or model_path (a model.onnx)")
         self.run = Path(run) if run is not None else None
         self.model_path = Path(model_path) if model_path is not None else None
-        self.tta = tta
-        if self.run is not None:
-            loaded_model("run", self.run)  # load once now: fail at start, not at first upload
-        else:
-            loaded_model("onnx", self.model_path)
+        self.predictor = load_predictor(run=run, model_path=model_path, tta=tta)
+        self.predictor.referral(operating_point)  # an unknown point fails now, not per upload
+        self.operating_point = operating_point
         self.temp_root = Path(tempfile.mkdtemp(prefix="medtune-serve-", dir=temp_dir))
         self._cleanup = weakref.finalize(self, shutil.rmtree, self.temp_root, True)
         # Grad-CAM hooks the shared PyTorch model: one batch at a time on a run.
-        self._lock = threading.Lock() if self.run is not None else None
+        self._lock = threading.Lock() if self.can_explain else None
 
     @property
     def can_explain(self) -> bool:
         """Grad-CAM needs the PyTorch model (``run``), not ``model.onnx``."""
-        return self.run is not None
+        return self.predictor.torch_model is not None
 
     def close(self) -> None:
         """Remove the temporary folder."""
@@ -250,15 +261,16 @@ class Screener:
     def screen(
         self, files: Sequence[tuple[str, bytes]], *, explain: bool = False
     ) -> ScreeningResult:
-        """Predict uploaded photographs with the same call as ``medtune predict``.
+        """Screen uploaded photographs with the same call as ``medtune predict``.
 
         Parameters
         ----------
         files : sequence of (str, bytes)
-            ``(file name as uploaded, content)`` pairs. Names are only shown back, never used as
-            paths.
+            ``(file name as uploaded, content)`` pairs. Names are shown back; on disk each file
+            gets a cleaned copy of its name inside its own temporary folder.
         explain : bool, default False
-            Also make the Grad-CAM figure of each photograph (``run`` only; ignored otherwise).
+            Also make the captioned Grad-CAM figure of each photograph (``run`` only; ignored
+            otherwise).
 
         Returns
         -------
@@ -274,14 +286,11 @@ class Screener:
         if not files:
             raise UploadRefused("no photograph received; send one or more images", 400)
         names = [display_name(name, i) for i, (name, _) in enumerate(files)]
-        kinds = [_check_type(name, data) for name, (_, data) in zip(names, files, strict=True)]
+        for name, (_, data) in zip(names, files, strict=True):
+            _check_type(name, data)
         work = Path(tempfile.mkdtemp(dir=self.temp_root))
         try:
-            paths = []
-            for i, ((_, data), kind) in enumerate(zip(files, kinds, strict=True)):
-                path = work / f"upload_{i:04d}{_SUFFIX[kind]}"
-                path.write_bytes(data)
-                paths.append(path)
+            paths = _write_uploads(work / "in", names, [data for _, data in files])
             return self._predict(paths, names, work, explain and self.can_explain)
         finally:
             shutil.rmtree(work, ignore_errors=True)
@@ -303,17 +312,19 @@ class Screener:
         for row in rows:
             row["image"] = by_path.get(str(row["image"]), row["image"])
         skipped = _read_skipped(out.with_suffix(".skipped.csv"), by_path)
+        meta_path = out.with_suffix(".meta.json")
+        meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
+        meta.pop("model", None)  # a server path; the model card says what the model is
         log.info("screened %d image(s), %d unreadable, in %.2f s", len(rows), len(skipped), seconds)
-        return ScreeningResult(rows=rows, skipped=skipped, gradcam=gradcam, seconds=seconds)
+        return ScreeningResult(rows, skipped, gradcam, meta, seconds)
 
     def _call_predict(self, paths: list[Path], out: Path, explain: Path | None) -> list[dict]:
         return predict(
             paths,
-            run=self.run,
-            model_path=self.model_path,
+            predictor=self.predictor,
             out=out,
             explain=explain,
-            tta=self.tta,
+            operating_point=self.operating_point,
             skip_bad=True,
             progress=False,
         )
@@ -324,21 +335,34 @@ class Screener:
         Returns
         -------
         dict
-            ``model`` (backbone, classes, input size, temperature, decoding), ``training``
-            (data, strategy, synthetic), ``metrics`` (the split or evaluation they come from
-            and each metric with its 95% CI where the run stored one), ``operating_point``
-            (when the run validated one), ``intended_use``, ``disclaimer`` and ``backend``.
+            ``model`` (backbone, grade names, input size, decoding), ``training`` (data,
+            strategy, synthetic), ``metrics`` (the split or evaluation they come from and each
+            metric with its 95% CI where the run stored one), ``referral`` (the rule ``refer``
+            uses, with its validated sensitivity and specificity), ``intended_use``,
+            ``disclaimer``, ``backend`` and ``explain``.
         """
+        p = self.predictor
+        meta = prediction_meta(p, self.operating_point)
         card: dict[str, Any] = {
             "intended_use": INTENDED_USE,
             "disclaimer": DISCLAIMER,
             "backend": "PyTorch (run folder)" if self.run is not None else "ONNX Runtime",
             "explain": self.can_explain,
+            "model": {
+                "backbone": p.backbone,
+                "grades": p.grade_names,
+                "image_size": p.image_size,
+                "decoding": p.decoding.get("method"),
+                "tta": p.tta,
+            },
+            "training": {},
+            "referral": meta.get("referral"),
+            "quality": meta.get("quality"),
         }
         if self.run is not None:
             card.update(_run_card(RunFolder(self.run)))
         else:
-            card.update(_sidecar_card(loaded_model("onnx", self.model_path).sidecar))
+            card.update(_sidecar_card(self.model_path))
         return card
 
 
@@ -351,13 +375,32 @@ def _check_type(name: str, data: bytes) -> str:
     return kind
 
 
+def _write_uploads(folder: Path, names: list[str], contents: list[bytes]) -> list[Path]:
+    """Each upload under a cleaned, unique version of its name (the Grad-CAM figure's title
+    and file name come from it), one flat folder."""
+    folder.mkdir()
+    paths, used = [], set()
+    for name, data in zip(names, contents, strict=True):
+        clean = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).lstrip(".") or "image"
+        stem, suffix = Path(clean).stem or "image", Path(clean).suffix
+        candidate, n = clean, 1
+        while candidate.lower() in used:
+            n += 1
+            candidate = f"{stem}_{n}{suffix}"
+        used.add(candidate.lower())
+        path = folder / candidate
+        path.write_bytes(data)
+        paths.append(path)
+    return paths
+
+
 def _read_gradcam(rows: list[dict], folder: Path) -> dict[int, bytes]:
-    """The PNG ``predict(explain=...)`` wrote for each row (named after the image's stem)."""
+    """The PNG ``predict(explain=...)`` wrote for each row (``<image stem>_gradcam.png``)."""
     found: dict[int, bytes] = {}
     for i, row in enumerate(rows):
-        hits = sorted(folder.glob(f"{Path(str(row['image'])).stem}_*.png"))
-        if hits:
-            found[i] = hits[0].read_bytes()
+        path = folder / f"{Path(str(row['image'])).stem}_gradcam.png"
+        if path.is_file():
+            found[i] = path.read_bytes()
     return found
 
 
@@ -375,12 +418,8 @@ def _read_skipped(path: Path, by_path: dict[str, str]) -> list[dict[str, str]]:
             reason = record.get("reason", "")
             for temp, name in by_path.items():
                 reason = reason.replace(temp, name)
-            skipped.append(
-                {
-                    "image": by_path.get(where, Path(where).name),
-                    "reason": _CLI_ADVICE.sub("", reason),
-                }
-            )
+            name = by_path.get(where, Path(where).name)
+            skipped.append({"image": name, "reason": _CLI_ADVICE.sub("", reason)})
     return skipped
 
 
@@ -399,51 +438,20 @@ def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def _run_card(folder: RunFolder) -> dict[str, Any]:
-    meta = folder.read_meta()
-    card: dict[str, Any] = {
-        "model": {
-            "backbone": meta.backbone,
-            "classes": meta.class_names,
-            "image_size": meta.image_size,
-            "temperature": meta.temperature,
-            "decoding": meta.decoding.get("method"),
-        },
-        "training": {"synthetic": meta.synthetic},
-    }
+    training: dict[str, Any] = {"synthetic": folder.read_meta().synthetic}
     if folder.has_config():
         config = folder.read_config()
-        card["training"].update(
-            {
-                "data": Path(str(config.data)).name if config.data else None,
-                "strategy": config.strategy,
-            }
-        )
+        data = Path(str(config.data)).name if config.data else None
+        training.update({"data": data, "strategy": config.strategy})
+    card: dict[str, Any] = {"training": training}
     source, metrics = _best_metrics(folder)
     if metrics:
         card["metrics"] = {"source": source, "values": _headline(metrics)}
-        point = _operating_point(metrics)
-        if point:
-            card["operating_point"] = point
     return card
-
-
-def _operating_point(metrics: dict[str, Any]) -> dict[str, Any] | None:
-    """The run's headline referral operating point (threshold on P(referable) chosen on
-    validation) with the sensitivity and specificity measured at it and their CIs."""
-    if isinstance(metrics.get("operating_point"), dict):
-        return metrics["operating_point"]
-    points = metrics.get("operating_points")
-    name = metrics.get("headline_operating_point")
-    if not isinstance(points, dict) or name not in points:
-        return None
-    keep = ("threshold", "sensitivity", "sensitivity_ci", "specificity", "specificity_ci", "rule")
-    return {"name": name, **{k: points[name][k] for k in keep if k in points[name]}}
 
 
 def _best_metrics(folder: RunFolder) -> tuple[str | None, dict[str, Any]]:
     """The newest ``medtune evaluate`` result (bootstrap CIs) or else the run's test metrics."""
-    import json
-
     evals = sorted(
         (folder.dir / RunFolder.EVAL).glob("*/metrics.json"), key=lambda p: p.stat().st_mtime
     )
@@ -462,21 +470,16 @@ def _best_metrics(folder: RunFolder) -> tuple[str | None, dict[str, Any]]:
     return None, {}
 
 
-def _sidecar_card(sidecar: dict[str, Any]) -> dict[str, Any]:
-    card: dict[str, Any] = {
-        "model": {
-            "backbone": sidecar.get("backbone"),
-            "classes": sidecar.get("class_names"),
-            "image_size": sidecar.get("image_size"),
-            "temperature": sidecar.get("temperature"),
-            "decoding": (sidecar.get("decoding") or {}).get("method"),
-        },
-        "training": {"synthetic": bool(sidecar.get("synthetic"))},
-    }
+def _sidecar_card(model_path: Path) -> dict[str, Any]:
+    """An export's ``model.json`` says whether the model is synthetic and may carry metrics."""
+    sidecar_path = (model_path if model_path.is_dir() else model_path.parent) / "model.json"
+    try:
+        sidecar = json.loads(sidecar_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        sidecar = {}
+    card: dict[str, Any] = {"training": {"synthetic": bool(sidecar.get("synthetic"))}}
     if isinstance(sidecar.get("metrics"), dict):
         card["metrics"] = {"source": "export sidecar", "values": _headline(sidecar["metrics"])}
-    if isinstance(sidecar.get("operating_point"), dict):
-        card["operating_point"] = sidecar["operating_point"]
     return card
 
 
@@ -497,6 +500,7 @@ def create_app(
     run: str | Path | None = None,
     model_path: str | Path | None = None,
     tta: str = "none",
+    operating_point: str = DEFAULT_OPERATING_POINT,
     limits: UploadLimits | None = None,
     workers: int | None = None,
     host: str = "127.0.0.1",
@@ -507,7 +511,7 @@ def create_app(
     ----------
     screener : Screener, optional
         The workflow to serve; made from ``run`` / ``model_path`` / ``tta`` when not given.
-    run, model_path, tta
+    run, model_path, tta, operating_point
         As for :class:`Screener`.
     limits : UploadLimits, optional
         Upload limits (defaults of :class:`UploadLimits`).
@@ -529,9 +533,11 @@ def create_app(
 
     owned = screener is None
     if screener is None:
-        screener = Screener(run=run, model_path=model_path, tta=tta)
+        screener = Screener(
+            run=run, model_path=model_path, tta=tta, operating_point=operating_point
+        )
     limits = limits or UploadLimits()
-    workers = workers or (1 if screener.run is not None else 2)
+    workers = workers or (1 if screener.can_explain else 2)
     state = {"pending": 0}
 
     from contextlib import asynccontextmanager
@@ -735,8 +741,6 @@ class _BodyLimit:
 
 
 async def _send_json(send: Any, status: int, message: str) -> None:
-    import json
-
     body = json.dumps({"error": message}).encode()
     await send(
         {
@@ -756,6 +760,7 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
     tta: str = "none",
+    operating_point: str = DEFAULT_OPERATING_POINT,
     limits: UploadLimits | None = None,
     workers: int | None = None,
     log_level: str = "info",
@@ -773,6 +778,8 @@ def serve(
         address exposes the page, which has no authentication, to the network.
     port : int, default 8000
     tta : {"none", "rot90"}, default "none"
+    operating_point : {"sens90", "sens97.5", "youden"}, default "sens90"
+        The validated threshold that sets ``refer`` (:func:`~medtune.workflows.predict.predict`).
     limits : UploadLimits, optional
     workers : int, optional
         Batches predicted at once (:func:`create_app`).
@@ -793,7 +800,13 @@ def serve(
             host,
         )
     app = create_app(
-        run=run, model_path=model_path, tta=tta, limits=limits, workers=workers, host=host
+        run=run,
+        model_path=model_path,
+        tta=tta,
+        operating_point=operating_point,
+        limits=limits,
+        workers=workers,
+        host=host,
     )
     shown = f"[{host}]" if ":" in host else host
     print(f"medtune serve: http://{shown}:{port}/  (Ctrl+C to stop)", flush=True)

@@ -185,13 +185,19 @@ function renderCard() {
   };
   const m = card.model || {}, t = card.training || {};
   add("Model", m.backbone);
-  add("Grades", (m.classes || []).join(", "));
+  add("Grades", (m.grades || []).join(", "));
   add("Input", m.image_size ? m.image_size + " px" : null);
   add("Backend", card.backend);
   add("Training data", (t.data || "not recorded") + (t.synthetic ? " (synthetic demo set)" : ""));
   add("Strategy", t.strategy);
-  const op = card.operating_point;
-  if (op) add("Referral", opText(op) + (op.rule ? " (" + op.rule + ")" : ""));
+  const ref = card.referral;
+  if (ref) {
+    add("Referral", ref.name + ": refer when " + (ref.score || "P(referable)") +
+      (ref.threshold !== null && ref.threshold !== undefined ? " \u2265 " + fmt(ref.threshold) +
+      " (" + ref.operating_point + "; " + opText(ref) + ")" : " (no validated threshold)"));
+    if (ref.rule) add("Threshold rule", ref.rule);
+  }
+  add("Image quality", card.quality);
   add("Intended use", card.intended_use);
   left.append(dl);
   const metrics = card.metrics;
@@ -217,16 +223,19 @@ function renderCard() {
 }
 
 function opText(op) {
-  const parts = [];
-  if (op.threshold !== undefined) parts.push("P(referable) \u2265 " + fmt(op.threshold));
+  // the referral rule of predict's meta: sensitivity/specificity measured on validation
   const ci = (c) => (Array.isArray(c) ? " [" + pct(c[0]) + ", " + pct(c[1]) + "]" : "");
-  if (op.sensitivity !== undefined) {
-    parts.push("sensitivity " + pct(op.sensitivity) + ci(op.sensitivity_ci));
+  const parts = [];
+  const sens = op.validation_sensitivity, spec = op.validation_specificity;
+  if (sens !== undefined && sens !== null) {
+    parts.push("sensitivity " + pct(sens) + ci(op.validation_sensitivity_ci));
   }
-  if (op.specificity !== undefined) {
-    parts.push("specificity " + pct(op.specificity) + ci(op.specificity_ci));
+  if (spec !== undefined && spec !== null) {
+    parts.push("specificity " + pct(spec) + ci(op.validation_specificity_ci));
   }
-  return parts.length ? parts.join(", ") : JSON.stringify(op);
+  if (!parts.length) return "";
+  const n = op.validation_images;
+  return parts.join(", ") + " on validation" + (n ? " (" + n + " images)" : "");
 }
 
 function setFiles(list) {
@@ -284,19 +293,16 @@ function eyeCard(row, index, data) {
   box.dataset.image = row.image;
   const head = el("header");
   head.append(el("h3", null, row.image));
-  const q = pick(row, ["quality", "quality_verdict", "gradable"]);
-  let gradable = true;
-  if (q) {
-    const v = row[q];
-    gradable = q === "gradable" ? truthy(v) : String(v).toLowerCase() === "gradable";
+  const verdict = String(row.quality === undefined || row.quality === null ? "" : row.quality);
+  const gradable = verdict.toLowerCase() !== "ungradable";
+  if (verdict) {  // empty: no quality gate assessed this image
     const badge = el("span", "badge " + (gradable ? "ok" : "bad"),
       gradable ? "Gradable" : "Ungradable");
     badge.dataset.verdict = gradable ? "gradable" : "ungradable";
     head.append(badge);
   }
   box.append(head);
-  const r = pick(row, ["quality_reason", "reason"]);
-  if (!gradable && r) box.append(el("p", "reason", row[r]));
+  if (!gradable && row.quality_reason) box.append(el("p", "reason", row.quality_reason));
   const nameKey = pick(row, ["grade_name", "pred"]);
   const gradeKey = pick(row, ["grade", "pred_index"]);
   if (nameKey) {
@@ -323,17 +329,23 @@ function eyeCard(row, index, data) {
     }
     box.append(el("div", "hint", "Calibrated probabilities"), bars);
   }
-  if (row.p_referable !== undefined) {
+  if (row.p_referable !== undefined && row.p_referable !== null && row.p_referable !== "") {
     box.append(el("p", "pref", "P(referable DR) = " + pct(row.p_referable)));
   }
-  const referKey = pick(row, ["refer", "referral", "referable"]);
-  if (referKey) {
-    const refer = truthy(row[referKey]);
-    const d = el("div", "decision " + (refer ? "refer" : "norefer"));
+  const referral = String(row.refer === undefined || row.refer === null ? "" : row.refer);
+  if (referral) {  // empty: the model carries no validated threshold
+    const kind = referral.toLowerCase();
+    const d = el("div", "decision " + (kind === "no" ? "norefer" : "refer"));
     d.dataset.role = "decision";
-    d.append(el("b", null, refer ? "Refer to an ophthalmologist" : "No referral"));
-    const op = rowOperatingPoint(row) || card.operating_point;
-    if (op) d.append(el("span", "op", "at the validated operating point: " + opText(op)));
+    d.dataset.refer = kind;
+    const words = { yes: "Refer to an ophthalmologist", no: "No referral",
+      ungradable: "Ungradable: re-image or examine" };
+    d.append(el("b", null, words[kind] || referral));
+    const ref = (data.meta && data.meta.referral) || card.referral;
+    if (ref && ref.threshold !== null && ref.threshold !== undefined && kind !== "ungradable") {
+      d.append(el("span", "op", "P(referable) \u2265 " + fmt(ref.threshold) + " at the " +
+        ref.operating_point + " operating point: " + opText(ref)));
+    }
     box.append(d);
   }
   const shift = siteShift(row);
@@ -348,16 +360,6 @@ function eyeCard(row, index, data) {
     box.append(fig);
   }
   return box;
-}
-
-function rowOperatingPoint(row) {
-  const op = {};
-  for (const [src, dst] of [["threshold", "threshold"], ["refer_threshold", "threshold"],
-      ["sensitivity", "sensitivity"], ["specificity", "specificity"],
-      ["op_sensitivity", "sensitivity"], ["op_specificity", "specificity"]]) {
-    if (row[src] !== undefined && row[src] !== "") op[dst] = row[src];
-  }
-  return Object.keys(op).length ? op : null;
 }
 
 function siteShift(row) {

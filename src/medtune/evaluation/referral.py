@@ -1,0 +1,356 @@
+"""From a model's probabilities to the rows a screening programme reads: grade, grade name,
+P(referable), and the referral flag at an operating point chosen on validation.
+
+The same rows come out of ``medtune predict`` (CSV or JSON), the Python API and the web page, so
+they are built here once. Imports numpy and the standard library only (the ONNX path has no
+torch or scikit-learn).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from medtune.errors import MedtuneError
+from medtune.evaluation.decoding import expected_grade
+from medtune.evaluation.grades import grade_names, referral_classes, referral_name
+
+__all__ = [
+    "DEFAULT_OPERATING_POINT",
+    "OPERATING_POINT_CHOICES",
+    "PredictionRow",
+    "ReferralRule",
+    "build_rows",
+    "decoding_rule",
+    "predictions_meta",
+    "referral_rule",
+]
+
+#: Screening default: the highest-specificity threshold that reached >= 90% sensitivity for
+#: referable DR on validation (docs/screening.md, "Referral output").
+DEFAULT_OPERATING_POINT = "sens90"
+OPERATING_POINT_CHOICES = ("sens90", "sens97.5", "youden")
+UNGRADABLE = "ungradable"
+
+
+@dataclass(frozen=True)
+class ReferralRule:
+    """How a model refers: which classes are referable, and the threshold on their summed
+    probability chosen on validation.
+
+    Attributes
+    ----------
+    name : str
+        What a referral means, e.g. ``"referable DR (grade >= 2)"``.
+    positive : tuple of int
+        Class indices whose probabilities sum to ``p_referable``.
+    operating_point : str
+        ``sens90``, ``sens97.5`` or ``youden``.
+    threshold : float or None
+        Refer when ``p_referable >= threshold``; ``None`` when the model carries no validated
+        thresholds (``refer`` is then left empty).
+    validated : dict
+        The point as stored (``rule``, validation ``sensitivity``/``specificity`` with
+        ``*_ci``), empty without thresholds.
+    """
+
+    name: str
+    positive: tuple[int, ...]
+    operating_point: str
+    threshold: float | None
+    validated: dict[str, Any] = field(default_factory=dict)
+
+
+def referral_rule(
+    class_names: Sequence[str],
+    ordinal: bool,
+    operating_points: Mapping[str, Any] | None,
+    operating_point: str = DEFAULT_OPERATING_POINT,
+    tta: str = "none",
+) -> ReferralRule | None:
+    """The referral rule of a model at ``operating_point``.
+
+    Parameters
+    ----------
+    class_names : sequence of str
+        Class names in logit order.
+    ordinal : bool
+        Whether the labels are grades.
+    operating_points : mapping or None
+        ``ModelMeta.operating_points`` (``model.json`` or the export sidecar).
+    operating_point : {"sens90", "sens97.5", "youden"}, default "sens90"
+        Which validated threshold to refer at.
+    tta : {"none", "rot90"}, default "none"
+        The test-time augmentation predictions use (its own validated thresholds).
+
+    Returns
+    -------
+    ReferralRule or None
+        ``None`` when the model has no referral task (not DR grades, not binary).
+
+    Raises
+    ------
+    MedtuneError
+        For an unknown operating point.
+    """
+    if operating_point not in OPERATING_POINT_CHOICES:
+        raise MedtuneError(
+            f"operating point {operating_point!r} is unknown; use one of "
+            f"{', '.join(OPERATING_POINT_CHOICES)}"
+        )
+    positive = referral_classes(class_names, ordinal)
+    if positive is None:
+        return None
+    name = str(referral_name(class_names, ordinal))
+    stored = ((operating_points or {}).get("points") or {}).get(tta) or {}
+    point = stored.get(operating_point)
+    if point is None:
+        return ReferralRule(name, positive, operating_point, None, {})
+    return ReferralRule(name, positive, operating_point, float(point["threshold"]), dict(point))
+
+
+@dataclass(frozen=True)
+class PredictionRow:
+    """One image's screening output (one CSV row, one JSON object, one web-page result).
+
+    Attributes
+    ----------
+    image : str
+        The image as given (path or upload name).
+    quality : str
+        ``"gradable"``, ``"ungradable"``, or ``""`` when the image was not assessed.
+    quality_reason : str
+        Why an image is ungradable (empty when gradable).
+    grade : int
+        The decoded class index (``ModelMeta.decoding``: argmax or expected-grade thresholds).
+    grade_name : str
+        Its name (DR grade names for 5-grade DR models, else the class name).
+    probabilities : dict of str to float
+        Calibrated probability of each grade, keyed by grade name, in grade order.
+    expected_grade : float or None
+        ``sum_k k * p_k`` when the decoding cuts it at thresholds (explains a grade that is
+        not the most probable one); ``None`` otherwise.
+    p_referable : float or None
+        Summed probability of the referable grades (``None``: no referral task).
+    refer : str or None
+        ``"yes"``, ``"no"``, ``"ungradable"`` (refer for re-imaging or in-person examination),
+        ``""`` (no validated threshold), or ``None`` (no referral task).
+    """
+
+    image: str
+    quality: str
+    quality_reason: str
+    grade: int
+    grade_name: str
+    probabilities: dict[str, float]
+    expected_grade: float | None = None
+    p_referable: float | None = None
+    refer: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The row as a flat mapping in column order (``p_<grade name>`` columns)."""
+        out: dict[str, Any] = {
+            "image": self.image,
+            "quality": self.quality,
+            "quality_reason": self.quality_reason,
+            "grade": self.grade,
+            "grade_name": self.grade_name,
+        }
+        out.update({f"p_{name}": p for name, p in self.probabilities.items()})
+        if self.expected_grade is not None:
+            out["expected_grade"] = self.expected_grade
+        if self.p_referable is not None:
+            out["p_referable"] = self.p_referable
+            out["refer"] = self.refer
+        return out
+
+
+def _refer(p: float, gradable: bool, rule: ReferralRule) -> str:
+    if not gradable:
+        return UNGRADABLE
+    if rule.threshold is None:
+        return ""
+    return "yes" if p >= rule.threshold else "no"
+
+
+def build_rows(
+    images: Sequence[str],
+    probs: np.ndarray,
+    labels: np.ndarray,
+    class_names: Sequence[str],
+    ordinal: bool,
+    decoding: Mapping[str, Any] | None,
+    rule: ReferralRule | None,
+    quality: Sequence[tuple[bool, str | None] | None] | None = None,
+) -> list[PredictionRow]:
+    """One :class:`PredictionRow` per image.
+
+    Parameters
+    ----------
+    images : sequence of str
+        Image names, length N.
+    probs : ndarray, shape (N, K)
+        Calibrated probabilities.
+    labels : ndarray of int, shape (N,)
+        Decoded grades (:func:`medtune.evaluation.decoding.decode`).
+    class_names : sequence of str
+        Class names in logit order, length K.
+    ordinal : bool
+        Whether the labels are grades.
+    decoding : mapping or None
+        The decoding used (an ``expected_grade`` decoding adds the ``expected_grade`` column).
+    rule : ReferralRule or None
+        From :func:`referral_rule`; ``None`` leaves out ``p_referable`` and ``refer``.
+    quality : sequence of (gradable, reason) or None, optional
+        The image-quality verdict of each image; ``None`` (or a ``None`` entry) means not
+        assessed.
+
+    Returns
+    -------
+    list of PredictionRow
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    names = grade_names(class_names, ordinal)
+    eg = (decoding or {}).get("method") == "expected_grade"
+    scores = expected_grade(probs) if eg else None
+    rows = []
+    for i, image in enumerate(images):
+        verdict = quality[i] if quality is not None else None
+        gradable = True if verdict is None else bool(verdict[0])
+        q = "" if verdict is None else ("gradable" if gradable else UNGRADABLE)
+        reason = "" if verdict is None or gradable else str(verdict[1] or "")
+        k = int(labels[i])
+        p_ref = float(probs[i, list(rule.positive)].sum()) if rule is not None else None
+        rows.append(
+            PredictionRow(
+                image=str(image),
+                quality=q,
+                quality_reason=reason,
+                grade=k,
+                grade_name=names[k],
+                probabilities={n: float(v) for n, v in zip(names, probs[i], strict=True)},
+                expected_grade=float(scores[i]) if scores is not None else None,
+                p_referable=p_ref,
+                refer=None if rule is None else _refer(p_ref, gradable, rule),
+            )
+        )
+    return rows
+
+
+def decoding_rule(decoding: Mapping[str, Any] | None, names: Sequence[str]) -> str:
+    """The decoding in words (for the sidecar JSON and the docs)."""
+    method = (decoding or {}).get("method", "argmax")
+    if method == "expected_grade":
+        cuts = ", ".join(f"{t:.3f}" for t in decoding["thresholds"])  # type: ignore[index]
+        return (
+            "expected grade E = sum_k k * p_k, cut at thresholds fitted on validation to "
+            f"maximise quadratic weighted kappa: grade = number of thresholds <= E "
+            f"(thresholds {cuts}); the grade can differ from the most probable grade"
+        )
+    return f"the most probable of {len(names)} classes (argmax of the probabilities)"
+
+
+def predictions_meta(
+    *,
+    model: str,
+    class_names: Sequence[str],
+    ordinal: bool,
+    decoding: Mapping[str, Any] | None,
+    rule: ReferralRule | None,
+    operating_points: Mapping[str, Any] | None,
+    tta: str,
+    quality: str,
+    backbone: str | None = None,
+) -> dict[str, Any]:
+    """What the columns of a predictions file mean (the ``<out>.meta.json`` sidecar).
+
+    Parameters
+    ----------
+    model : str
+        The run folder or ``model.onnx`` used.
+    class_names, ordinal, decoding
+        As in :func:`build_rows`.
+    rule : ReferralRule or None
+        The referral rule used.
+    operating_points : mapping or None
+        ``ModelMeta.operating_points`` (for the validation sample size).
+    tta : str
+        Test-time augmentation used.
+    quality : str
+        How image quality was judged (a sentence).
+    backbone : str, optional
+        The network.
+
+    Returns
+    -------
+    dict
+        ``medtune_version``, ``created`` (UTC, ISO 8601), ``model``, ``backbone``, ``tta``,
+        ``grades`` (index -> name), ``decoding`` (the stored rule and a sentence),
+        ``referral`` (name, positive grades, operating point, threshold, validated
+        sensitivity/specificity with 95% CIs and the validation size; ``None`` without a
+        referral task), ``quality`` and ``columns`` (each column explained).
+    """
+    from medtune.version import __version__
+
+    names = grade_names(class_names, ordinal)
+    referral = None
+    if rule is not None:
+        ops = operating_points or {}
+        v = rule.validated
+        referral = {
+            "name": rule.name,
+            "positive_grades": [names[k] for k in rule.positive],
+            "score": "p_referable = " + " + ".join(f"p_{names[k]}" for k in rule.positive),
+            "operating_point": rule.operating_point,
+            "threshold": rule.threshold,
+            "rule": v.get("rule"),
+            "validation_sensitivity": v.get("sensitivity"),
+            "validation_sensitivity_ci": v.get("sensitivity_ci"),
+            "validation_specificity": v.get("specificity"),
+            "validation_specificity_ci": v.get("specificity_ci"),
+            "validation_images": ops.get("n_val"),
+            "validation_positives": ops.get("n_val_positive"),
+            "note": (
+                "thresholds and their sensitivity/specificity come from the validation split "
+                "they were chosen on; ungradable images are flagged 'ungradable' (refer for "
+                "re-imaging or examination)"
+                if rule.threshold is not None
+                else "the model carries no validated thresholds (trained before medtune 0.2); "
+                "retrain or re-export to get the refer column"
+            ),
+        }
+    columns = {
+        "image": "the image as given",
+        "quality": "gradable / ungradable (image-quality gate), empty when not assessed",
+        "quality_reason": "why an image is ungradable",
+        "grade": "decoded grade index (see decoding)",
+        "grade_name": "name of that grade",
+        **{f"p_{n}": f"calibrated probability of {n}" for n in names},
+    }
+    if (decoding or {}).get("method") == "expected_grade":
+        columns["expected_grade"] = "sum_k k * p_k, the value the decoding thresholds cut"
+    if rule is not None:
+        columns["p_referable"] = "probability of " + rule.name
+        columns["refer"] = (
+            f"yes when p_referable >= the {rule.operating_point} threshold, else no; "
+            "'ungradable' for ungradable images"
+        )
+    return {
+        "medtune_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": model,
+        "backbone": backbone,
+        "tta": tta,
+        "grades": dict(enumerate(names)),
+        "decoding": {
+            **dict(decoding or {"method": "argmax"}),
+            "rule": decoding_rule(decoding, names),
+        },
+        "referral": referral,
+        "quality": quality,
+        "columns": columns,
+    }

@@ -1,0 +1,309 @@
+"""The run folder: the one module that knows every file of a run, reads it and writes it.
+
+Layout (``FORMAT_VERSION`` 2)::
+
+    RUN/config.yaml          fully resolved settings (``medtune train --config RUN/config.yaml``)
+    RUN/splits.csv           image,split (train/val/test), reused by every later command
+    RUN/checkpoints/         best.ckpt and last.ckpt (fine-tuning; Lightning format)
+    RUN/logs/                metrics.csv (Lightning CSV log) and tensorboard/ (fine-tuning)
+    RUN/model.safetensors    the deployable model's weights (tensors only: loading runs no code)
+    RUN/model.json           how to rebuild, feed and read it (:class:`ModelMeta`)
+    RUN/metrics.json         {"val": {...}, "test": {...}, "model": {...}}
+    RUN/val_logits.npz       validation labels and logits (plain and per TTA mode)
+    RUN/probe.json           the probe's stage and L2 choice (scenarios 1 and 3)
+    RUN/advice.json          the advisor's evidence (``--strategy auto``)
+    RUN/skipped_images.csv   unreadable images left out (``--skip-bad``)
+    RUN/eval/<name>/         one ``medtune evaluate`` each: metrics.json, report.html, ...
+
+Version 1 folders (medtune 0.1) wrote the image size as ``input_size`` in ``model.json``; they
+are read unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from medtune.config import InputSpec, TrainConfig
+from medtune.errors import MedtuneError
+from medtune.io import atomic_path, write_json, write_yaml
+
+if TYPE_CHECKING:
+    from torch import nn
+
+FORMAT_VERSION = 2
+
+
+@dataclass
+class ModelMeta:
+    """What is needed to rebuild, feed and read a trained model (``model.json``).
+
+    Attributes
+    ----------
+    backbone : str
+        Backbone name as :func:`medtune.models.create_backbone` takes it.
+    kind : {"finetune", "probe"}
+        A :class:`~medtune.models.TransferModel` or a
+        :class:`~medtune.models.stage_classifier.StageProbeClassifier`.
+    class_names : list of str
+        Class names in logit order.
+    image_size : int
+        Side of the square network input, in pixels.
+    mean, std : list of 3 floats
+        RGB normalisation on the 0-1 scale.
+    fundus : dict
+        :class:`~medtune.data.fundus.FundusOptions` fields.
+    stage : str or None
+        The probed stage of a layer probe (``None``: top features).
+    dropout : float
+        Dropout before the head (rebuilds the same module tree).
+    temperature : float
+        Temperature fitted on validation logits (Guo et al. 2017).
+    decoding : dict
+        How probabilities become a class (:func:`medtune.evaluation.decoding.decode`).
+    ordinal : bool
+        Graded labels (QWK is the selection metric).
+    synthetic : bool
+        Trained on medtune's synthetic demo set.
+    operating_points : dict or None
+        Referral thresholds chosen on VALIDATION (``None``: no referral task, or a run from
+        before medtune 0.2): ``{"name", "positive_classes", "score", "n_val", "n_val_positive",
+        "points": {tta: {point: {"threshold", "rule", "sensitivity", "sensitivity_ci",
+        "specificity", "specificity_ci"}}}}`` with points ``sens90``, ``sens97.5`` and
+        ``youden`` (:func:`medtune.evaluation.metrics.choose_operating_points`), so ``predict``
+        and an exported model refer without the validation logits.
+    """
+
+    backbone: str
+    kind: str
+    class_names: list[str]
+    image_size: int
+    mean: list[float]
+    std: list[float]
+    fundus: dict[str, Any]
+    stage: str | None = None
+    dropout: float = 0.0
+    temperature: float = 1.0
+    decoding: dict[str, Any] = field(default_factory=lambda: {"method": "argmax"})
+    ordinal: bool = False
+    synthetic: bool = False
+    operating_points: dict[str, Any] | None = None
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes, K."""
+        return len(self.class_names)
+
+    @property
+    def input_spec(self) -> InputSpec:
+        """How images are fed to this model."""
+        return InputSpec(self.image_size, tuple(self.mean), tuple(self.std), dict(self.fundus))
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: object = "model.json") -> ModelMeta:
+        """Read a ``model.json`` mapping of any format version.
+
+        Raises
+        ------
+        MedtuneError
+            When required fields are missing or unknown ones present.
+        """
+        values = dict(values)
+        if "input_size" in values:  # format version 1
+            values["image_size"] = values.pop("input_size")
+            values.setdefault("format_version", 1)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise MedtuneError(f"{source}: unknown field(s) {', '.join(unknown)}; is it newer?")
+        try:
+            return cls(**values)
+        except TypeError as err:
+            raise MedtuneError(f"{source}: incomplete model description ({err})") from None
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """Paths, readers and writers of every file of one run folder (module docstring).
+
+    Parameters
+    ----------
+    dir : pathlib.Path
+        The run folder. Nothing is written outside it.
+    """
+
+    dir: Path
+
+    CONFIG = "config.yaml"
+    SPLITS = "splits.csv"
+    MODEL_WEIGHTS = "model.safetensors"
+    MODEL_META = "model.json"
+    METRICS = "metrics.json"
+    VAL_LOGITS = "val_logits.npz"
+    PROBE = "probe.json"
+    ADVICE = "advice.json"
+    SKIPPED = "skipped_images.csv"
+    PREPARE_LOCK = ".prepare.lock"
+    CHECKPOINTS = "checkpoints"
+    LOGS = "logs"
+    EVAL = "eval"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dir", Path(self.dir))
+
+    # ------------------------------------------------------------------ paths
+    def path(self, name: str) -> Path:
+        """``RUN/name`` for one of the file names above."""
+        return self.dir / name
+
+    @property
+    def config_path(self) -> Path:
+        return self.dir / self.CONFIG
+
+    @property
+    def splits_path(self) -> Path:
+        return self.dir / self.SPLITS
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.dir / self.CHECKPOINTS
+
+    @property
+    def best_checkpoint(self) -> Path:
+        return self.checkpoints / "best.ckpt"
+
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.checkpoints / "last.ckpt"
+
+    @property
+    def training_log(self) -> Path:
+        """Lightning's per-step/epoch CSV log (fine-tuning runs only)."""
+        return self.dir / self.LOGS / "metrics.csv"
+
+    def eval_dir(self, name: str) -> Path:
+        """``RUN/eval/<name>``; ``name`` must be a plain folder name."""
+        if not name or Path(name).name != name or name in (".", ".."):
+            raise MedtuneError(f"{name!r}: an evaluation name must be a plain folder name")
+        return self.dir / self.EVAL / name
+
+    # ------------------------------------------------------------------ config
+    def has_config(self) -> bool:
+        return self.config_path.is_file()
+
+    def read_config(self) -> TrainConfig:
+        """The run's fully resolved settings.
+
+        Raises
+        ------
+        MedtuneError
+            When the folder holds no ``config.yaml`` (not a run folder).
+        """
+        if not self.config_path.is_file():
+            raise MedtuneError(
+                f"{self.config_path}: not found; give a run folder written by medtune train"
+            )
+        return TrainConfig.load(self.config_path)
+
+    def write_config(self, config: TrainConfig) -> None:
+        write_yaml(self.config_path, config.to_dict())
+
+    # ------------------------------------------------------------------ model
+    def read_meta(self) -> ModelMeta:
+        """The deployable model's description (``model.json``).
+
+        Raises
+        ------
+        MedtuneError
+            When there is no trained model in the folder.
+        """
+        path = self.dir / self.MODEL_META
+        if not path.is_file():
+            raise MedtuneError(
+                f"{path}: no trained model here; give a run folder written by medtune train"
+            )
+        return ModelMeta.from_dict(json.loads(path.read_text(encoding="utf-8")), source=path)
+
+    def write_meta(self, meta: ModelMeta) -> None:
+        write_json(self.dir / self.MODEL_META, asdict(meta))
+
+    def update_meta(self, **changes: Any) -> ModelMeta:
+        """Rewrite ``model.json`` with some fields changed; return the new description."""
+        meta = dataclasses.replace(self.read_meta(), **changes)
+        self.write_meta(meta)
+        return meta
+
+    def write_model(self, model: nn.Module, meta: ModelMeta) -> None:
+        """Write ``model.safetensors`` then ``model.json``, each atomically."""
+        from safetensors.torch import save_file
+
+        # GoogLeNet's auxiliary heads only help training; the deployed model never runs them.
+        state = {
+            k: v.detach().cpu().contiguous()
+            for k, v in model.state_dict().items()
+            if not k.startswith("aux_heads.")
+        }
+        with atomic_path(self.dir / self.MODEL_WEIGHTS) as tmp:
+            save_file(state, str(tmp))
+        self.write_meta(meta)
+
+    def load_model(self) -> tuple[nn.Module, ModelMeta]:
+        """Rebuild the trained model in eval mode (no pretrained download needed).
+
+        Returns
+        -------
+        model : torch.nn.Module
+            A :class:`~medtune.models.TransferModel` or a ``StageProbeClassifier``.
+        meta : ModelMeta
+
+        Raises
+        ------
+        MedtuneError
+            When the folder holds no trained model.
+        """
+        from safetensors.torch import load_file
+
+        from medtune.models import build_model
+
+        meta = self.read_meta()
+        model = build_model(
+            meta.backbone,
+            meta.kind,
+            meta.num_classes,
+            stage=meta.stage,
+            dropout=meta.dropout,
+        )
+        model.load_state_dict(load_file(str(self.dir / self.MODEL_WEIGHTS)))
+        return model.eval(), meta
+
+    # ------------------------------------------------------------------ results
+    def write_metrics(self, metrics: dict[str, Any]) -> None:
+        write_json(self.dir / self.METRICS, metrics)
+
+    def read_metrics(self) -> dict[str, Any]:
+        path = self.dir / self.METRICS
+        if not path.is_file():
+            raise MedtuneError(f"{path}: not found; the run has not finished")
+        return json.loads(path.read_text(encoding="utf-8"))
+
+    def write_val_logits(self, labels: np.ndarray, logits: dict[str, np.ndarray]) -> None:
+        """Validation labels (N,) and logits (N, K) per TTA mode, for later operating points."""
+        with atomic_path(self.dir / self.VAL_LOGITS) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, labels=labels, **{f"logits_{k}": v for k, v in logits.items()})
+
+    def read_val_logits(self) -> dict[str, np.ndarray]:
+        """``{"labels": (N,), "logits_<tta>": (N, K), ...}`` (no pickles are loaded)."""
+        path = self.dir / self.VAL_LOGITS
+        if not path.is_file():
+            raise MedtuneError(f"{path}: not found; the run has not finished")
+        with np.load(path, allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+
+    def write_probe_report(self, report: dict[str, Any]) -> None:
+        write_json(self.dir / self.PROBE, report)
