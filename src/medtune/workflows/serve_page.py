@@ -97,7 +97,7 @@ button:disabled { background: #9aa7b8; cursor: default; }
 .badge.bad { background: var(--badbg); color: var(--bad); }
 .reason { color: var(--bad); font-size: 14px; margin: 4px 0 8px; }
 .grade { font-size: 20px; font-weight: 650; margin: 6px 0; }
-.grade small { font-size: 13px; color: var(--muted); font-weight: 400; }
+.grade small { display: block; font-size: 13px; color: var(--bad); font-weight: 400; }
 .decision { border-radius: 6px; padding: 8px 10px; margin: 8px 0; }
 .decision.refer { background: var(--badbg); color: var(--bad); }
 .decision.norefer { background: var(--okbg); color: var(--ok); }
@@ -114,7 +114,6 @@ button:disabled { background: #9aa7b8; cursor: default; }
 .pref { font-size: 14px; margin: 4px 0; }
 figure { margin: 10px 0 0; }
 figure img { width: 100%; border-radius: 6px; border: 1px solid var(--line); }
-figcaption { font-size: 12px; color: var(--muted); }
 .scroll { overflow-x: auto; }
 table { border-collapse: collapse; width: 100%; font-size: 13px; }
 th, td { border-bottom: 1px solid var(--line); padding: 4px 8px; text-align: left;
@@ -274,8 +273,10 @@ async function screen() {
       return;
     }
     render(data);
-    $("#status").textContent = "Done: " + data.rows.length + " graded, " + data.skipped.length +
-      " unreadable, in " + ((performance.now() - started) / 1000).toFixed(1) + " s.";
+    const ungradable = data.rows.filter((r) => r.quality === "ungradable").length;
+    $("#status").textContent = "Done: " + data.rows.length + " screened (" + ungradable +
+      " ungradable), " + data.skipped.length + " unreadable, in " +
+      ((performance.now() - started) / 1000).toFixed(1) + " s.";
   } catch (e) {
     showError("The server cannot be reached; is medtune serve still running?");
     $("#status").textContent = "";
@@ -313,7 +314,7 @@ function eyeCard(row, index, data) {
     const text = index === null ? name : index === name ? "Grade " + index :
       "Grade " + index + " \u2013 " + name;
     g.append(document.createTextNode(text + " "));
-    if (!gradable) g.append(el("small", null, "(not to be relied on: ungradable photograph)"));
+    if (!gradable) g.append(el("small", null, "not to be relied on: ungradable photograph"));
     box.append(g);
   }
   const probs = classColumns(row);
@@ -343,8 +344,8 @@ function eyeCard(row, index, data) {
     d.append(el("b", null, words[kind] || referral));
     const ref = (data.meta && data.meta.referral) || card.referral;
     if (ref && ref.threshold !== null && ref.threshold !== undefined && kind !== "ungradable") {
-      d.append(el("span", "op", "P(referable) \u2265 " + fmt(ref.threshold) + " at the " +
-        ref.operating_point + " operating point: " + opText(ref)));
+      d.append(el("span", "op", "Refers when P(referable) \u2265 " + fmt(ref.threshold) +
+        " (" + ref.operating_point + " operating point; " + opText(ref) + ")"));
     }
     box.append(d);
   }
@@ -356,7 +357,7 @@ function eyeCard(row, index, data) {
     const img = el("img");
     img.src = cam;
     img.alt = "Grad-CAM for " + row.image;
-    fig.append(img, el("figcaption", null, "Grad-CAM: regions that raised the predicted grade"));
+    fig.append(img);
     box.append(fig);
   }
   return box;
