@@ -43,6 +43,7 @@ import threading
 import time
 import weakref
 from collections.abc import Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from medtune.errors import MedtuneError
 from medtune.evaluation.referral import DEFAULT_OPERATING_POINT
 from medtune.runs import RunFolder
+from medtune.workflows import serve_page
 from medtune.workflows.predict import load_predictor, predict, prediction_meta, to_csv
 
 log = logging.getLogger("medtune.serve")
@@ -529,8 +531,6 @@ def create_app(
         (multipart ``files``; optional form field ``explain=true``; JSON answer), ``POST
         /api/predict.csv`` (the CSV), ``GET /healthz``.
     """
-    from medtune.workflows import serve_page
-
     owned = screener is None
     if screener is None:
         screener = Screener(
@@ -539,8 +539,6 @@ def create_app(
     limits = limits or UploadLimits()
     workers = workers or (1 if screener.can_explain else 2)
     state = {"pending": 0}
-
-    from contextlib import asynccontextmanager
 
     @asynccontextmanager
     async def lifespan(app):  # noqa: ANN001, ANN202
@@ -629,8 +627,8 @@ def create_app(
             result = await run_upload(request)
         except UploadRefused as exc:
             return error(str(exc), exc.status)
-        except MedtuneError as exc:
-            return error(str(exc), 422)
+        except MedtuneError as exc:  # the model's own complaint, without server paths
+            return error(str(exc).replace(str(screener.temp_root), "upload"), 422)
         return JSONResponse(result.to_json(), headers=_NO_STORE)
 
     @app.post("/api/predict.csv")
@@ -639,8 +637,8 @@ def create_app(
             result = await run_upload(request)
         except UploadRefused as exc:
             return error(str(exc), exc.status)
-        except MedtuneError as exc:
-            return error(str(exc), 422)
+        except MedtuneError as exc:  # the model's own complaint, without server paths
+            return error(str(exc).replace(str(screener.temp_root), "upload"), 422)
         return PlainTextResponse(result.csv, media_type="text/csv", headers=_NO_STORE)
 
     return app
