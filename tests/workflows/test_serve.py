@@ -133,6 +133,27 @@ def test_unreadable_image_is_listed_by_its_upload_name_not_a_temp_path(
     assert "--skip-bad" not in reason
 
 
+def test_jpeg_png_tiff_recognised_by_content_and_screened_like_predict(
+    onnx_model: Path, images: list[Path], tmp_path: Path
+) -> None:
+    from medtune.workflows.serve import sniff_type
+
+    photo = Image.open(images[2]).convert("RGB")
+    paths = []
+    for fmt, name in (("JPEG", "a.jpg"), ("PNG", "b.png"), ("TIFF", "c.tif")):
+        photo.save(tmp_path / name, format=fmt)
+        assert sniff_type((tmp_path / name).read_bytes()[:132]) == fmt
+        paths.append(tmp_path / name)
+    paths.append(tmp_path / "d.bin")  # a PNG under another name: judged by its bytes
+    paths[-1].write_bytes(paths[1].read_bytes())
+    expected = predict(paths, model_path=onnx_model, progress=False)
+    with TestClient(create_app(model_path=onnx_model), base_url=BASE) as client:
+        rows = client.post("/api/predict", files=upload(paths)).json()["rows"]
+    assert [r["image"] for r in rows] == ["a.jpg", "b.png", "c.tif", "d.bin"]
+    for got, want in zip(rows, expected, strict=True):
+        assert got["p_referable"] == pytest.approx(want["p_referable"], abs=1e-9)
+
+
 # ------------------------------------------------------------------------------ limits
 def test_upload_limits_answer_a_clear_4xx_json_message(onnx_model: Path, images: list[Path]):
     limits = UploadLimits(max_files=2, max_file_mb=0.01, max_request_mb=0.05)
