@@ -128,7 +128,11 @@ class Predictor:
 
 
 def load_predictor(
-    *, run: str | Path | None = None, model_path: str | Path | None = None, tta: str = "none"
+    *,
+    run: str | Path | None = None,
+    model_path: str | Path | None = None,
+    tta: str = "none",
+    num_threads: int | None = None,
 ) -> Predictor:
     """Load a run (PyTorch) or an exported ``model.onnx`` (ONNX Runtime) for prediction.
 
@@ -141,6 +145,9 @@ def load_predictor(
         ``run`` and ``model_path`` is given.
     tta : {"none", "rot90"}, default "none"
         Average the logits of the four 90-degree rotations.
+    num_threads : int, optional
+        ONNX Runtime's intra-op threads (default: its own, one per core). A server running
+        several batches at once gives each a share of the cores (``medtune serve``).
 
     Returns
     -------
@@ -156,14 +163,14 @@ def load_predictor(
     if tta not in TTA_MODES:
         raise MedtuneError(f"tta {tta!r} is unknown; use one of {', '.join(TTA_MODES)}")
     if model_path is not None:
-        return _onnx_predictor(Path(model_path), tta)
+        return _onnx_predictor(Path(model_path), tta, num_threads)
     return _run_predictor(Path(run), tta)
 
 
-def _onnx_predictor(model_path: Path, tta: str) -> Predictor:
+def _onnx_predictor(model_path: Path, tta: str, num_threads: int | None = None) -> Predictor:
     from medtune.deploy.onnx_predictor import OnnxPredictor
 
-    onnx = OnnxPredictor(model_path)
+    onnx = OnnxPredictor(model_path, num_threads=num_threads)
     sidecar = onnx.sidecar
 
     def probs(images: np.ndarray) -> np.ndarray:
