@@ -164,7 +164,7 @@ def infer(spec: Spec) -> dict[str, Any]:
         "n_images": n,
         "features_images_per_s": n / feat_s,
         "predict_images_per_s": len(rows) / predict_s,
-        "predict_qwk": qwk(labels, [r["pred_index"] for r in rows]),
+        "predict_qwk": qwk(labels, [r["grade"] for r in rows]),
         "predict_model_only_images_per_s": n / model_s,
         "model_only_argmax_qwk": qwk(images.labels, out.argmax(1)),
     }

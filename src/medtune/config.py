@@ -152,6 +152,7 @@ class TrainConfig:
     strategy: str = "finetune"
     layer: str | None = None
     probe_rotations: bool = True
+    positive_class: str | None = None
 
     epochs: int = 10
     batch_size: int = 32

@@ -114,3 +114,20 @@ def test_the_checker_sees_an_upward_import(tmp_path):
     source.write_text("def f():\n    from medtune.workflows.train import train\n")
     known = {"medtune.workflows.train": Path(), "medtune.workflows": Path()}
     assert imports_of(source, known) == {"medtune.workflows.train"}
+
+
+def test_every_import_names_a_module_that_exists():
+    """An import of a moved or deleted module (inside a function it fails only when run)."""
+    known = modules()
+    missing = []
+    for name, path in known.items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets = [node.module]
+            missing += [
+                f"{name}: {t}" for t in targets if t.startswith("medtune") and t not in known
+            ]
+    assert not missing, "\n".join(missing)

@@ -211,7 +211,7 @@ def test_train_val_labels_outside_the_training_classes(tmp_path: Path, capsys):
             *TINY,
         ],
     )
-    assert str(val) in line and "'7'" in line and "differ" in line
+    assert str(val) in line and "'7'" in line and "not one of the classes ['0', '1']" in line
 
 
 def test_awkward_but_valid_images_are_prepared(tmp_path: Path, capsys):

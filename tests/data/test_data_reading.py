@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image, PngImagePlugin, features
 
-from medtune.data import images
+from medtune.data import formats
 from medtune.data.images import IMAGE_EXTENSIONS, is_hidden, list_image_files, load_rgb
 from medtune.data.preprocess import prepare_image
 from medtune.data.sources import load_imageset
@@ -144,7 +144,7 @@ def test_png_sbit_left_aligned_data_per_spec(tmp_path: Path) -> None:
 def test_undeclared_depth_warns_naming_file_and_keeps_range(
     tmp_path: Path, caplog, monkeypatch
 ) -> None:
-    monkeypatch.setattr(images, "_warned", 0)  # the per-process warning cap
+    monkeypatch.setattr(formats, "_warned", 0)  # the per-process warning cap
     data = (_gray12().astype(int) * 2700 // 4095).astype(np.uint16)  # a dim 12-bit image, max 2700
     Image.fromarray(data).save(tmp_path / "dim.png")
     with caplog.at_level(logging.WARNING):
@@ -174,7 +174,7 @@ def test_16bit_colour_png_with_sbit(tmp_path: Path) -> None:
 
 
 def test_signed_and_float_tiff(tmp_path: Path, caplog, monkeypatch) -> None:
-    monkeypatch.setattr(images, "_warned", 0)
+    monkeypatch.setattr(formats, "_warned", 0)
     tifffile = pytest.importorskip("tifffile")
     signed = np.array([[-1000, 0], [500, 1000]], np.int16)
     tifffile.imwrite(tmp_path / "s.tif", signed)

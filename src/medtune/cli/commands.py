@@ -91,7 +91,13 @@ def _devices(value: str) -> int | str:
 
 
 TRAIN_FLAGS: list[tuple[str, dict[str, Any]]] = [
-    ("--data", {"help": "training images: class folders, folder with labels.csv, CSV, or .npz"}),
+    (
+        "--data",
+        {
+            "help": "training images: class folders, folder with labels.csv, CSV, or .npz "
+            "(required, here or in --config)"
+        },
+    ),
     ("--val-data", {"help": "separate validation set (default: a group-aware split of --data)"}),
     ("--test-data", {"help": "separate test set (default: a group-aware split of --data)"}),
     ("--out", {"help": "run folder (default runs/run)"}),
@@ -104,9 +110,22 @@ TRAIN_FLAGS: list[tuple[str, dict[str, Any]]] = [
             "timm / torchvision model name"
         },
     ),
-    ("--weights", {"help": "pretrained weights: 'default', a local .pth/.safetensors, or 'none'"}),
+    (
+        "--weights",
+        {
+            "help": "pretrained weights: 'default' (the default: the backbone's ImageNet "
+            "weights), a local .pth/.safetensors, or 'none'"
+        },
+    ),
     ("--image-size", {"type": int, "help": "input side (default: the backbone's pretrained size)"}),
-    ("--fundus", {"type": _fundus_options, "help": "none or crop[,ben-graham][,clahe]"}),
+    (
+        "--fundus",
+        {
+            "type": _fundus_options,
+            "help": "none or crop[,ben-graham][,clahe] (default crop: field-of-view crop, "
+            "colours untouched)",
+        },
+    ),
     (
         "--strategy",
         {
@@ -124,8 +143,23 @@ TRAIN_FLAGS: list[tuple[str, dict[str, Any]]] = [
             "help": "probes train on unrotated features (training images run once, not 4x)",
         },
     ),
-    ("--epochs", {"type": int}),
-    ("--batch-size", {"type": int}),
+    (
+        "--positive-class",
+        {
+            "metavar": "NAME",
+            "help": "the positive class of a two-class task, for the headline sensitivity, "
+            "specificity and AUC (default: the class not named like no/normal/negative/0)",
+        },
+    ),
+    (
+        "--epochs",
+        {
+            "type": int,
+            "help": "fine-tuning epochs; the probes (linear-probe, layer-probe) ignore it: they "
+            "fit their logistic-regression head to convergence",
+        },
+    ),
+    ("--batch-size", {"type": int, "help": "images per training batch"}),
     ("--lr", {"type": float, "help": "learning rate of the new head (default 0.002)"}),
     ("--optimizer", {"choices": ["sgd", "adamw"], "help": "default adamw"}),
     (
@@ -140,14 +174,23 @@ TRAIN_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--weight-decay", {"type": float, "help": "L2 weight decay (not on BN and biases)"}),
     ("--l2sp", {"type": float, "help": "L2-SP strength: pull toward the pretrained weights"}),
     ("--head-epochs", {"type": int, "help": "epochs that train only the head first"}),
-    ("--warmup-epochs", {"type": float}),
-    ("--schedule", {"choices": ["cosine", "step"]}),
+    ("--warmup-epochs", {"type": float, "help": "epochs of linear learning-rate warm-up"}),
+    ("--schedule", {"choices": ["cosine", "step"], "help": "decay after the warm-up"}),
     ("--lr-floor", {"type": float, "help": "final learning rate as a fraction of the start"}),
-    ("--dropout", {"type": float}),
-    ("--class-weights", {"choices": ["auto", "none"]}),
-    ("--balanced-sampler", {"action": "store_true", "default": None}),
-    ("--hflip", {"action": "store_true", "default": None}),
-    ("--vflip", {"action": "store_true", "default": None}),
+    ("--dropout", {"type": float, "help": "dropout before the new head"}),
+    (
+        "--class-weights",
+        {
+            "choices": ["auto", "none"],
+            "help": "auto: inverse-frequency loss weights (default none)",
+        },
+    ),
+    (
+        "--balanced-sampler",
+        {"action": "store_true", "default": None, "help": "draw classes equally often"},
+    ),
+    ("--hflip", {"action": "store_true", "default": None, "help": "add horizontal flips"}),
+    ("--vflip", {"action": "store_true", "default": None, "help": "add vertical flips"}),
     (
         "--no-rot90",
         {
@@ -157,21 +200,41 @@ TRAIN_FLAGS: list[tuple[str, dict[str, Any]]] = [
             "help": "turn off the default 0/90/180/270 rotation augmentation",
         },
     ),
-    ("--early-stopping", {"type": int, "help": "patience in epochs (0 turns it off)"}),
-    ("--seed", {"type": int}),
+    (
+        "--early-stopping",
+        {
+            "type": int,
+            "help": "patience in epochs on the validation metric (default 5; 0 turns it off, "
+            "as does early_stopping: null or 0 in a config file)",
+        },
+    ),
+    ("--seed", {"type": int, "help": "seed of splits, initialisation and augmentation"}),
     ("--precision", {"help": "Lightning precision: bf16-mixed (default), 32-true, 16-mixed"}),
     ("--workers", {"dest": "num_workers", "type": int, "help": "DataLoader workers"}),
     ("--accelerator", {"help": "cpu, gpu or auto"}),
     ("--devices", {"type": _devices, "help": "processes/GPUs per node (int or 'auto')"}),
-    ("--num-nodes", {"type": int}),
+    ("--num-nodes", {"type": int, "help": "machines taking part"}),
     ("--dist-strategy", {"help": "Lightning strategy (default auto: DDP when >1 process)"}),
-    ("--sync-batchnorm", {"action": "store_true", "default": None}),
+    (
+        "--sync-batchnorm",
+        {"action": "store_true", "default": None, "help": "BatchNorm statistics over all GPUs"},
+    ),
     ("--max-steps-per-epoch", {"type": int, "help": "cap training batches per epoch"}),
     ("--preset", {"choices": ["seed"], "help": "seed: the article's GoogLeNet recipe"}),
 ]
 
 
+TRAIN_EPILOG = (
+    "Defaults are those of docs/configuration.md (medtune.TrainConfig); a --config "
+    "file replaces them and flags override both. Environment: MEDTUNE_CACHE sets the cache "
+    "folder (default ~/.cache/medtune); MLFLOW_TRACKING_URI, when set, also logs fine-tuning "
+    "metrics to that MLflow server (needs the mlflow package). --epochs applies to --strategy "
+    "finetune only."
+)
+
+
 def add_train(p: argparse.ArgumentParser) -> None:
+    p.epilog = TRAIN_EPILOG
     p.add_argument("--config", help="a config.yaml (e.g. RUN/config.yaml); flags override it")
     p.add_argument(
         "--resume",
@@ -246,10 +309,16 @@ def add_evaluate(p: argparse.ArgumentParser) -> None:
         "--tta",
         choices=["none", "rot90"],
         default="none",
-        help="test-time augmentation: average of the four rotations",
+        help="test-time augmentation: rot90 averages the four rotations",
     )
     p.add_argument("--name", help="output name under RUN/eval/ (default from the data)")
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for CIs")
+    p.add_argument(
+        "--bootstrap",
+        type=int,
+        default=1000,
+        help="bootstrap resamples for the CIs of AUC, kappa and balanced accuracy "
+        "(proportions get Wilson intervals); 0 turns every interval off",
+    )
     p.add_argument("--no-gradcam", action="store_true", help="leave Grad-CAM out of the report")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images")
 
@@ -296,7 +365,12 @@ def add_predict(p: argparse.ArgumentParser) -> None:
         "threshold with >= 90%% sensitivity for referable disease on validation: screening)",
     )
     p.add_argument("--explain", metavar="DIR", help="write Grad-CAM figures into DIR")
-    p.add_argument("--tta", choices=["none", "rot90"], default="none")
+    p.add_argument(
+        "--tta",
+        choices=["none", "rot90"],
+        default="none",
+        help="test-time augmentation: rot90 averages the four rotations",
+    )
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images")
 
 
@@ -332,7 +406,9 @@ def run_predict(args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------------- export
 def add_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", required=True, help="a run folder made by medtune train")
-    p.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
+    p.add_argument(
+        "--format", choices=["onnx", "torchscript"], default="onnx", help="model file format"
+    )
     p.add_argument("--out", help="output folder (default RUN/export)")
 
 
@@ -352,7 +428,11 @@ def add_advise(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbones", help="comma-separated backbones (default efficientnet_lite0)")
     p.add_argument("--json", help="also write the advice as JSON here")
     p.add_argument("--image-size", type=int, help="input side (default: the backbone's)")
-    p.add_argument("--fundus", type=_fundus_options, help="none or crop[,ben-graham][,clahe]")
+    p.add_argument(
+        "--fundus",
+        type=_fundus_options,
+        help="none or crop[,ben-graham][,clahe] (default crop, as medtune train)",
+    )
     _add_data_args(p)
 
 
@@ -438,7 +518,7 @@ COMMANDS: dict[
     ),
     "prepare": ("decode, preprocess and cache every image once", add_prepare, run_prepare),
     "train": ("train a model with one of the four transfer scenarios", add_train, run_train),
-    "evaluate": ("clinical metrics with 95%% CIs and an HTML report", add_evaluate, run_evaluate),
+    "evaluate": ("clinical metrics with 95% CIs and an HTML report", add_evaluate, run_evaluate),
     "predict": (
         "predict image files with a run or an exported ONNX model",
         add_predict,

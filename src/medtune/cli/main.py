@@ -3,23 +3,25 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import pickle
 import sys
 from collections.abc import Sequence
 
+from medtune import logs
 from medtune.errors import MedtuneError, unpickling_detail
 from medtune.version import __version__
 
 EXIT_USER_ERROR = 2
+VERBOSE_HELP = (
+    "also show progress messages, the libraries' messages (Lightning) and library warnings; "
+    "without it only medtune's progress bars, results and errors are printed"
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s"
-    )
+    logs.configure(args.verbose)
     if not hasattr(args, "handler"):
         parser.print_help()
         return EXIT_USER_ERROR
@@ -62,6 +64,45 @@ def _environment_error(err: BaseException) -> str | None:
     return None
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Help that states every option's default.
+
+    An option whose help does not mention its default gets ``(default: X)``: X is the
+    argparse default, or, for ``medtune train`` flags (default None so that a ``--config`` file
+    can set them), the :class:`~medtune.config.TrainConfig` default. Switches (store_true /
+    store_false) and options without a default are left alone. TrainConfig is imported only
+    when help is printed, so parsing stays fast.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not action.option_strings or "default" in text.lower():
+            return text
+        if isinstance(action, argparse._StoreConstAction):  # store_true / store_false
+            return text
+        value = action.default
+        if value is None and self._prog.split()[-1] == "train":
+            value = config_default(action.dest)
+        if value is None or value is False or value in ("", argparse.SUPPRESS):
+            return text
+        if isinstance(value, dict):  # --fundus: its help states the default in words
+            return text
+        shown = str(value).replace("%", "%%")
+        return f"{text} (default: {shown})" if text else f"default: {shown}"
+
+
+def config_default(dest: str) -> object:
+    """The :class:`TrainConfig` default of the setting ``dest`` (None if it has none)."""
+    import dataclasses
+
+    from medtune.config import TrainConfig
+
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == dest:
+            return f.default if f.default is not dataclasses.MISSING else None
+    return None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="medtune",
@@ -70,12 +111,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"medtune {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress messages")
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
     from medtune.cli import commands
 
     for name, (help_text, add_args, handler) in commands.COMMANDS.items():
-        cmd = sub.add_parser(name, help=help_text, description=help_text)
+        cmd = sub.add_parser(
+            name,
+            help=help_text.replace("%", "%%"),  # argparse %-formats help=, not description=
+            description=help_text,
+            formatter_class=DefaultsHelpFormatter,
+        )
         # Accept the global flags after the command too (SUPPRESS keeps a flag given before it).
         cmd.add_argument(
             "--debug",
@@ -88,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--verbose",
             action="store_true",
             default=argparse.SUPPRESS,
-            help="log progress messages",
+            help=VERBOSE_HELP,
         )
         add_args(cmd)
         cmd.set_defaults(handler=handler)

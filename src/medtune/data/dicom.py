@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from medtune.data.images import DICOM_EXTENSIONS, PILLOW_EXTENSIONS, scale_to_uint8, to_rgb8
+from medtune.data.formats import DICOM_EXTENSIONS, PILLOW_EXTENSIONS, scale_to_uint8, to_rgb8
 from medtune.errors import BadImageError
 
 __all__ = ["is_dicom_path", "looks_like_dicom", "patient_groups", "read_dicom"]

@@ -1,9 +1,10 @@
 """Run an exported ``model.onnx`` with ONNX Runtime, without importing torch.
 
 The JSON sidecar ``model.json`` next to the model carries everything needed to go from images to
-grades: ``image_size``, ``mean``/``std`` (RGB, on the 0-1 scale), ``class_names``,
-``temperature`` and ``decoding``. The network input is ``image`` (N x 3 x S x S float32, RGB,
-normalised) and the output is ``logits`` (N x K).
+grades: ``image_size``, ``mean``/``std`` (RGB, on the 0-1 scale), ``class_names``, ``temperature``
+and ``decoding``; ``operating_points`` (the referral thresholds chosen on validation,
+``ModelMeta.operating_points``) lets ``medtune predict --model`` set the refer flag. The network
+input is ``image`` (N x 3 x S x S float32, RGB, normalised) and the output is ``logits`` (N x K).
 
 Probabilities are ``softmax(logits / temperature)``. With ``tta="rot90"`` the LOGITS of the four
 90-degree rotations are averaged first, then temperature and softmax are applied once.

@@ -4,7 +4,7 @@ the deployable model and the metrics into the run folder."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 from torch import nn
@@ -17,10 +17,6 @@ from medtune.evaluation.metrics import compute_metrics
 from medtune.runs import ModelMeta, RunData, RunFolder
 
 
-class Evaluator(Protocol):
-    def logits(self, part: Any, tta: str = "none") -> np.ndarray: ...
-
-
 def uint8_batches(part: Part, batch_size: int):
     """The part's cached images as uint8 (B, 3, H, W) tensors, in order."""
     import torch
@@ -31,20 +27,15 @@ def uint8_batches(part: Part, batch_size: int):
 
 
 class ImageEvaluator:
-    """Logits of a model on a part of the data, optionally with rot90 test-time augmentation."""
+    """Logits of a model on a part of the data in fp32, the deployment precision, optionally
+    with rot90 test-time augmentation (``predict --run`` and the exported ONNX model compute the
+    same logits)."""
 
     def __init__(
-        self,
-        model: nn.Module,
-        mean,
-        std,
-        *,
-        bf16: bool = False,
-        batch_size: int = 32,
-        progress: bool = True,
+        self, model: nn.Module, mean, std, *, batch_size: int = 32, progress: bool = True
     ) -> None:
         self.model = model.eval()
-        self.mean, self.std, self.bf16 = list(mean), list(std), bf16
+        self.mean, self.std = list(mean), list(std)
         self.batch_size, self.progress = batch_size, progress
 
     def logits(self, part: Part, tta: str = "none") -> np.ndarray:
@@ -57,7 +48,6 @@ class ImageEvaluator:
             mean=self.mean,
             std=self.std,
             tta=tta,
-            bf16=self.bf16,
             progress=self.progress,
         )
 
@@ -67,8 +57,10 @@ def finalize_run(
     meta: ModelMeta,
     data: RunData,
     run: RunFolder,
-    evaluator: Evaluator,
     strategy: str,
+    *,
+    batch_size: int = 32,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Calibrate, decode, measure and save a trained model.
 
@@ -82,10 +74,10 @@ def finalize_run(
         Validation (and test) parts.
     run : RunFolder
         Receives ``val_logits.npz``, ``model.safetensors`` + ``model.json`` and ``metrics.json``.
-    evaluator : Evaluator
-        Computes logits of a part (from images, or from cached features for probes).
     strategy : str
         Recorded in ``metrics.json``.
+    batch_size : int, default 32
+    progress : bool, default True
 
     Returns
     -------
@@ -98,6 +90,10 @@ def finalize_run(
     2017); graded labels choose between argmax and expected-grade thresholds by cross-fitted
     validation QWK (:func:`medtune.evaluation.decoding.choose_decoding`).
     """
+    # Deployment precision is fp32 for every run: the temperature, the decoding and the
+    # operating points are fitted on the logits that `predict --run` and the exported ONNX model
+    # compute (issue: one model, one answer), not on bf16 training-time logits.
+    evaluator = ImageEvaluator(model, meta.mean, meta.std, batch_size=batch_size, progress=progress)
     y_val = data.val.labels
     val_logits = {tta: evaluator.logits(data.val, tta) for tta in TTA_MODES}
     run.write_val_logits(y_val, val_logits)
@@ -108,7 +104,12 @@ def finalize_run(
         if meta.ordinal
         else {"method": "argmax"}
     )
-    common = {"class_names": meta.class_names, "ordinal": meta.ordinal, "decoding": decoding}
+    common = {
+        "class_names": meta.class_names,
+        "ordinal": meta.ordinal,
+        "decoding": decoding,
+        "positive_class": meta.positive_class,
+    }
     metrics = {
         "val": compute_metrics(y_val, val_probs, groups=data.val.groups, **common),
     }

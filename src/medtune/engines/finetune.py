@@ -6,6 +6,7 @@ import csv
 import logging
 import os
 import pickle
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -16,25 +17,45 @@ from lightning.fabric.plugins.environments import TorchElasticEnvironment
 from lightning.fabric.plugins.io import TorchCheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.accelerators import CPUAccelerator
-from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import (
+    EarlyStopping,
+    LearningRateMonitor,
+    ModelCheckpoint,
+    TQDMProgressBar,
+)
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 from medtune.config import TrainConfig
 from medtune.data import Part
 from medtune.engines.datamodule import CacheDataModule, class_weights
-from medtune.engines.finalize import ImageEvaluator
 from medtune.engines.guards import NonFiniteLossGuard
 from medtune.engines.lightning_module import FinetuneModule
 from medtune.errors import MedtuneError, unpickling_detail
 from medtune.evaluation.metrics import is_ordinal
 from medtune.io import atomic_path
+from medtune.logs import route_library_logs
 from medtune.models import Backbone, TransferModel
 from medtune.runs import RunData, RunFolder
 
 log = logging.getLogger("medtune")
 
 RECORD_SAMPLES_ENV = "MEDTUNE_RECORD_SAMPLES"
+
+
+class EpochProgressBar(TQDMProgressBar):
+    """Lightning's progress bar without ``v_num`` (the logger version, here the tail of
+    "tensorboard": ``v_num=oard``) and, when stdout is not a terminal, without the nested
+    validation bar, which there cannot redraw and repeats the same line every epoch."""
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
+        items = super().get_metrics(trainer, pl_module)
+        items.pop("v_num", None)
+        return items
+
+    def init_validation_tqdm(self) -> Tqdm:
+        return super().init_validation_tqdm() if sys.stdout.isatty() else Tqdm(disable=True)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -109,7 +130,7 @@ def run_finetune(
     run: RunFolder,
     *,
     resume: bool = False,
-) -> tuple[torch.nn.Module, ImageEvaluator]:
+) -> torch.nn.Module:
     """Fine-tune ``backbone`` with a new K-class head.
 
     Parameters
@@ -127,10 +148,9 @@ def run_finetune(
 
     Returns
     -------
-    model : TransferModel
-        The best epoch's model (by validation QWK for grades, balanced accuracy otherwise).
-    evaluator : ImageEvaluator
-        Computes logits of a part in the run's precision.
+    TransferModel
+        The best epoch's model (by validation QWK for grades, balanced accuracy otherwise), in
+        eval mode on the device it trained on.
 
     Raises
     ------
@@ -180,15 +200,7 @@ def run_finetune(
             state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
             module.load_state_dict(state)
         module.to(trainer.strategy.root_device)  # evaluate where it trained (fit ends on the CPU)
-    evaluator = ImageEvaluator(
-        module.model,
-        config.mean,
-        config.std,
-        bf16=config.bf16,
-        batch_size=config.batch_size,
-        progress=config.progress,
-    )
-    return module.model.eval(), evaluator
+    return module.model.eval()
 
 
 def _class_weights(config: TrainConfig, train: Part, num_classes: int) -> list[float] | None:
@@ -211,6 +223,8 @@ def _trainer(config: TrainConfig, run: RunFolder, monitor: str) -> L.Trainer:
     )
     callbacks: list = [best, last, LearningRateMonitor(logging_interval="epoch")]
     callbacks.append(NonFiniteLossGuard())  # NaN/inf loss: stop, keep the last good ckpt
+    if config.progress:
+        callbacks.append(EpochProgressBar())
     if config.early_stopping:
         callbacks.append(EarlyStopping(monitor=monitor, mode="max", patience=config.early_stopping))
     if os.environ.get(RECORD_SAMPLES_ENV, "") not in ("", "0"):
@@ -247,6 +261,7 @@ def _check_launch(config: TrainConfig, trainer: L.Trainer) -> None:
 def _make_trainer(config: TrainConfig, run_dir: Path, callbacks: list) -> L.Trainer:
     """Lightning picks DDP whenever more than one process runs (``--dist-strategy auto``) and
     detects torchrun / SLURM from their environment variables."""
+    route_library_logs()  # Lightning's INFO lines once, and only at medtune's level (-v)
     return L.Trainer(
         default_root_dir=str(run_dir),
         max_epochs=config.epochs,

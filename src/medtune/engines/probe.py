@@ -7,7 +7,7 @@ import logging
 
 import numpy as np
 
-from medtune.config import TTA_MODES, ProbeSettings
+from medtune.config import ProbeSettings
 from medtune.data import Part
 from medtune.errors import MedtuneError
 from medtune.evaluation.metrics import is_ordinal
@@ -20,30 +20,6 @@ from medtune.transfer.linear_probe import ProbeResult, probe_all_stages
 log = logging.getLogger("medtune")
 
 ALL_ROTATIONS = (0, 1, 2, 3)
-
-
-class FeatureEvaluator:
-    """Logits of a probe computed from cached features (no backbone pass when features exist)."""
-
-    def __init__(
-        self,
-        backbone: Backbone,
-        stage: str,
-        weight: np.ndarray,
-        bias: np.ndarray,
-        settings: ProbeSettings,
-    ) -> None:
-        self.backbone, self.stage, self.weight, self.bias = backbone, stage, weight, bias
-        self.settings = settings
-
-    def logits(self, part: Part, tta: str = "none") -> np.ndarray:
-        """Logits (N, K) of ``part``'s images; ``tta="rot90"`` averages the four rotations'."""
-        if tta not in TTA_MODES:
-            raise MedtuneError(f"tta {tta!r} is unknown; use one of {', '.join(TTA_MODES)}")
-        rotations = ALL_ROTATIONS if tta == "rot90" else (0,)
-        feats = stage_features(self.backbone, part, [self.stage], rotations, self.settings)
-        per_rotation = [feats[(self.stage, k)] @ self.weight.T + self.bias for k in rotations]
-        return np.mean(per_rotation, axis=0)
 
 
 def stage_features(
@@ -80,7 +56,7 @@ def candidate_stages(settings: ProbeSettings, backbone: Backbone) -> list[str]:
 
 def run_probe(
     settings: ProbeSettings, backbone: Backbone, data: RunData, run: RunFolder
-) -> tuple[StageProbeClassifier, FeatureEvaluator]:
+) -> StageProbeClassifier:
     """Fit a probe on cached features and return the equivalent image-level model.
 
     Parameters
@@ -98,10 +74,8 @@ def run_probe(
 
     Returns
     -------
-    model : StageProbeClassifier
-        Backbone + pooled stage + linear layer (standardisation folded in).
-    evaluator : FeatureEvaluator
-        Logits from cached features, for validation and test.
+    StageProbeClassifier
+        Backbone + pooled stage + linear layer (standardisation folded in), in eval mode.
 
     Notes
     -----
@@ -134,7 +108,7 @@ def run_probe(
     log.info(
         "probe on stage %s, C=%g, val %s=%.4f", stage, result.C, result.metric, result.val_score
     )
-    return model.eval(), FeatureEvaluator(backbone, stage, weight, bias, settings)
+    return model.eval()
 
 
 def full_linear_weights(result: ProbeResult, num_classes: int) -> tuple[np.ndarray, np.ndarray]:

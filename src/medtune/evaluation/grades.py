@@ -68,8 +68,10 @@ def grade_names(class_names: Sequence[Any], ordinal: bool) -> list[str]:
     return [str(c) for c in class_names]
 
 
-def referral_classes(class_names: Sequence[Any], ordinal: bool) -> tuple[int, ...] | None:
-    """Class indices that count as "refer": grades >= 2 for DR, class 1 for two classes.
+def referral_classes(
+    class_names: Sequence[Any], ordinal: bool, positive_class: str | None = None
+) -> tuple[int, ...] | None:
+    """Class indices that count as "refer": grades >= 2 for DR, the positive class for two.
 
     Parameters
     ----------
@@ -77,6 +79,9 @@ def referral_classes(class_names: Sequence[Any], ordinal: bool) -> tuple[int, ..
         Class names in logit order.
     ordinal : bool
         Whether the labels are grades.
+    positive_class : str, optional
+        The positive class of a two-class model (``ModelMeta.positive_class``); default the
+        second class.
 
     Returns
     -------
@@ -86,14 +91,18 @@ def referral_classes(class_names: Sequence[Any], ordinal: bool) -> tuple[int, ..
     if is_dr_grading(class_names, ordinal):
         return tuple(range(REFERABLE_MIN_GRADE, len(class_names)))
     if len(class_names) == 2:
-        return (1,)
+        names = [str(c) for c in class_names]
+        return (names.index(str(positive_class)) if positive_class in names else 1,)
     return None
 
 
-def referral_name(class_names: Sequence[Any], ordinal: bool) -> str | None:
+def referral_name(
+    class_names: Sequence[Any], ordinal: bool, positive_class: str | None = None
+) -> str | None:
     """What a positive referral means, in words (``None`` when there is no referral)."""
     if is_dr_grading(class_names, ordinal):
         return f"referable DR (grade >= {REFERABLE_MIN_GRADE})"
-    if len(class_names) == 2:
-        return f"positive class {class_names[1]!s}"
+    positive = referral_classes(class_names, ordinal, positive_class)
+    if positive is not None:
+        return f"positive class {class_names[positive[0]]!s}"
     return None

@@ -9,8 +9,13 @@ Every key of the returned dictionary is documented in ``docs/metrics.md``. Summa
   Operating points (>=90% sensitivity, >=97.5% sensitivity, Youden's J) are chosen on the
   VALIDATION scores given as ``val`` and applied unchanged here; the headline sensitivity and
   specificity are at the Youden point.
-* Headline figures get 95% percentile bootstrap intervals; with ``groups`` whole groups
-  (patients) are resampled (cluster bootstrap). Thresholds and decoding stay fixed.
+* Intervals (95%): proportions (accuracy, sensitivity, specificity, PPV, NPV) get Wilson score
+  intervals, which stay valid at 0 and 1 where a percentile bootstrap collapses; with ``groups``
+  they use the effective sample size of the clustered data. Other figures (balanced accuracy,
+  AUC, QWK) get percentile bootstrap intervals; with ``groups`` whole groups (patients) are
+  resampled (cluster bootstrap). A bootstrap interval of zero width is not reported as one.
+  Thresholds and decoding stay fixed. Every figure records how many cases it rests on
+  (``<key>_n``) and ``warnings`` names the figures resting on fewer than ``SMALL_N`` cases.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from scipy.stats import binomtest, norm
 from sklearn.metrics import (
     accuracy_score,
     confusion_matrix,
@@ -30,7 +36,12 @@ from sklearn.metrics import (
     roc_curve,
 )
 
-from medtune.evaluation.calibration import expected_calibration_error
+from medtune.errors import MedtuneError
+from medtune.evaluation.calibration import (
+    apply_temperature,
+    expected_calibration_error,
+    fit_temperature,
+)
 from medtune.evaluation.decoding import decode
 from medtune.evaluation.grades import is_dr_grading, referral_classes, referral_name
 from medtune.evaluation.scores import (
@@ -51,7 +62,10 @@ __all__ = [
     "bootstrap_weights",
     "choose_operating_points",
     "compute_metrics",
+    "effective_sample_size",
     "is_ordinal",
+    "move_operating_point",
+    "proportion_ci",
     "quick_metrics",
 ]
 
@@ -79,9 +93,9 @@ HEADLINE_METRICS = (
     HeadlineMetric("macro_f1", "Macro F1", "macro F1", terminal=False),
     HeadlineMetric("qwk", "Quadratic weighted kappa", "quadratic kappa"),
     HeadlineMetric("macro_auc", "Macro one-vs-rest AUC", "macro AUC"),
-    HeadlineMetric("auc", "AUC (positive class)", "AUC", terminal=False),
-    HeadlineMetric("sensitivity", "Sensitivity (Youden point)", "sens.", terminal=False),
-    HeadlineMetric("specificity", "Specificity (Youden point)", "spec.", terminal=False),
+    HeadlineMetric("auc", "AUC (positive class)", "AUC"),
+    HeadlineMetric("sensitivity", "Sensitivity (Youden point)", "sensitivity"),
+    HeadlineMetric("specificity", "Specificity (Youden point)", "specificity"),
     HeadlineMetric("referable_auc", "Referable DR AUC", "referable AUC"),
     HeadlineMetric(
         "referable_sensitivity", "Referable DR sensitivity (Youden point)", "referable sens."
@@ -94,6 +108,8 @@ HEADLINE_METRICS = (
 #: Keys of the headline figures that carry a 95% interval (``<key>_ci``).
 HEADLINE = tuple(m.key for m in HEADLINE_METRICS if m.key not in ("macro_f1", "ece"))
 SAME_DATA = "same data (optimistic)"
+LEVEL = 0.95  # coverage of every interval
+SMALL_N = 30  # a figure resting on fewer cases than this is flagged in ``warnings``
 
 
 @dataclass(frozen=True)
@@ -133,13 +149,74 @@ def is_ordinal(class_names: Sequence[Any]) -> bool:
     return len(vals) > 2 and all(b - a == 1 for a, b in zip(vals[:-1], vals[1:], strict=True))
 
 
-def binary_task(class_names: Sequence[Any], ordinal: bool) -> BinaryTask | None:
-    """Referable DR for 5 ordinal classes, the positive class (index 1) for 2 classes, else None."""
-    positive = referral_classes(class_names, ordinal)  # one definition (evaluation.grades)
-    if positive is None:
+#: Class names that mean "no finding" (compared lowercased, after removing - _ and spaces):
+#: never the default positive class of a binary task.
+NEGATIVE_NAMES = frozenset(
+    {"0", "no", "none", "normal", "negative", "neg", "healthy", "benign", "absent", "control",
+     "nodr", "nodisease", "nofinding", "nonreferable", "false", "n"}
+)  # fmt: skip
+
+
+def default_positive_class(class_names: Sequence[Any]) -> str:
+    """The positive class of a two-class task when none is given: the class NOT named like a
+    negative finding (:data:`NEGATIVE_NAMES`, also with a ``no``/``non`` prefix); when that does
+    not single one out, the second class.
+
+    Parameters
+    ----------
+    class_names : sequence of 2 names
+
+    Returns
+    -------
+    str
+    """
+    names = [str(c) for c in class_names]
+
+    def negative(name: str) -> bool:
+        flat = "".join(ch for ch in name.lower() if ch.isalnum())
+        return flat in NEGATIVE_NAMES or flat.startswith(("no", "non")) and len(flat) > 3
+
+    marked = [negative(n) for n in names]
+    if marked.count(True) == 1:
+        return names[marked.index(False)]
+    return names[1]
+
+
+def binary_task(
+    class_names: Sequence[Any], ordinal: bool, positive_class: str | None = None
+) -> BinaryTask | None:
+    """The binary question behind the headline sensitivity, specificity and AUC.
+
+    Parameters
+    ----------
+    class_names : sequence
+    ordinal : bool
+    positive_class : str, optional
+        For two classes, the positive one (default :func:`default_positive_class`).
+
+    Returns
+    -------
+    BinaryTask or None
+        Referable DR (grades >= 2) for 5 DR grades, the positive class for 2 classes, else None.
+
+    Raises
+    ------
+    MedtuneError
+        When ``positive_class`` is not one of the two classes.
+    """
+    names = [str(c) for c in class_names]
+    if is_dr_grading(names, ordinal):  # one definition: medtune.evaluation.grades
+        return BinaryTask(
+            str(referral_name(names, ordinal)), referral_classes(names, ordinal), "referable_"
+        )
+    if len(names) != 2:
         return None
-    prefix = "referable_" if is_dr_grading(class_names, ordinal) else ""
-    return BinaryTask(str(referral_name(class_names, ordinal)), positive, prefix)
+    positive = default_positive_class(names) if positive_class is None else str(positive_class)
+    if positive not in names:
+        raise MedtuneError(
+            f"positive class {positive!r} is not one of the classes {names}; pick one of them"
+        )
+    return BinaryTask(f"positive class {positive}", (names.index(positive),), "")
 
 
 # ---------------------------------------------------------------- operating points
@@ -166,8 +243,7 @@ def choose_operating_points(y_bin: np.ndarray, score: np.ndarray) -> dict[str, d
             i = int(np.argmax(j))
             rule = "max Youden's J (sensitivity + specificity - 1) on validation"
         else:
-            ok = np.flatnonzero(finite & (tpr >= target - 1e-12))
-            i = int(ok[np.lexsort((-tpr[ok], -spec[ok]))[0]])
+            i = _at_sensitivity(tpr, spec, finite, target)
             rule = f"highest specificity with sensitivity >= {target:g} on validation"
         out[name] = {
             "threshold": float(thr[i]),
@@ -176,6 +252,115 @@ def choose_operating_points(y_bin: np.ndarray, score: np.ndarray) -> dict[str, d
             "val_specificity": float(spec[i]),
         }
     return out
+
+
+def _at_sensitivity(tpr: np.ndarray, spec: np.ndarray, finite: np.ndarray, target: float) -> int:
+    """ROC index with sensitivity >= ``target`` and the highest specificity (ties: sensitivity)."""
+    ok = np.flatnonzero(finite & (tpr >= target - 1e-12))
+    return int(ok[np.lexsort((-tpr[ok], -spec[ok]))[0]])
+
+
+#: Fewest positives a labelled new-site sample needs before :func:`move_operating_point` moves
+#: the threshold: with 10, a sensitivity of 9/10 has a 95% Clopper-Pearson interval of 0.55-1.00.
+MIN_SITE_POSITIVES = 10
+
+
+def move_operating_point(
+    logits: np.ndarray,
+    y: np.ndarray | None,
+    task: BinaryTask,
+    *,
+    validated_threshold: float,
+    target_sensitivity: float,
+    temperature: float = 1.0,
+    min_positives: int = MIN_SITE_POSITIVES,
+) -> dict[str, Any]:
+    """Move a validated operating point to a new site using a small labelled sample of it.
+
+    Without labels (``y is None``) nothing moves: the validated threshold and temperature are
+    returned with ``moved=False``. With labels, the temperature is refitted on the sample
+    (:func:`~medtune.evaluation.calibration.fit_temperature`, Guo et al. 2017) and the threshold
+    on the recalibrated score is the one :func:`choose_operating_points` would pick: the highest
+    specificity among points with sensitivity >= ``target_sensitivity`` on the sample.
+
+    Parameters
+    ----------
+    logits : ndarray, shape (N, K)
+        The model's logits for the sample's images (before any temperature).
+    y : ndarray of int, shape (N,), or None
+        Class labels (e.g. DR grades 0-4) of the sample; ``None`` keeps the validated point.
+    task : BinaryTask
+        The binary view (e.g. referable DR: grades 2-4) the operating point is on.
+    validated_threshold : float
+        The run's threshold on ``task.score(softmax(logits / temperature))``.
+    target_sensitivity : float
+        Sensitivity (0-1) the validated operating point was chosen for, e.g. 0.9 for ``sens90``.
+    temperature : float, default 1.0
+        The run's validated temperature (returned unchanged without labels).
+    min_positives : int, default :data:`MIN_SITE_POSITIVES` (10)
+        Fewest positives (and at least one negative) the sample must hold to move the point.
+
+    Returns
+    -------
+    dict
+        ``moved`` (bool), ``threshold`` and ``temperature`` (apply both: positive when
+        ``task.score(apply_temperature(logits, temperature)) >= threshold``), ``rule``, and with
+        labels ``n_images``, ``n_positives``, ``n_negatives``, ``sensitivity``,
+        ``sensitivity_ci95`` (Clopper-Pearson) and ``specificity`` on the sample.
+
+    Raises
+    ------
+    MedtuneError
+        When the sample has fewer than ``min_positives`` positives or no negatives, or the
+        shapes of ``logits`` and ``y`` disagree.
+    """
+    from scipy.stats import binomtest  # Clopper-Pearson; imported here to keep the module light
+
+    if y is None:
+        return {
+            "moved": False,
+            "threshold": float(validated_threshold),
+            "temperature": float(temperature),
+            "rule": "validated operating point kept (no labels from the new site)",
+        }
+    if not 0.0 < float(target_sensitivity) <= 1.0:
+        raise MedtuneError(f"target sensitivity must be in (0, 1], got {target_sensitivity}")
+    logits = np.asarray(logits, dtype=np.float64)
+    y = np.asarray(y).astype(np.int64).ravel()
+    if logits.ndim != 2 or len(logits) != len(y):
+        raise MedtuneError(
+            f"logits must be (N, K) with one label per row; got {logits.shape} and {len(y)} labels"
+        )
+    y_bin = task.labels(y)
+    n_pos = int(y_bin.sum())
+    n_neg = len(y_bin) - n_pos
+    if n_pos < min_positives or n_neg < 1:
+        raise MedtuneError(
+            f"the labelled sample has {n_pos} positive and {n_neg} negative images ({task.name}); "
+            f"moving the operating point needs at least {min_positives} positives and one "
+            "negative: label more images of the new site or keep the validated point"
+        )
+    new_t = fit_temperature(logits, y)
+    score = task.score(apply_temperature(logits, new_t))
+    fpr, tpr, thr = roc_curve(y_bin, score, drop_intermediate=False)
+    i = _at_sensitivity(tpr, 1.0 - fpr, np.isfinite(thr), float(target_sensitivity))
+    applied = apply_operating_point(y_bin, score, float(thr[i]))
+    ci = binomtest(applied["tp"], n_pos).proportion_ci(0.95, method="exact")
+    return {
+        "moved": True,
+        "threshold": float(thr[i]),
+        "temperature": float(new_t),
+        "rule": (
+            f"temperature refitted and highest specificity with sensitivity >= "
+            f"{float(target_sensitivity):g} on {len(y)} labelled new-site images"
+        ),
+        "n_images": len(y),
+        "n_positives": n_pos,
+        "n_negatives": n_neg,
+        "sensitivity": applied["sensitivity"],
+        "sensitivity_ci95": [float(ci.low), float(ci.high)],
+        "specificity": applied["specificity"],
+    }
 
 
 def _sens_spec(y_bin: np.ndarray, pred: np.ndarray) -> tuple[float, float]:
@@ -283,23 +468,11 @@ class _WeightedAUC:
 
 
 def _cm_accuracy(cm: np.ndarray) -> float:
+    """Weighted accuracy (accuracy's interval is Wilson's; this is the tested reference)."""
     return float(np.trace(cm) / cm.sum())
 
 
-def _weighted_sens_spec(y_bin: np.ndarray, pred_bin: np.ndarray, w: np.ndarray) -> tuple:
-    wp, wn = w * y_bin, w * (1 - y_bin)
-    sp, sn = wp.sum(), wn.sum()
-    sens = float((wp * pred_bin).sum() / sp) if sp > 0 else float("nan")
-    spec = float((wn * (1 - pred_bin)).sum() / sn) if sn > 0 else float("nan")
-    return sens, spec
-
-
 _Stat = Callable[[np.ndarray, np.ndarray], float]  # (weights, weighted confusion matrix) -> value
-
-
-def _op_stat(y_bin: np.ndarray, pred_bin: np.ndarray, which: int) -> _Stat:
-    """Weighted sensitivity (``which=0``) or specificity (``1``) of fixed binary predictions."""
-    return lambda w, cm: _weighted_sens_spec(y_bin, pred_bin, w)[which]
 
 
 def _weighted_statistics(
@@ -308,12 +481,11 @@ def _weighted_statistics(
     K: int,
     ordinal: bool,
     task: BinaryTask | None,
-    points: dict[str, dict[str, Any]],
 ) -> dict[str, _Stat]:
-    """Weighted statistic functions for every figure that gets an interval."""
+    """Weighted statistic functions for every figure that gets a bootstrap interval (the
+    proportions get Wilson intervals instead, see :func:`proportion_ci`)."""
     class_aucs = [_WeightedAUC(y == k, p[:, k]) for k in range(K)]
     stats: dict[str, _Stat] = {
-        "accuracy": lambda w, cm: _cm_accuracy(cm),
         "balanced_accuracy": lambda w, cm: balanced_accuracy_from_confusion(cm),
         "macro_auc": lambda w, cm: _nanmean(np.array([a(w) for a in class_aucs])),
     }
@@ -323,10 +495,6 @@ def _weighted_statistics(
         y_bin, score = task.labels(y).astype(np.float64), task.score(p)
         binary_auc = _WeightedAUC(y_bin, score)
         stats[f"{task.prefix}auc"] = lambda w, cm: binary_auc(w)
-        for op, d in points.items():
-            pred_bin = (score >= d["threshold"]).astype(np.float64)
-            stats[f"op:{op}:sensitivity"] = _op_stat(y_bin, pred_bin, 0)
-            stats[f"op:{op}:specificity"] = _op_stat(y_bin, pred_bin, 1)
     return stats
 
 
@@ -358,7 +526,12 @@ def _bootstrap(
     n_boot: int,
     seed: int,
 ) -> tuple[dict[str, list[float] | None], dict[str, Any]]:
-    """95% percentile intervals of each statistic over ``n_boot`` (cluster) resamples."""
+    """95% percentile intervals of each statistic over ``n_boot`` (cluster) resamples.
+
+    An interval of zero width (every resample gave the same value, e.g. an AUC of 1 or a
+    constant prediction's kappa of 0) measures nothing; it is returned as is and handled by
+    :func:`_interval_fallbacks`.
+    """
     values = np.full((n_boot, len(stats)), np.nan)
     fns = list(stats.values())
     with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
@@ -376,10 +549,122 @@ def _bootstrap(
         "unit": "image" if groups is None else "group",
         "n_units": len(cell) if groups is None else len({str(g) for g in groups}),
         "method": "percentile",
-        "level": 0.95,
+        "level": LEVEL,
         "fixed": "operating-point thresholds and decoding are held fixed",
     }
     return cis, info
+
+
+# ---------------------------------------------------------------- proportion intervals
+#
+# Sensitivity, specificity, accuracy, PPV and NPV are proportions k / n. A percentile bootstrap
+# of a proportion at 0 or 1 returns [0, 0] or [1, 1] (every resample agrees), claiming
+# certainty that 4 negatives cannot give. The Wilson score interval (Wilson, JASA 1927) stays
+# valid there (4 of 4 -> [0.51, 1.00]) and has close to nominal coverage for small n (Brown, Cai
+# & DasGupta, Statistical Science 2001). Images of one patient are not independent; with groups
+# the interval uses the effective sample size n / design effect (Kish, Survey Sampling 1965),
+# estimated from the between-group variance of the proportion as in Korn & Graubard (Survey
+# Methodology 1998). See docs/metrics.md.
+
+
+def effective_sample_size(success: np.ndarray, groups: np.ndarray) -> float:
+    """Effective number of independent cases behind the proportion ``mean(success)``.
+
+    Parameters
+    ----------
+    success : ndarray of bool, shape (n,)
+        Whether each case counts as a success (e.g. a positive detected).
+    groups : ndarray, shape (n,)
+        Group (patient) id of each case.
+
+    Returns
+    -------
+    float
+        ``p (1 - p) / Var(p)`` with the cluster-robust (ratio estimator) variance
+        ``G / (G - 1) * sum_g (k_g - p n_g)^2 / n^2`` over the G groups, clipped to ``[G, n]``
+        (``G <= n_eff``: a group counts at least once; ``n_eff <= n``: clustering never adds
+        information). At ``p`` of 0 or 1 the variance is 0 and undefined as a ratio; then the
+        number of groups G is used, the conservative end.
+    """
+    success = np.asarray(success, dtype=np.float64)
+    n = len(success)
+    _, inv = np.unique(np.asarray(groups).astype(str), return_inverse=True)
+    n_groups = int(inv.max()) + 1 if n else 0
+    p = float(success.mean()) if n else 0.0
+    if n_groups < 2 or p in (0.0, 1.0):
+        return float(n_groups)
+    k_g = np.bincount(inv, weights=success, minlength=n_groups)
+    n_g = np.bincount(inv, minlength=n_groups)
+    var = n_groups / (n_groups - 1) * float(np.sum((k_g - p * n_g) ** 2)) / n**2
+    if var <= 0.0:
+        return float(n)
+    return float(np.clip(p * (1.0 - p) / var, n_groups, n))
+
+
+def _wilson(p: float, n: float, level: float) -> list[float]:
+    """Wilson score interval for a proportion ``p`` observed on ``n`` (possibly fractional) cases.
+
+    Written out because ``scipy.stats.binomtest`` only takes integer counts and an effective
+    sample size is real-valued; for integer counts it equals scipy's ``method="wilson"`` (tested).
+    """
+    z = float(norm.ppf(0.5 + level / 2))
+    z2n = z * z / n
+    centre = (p + z2n / 2) / (1 + z2n)
+    half = z / (1 + z2n) * np.sqrt(p * (1 - p) / n + z2n / (4 * n))
+    return [float(max(0.0, centre - half)), float(min(1.0, centre + half))]
+
+
+def proportion_ci(
+    success: Any, groups: Sequence[Any] | None = None, *, level: float = LEVEL
+) -> list[float] | None:
+    """Wilson score interval of the proportion of ``success`` (valid at 0 and 1).
+
+    Parameters
+    ----------
+    success : array-like of bool, shape (n,)
+        One entry per case in the denominator (e.g. every positive for sensitivity).
+    groups : sequence, shape (n,), optional
+        Group (patient) id per case; the interval then uses :func:`effective_sample_size`.
+    level : float, default 0.95
+        Coverage.
+
+    Returns
+    -------
+    list of float or None
+        ``[lo, hi]``; None when there are no cases. Without groups this is
+        ``scipy.stats.binomtest(k, n).proportion_ci(method="wilson")``.
+    """
+    success = np.asarray(success, dtype=bool).ravel()
+    n = len(success)
+    if n == 0:
+        return None
+    k = int(success.sum())
+    if groups is None:
+        ci = binomtest(k, n).proportion_ci(confidence_level=level, method="wilson")
+        return [float(ci.low), float(ci.high)]
+    return _wilson(k / n, effective_sample_size(success, np.asarray(groups)), level)
+
+
+def _mean_of_proportions_ci(
+    y: np.ndarray, pred: np.ndarray, groups: np.ndarray | None, level: float
+) -> list[float] | None:
+    """Conservative interval of a mean of per-class recalls (balanced accuracy).
+
+    Each present class gets a Wilson interval at level ``1 - (1 - level) / K`` (Bonferroni), so
+    all K hold together with probability >= ``level`` and the mean of the recalls then lies
+    between the means of the bounds. Used only where the bootstrap interval collapses.
+    """
+    classes = np.unique(y)
+    if len(classes) == 0:
+        return None
+    bonferroni = 1.0 - (1.0 - level) / len(classes)
+    bounds = [
+        proportion_ci(
+            pred[y == c] == c, None if groups is None else groups[y == c], level=bonferroni
+        )
+        for c in classes
+    ]
+    return [float(np.mean([b[0] for b in bounds])), float(np.mean([b[1] for b in bounds]))]
 
 
 # ---------------------------------------------------------------- entry point
@@ -421,8 +706,12 @@ def compute_metrics(
     decoding: dict[str, Any] | None = None,
     n_boot: int = 1000,
     seed: int = 0,
+    positive_class: str | None = None,
 ) -> dict[str, Any]:
     """All evaluation metrics of ``probs`` (N, K) against ``y_true``; see ``docs/metrics.md``.
+
+    ``positive_class`` names the positive class of a two-class task (default: the class not
+    named like a negative finding, see :func:`default_positive_class`).
 
     ``val=(y_val, probs_val)`` supplies the data on which operating-point thresholds are chosen
     (without it they are chosen on this data and flagged optimistic). ``groups`` (one id per image,
@@ -438,7 +727,7 @@ def compute_metrics(
     ordinal = is_ordinal(class_names) if ordinal is None else bool(ordinal)
     pred = np.asarray(decode(p, decoding)).astype(np.int64)
     notes: list[str] = []
-    task = binary_task(class_names, ordinal)
+    task = binary_task(class_names, ordinal, positive_class)
 
     # operating points: chosen on validation, applied unchanged
     points: dict[str, dict[str, Any]] = {}
@@ -468,10 +757,16 @@ def compute_metrics(
         y, pred, labels=np.arange(K), zero_division=0
     )
     cis: dict[str, list[float] | None] = {}
-    boot_info = None
+    boot_info = intervals = None
+    warn: list[str] = []
+    g = None if groups is None else np.asarray([str(x) for x in groups])
     if n_boot > 0:
-        stats = _weighted_statistics(y, p, K, ordinal, task, points)
+        stats = _weighted_statistics(y, p, K, ordinal, task)
         cis, boot_info = _bootstrap(stats, y * K + pred, K, groups, n_boot, seed)
+        warn += _interval_fallbacks(cis, point, y, pred, g)
+        cis.update(_proportion_cis(y, p, pred, task, points, g))
+        intervals = _interval_info(g)
+    counts = _case_counts(y, K, ordinal, task, bool(points))
 
     def ci(name: str) -> list[float] | None:
         return cis.get(name)
@@ -484,16 +779,22 @@ def compute_metrics(
         "classes_absent": [c for k, c in enumerate(class_names) if not np.any(y == k)],
         "ordinal": ordinal,
         "task": "dr_grading" if task and task.prefix else ("binary" if task else "multiclass"),
+        # what the headline sensitivity, specificity and AUC are computed for
+        "positive": None if task is None else task.name,
         "prediction": dict(decoding) if decoding else {"method": "argmax"},
         "accuracy": _f(point["accuracy"]),
         "accuracy_ci": ci("accuracy"),
+        "accuracy_n": counts["accuracy"],
         "balanced_accuracy": _f(point["balanced_accuracy"]),
         "balanced_accuracy_ci": ci("balanced_accuracy"),
+        "balanced_accuracy_n": counts["balanced_accuracy"],
         "macro_f1": _f(f1_score(y, pred, labels=np.arange(K), average="macro", zero_division=0)),
         "qwk": _f(point.get("qwk")),
         "qwk_ci": ci("qwk"),
+        "qwk_n": counts["qwk"],
         "macro_auc": _f(point["macro_auc"]),
         "macro_auc_ci": ci("macro_auc"),
+        "macro_auc_n": counts["macro_auc"],
         "ece": _f(expected_calibration_error(p, y)),
         "per_class": {
             name: {
@@ -507,9 +808,122 @@ def compute_metrics(
         },
         "confusion_matrix": confusion_matrix(y, pred, labels=np.arange(K)).tolist(),
     }
-    out.update(_binary_block(task, y, p, point, cis, points, thresholds_from))
+    out.update(_binary_block(task, y, p, point, cis, points, thresholds_from, counts))
     out["bootstrap"] = boot_info
+    out["intervals"] = intervals
     out["notes"] = notes
+    out["warnings"] = warn + _small_n_warnings(out, g)
+    return out
+
+
+def _interval_info(groups: np.ndarray | None) -> dict[str, Any]:
+    """How the intervals were made (the ``intervals`` key of the output)."""
+    proportions = (
+        "Wilson score"
+        if groups is None
+        else "Wilson score on the effective sample size (cluster design effect)"
+    )
+    return {
+        "level": LEVEL,
+        "proportions": proportions,
+        "proportion_keys": ["accuracy", "sensitivity", "specificity", "ppv", "npv"],
+        "other": "percentile bootstrap" + ("" if groups is None else " resampling groups"),
+        "small_n": SMALL_N,
+    }
+
+
+def _interval_fallbacks(
+    cis: dict[str, list[float] | None],
+    point: dict[str, float],
+    y: np.ndarray,
+    pred: np.ndarray,
+    groups: np.ndarray | None,
+) -> list[str]:
+    """Replace bootstrap intervals of zero width, which claim a certainty the data cannot give.
+
+    Balanced accuracy, a mean of per-class recalls, gets :func:`_mean_of_proportions_ci`; any
+    other figure (AUC, QWK) gets no interval and a warning. Returns the warnings.
+    """
+    out = []
+    for name, ci in list(cis.items()):
+        if ci is None or ci[1] - ci[0] > 1e-12:
+            continue
+        value = point.get(name, ci[0])
+        if name == "balanced_accuracy":
+            cis[name] = _mean_of_proportions_ci(y, pred, groups, LEVEL)
+            how = "a conservative interval from per-class Wilson intervals is shown instead"
+        else:
+            cis[name] = None
+            how = "no interval is reported; more cases are needed to measure its uncertainty"
+        out.append(f"{name}: every bootstrap resample gave {value:.3f}, so {how}")
+    return out
+
+
+def _proportion_cis(
+    y: np.ndarray,
+    p: np.ndarray,
+    pred: np.ndarray,
+    task: BinaryTask | None,
+    points: dict[str, dict[str, Any]],
+    groups: np.ndarray | None,
+) -> dict[str, list[float] | None]:
+    """Wilson intervals of accuracy and of sensitivity, specificity, PPV and NPV at each point."""
+
+    def sub(mask: np.ndarray) -> np.ndarray | None:
+        return None if groups is None else groups[mask]
+
+    cis = {"accuracy": proportion_ci(y == pred, groups)}
+    if task is None:
+        return cis
+    y_bin, score = task.labels(y) == 1, task.score(p)
+    for op, d in points.items():
+        hit = score >= d["threshold"]
+        cis[f"op:{op}:sensitivity"] = proportion_ci(hit[y_bin], sub(y_bin))
+        cis[f"op:{op}:specificity"] = proportion_ci(~hit[~y_bin], sub(~y_bin))
+        cis[f"op:{op}:ppv"] = proportion_ci(y_bin[hit], sub(hit))
+        cis[f"op:{op}:npv"] = proportion_ci(~y_bin[~hit], sub(~hit))
+    return cis
+
+
+def _case_counts(
+    y: np.ndarray, K: int, ordinal: bool, task: BinaryTask | None, has_points: bool
+) -> dict[str, int | None]:
+    """How many cases each headline figure rests on (its ``<key>_n``).
+
+    Accuracy and QWK: all images. Balanced accuracy: the smallest class present (its recall is
+    the least certain term). AUCs: the smaller of positives and negatives (macro: over the
+    classes that have an AUC). Sensitivity: positives; specificity: negatives.
+    """
+    n = len(y)
+    support = np.bincount(y, minlength=K)
+    present = support[support > 0]
+    both = [min(int(c), n - int(c)) for c in support if 0 < c < n]
+    out: dict[str, int | None] = {
+        "accuracy": n,
+        "balanced_accuracy": int(present.min()) if present.size else None,
+        "qwk": n if ordinal else None,
+        "macro_auc": min(both) if both else None,
+    }
+    if task is not None:
+        n_pos = int(task.labels(y).sum())
+        out[f"{task.prefix}auc"] = min(n_pos, n - n_pos) if 0 < n_pos < n else None
+        out[f"{task.prefix}sensitivity"] = n_pos if has_points else None
+        out[f"{task.prefix}specificity"] = n - n_pos if has_points else None
+    return out
+
+
+def _small_n_warnings(m: dict[str, Any], groups: np.ndarray | None) -> list[str]:
+    """One warning per reported headline figure resting on fewer than ``SMALL_N`` cases."""
+    out = []
+    for key in HEADLINE:
+        n = m.get(f"{key}_n")
+        if m.get(key) is None or n is None or n >= SMALL_N:
+            continue
+        grouped = " (fewer independent patients)" if groups is not None else ""
+        out.append(
+            f"{key} rests on {n} cases{grouped}, fewer than {SMALL_N}: the figure is unstable; "
+            "read it with its interval"
+        )
     return out
 
 
@@ -521,6 +935,7 @@ def _binary_block(
     cis: dict[str, list[float] | None],
     points: dict[str, dict[str, Any]],
     thresholds_from: str | None,
+    counts: dict[str, int | None],
 ) -> dict[str, Any]:
     """Keys of the binary / referable-DR view (all present; None when not applicable)."""
     out: dict[str, Any] = {}
@@ -528,6 +943,7 @@ def _binary_block(
         for k in ("auc", "sensitivity", "specificity"):
             out[f"{pre}{k}"] = None
             out[f"{pre}{k}_ci"] = None
+            out[f"{pre}{k}_n"] = None
     out["binary_task"] = None
     out["operating_points"] = None
     out["headline_operating_point"] = None
@@ -545,6 +961,7 @@ def _binary_block(
     }
     out[f"{pre}auc"] = _f(point[f"{pre}auc"])
     out[f"{pre}auc_ci"] = cis.get(f"{pre}auc")
+    out[f"{pre}auc_n"] = counts.get(f"{pre}auc")
     ops: dict[str, Any] = {}
     for op, d in points.items():
         applied = apply_operating_point(y_bin, score, d["threshold"])
@@ -553,6 +970,8 @@ def _binary_block(
             **applied,
             "sensitivity_ci": cis.get(f"op:{op}:sensitivity"),
             "specificity_ci": cis.get(f"op:{op}:specificity"),
+            "ppv_ci": cis.get(f"op:{op}:ppv"),
+            "npv_ci": cis.get(f"op:{op}:npv"),
             "val_sensitivity": d["val_sensitivity"],
             "val_specificity": d["val_specificity"],
             "rule": d["rule"],
@@ -567,4 +986,5 @@ def _binary_block(
         for k in ("sensitivity", "specificity"):
             out[f"{pre}{k}"] = h[k]
             out[f"{pre}{k}_ci"] = h[f"{k}_ci"]
+            out[f"{pre}{k}_n"] = counts.get(f"{pre}{k}")
     return out

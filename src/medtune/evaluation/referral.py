@@ -71,6 +71,7 @@ def referral_rule(
     operating_points: Mapping[str, Any] | None,
     operating_point: str = DEFAULT_OPERATING_POINT,
     tta: str = "none",
+    positive_class: str | None = None,
 ) -> ReferralRule | None:
     """The referral rule of a model at ``operating_point``.
 
@@ -86,6 +87,9 @@ def referral_rule(
         Which validated threshold to refer at.
     tta : {"none", "rot90"}, default "none"
         The test-time augmentation predictions use (its own validated thresholds).
+    positive_class : str, optional
+        The positive class of a two-class model (``ModelMeta.positive_class``); the classes
+        stored with the thresholds take precedence.
 
     Returns
     -------
@@ -102,11 +106,14 @@ def referral_rule(
             f"operating point {operating_point!r} is unknown; use one of "
             f"{', '.join(OPERATING_POINT_CHOICES)}"
         )
-    positive = referral_classes(class_names, ordinal)
+    ops = operating_points or {}
+    positive = referral_classes(class_names, ordinal, positive_class)
     if positive is None:
         return None
-    name = str(referral_name(class_names, ordinal))
-    stored = ((operating_points or {}).get("points") or {}).get(tta) or {}
+    if ops.get("positive_classes"):  # what the thresholds were chosen for
+        positive = tuple(int(k) for k in ops["positive_classes"])
+    name = str(ops.get("name") or referral_name(class_names, ordinal, positive_class))
+    stored = (ops.get("points") or {}).get(tta) or {}
     point = stored.get(operating_point)
     if point is None:
         return ReferralRule(name, positive, operating_point, None, {})

@@ -23,7 +23,7 @@ from medtune import io
 from medtune.evaluation import plots
 from medtune.evaluation.calibration import reliability_curve
 from medtune.evaluation.grades import grade_names
-from medtune.evaluation.metrics import HEADLINE_METRICS
+from medtune.evaluation.metrics import HEADLINE_METRICS, SMALL_N
 from medtune.evaluation.referral import decoding_rule
 
 __all__ = ["FIGURE_IDS", "SECTION_IDS", "write_report"]
@@ -101,9 +101,28 @@ def _ci(ci: Sequence[float] | None, digits: int = 3) -> str:
     return "" if not ci else f"[{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
 
 
+def _small_n(n: Any) -> str:
+    """`` (n=N)`` for a figure resting on fewer than ``SMALL_N`` cases, else ``""``."""
+    return f" (n={n})" if n is not None and n < SMALL_N else ""
+
+
 def _value_ci(m: Mapping[str, Any], key: str) -> str:
     v, ci = m.get(key), m.get(f"{key}_ci")
-    return _num(v) + (f" {_ci(ci)}" if ci else "")
+    return (
+        _num(v)
+        + (f" {_ci(ci)}" if ci else "")
+        + (_small_n(m.get(f"{key}_n")) if v is not None else "")
+    )
+
+
+def _small_n_note(splits: Mapping[str, Mapping[str, Any]]) -> str:
+    """The caveat printed under a table when any figure carries ``(n=N)``."""
+    if not any("(n=" in str(c) for r in _headline_rows(splits) for c in r[1:]):
+        return ""
+    return (
+        f" (n=N) marks a figure resting on fewer than {SMALL_N} cases (e.g. few negatives for "
+        "specificity): it is unstable; read it with its interval."
+    )
 
 
 def _plain(obj: Any) -> Any:
@@ -178,8 +197,10 @@ def _op_rows(m: Mapping[str, Any]) -> list[list[str]]:
             [
                 label + (" (headline)" if name == m.get("headline_operating_point") else ""),
                 _num(d["threshold"], 4),
-                f"{_num(d['sensitivity'])} {_ci(d.get('sensitivity_ci'))}",
-                f"{_num(d['specificity'])} {_ci(d.get('specificity_ci'))}",
+                f"{_num(d['sensitivity'])} {_ci(d.get('sensitivity_ci'))}"
+                + _small_n(d["tp"] + d["fn"]),
+                f"{_num(d['specificity'])} {_ci(d.get('specificity_ci'))}"
+                + _small_n(d["tn"] + d["fp"]),
                 _num(d.get("ppv")),
                 _num(d.get("npv")),
                 f"{_num(d.get('val_sensitivity'))} / {_num(d.get('val_specificity'))}",
@@ -361,7 +382,14 @@ def _quality_section(quality: Mapping[str, Any] | None, m: Mapping[str, Any]) ->
         head,
         f"<p><strong>{bad} of {n}</strong> images ({(bad / n if n else 0):.1%}) were judged "
         "ungradable. A screening programme re-images them or refers the patient for an "
-        "examination in person; their grades below are shown for completeness only.</p>",
+        "examination in person. The headline metrics above include them; the table compares "
+        "all images with the gradable ones."
+        + (
+            f" Judged on {html.escape(str(quality['judged_on']))}."
+            if quality.get("judged_on")
+            else ""
+        )
+        + "</p>",
     ]
     reasons = quality.get("reasons") or {}
     if reasons:
@@ -421,11 +449,11 @@ def _html(
     cfg = yaml.safe_dump(_plain(config), sort_keys=False, allow_unicode=True) if config else "{}"
     boot = m.get("bootstrap") or {}
     boot_txt = (
-        f"95% {boot.get('method', 'percentile')} bootstrap intervals, {boot.get('n_boot')} "
-        f"resamples of {boot.get('n_units')} {boot.get('unit')}s (seed {boot.get('seed')}); "
+        f"95% intervals: {_interval_words(m)}; bootstrap: {boot.get('n_boot')} resamples of "
+        f"{boot.get('n_units')} {boot.get('unit')}s (seed {boot.get('seed')}); "
         "operating-point thresholds and decoding held fixed."
         if boot
-        else "No bootstrap intervals (n_boot = 0)."
+        else "No intervals (n_boot = 0)."
     )
     thr_txt = ""
     if m.get("operating_points"):
@@ -438,7 +466,9 @@ def _html(
             "</code> refers at the 90% sensitivity point unless told otherwise.</p>"
             + _table("tbl-operating-points", _OP_HEADER, _op_rows(m))
         )
-    notes = "".join(f"<li>{esc(n)}</li>" for n in m.get("notes") or [])
+    notes = "".join(
+        f"<li>{esc(n)}</li>" for n in [*(m.get("warnings") or []), *(m.get("notes") or [])]
+    )
     pred = m.get("prediction") or {"method": "argmax"}
     grades = ", ".join(f"{k} = {n}" for k, n in enumerate(names))
     parts = [
@@ -457,6 +487,9 @@ def _html(
             "tbl-metrics", ["metric", *(f"{s} [95% CI]" for s in splits)], _headline_rows(splits)
         ),
         f'<p class="muted">{esc(boot_txt)}{esc(_optimistic_note(splits))}</p>',
+        f'<p class="warn" id="small-n-note">{esc(_small_n_note(splits))}</p>'
+        if _small_n_note(splits)
+        else "",
         thr_txt,
         f"<ul>{notes}</ul>" if notes else "",
         "</section>",
@@ -507,6 +540,15 @@ def _html(
     return "\n".join(p for p in parts if p) + "\n"
 
 
+def _interval_words(m: Mapping[str, Any]) -> str:
+    """How the intervals of ``m`` were made, in words (from its ``intervals`` key)."""
+    info = m.get("intervals")
+    if not info:
+        grouped = (m.get("bootstrap") or {}).get("unit") == "group"
+        return "bootstrap percentile" + (" (resampling patients/groups)" if grouped else "")
+    return f"{info['proportions']} for proportions, {info['other']} for the rest"
+
+
 def _md_metrics(splits: Mapping[str, Mapping[str, Any]]) -> str:
     names = list(splits)
     lines = [
@@ -514,7 +556,8 @@ def _md_metrics(splits: Mapping[str, Mapping[str, Any]]) -> str:
         "|---" * (len(names) + 1) + "|",
     ]
     lines += ["| " + " | ".join(r) + " |" for r in _headline_rows(splits)]
-    return "\n".join(lines)
+    note = _small_n_note(splits).strip()
+    return "\n".join(lines) + (f"\n\n{note}" if note else "")
 
 
 def _md_ops(m: Mapping[str, Any], main: str) -> str:
@@ -542,18 +585,12 @@ def _summary_md(
     title: str, splits: Mapping[str, Mapping[str, Any]], main: str, synthetic: bool
 ) -> str:
     m = splits[main]
-    notes = "".join(f"- {n}\n" for n in m.get("notes") or [])
+    notes = "".join(f"- {n}\n" for n in [*(m.get("warnings") or []), *(m.get("notes") or [])])
     return (
         f"# {title}\n\n"
         + (_SYNTHETIC_MD + "\n" if synthetic else "")
         + f"Evaluated split: **{main}** ({m['n']} images, {m['n_classes']} classes). "
-        "Intervals: 95% bootstrap percentile"
-        + (
-            " (resampling patients/groups)"
-            if (m.get("bootstrap") or {}).get("unit") == "group"
-            else ""
-        )
-        + ".\n\n"
+        f"Intervals: 95% {_interval_words(m)}.\n\n"
         + _md_metrics(splits)
         + "\n"
         + _optimistic_note(splits).strip()
@@ -588,8 +625,6 @@ def _model_card(
     )
     dr = m.get("task") == "dr_grading"
     use_dr = " grading diabetic retinopathy" if dr else ""
-    grouped = (m.get("bootstrap") or {}).get("unit") == "group"
-    resampling = " resampling patients (groups)" if grouped else ""
     referable = (
         "Referable DR means grade >= 2 (moderate non-proliferative DR or worse; "
         "Gulshan et al., JAMA 2016)."
@@ -623,7 +658,7 @@ Images per class and split:
 
 {_md_metrics(splits)}
 {_md_ops(m, main)}
-Intervals are 95% bootstrap percentile intervals{resampling};
+Intervals are 95% intervals: {_interval_words(m)};
 operating-point thresholds were chosen on {m.get("thresholds_from") or "n/a"} and held fixed.
 {referable}
 

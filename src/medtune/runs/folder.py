@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,6 +38,12 @@ if TYPE_CHECKING:
     from torch import nn
 
 FORMAT_VERSION = 2
+
+
+def _paths(config: TrainConfig) -> dict[str, str]:
+    """The config's data and cache paths that are set."""
+    names = ("data", "val_data", "test_data", "cache_dir")
+    return {n: getattr(config, n) for n in names if getattr(config, n)}
 
 
 @dataclass
@@ -70,6 +77,8 @@ class ModelMeta:
         Graded labels (QWK is the selection metric).
     synthetic : bool
         Trained on medtune's synthetic demo set.
+    positive_class : str or None
+        The positive class of a two-class model (headline sensitivity, specificity, AUC).
     operating_points : dict or None
         Referral thresholds chosen on VALIDATION (``None``: no referral task, or a run from
         before medtune 0.2): ``{"name", "positive_classes", "score", "n_val", "n_val_positive",
@@ -92,6 +101,7 @@ class ModelMeta:
     decoding: dict[str, Any] = field(default_factory=lambda: {"method": "argmax"})
     ordinal: bool = False
     synthetic: bool = False
+    positive_class: str | None = None
     operating_points: dict[str, Any] | None = None
     format_version: int = FORMAT_VERSION
 
@@ -198,7 +208,11 @@ class RunFolder:
         return self.config_path.is_file()
 
     def read_config(self) -> TrainConfig:
-        """The run's fully resolved settings.
+        """The run's fully resolved settings, with its paths valid from here.
+
+        ``config.yaml`` stores absolute paths and the run folder's own absolute path. A data
+        path that no longer exists is looked up again at the same place relative to the run
+        folder, so a run works from any directory and after being moved together with its data.
 
         Raises
         ------
@@ -209,10 +223,23 @@ class RunFolder:
             raise MedtuneError(
                 f"{self.config_path}: not found; give a run folder written by medtune train"
             )
-        return TrainConfig.load(self.config_path)
+        config = TrainConfig.load(self.config_path)
+        here = self.dir.resolve()
+        moved = {k: self._relocated(v, Path(config.out), here) for k, v in _paths(config).items()}
+        return dataclasses.replace(config, out=str(here), **moved)
 
     def write_config(self, config: TrainConfig) -> None:
+        """Write ``config.yaml`` with absolute paths (see :meth:`read_config`)."""
+        absolute = {k: os.path.abspath(v) for k, v in _paths(config).items()}
+        config = dataclasses.replace(config, out=str(self.dir.resolve()), **absolute)
         write_yaml(self.config_path, config.to_dict())
+
+    @staticmethod
+    def _relocated(path: str, old_run: Path, new_run: Path) -> str:
+        if os.path.exists(path) or not old_run.is_absolute():
+            return path
+        candidate = os.path.normpath(new_run / os.path.relpath(path, old_run))
+        return candidate if os.path.exists(candidate) else path
 
     # ------------------------------------------------------------------ model
     def read_meta(self) -> ModelMeta:

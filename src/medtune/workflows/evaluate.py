@@ -46,6 +46,7 @@ def evaluate(
     name: str | None = None,
     n_boot: int = 1000,
     gradcam: bool = True,
+    quality: bool = True,
     skip_bad: bool = False,
     progress: bool = True,
 ) -> EvalResult:
@@ -70,6 +71,10 @@ def evaluate(
     gradcam : bool, default True
         Add Grad-CAM overlays (Selvaraju et al. 2017, through the ``grad-cam`` package) of the
         most confident right and wrong image per class to the report.
+    quality : bool, default True
+        Run the image-quality gate (:func:`medtune.evaluation.quality.assess_quality`) on every
+        evaluated image as prepared for the model: the report shows the share ungradable and
+        the metrics on gradable images beside all images (also in ``quality.json``).
     skip_bad : bool, default False
         Leave unreadable images out (listed) instead of failing.
     progress : bool, default True
@@ -93,28 +98,63 @@ def evaluate(
     config = dataclasses.replace(folder.read_config(), skip_bad=skip_bad, progress=progress)
     run = folder.dir
     part = _evaluation_part(config, run, data, meta.class_names)
-    # the precision the run validated in: its temperature and decoding were fitted on those logits
-    evaluator = ImageEvaluator(model, meta.mean, meta.std, bf16=config.bf16, progress=progress)
+    # fp32, the precision the temperature, decoding and operating points were fitted in
+    evaluator = ImageEvaluator(model, meta.mean, meta.std, progress=progress)
     probs = apply_temperature(evaluator.logits(part, tta), meta.temperature)
     val = folder.read_val_logits()
     val_probs = apply_temperature(val[f"logits_{tta}"], meta.temperature)
-    metrics = compute_metrics(
-        part.labels,
-        probs,
-        meta.class_names,
-        groups=part.groups,
-        ordinal=meta.ordinal,
-        val=(val["labels"], val_probs),
-        decoding=meta.decoding,
-        n_boot=n_boot,
-    )
+    settings = {
+        "class_names": meta.class_names,
+        "ordinal": meta.ordinal,
+        "val": (val["labels"], val_probs),
+        "decoding": meta.decoding,
+        "n_boot": n_boot,
+        "positive_class": meta.positive_class,
+    }
+    metrics = compute_metrics(part.labels, probs, groups=part.groups, **settings)
     metrics["tta"] = tta
     metrics["data"] = data or f"{config.data} (test split)"
     out = folder.eval_dir(name or _default_name(data, tta))
     write_json(out / "metrics.json", metrics)
+    summary = _quality_summary(part, probs, settings) if quality else None
+    if summary is not None:
+        write_json(out / "quality.json", summary)
     examples = _gradcam_examples(model, meta, part, probs) if gradcam else None
-    report = _write_report(out, folder, meta, config, metrics, part, probs, examples)
+    report = _write_report(out, folder, meta, config, metrics, part, probs, examples, summary)
     return EvalResult(out, metrics, report)
+
+
+def _quality_summary(part: Part, probs: np.ndarray, settings: dict[str, Any]) -> dict[str, Any]:
+    """The image-quality gate on each evaluated image (as prepared for the model), the share
+    ungradable with reasons, and the metrics on the gradable images alone."""
+    from collections import Counter
+
+    from PIL import Image
+
+    from medtune.evaluation.quality import assess_quality
+
+    verdicts = [assess_quality(Image.fromarray(np.asarray(img))) for img in _images(part)]
+    ok = np.array([v.gradable for v in verdicts], dtype=bool)
+    reasons = Counter(str(v.reason) for v in verdicts if not v.gradable)
+    gradable_metrics = None
+    if 0 < ok.sum() < len(ok) and len(np.unique(part.labels[ok])) > 1:
+        groups = (
+            None if part.groups is None else [g for g, k in zip(part.groups, ok, strict=True) if k]
+        )
+        gradable_metrics = compute_metrics(part.labels[ok], probs[ok], groups=groups, **settings)
+    return {
+        "n": len(ok),
+        "n_ungradable": int((~ok).sum()),
+        "reasons": dict(reasons.most_common()),
+        "judged_on": "the images as prepared for the model (fundus crop, image size)",
+        "gradable_metrics": gradable_metrics,
+    }
+
+
+def _images(part: Part, batch: int = 64):
+    """The part's prepared images one by one, read from the cache in batches."""
+    for start in range(0, len(part.indices), batch):
+        yield from np.asarray(part.cache.images[part.indices[start : start + batch]])
 
 
 def _evaluation_part(
@@ -188,7 +228,7 @@ def _header(folder: RunFolder, meta: ModelMeta, config: TrainConfig, data: str) 
     kind = "linear probe" if meta.kind == "probe" else "fine-tuned"
     stage = f", stage {meta.stage}" if meta.stage else ""
     return {
-        "Model": f"{meta.backbone} ({kind}{stage}), run {folder.dir.name}",
+        "Model": f"{meta.backbone} ({kind}{stage}), run folder {folder.dir.name}",
         "Training data": str(config.data),
         "Evaluated data": data,
         "Decoding": (meta.decoding or {}).get("method", "argmax"),
@@ -204,7 +244,9 @@ def _curves_note(meta: ModelMeta) -> str:
     return "The run has no training log (logs/metrics.csv)."
 
 
-def _write_report(out, folder: RunFolder, meta, config, metrics, part, probs, examples) -> Path:
+def _write_report(
+    out, folder: RunFolder, meta, config, metrics, part, probs, examples, quality
+) -> Path:
     from medtune.evaluation.report import write_report
 
     curves = folder.training_log
@@ -223,4 +265,5 @@ def _write_report(out, folder: RunFolder, meta, config, metrics, part, probs, ex
         model_info={k: v for k, v in dataclasses.asdict(meta).items() if k != "operating_points"},
         header=_header(folder, meta, config, str(metrics.get("data"))),
         curves_note=_curves_note(meta),
+        quality=quality,
     )

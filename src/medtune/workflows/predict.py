@@ -46,7 +46,10 @@ from medtune.io import write_json, write_text
 from medtune.runs import RunFolder
 
 BATCH = 32
-QUALITY_NOT_ASSESSED = "not assessed (no image-quality gate in this medtune)"
+QUALITY_RULE = (
+    "medtune.evaluation.quality.assess_quality on the decoded photograph, before fundus "
+    "preprocessing (docs/screening.md, Image-quality gate)"
+)
 
 
 def expand_inputs(inputs: Sequence[str]) -> list[Path]:
@@ -100,6 +103,8 @@ class Predictor:
         Test-time augmentation.
     backbone : str or None
         The network.
+    positive_class : str or None
+        The positive class of a two-class model.
     """
 
     source: str
@@ -111,6 +116,7 @@ class Predictor:
     fundus: dict[str, Any]
     tta: str
     backbone: str | None
+    positive_class: str | None
     probs: Callable[[np.ndarray], np.ndarray] = field(repr=False)
     torch_model: Any = field(default=None, repr=False)
     torch_meta: Any = field(default=None, repr=False)
@@ -123,7 +129,12 @@ class Predictor:
     def referral(self, operating_point: str = DEFAULT_OPERATING_POINT) -> ReferralRule | None:
         """The referral rule at ``operating_point`` (None: the model has no referral task)."""
         return referral_rule(
-            self.class_names, self.ordinal, self.operating_points, operating_point, self.tta
+            self.class_names,
+            self.ordinal,
+            self.operating_points,
+            operating_point,
+            self.tta,
+            self.positive_class,
         )
 
 
@@ -186,6 +197,7 @@ def _onnx_predictor(model_path: Path, tta: str, num_threads: int | None = None) 
         fundus=sidecar.get("fundus") or {"crop": False},
         tta=tta,
         backbone=sidecar.get("backbone"),
+        positive_class=sidecar.get("positive_class"),
         probs=probs,
     )
 
@@ -198,11 +210,10 @@ def _run_predictor(run: Path, tta: str) -> Predictor:
 
     folder = RunFolder(run)
     model, meta = folder.load_model()
-    bf16 = _validated_in_bf16(folder)
 
-    def probs(images: np.ndarray) -> np.ndarray:
+    def probs(images: np.ndarray) -> np.ndarray:  # fp32: the same probabilities as the ONNX model
         batch = torch.from_numpy(images).permute(0, 3, 1, 2)
-        logits = predict_logits(model, [batch], mean=meta.mean, std=meta.std, tta=tta, bf16=bf16)
+        logits = predict_logits(model, [batch], mean=meta.mean, std=meta.std, tta=tta)
         return apply_temperature(logits, meta.temperature)
 
     return Predictor(
@@ -215,6 +226,7 @@ def _run_predictor(run: Path, tta: str) -> Predictor:
         fundus=dict(meta.fundus),
         tta=tta,
         backbone=meta.backbone,
+        positive_class=meta.positive_class,
         probs=probs,
         torch_model=model,
         torch_meta=meta,
@@ -233,7 +245,12 @@ def _points_from_val_logits(folder: RunFolder, meta: Any) -> dict[str, Any] | No
     except MedtuneError:
         return None
     logits = {k[len("logits_") :]: v for k, v in val.items() if k.startswith("logits_")}
-    common = {"class_names": meta.class_names, "ordinal": meta.ordinal, "decoding": meta.decoding}
+    common = {
+        "class_names": meta.class_names,
+        "ordinal": meta.ordinal,
+        "decoding": meta.decoding,
+        "positive_class": meta.positive_class,
+    }
     probs = apply_temperature(logits["none"], meta.temperature)
     metrics = compute_metrics(val["labels"], probs, **common)
     return validated_operating_points(
@@ -241,21 +258,14 @@ def _points_from_val_logits(folder: RunFolder, meta: Any) -> dict[str, Any] | No
     )
 
 
-def _validated_in_bf16(folder: RunFolder) -> bool:
-    """Predict in the precision the run validated in (its temperature and decoding were fitted on
-    those logits); bf16 is also 2.3x faster on a CPU with bf16 units (docs/performance.md)."""
-    return folder.has_config() and folder.read_config().bf16
-
-
 # ---------------------------------------------------------------------------- rows
 
 
-def assess_image_quality(img: Image.Image) -> tuple[bool, str | None] | None:
-    """``(gradable, reason)`` of a decoded image, or ``None`` when no quality gate exists."""
-    try:
-        from medtune.evaluation.quality import assess_quality
-    except ImportError:  # the image-quality gate lands separately (issue 14, item 1)
-        return None
+def assess_image_quality(img: Image.Image) -> tuple[bool, str | None]:
+    """``(gradable, reason)`` of a decoded image (:func:`medtune.evaluation.quality.assess_quality`,
+    before any fundus preprocessing)."""
+    from medtune.evaluation.quality import assess_quality
+
     verdict = assess_quality(img)
     return bool(verdict.gradable), verdict.reason
 
@@ -347,11 +357,6 @@ def predict_images(
 
 def prediction_meta(predictor: Predictor, operating_point: str) -> dict[str, Any]:
     """The sidecar that explains a predictions file (:func:`predictions_meta`)."""
-    quality = (
-        "medtune.evaluation.quality.assess_quality on the decoded image, before preprocessing"
-        if _has_quality_gate()
-        else QUALITY_NOT_ASSESSED
-    )
     return predictions_meta(
         model=predictor.source,
         class_names=predictor.class_names,
@@ -360,15 +365,9 @@ def prediction_meta(predictor: Predictor, operating_point: str) -> dict[str, Any
         rule=predictor.referral(operating_point),
         operating_points=predictor.operating_points,
         tta=predictor.tta,
-        quality=quality,
+        quality=QUALITY_RULE,
         backbone=predictor.backbone,
     )
-
-
-def _has_quality_gate() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("medtune.evaluation.quality") is not None
 
 
 # ---------------------------------------------------------------------------- files
@@ -400,7 +399,7 @@ def predict(
         Image files, folders (searched recursively, hidden and system files skipped) and glob
         patterns.
     run : str or pathlib.Path, optional
-        A run folder (PyTorch, in the precision the run validated in).
+        A run folder (PyTorch, fp32: the same probabilities as the exported ONNX model).
     model_path : str or pathlib.Path, optional
         An exported ``model.onnx`` with its ``model.json`` (ONNX Runtime, no PyTorch).
         Exactly one of ``run`` and ``model_path`` is given; both give the same columns.
@@ -430,13 +429,15 @@ def predict(
     -------
     list of dict
         One per image, in column order: ``image``, ``quality`` (``gradable``/``ungradable``,
-        empty when no quality gate is installed), ``quality_reason``, ``grade`` (decoded grade
-        index), ``grade_name`` (``"No DR"`` ... ``"Proliferative DR"`` for 5-grade DR models,
-        else the class name), ``p_<grade name>`` (calibrated probability of each grade),
-        ``expected_grade`` (only with expected-grade decoding), and, for DR grading and binary
-        models, ``p_referable`` (sum of the probabilities of grades >= 2, or of the positive
-        class) and ``refer`` (``yes``/``no`` at the operating point, ``ungradable`` for
-        ungradable images, empty when the model has no validated thresholds).
+        by :func:`medtune.evaluation.quality.assess_quality` on the photograph as decoded for
+        the model, long side twice the image size), ``quality_reason`` (its reason),
+        ``grade`` (decoded grade index), ``grade_name`` (``"No DR"`` ... ``"Proliferative
+        DR"`` for 5-grade DR models, else the class name), ``p_<grade name>`` (calibrated
+        probability of each grade), ``expected_grade`` (only with expected-grade decoding),
+        and, for DR grading and binary models, ``p_referable`` (sum of the probabilities of
+        grades >= 2, or of the positive class) and ``refer`` (``yes``/``no`` at the operating
+        point, ``ungradable`` for ungradable images, empty when the model has no validated
+        thresholds).
 
     Raises
     ------

@@ -20,7 +20,7 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 
 from medtune.config import PROBE_STRATEGIES, TrainConfig, apply_preset
 from medtune.errors import MedtuneError
-from medtune.evaluation.metrics import is_ordinal
+from medtune.evaluation.metrics import binary_task, is_ordinal
 from medtune.models import Backbone, create_backbone
 from medtune.runs import ModelMeta, RunData, RunFolder, prepare_lock, prepare_run_data
 
@@ -110,6 +110,7 @@ def train(
     strategy: str = _D.strategy,
     layer: str | None = _D.layer,
     probe_rotations: bool = _D.probe_rotations,
+    positive_class: str | None = _D.positive_class,
     epochs: int = _D.epochs,
     batch_size: int = _D.batch_size,
     lr: float = _D.lr,
@@ -189,6 +190,10 @@ def train(
         Stage of a ``layer-probe``, or ``"best"`` to choose on validation.
     probe_rotations : bool, default True
         Probes train on the features of all four 90-degree rotations of each image.
+    positive_class : str or None, default None
+        The positive class of a two-class task, for the headline sensitivity, specificity and
+        AUC (default: the class not named like a negative finding, e.g. ``DR`` beside
+        ``No_DR``). Stored with the model.
     epochs : int, default 10
         Fine-tuning epochs (probes fit in closed form and ignore it).
     batch_size : int, default 32
@@ -334,17 +339,32 @@ def run_training(config: TrainConfig, *, resume: bool = False) -> RunResult:
 
         if global_rank() != 0:  # probes run in one process
             return _other_rank_result(run.dir, config, started)
-        model, evaluator = run_probe(config.probe, backbone, data, run)
+        if config.epochs != TrainConfig.epochs:  # say so rather than drop the setting silently
+            log.warning(
+                "note: %s ignores epochs=%d: a probe fits its logistic-regression head to "
+                "convergence; epochs applies to fine-tuning only",
+                config.strategy,
+                config.epochs,
+            )
+        model = run_probe(config.probe, backbone, data, run)
     else:
         from medtune.engines.finetune import run_finetune
 
-        model, evaluator = run_finetune(config, backbone, data, run, resume=resume)
+        model = run_finetune(config, backbone, data, run, resume=resume)
         if global_rank() != 0:  # DDP: global rank 0 alone evaluates and writes the results
             return _other_rank_result(run.dir, config, started)
 
     from medtune.engines.finalize import finalize_run
 
-    metrics = finalize_run(model, meta, data, run, evaluator, config.strategy)
+    metrics = finalize_run(
+        model,
+        meta,
+        data,
+        run,
+        config.strategy,
+        batch_size=config.batch_size,
+        progress=config.progress,
+    )
     seconds = time.perf_counter() - started
     log.info("run finished in %.1f s: %s", seconds, run.dir)
     return RunResult(run.dir, config, metrics, seconds)
@@ -399,28 +419,22 @@ def resume(run: str | Path, *, epochs: int | None = None) -> RunResult:
                 "to extend the run"
             )
         config = dataclasses.replace(config, epochs=epochs)
-    elif folder.path(RunFolder.METRICS).is_file():
+    elif done >= config.epochs:
         raise MedtuneError(
-            f"{folder.dir}: the run finished ({done} of {config.epochs} epochs; early stopping "
-            "may have ended it); give epochs (--epochs N) larger than that to train longer"
+            f"{folder.dir}: the run finished its {config.epochs} epoch(s); give epochs "
+            f"(--epochs N) larger than {done} to train longer"
         )
     return run_training(config, resume=True)
 
 
 def _epochs_done(folder: RunFolder) -> int:
-    """Completed epochs of a run, from its last checkpoint (0 without one)."""
-    import torch
+    """Completed epochs of a run, from its last checkpoint (0 without one), read safely."""
+    from medtune.engines.finetune import AtomicCheckpointIO
 
     last = folder.last_checkpoint
     if not last.is_file():
         return 0
-    try:
-        state = torch.load(last, map_location="cpu", weights_only=True)
-    except Exception as err:  # torn or foreign file: name it
-        raise MedtuneError(
-            f"{last}: cannot read this checkpoint ({type(err).__name__}); delete it to restart "
-            "the run, or train again into a new folder"
-        ) from None
+    state = AtomicCheckpointIO().load_checkpoint(last, map_location="cpu")
     return int(state.get("epoch", -1)) + 1
 
 
@@ -438,7 +452,16 @@ def _meta(config: TrainConfig, data: RunData) -> ModelMeta:
         dropout=0.0 if probe else config.dropout,
         ordinal=is_ordinal(data.class_names),
         synthetic=config.synthetic,
+        positive_class=_positive_class(config, data),
     )
+
+
+def _positive_class(config: TrainConfig, data: RunData) -> str | None:
+    """The two-class task's positive class, checked against the classes (None otherwise)."""
+    task = binary_task(data.class_names, is_ordinal(data.class_names), config.positive_class)
+    if task is None or task.prefix:
+        return None
+    return data.class_names[task.positive[0]]
 
 
 def _apply_advice(config: TrainConfig, backbone: Backbone, data: RunData, run_dir: Path):

@@ -120,7 +120,17 @@ def test_training_stores_the_validation_thresholds_in_model_json(dr_run: Path):
         assert stored["sensitivity_ci"] == point["sensitivity_ci"]
 
 
-def test_run_and_onnx_give_the_same_rows_and_sidecar(dr_run: Path, tmp_path: Path):
+def _fake_gate(img: Image.Image) -> tuple[bool, str | None]:
+    """Made-up images fail the real gate (too small, not fundus photographs): call about half
+    of them ungradable (by their top-left pixel), so both kinds occur."""
+    odd = sum(img.getpixel((0, 0))) % 2 == 1
+    return (False, "made-up reason") if odd else (True, None)
+
+
+def test_run_and_onnx_give_the_same_rows_and_sidecar(dr_run: Path, tmp_path: Path, monkeypatch):
+    import medtune.workflows.predict as predict_module
+
+    monkeypatch.setattr(predict_module, "assess_image_quality", _fake_gate)
     images = str(dr_run.parent / "data")
     export = tmp_path / "exp"
     assert main(["export", "--run", str(dr_run), "--out", str(export)]) == 0
@@ -134,22 +144,30 @@ def test_run_and_onnx_give_the_same_rows_and_sidecar(dr_run: Path, tmp_path: Pat
     assert list(a[0]) == list(b[0]) and len(a) == len(b) == 40
     assert list(a[0])[:5] == ["image", "quality", "quality_reason", "grade", "grade_name"]
     assert {f"p_{n}" for n in DR_GRADE_NAMES} < set(a[0]) and "pred" not in a[0]
-    for x, y in zip(a, b, strict=True):
-        assert x["grade"] == y["grade"] and x["refer"] == y["refer"]
-        assert float(x["p_referable"]) == pytest.approx(float(y["p_referable"]), abs=1e-4)
-
-    meta = json.loads(run_csv.with_suffix(".meta.json").read_text())
     threshold = json.loads((dr_run / "model.json").read_text())["operating_points"]["points"]
     threshold = threshold["none"]["sens90"]["threshold"]
+    for x, y in zip(a, b, strict=True):
+        assert x["grade"] == y["grade"] and x["quality"] == y["quality"]
+        assert float(x["p_referable"]) == pytest.approx(float(y["p_referable"]), abs=1e-4)
+        # thresholds are validation scores: a validation image can sit exactly on one, where
+        # the 1e-6 gap between PyTorch and ONNX Runtime may flip the flag
+        if abs(float(x["p_referable"]) - threshold) > 1e-4:
+            assert x["refer"] == y["refer"]
+
+    meta = json.loads(run_csv.with_suffix(".meta.json").read_text())
     ref = meta["referral"]
     assert ref["operating_point"] == "sens90" and ref["threshold"] == threshold
     assert ref["validation_sensitivity"] >= 0.9 and len(ref["validation_sensitivity_ci"]) == 2
     assert meta["model"] == str(dr_run) and meta["medtune_version"] and meta["created"]
     assert meta["decoding"]["rule"] and meta["grades"]["2"] == "Moderate NPDR"
+    assert {r["quality"] for r in a} == {"gradable", "ungradable"}
     for row in a:  # the flag is the stored validation threshold applied to p_referable
         p = sum(float(row[f"p_{n}"]) for n in DR_GRADE_NAMES[2:])
         assert float(row["p_referable"]) == pytest.approx(p, abs=2e-6)
-        assert row["refer"] == ("yes" if float(row["p_referable"]) >= threshold else "no")
+        if row["quality"] == "ungradable":
+            assert row["refer"] == "ungradable" and row["quality_reason"] == "made-up reason"
+        else:
+            assert row["refer"] == ("yes" if float(row["p_referable"]) >= threshold else "no")
 
     doc = json.loads(onnx_json.read_text())  # --json: the same fields as the CSV and sidecar
     assert list(doc["predictions"][0]) == list(b[0]) and doc["meta"]["referral"] == {
@@ -166,6 +184,15 @@ def test_json_to_stdout_uses_the_chosen_operating_point(dr_run: Path, capsys):
     stored = json.loads((dr_run / "model.json").read_text())["operating_points"]["points"]
     assert doc["meta"]["referral"]["threshold"] == stored["none"]["youden"]["threshold"]
     assert len(doc["predictions"]) == 1
+
+
+def test_the_quality_gate_marks_a_blank_photograph_ungradable(dr_run: Path, tmp_path: Path):
+    from medtune.workflows.predict import predict
+
+    Image.new("RGB", (300, 300), (0, 0, 0)).save(tmp_path / "lens-cap.png")
+    (row,) = predict([tmp_path / "lens-cap.png"], run=dr_run, progress=False)
+    assert (row["quality"], row["quality_reason"]) == ("ungradable", "no field of view found")
+    assert row["refer"] == "ungradable" and 0.0 <= row["p_referable"] <= 1.0
 
 
 def test_explain_writes_a_captioned_figure(dr_run: Path, tmp_path: Path):
@@ -233,6 +260,8 @@ def test_report_of_a_real_run_renders_in_headless_chromium(dr_run: Path, tmp_pat
     from medtune.workflows.evaluate import evaluate
 
     report = evaluate(dr_run, n_boot=50, progress=False).report
+    quality = json.loads((report.parent / "quality.json").read_text())
+    assert quality["n"] == 10 and 0 <= quality["n_ungradable"] <= 10
     flags = [
         "--headless",
         "--no-sandbox",
@@ -252,6 +281,25 @@ def test_report_of_a_real_run_renders_in_headless_chromium(dr_run: Path, tmp_pat
     for section in set(SECTION_IDS) - {"sec-sites"}:
         assert f'id="{section}"' in dom, section
     assert "Moderate NPDR" in dom and "<details>" in dom
+    assert f"{quality['n_ungradable']} of 10" in dom  # the quality gate's share ungradable
     with Image.open(shot) as png:
         assert png.size == (1280, 4000)
         assert len(set(np.asarray(png.convert("L").resize((64, 200))).ravel())) > 20  # drawn
+
+
+def test_training_curves_keep_epoch_series_with_words_for_labels(tmp_path: Path):
+    from medtune.evaluation.plots import _epoch_curves, _read_curves, curve_label
+
+    log = tmp_path / "metrics.csv"
+    log.write_text(
+        "epoch,step,train_loss_step,train_loss_epoch,val_loss,val_qwk\n"
+        "0,4,0.9,,,\n0,7,,0.8,0.7,0.3\n1,15,,0.6,0.5,0.5\n"
+    )
+    _, curves = _read_curves(log)
+    kept = _epoch_curves(curves)
+    assert "train_loss_step" not in kept and {"train_loss_epoch", "val_loss", "val_qwk"} <= set(
+        kept
+    )
+    assert curve_label("train_loss_epoch") == "training loss"
+    assert curve_label("val_qwk") == "validation quadratic weighted kappa"
+    assert curve_label("val_balanced_accuracy") == "validation balanced accuracy"

@@ -1,0 +1,326 @@
+"""Site-shift score: how far each image's backbone features lie from the training distribution.
+
+The score is the Mahalanobis distance of an image's pooled backbone features (what the model's
+head sees) to the training images' features, with the covariance estimated by Ledoit-Wolf
+shrinkage (Ledoit & Wolf 2004, ``sklearn.covariance.LedoitWolf``): with about as many images as
+feature dimensions (1,280 for EfficientNet-Lite0) the sample covariance is singular, the shrunk
+one is well conditioned. Using Mahalanobis distances of pretrained features to flag
+out-of-distribution inputs follows Lee et al. 2018 ("A simple unified framework for detecting
+out-of-distribution samples and adversarial attacks").
+
+An image is *outside* when its score exceeds the ``percentile`` (default 99) of the VALIDATION
+images' scores: validation images are in-distribution but were not used for the fit, so by
+construction about ``100 - percentile`` % of new images from the training site are flagged. With
+M validation images the percentile is interpolated between order statistics (numpy's linear
+rule), so below about 100 images the 99th percentile sits near the largest validation score.
+
+Optionally the features are first projected onto their leading principal components
+(``n_components``; ``sklearn.decomposition.PCA``) to make the stored model smaller. The default
+keeps all dimensions, on evidence (``benchmarks/site_shift.py``, ImageNet Lite0 features, APTOS
+train/val fit): the full 1,280-D score separates held-out APTOS from eyepacs-dev images with
+AUROC 0.83 (PCA 64-256: 0.85-0.86, PCA 16: 0.71) and puts a cat photo at 4x the threshold, while
+with 32 or 64 components the cat or a coffee photo falls below the threshold: what lies outside
+the training images' principal subspace is exactly what PCA throws away. The full model is a
+(1280, 1280) float64 precision matrix, 13 MB in :meth:`SiteShiftModel.save`'s ``.npz``.
+
+A limit measured there: a uniform grey frame scores 41, like a typical APTOS image (median 32,
+threshold 89), while a black frame (96), a cat (368) and a coffee cup (348) are flagged. The
+score measures how familiar the features look, not image quality; empty frames need their own
+check.
+
+Inputs and outputs are numpy arrays only; computing the features is the caller's job.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medtune.errors import MedtuneError
+from medtune.io import atomic_path
+
+__all__ = ["SiteShiftModel", "shift_summary"]
+
+#: Default percentile of the validation scores used as the threshold.
+DEFAULT_PERCENTILE = 99.0
+#: :func:`shift_summary` warns when the flagged share exceeds this multiple of the share expected
+#: at the training site (3 x 1% = 3% with the default percentile). Measured with ImageNet
+#: Lite0 features fitted on APTOS (benchmarks/site_shift.py): 0.2% of held-out APTOS images and
+#: 7.7% of eyepacs-dev images are flagged at the 99th percentile, so a fixed 10% alarm would
+#: miss the EyePACS shift under which the APTOS operating point fails (findings.md).
+ALARM_FACTOR = 3.0
+_FORMAT = "medtune-site-shift/1"
+_ARRAYS = ("location", "precision", "pca_mean", "pca_components")
+
+
+def _as_features(x: Any, what: str, dim: int | None = None) -> np.ndarray:
+    """A finite float64 (N, D) array, or a one-line :class:`MedtuneError`."""
+    arr = np.asarray(x, dtype=np.float64)
+    if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise MedtuneError(f"{what}: need a non-empty (N, D) feature array, got shape {arr.shape}")
+    if dim is not None and arr.shape[1] != dim:
+        raise MedtuneError(
+            f"{what}: features have {arr.shape[1]} dimensions but the site-shift model was "
+            f"fitted on {dim}; use features of the same backbone and layer"
+        )
+    if not np.isfinite(arr).all():
+        row = int(np.flatnonzero(~np.isfinite(arr).all(axis=1))[0])
+        raise MedtuneError(f"{what}: row {row} holds NaN or infinite features; drop that image")
+    return arr
+
+
+@dataclass
+class SiteShiftModel:
+    """Mahalanobis distance to the training features, thresholded on validation scores.
+
+    Build it with :meth:`fit`; ``location`` (D',) and ``precision`` (D', D') are the Ledoit-Wolf
+    mean and inverse covariance in the (optionally PCA-reduced, D' = ``n_components``) feature
+    space; ``pca_mean`` (D,) and ``pca_components`` (D', D) are empty arrays without PCA.
+    """
+
+    location: np.ndarray
+    precision: np.ndarray
+    pca_mean: np.ndarray
+    pca_components: np.ndarray
+    threshold: float
+    percentile: float
+    n_features: int
+    n_train: int
+    n_val: int
+    shrinkage: float
+    val_median: float
+
+    # ------------------------------------------------------------------ fit and score
+
+    @classmethod
+    def fit(
+        cls,
+        train_features: np.ndarray,
+        val_features: np.ndarray,
+        percentile: float = DEFAULT_PERCENTILE,
+        n_components: int | None = None,
+    ) -> SiteShiftModel:
+        """Fit on training features; set the threshold from validation features.
+
+        Parameters
+        ----------
+        train_features : ndarray, shape (N, D)
+            Pooled backbone features of the training images (N >= 2).
+        val_features : ndarray, shape (M, D)
+            Features of the validation images (same backbone and layer), M >= 1.
+        percentile : float, default 99.0
+            Percentile (0-100, exclusive) of the validation scores used as the threshold.
+        n_components : int or None, default None
+            Project onto this many principal components of the training features first
+            (``sklearn.decomposition.PCA``); ``None`` keeps all D dimensions.
+
+        Returns
+        -------
+        SiteShiftModel
+
+        Raises
+        ------
+        MedtuneError
+            On empty, non-finite or mismatched arrays, or a percentile outside (0, 100).
+        """
+        from sklearn.covariance import LedoitWolf
+
+        train = _as_features(train_features, "training features")
+        val = _as_features(val_features, "validation features", train.shape[1])
+        if train.shape[0] < 2:
+            raise MedtuneError("training features: need at least 2 images to fit a covariance")
+        if not 0.0 < float(percentile) < 100.0:
+            raise MedtuneError(f"percentile must be between 0 and 100, got {percentile}")
+        pca_mean, components = _fit_pca(train, n_components)
+        reduced = _project(train, pca_mean, components)
+        lw = LedoitWolf(assume_centered=False).fit(reduced)
+        model = cls(
+            location=lw.location_,
+            precision=lw.precision_,
+            pca_mean=pca_mean,
+            pca_components=components,
+            threshold=np.inf,
+            percentile=float(percentile),
+            n_features=int(train.shape[1]),
+            n_train=int(train.shape[0]),
+            n_val=int(val.shape[0]),
+            shrinkage=float(lw.shrinkage_),
+            val_median=0.0,
+        )
+        val_scores = model.score(val)
+        model.threshold = float(np.percentile(val_scores, percentile))
+        model.val_median = float(np.median(val_scores))
+        return model
+
+    def score(self, features: np.ndarray) -> np.ndarray:
+        """Mahalanobis distance of each row to the training features.
+
+        Parameters
+        ----------
+        features : ndarray, shape (K, D)
+            Features of the same backbone and layer as the fit.
+
+        Returns
+        -------
+        ndarray, shape (K,)
+            Distances (float64, >= 0; larger is farther from the training site).
+        """
+        x = _as_features(features, "features", self.n_features)
+        diff = _project(x, self.pca_mean, self.pca_components) - self.location
+        squared = ((diff @ self.precision) * diff).sum(axis=1)
+        return np.sqrt(np.maximum(squared, 0.0))
+
+    def is_outside(self, features: np.ndarray) -> np.ndarray:
+        """Boolean (K,) array: True where the score exceeds :attr:`threshold`."""
+        return self.score(features) > self.threshold
+
+    # ------------------------------------------------------------------ storage
+
+    def _meta(self) -> dict[str, Any]:
+        return {
+            "format": _FORMAT,
+            "method": "Mahalanobis distance, Ledoit-Wolf covariance",
+            "threshold": float(self.threshold),
+            "percentile": float(self.percentile),
+            "n_features": int(self.n_features),
+            "n_components": int(self.location.shape[0]) if self.pca_components.size else None,
+            "n_train": int(self.n_train),
+            "n_val": int(self.n_val),
+            "shrinkage": float(self.shrinkage),
+            "val_median": float(self.val_median),
+        }
+
+    def to_dict(self, arrays: bool = True) -> dict[str, Any]:
+        """JSON-safe dict (plain floats, ints and lists).
+
+        ``arrays=False`` gives only the scalar metadata (threshold, percentile, counts) for a
+        ``model.json`` whose arrays live in a sidecar written by :meth:`save`; with all 1,280
+        Lite0 dimensions the precision matrix alone is 1.6 million numbers.
+        """
+        out = self._meta()
+        if arrays:
+            out.update({name: getattr(self, name).tolist() for name in _ARRAYS})
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SiteShiftModel:
+        """Rebuild from :meth:`to_dict` output (with arrays); a wrong dict raises MedtuneError."""
+        if data.get("format") != _FORMAT or any(name not in data for name in _ARRAYS):
+            raise MedtuneError(
+                f"not a site-shift model (format {data.get('format')!r}, needs {_FORMAT} with "
+                "arrays); refit it with SiteShiftModel.fit"
+            )
+        arrays = {name: np.asarray(data[name], dtype=np.float64) for name in _ARRAYS}
+        d = arrays["location"].shape[0]
+        arrays["precision"] = arrays["precision"].reshape(d, d)
+        if arrays["pca_components"].size:
+            arrays["pca_components"] = arrays["pca_components"].reshape(d, -1)
+        else:
+            arrays["pca_components"] = np.zeros((0, 0))
+        return cls(
+            **arrays,
+            threshold=float(data["threshold"]),
+            percentile=float(data["percentile"]),
+            n_features=int(data["n_features"]),
+            n_train=int(data["n_train"]),
+            n_val=int(data["n_val"]),
+            shrinkage=float(data["shrinkage"]),
+            val_median=float(data["val_median"]),
+        )
+
+    def save(self, path: str | Path) -> Path:
+        """Write an ``.npz`` (``np.savez``: float64 arrays + a JSON metadata string); atomic."""
+        path = Path(path)
+        meta = np.array(json.dumps(self._meta()))
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, meta=meta, **{name: getattr(self, name) for name in _ARRAYS})
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> SiteShiftModel:
+        """Read a file written by :meth:`save` (``allow_pickle=False``: no code can run)."""
+        path = Path(path)
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                data = json.loads(str(z["meta"]))
+                data.update({name: z[name] for name in _ARRAYS})
+        except (OSError, ValueError, KeyError) as err:
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise MedtuneError(
+                f"{path}: not a readable site-shift file ({reason}); refit and save it again"
+            ) from None
+        return cls.from_dict(data)
+
+
+def _fit_pca(train: np.ndarray, n_components: int | None) -> tuple[np.ndarray, np.ndarray]:
+    if n_components is None:
+        return np.zeros(0), np.zeros((0, 0))
+    limit = min(train.shape)
+    if not 1 <= int(n_components) <= limit:
+        raise MedtuneError(
+            f"n_components must be between 1 and {limit} (images and feature dimensions), "
+            f"got {n_components}"
+        )
+    from sklearn.decomposition import PCA
+
+    pca = PCA(n_components=int(n_components), svd_solver="full").fit(train)
+    return pca.mean_.astype(np.float64), pca.components_.astype(np.float64)
+
+
+def _project(x: np.ndarray, mean: np.ndarray, components: np.ndarray) -> np.ndarray:
+    return x if components.size == 0 else (x - mean) @ components.T
+
+
+def _pct(share: float) -> str:
+    """Whole percents from 10% up or when exact, else one decimal (0.2%, not 0%)."""
+    whole = abs(share * 100 - round(share * 100)) < 1e-9
+    return f"{share:.0%}" if share >= 0.1 or whole else f"{share:.1%}"
+
+
+def shift_summary(
+    outside: np.ndarray,
+    percentile: float = DEFAULT_PERCENTILE,
+    alarm: float | None = None,
+) -> dict[str, Any]:
+    """Share of images outside the training distribution, with a one-line message.
+
+    Parameters
+    ----------
+    outside : ndarray of bool, shape (K,)
+        :meth:`SiteShiftModel.is_outside` of the images.
+    percentile : float, default 99.0
+        The model's :attr:`SiteShiftModel.percentile`: ``100 - percentile`` % of images from the
+        training site are flagged by construction.
+    alarm : float or None, default None
+        ``warning`` is True when more than this share is flagged; ``None`` means
+        :data:`ALARM_FACTOR` times the expected share (3% at the 99th percentile).
+
+    Returns
+    -------
+    dict
+        ``n_images``, ``n_outside``, ``share_outside``, ``expected_share`` (at the training
+        site), ``warning`` (bool) and ``message``.
+    """
+    flags = np.asarray(outside, dtype=bool).ravel()
+    n, k = int(flags.size), int(flags.sum())
+    share = k / n if n else 0.0
+    expected = (100.0 - float(percentile)) / 100.0
+    limit = ALARM_FACTOR * expected if alarm is None else float(alarm)
+    warning = n > 0 and share > limit
+    head = f"{_pct(share)} of these images ({k} of {n}) lie outside the training distribution"
+    if warning:
+        message = f"{head}: the validated operating point may not hold"
+    else:
+        message = f"{head} (about {_pct(expected)} expected at the training site)"
+    return {
+        "n_images": n,
+        "n_outside": k,
+        "share_outside": share,
+        "expected_share": expected,
+        "warning": bool(warning),
+        "message": message,
+    }
