@@ -10,6 +10,7 @@ The public API, one function per job (the command-line tool is a thin skin over 
     exported = medtune.export(run.dir, fmt="onnx")
     advice = medtune.advise("data/")
     adapted = medtune.adapt(run.dir, "site_b_images/", out="runs/dr-site-b")
+    medtune.serve(model_path="runs/dr/export/model.onnx")  # web page on 127.0.0.1:8000
 
 Names are imported on first use (PEP 562, through ``lazy_loader``), so ``import medtune`` is
 cheap and the torch-free ONNX predictor (:mod:`medtune.deploy.onnx_predictor`) never imports
@@ -34,6 +35,7 @@ if TYPE_CHECKING:  # what an IDE and a type checker see; at run time names load 
     from medtune.workflows.evaluate import EvalResult, evaluate  # noqa: F401
     from medtune.workflows.export import export  # noqa: F401
     from medtune.workflows.predict import predict  # noqa: F401
+    from medtune.workflows.serve import serve  # noqa: F401
     from medtune.workflows.train import RunResult, resume, train  # noqa: F401
 
 __getattr__, __dir__, __all__ = lazy_loader.attach(
@@ -45,6 +47,7 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
         "workflows.export": ["export"],
         "workflows.advise": ["advise"],
         "workflows.adapt": ["adapt", "AdaptResult"],
+        "workflows.serve": ["serve"],
         "config": ["TrainConfig", "FinetuneRecipe", "InputSpec"],
         "runs": ["RunFolder"],
         "data": ["load_imageset", "prepare"],

@@ -484,6 +484,58 @@ def run_advise(args: argparse.Namespace) -> None:
     print(report.text())
 
 
+# ----------------------------------------------------------------------------------- serve
+def add_serve(p: argparse.ArgumentParser) -> None:
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", help="a run folder (PyTorch model; the page shows Grad-CAM)")
+    source.add_argument("--model", help="an exported model.onnx (ONNX Runtime, faster)")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default 127.0.0.1: this computer only; the page has no login)",
+    )
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--tta", choices=["none", "rot90"], default="none")
+    p.add_argument(
+        "--operating-point",
+        choices=["sens90", "sens97.5", "youden"],
+        default="sens90",
+        help="validated threshold that sets the referral flag (default sens90, as predict)",
+    )
+    p.add_argument("--workers", type=int, help="batches predicted at once (default 1 run, 2 ONNX)")
+    p.add_argument("--max-files", type=int, default=50, help="images per request (default 50)")
+    p.add_argument("--max-file-mb", type=float, default=25.0, help="MiB per image (default 25)")
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = (
+        "examples:\n"
+        "  medtune serve --model runs/dr/export/model.onnx   # then open http://127.0.0.1:8000/\n"
+        "  medtune serve --run runs/dr --port 8080            # PyTorch, with Grad-CAM\n"
+        "  curl -F files=@eye1.jpg -F files=@eye2.png http://127.0.0.1:8000/api/predict\n"
+        "docs/screening.md describes the page, the JSON endpoint and the limits."
+    )
+
+
+def run_serve(args: argparse.Namespace) -> None:
+    from medtune.workflows.serve import UploadLimits, serve
+
+    limits = UploadLimits(
+        max_files=args.max_files,
+        max_file_mb=args.max_file_mb,
+        max_request_mb=max(200.0, args.max_files * args.max_file_mb + 1),
+    )
+    serve(
+        run=args.run,
+        model_path=args.model,
+        host=args.host,
+        port=args.port,
+        tta=args.tta,
+        operating_point=args.operating_point,
+        limits=limits,
+        workers=args.workers,
+        log_level="info" if args.verbose else "warning",
+    )
+
+
 COMMANDS: dict[
     str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], Any]]
 ] = {
@@ -512,4 +564,9 @@ COMMANDS: dict[
         run_adapt,
     ),
     "advise": ("measure a data set and recommend a transfer scenario", add_advise, run_advise),
+    "serve": (
+        "a web page and JSON endpoint for screening photographs (loopback by default)",
+        add_serve,
+        run_serve,
+    ),
 }

@@ -147,7 +147,11 @@ class Predictor:
 
 
 def load_predictor(
-    *, run: str | Path | None = None, model_path: str | Path | None = None, tta: str = "none"
+    *,
+    run: str | Path | None = None,
+    model_path: str | Path | None = None,
+    tta: str = "none",
+    num_threads: int | None = None,
 ) -> Predictor:
     """Load a run (PyTorch) or an exported ``model.onnx`` (ONNX Runtime) for prediction.
 
@@ -160,6 +164,9 @@ def load_predictor(
         ``run`` and ``model_path`` is given.
     tta : {"none", "rot90"}, default "none"
         Average the logits of the four 90-degree rotations.
+    num_threads : int, optional
+        ONNX Runtime's intra-op threads (default: its own, one per core). A server running
+        several batches at once gives each a share of the cores (``medtune serve``).
 
     Returns
     -------
@@ -175,14 +182,14 @@ def load_predictor(
     if tta not in TTA_MODES:
         raise MedtuneError(f"tta {tta!r} is unknown; use one of {', '.join(TTA_MODES)}")
     if model_path is not None:
-        return _onnx_predictor(Path(model_path), tta)
+        return _onnx_predictor(Path(model_path), tta, num_threads)
     return _run_predictor(Path(run), tta)
 
 
-def _onnx_predictor(model_path: Path, tta: str) -> Predictor:
+def _onnx_predictor(model_path: Path, tta: str, num_threads: int | None = None) -> Predictor:
     from medtune.deploy.onnx_predictor import OnnxPredictor
 
-    onnx = OnnxPredictor(model_path)
+    onnx = OnnxPredictor(model_path, num_threads=num_threads)
     sidecar = onnx.sidecar
 
     def infer(images: np.ndarray) -> tuple[np.ndarray, None]:
@@ -399,6 +406,7 @@ def predict(
     tta: str = "none",
     skip_bad: bool = False,
     progress: bool = True,
+    predictor: Predictor | None = None,
 ) -> list[dict[str, Any]]:
     """Screen every image with a trained run or an exported ONNX model.
 
@@ -434,6 +442,9 @@ def predict(
     skip_bad : bool, default False
         Leave unreadable images out (listed) instead of failing.
     progress : bool, default True
+    predictor : Predictor, optional
+        A model already loaded with :func:`load_predictor` (instead of ``run``, ``model_path``
+        and ``tta``): ``medtune serve`` loads it once and predicts every request with it.
 
     Returns
     -------
@@ -455,7 +466,8 @@ def predict(
         For no or both model sources, no images found, an unknown operating point, explain with
         an ONNX model, or an unreadable image (naming the file) without ``skip_bad``.
     """
-    predictor = load_predictor(run=run, model_path=model_path, tta=tta)
+    if predictor is None:
+        predictor = load_predictor(run=run, model_path=model_path, tta=tta)
     rule = predictor.referral(operating_point)  # fails early on an unknown point
     if explain and predictor.torch_model is None:
         raise MedtuneError("explain needs run (Grad-CAM needs the PyTorch model, not model.onnx)")
