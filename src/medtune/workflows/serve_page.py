@@ -140,11 +140,6 @@ function el(tag, cls, text) {
   return node;
 }
 function pct(x) { return (100 * Number(x)).toFixed(1) + " %"; }
-function truthy(v) {
-  if (typeof v === "boolean") return v;
-  if (typeof v === "number") return v !== 0;
-  return ["1", "true", "yes", "refer", "y"].includes(String(v).trim().toLowerCase());
-}
 function fmt(v, column) {
   const prob = column && column.startsWith("p_");
   if (typeof v === "number" && (prob || !Number.isInteger(v))) return v.toFixed(4);
@@ -364,15 +359,11 @@ function eyeCard(row, index, data) {
 }
 
 function siteShift(row) {
-  const keys = Object.keys(row).filter((k) => /shift|ood|out_of_dist/i.test(k));
-  if (!keys.length) return null;
-  const flag = keys.find((k) => typeof row[k] === "boolean" || /warn|flag|outside|ood$/i.test(k));
-  const score = keys.find((k) => k !== flag && typeof row[k] === "number");
-  if (flag && !truthy(row[flag])) return null;
-  if (!flag) return null;
-  const scored = score ? " (score " + fmt(row[score]) + ")" : "";
+  // predict's columns: site_shift (score) and outside_training ("yes"/"no"), runs only
+  if (row.outside_training !== "yes") return null;
   const w = el("div", "warn", "Site-shift warning: this photograph lies outside the training " +
-    "distribution" + scored + "; treat the result with care.");
+    "distribution (score " + fmt(row.site_shift) + "); the validated operating point may not " +
+    "hold for it.");
   w.dataset.role = "site-shift";
   return w;
 }
