@@ -13,7 +13,6 @@ import resource
 import statistics
 import sys
 import time
-import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -174,13 +173,30 @@ def peak_rss_mb() -> dict[str, float]:
 
 
 def qwk(y: Iterable[int], pred: Iterable[int]) -> float:
-    """Quadratic weighted kappa of hard predictions (0 when undefined)."""
-    from sklearn.metrics import cohen_kappa_score
+    """Quadratic weighted kappa of hard predictions (:func:`medtune.evaluation.scores.qwk`).
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        k = cohen_kappa_score(list(y), list(pred), weights="quadratic")
+    The benchmark tables show 0 where kappa is undefined (a model that predicts one grade for
+    every image), as the published tables did."""
+    from medtune.evaluation.scores import qwk as medtune_qwk
+
+    y, pred = np.asarray(list(y)), np.asarray(list(pred))
+    k = medtune_qwk(y, pred, int(max(y.max(), pred.max())) + 1)
     return float(k) if np.isfinite(k) else 0.0
+
+
+def rewrite_block(path: Path, begin: str, end: str, block: str, heading: str) -> None:
+    """Replace the generated ``block`` (which starts with ``begin`` and ends with ``end``) in the
+    doc at ``path``, keeping the prose around it; a doc without the markers gets the block
+    appended (a new doc starts with ``heading``). Hand-written because it is four lines of
+    string splitting that no documentation tool we use does for markdown."""
+    old = path.read_text(encoding="utf-8") if path.is_file() else ""
+    if begin in old and end in old:
+        head, rest = old.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        text = (old.rstrip() + "\n\n" if old else heading + "\n\n") + block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
 
 
 def say(msg: str) -> None:

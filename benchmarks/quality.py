@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from benchlib import REPO, say
+from benchlib import REPO, rewrite_block, say
 from PIL import Image, ImageDraw, ImageFilter
 
 from medtune.data.images import load_rgb
@@ -309,14 +309,7 @@ def report_md(result: dict[str, Any]) -> str:
 
 
 def write_report(path: Path, block: str) -> None:
-    old = path.read_text(encoding="utf-8") if path.is_file() else ""
-    if BEGIN in old and END in old:
-        head, rest = old.split(BEGIN, 1)
-        text = head + block + rest.split(END, 1)[1]
-    else:
-        text = old + ("\n" if old else "# Screening\n\n") + block + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
+    rewrite_block(path, BEGIN, END, block, "# Screening")
 
 
 def main(argv: list[str] | None = None) -> int:

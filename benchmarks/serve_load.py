@@ -39,8 +39,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from benchlib import REPO, rewrite_block
 
-REPO = Path(__file__).resolve().parents[1]
 DEFAULT_IMAGES = REPO.parent / "shared" / "data" / "eyepacs-dev" / "images"
 BEGIN, END = "<!-- serve-load:begin -->", "<!-- serve-load:end -->"
 
@@ -223,13 +223,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def write_report(path: Path, block: str) -> None:
-    old = path.read_text(encoding="utf-8") if path.is_file() else ""
-    if BEGIN in old and END in old:
-        head, rest = old.split(BEGIN, 1)
-        text = head + block + rest.split(END, 1)[1]
-    else:
-        text = old + ("\n" if old else "# Screening\n\n") + block + "\n"
-    path.write_text(text, encoding="utf-8")
+    rewrite_block(path, BEGIN, END, block, "# Screening")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from benchlib import REPO, say
+from benchlib import REPO, rewrite_block, say
 
 BEGIN, END = "<!-- sites:begin -->", "<!-- sites:end -->"
 HOME, ABROAD = "aptos2019-224", "eyepacs-dev"
@@ -325,13 +325,7 @@ def report_md(result: dict) -> str:
 
 
 def write_report(path: Path, block: str) -> None:
-    old = path.read_text(encoding="utf-8") if path.is_file() else ""
-    if BEGIN in old and END in old:
-        head, rest = old.split(BEGIN, 1)
-        new = head + block + rest.split(END, 1)[1]
-    else:
-        new = old.rstrip() + "\n\n" + block + "\n"
-    path.write_text(new, encoding="utf-8")
+    rewrite_block(path, BEGIN, END, block, "# Generalisation to a new site")
 
 
 def main(argv: list[str] | None = None) -> int:
