@@ -123,3 +123,27 @@ def write_dicom(
         ds["PixelData"].VR = "OB"
     ds.save_as(path, enforce_file_format=preamble)
     return path
+
+
+def imagenet_input(image: np.ndarray, size: int, mean, std, crop_pct: float = 0.875):
+    """(1, 3, size, size) float tensor of a photograph as ImageNet evaluation feeds it: the
+    short side resized to size / crop_pct (bicubic), centre-cropped, normalised."""
+    import torch
+
+    img = Image.fromarray(image)
+    scale = round(size / crop_pct) / min(img.size)
+    img = img.resize((round(img.width * scale), round(img.height * scale)), Image.BICUBIC)
+    left, top = (img.width - size) // 2, (img.height - size) // 2
+    img = img.crop((left, top, left + size, top + size))
+    x = torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 255
+    x = (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+    return x[None]
+
+
+def imagenet_probs(backbone, image: np.ndarray):
+    """ImageNet class probabilities (1000,) of a photograph through the backbone's own head."""
+    import torch
+
+    x = imagenet_input(image, backbone.image_size, backbone.mean, backbone.std)
+    with torch.no_grad():
+        return backbone.imagenet_logits(x).softmax(-1)[0]

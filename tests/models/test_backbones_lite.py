@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import sys
 
-import numpy as np
 import pytest
 import timm
 import torch
-from PIL import Image
+from conftest import imagenet_probs
 from skimage import data
 
 from medtune.errors import MedtuneError
@@ -35,35 +34,17 @@ def lite(request):
     return create_backbone(request.param)
 
 
-def _imagenet_input(image: np.ndarray, size: int, mean, std, crop_pct: float = 0.875):
-    """Resize the short side to size / crop_pct (bicubic), centre-crop, normalise."""
-    img = Image.fromarray(image)
-    scale = round(size / crop_pct) / min(img.size)
-    img = img.resize((round(img.width * scale), round(img.height * scale)), Image.BICUBIC)
-    left, top = (img.width - size) // 2, (img.height - size) // 2
-    img = img.crop((left, top, left + size, top + size))
-    x = torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 255
-    x = (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
-    return x[None]
-
-
-def _probs(backbone, image: np.ndarray) -> torch.Tensor:
-    x = _imagenet_input(image, backbone.image_size, backbone.mean, backbone.std)
-    with torch.no_grad():
-        return backbone.imagenet_logits(x).softmax(-1)[0]
-
-
 # --------------------------------------------------------------------------- real photos
 
 
 def test_lite_real_weights_classify_cat(lite):
-    probs = _probs(lite, data.chelsea())
+    probs = imagenet_probs(lite, data.chelsea())
     assert int(probs.argmax()) in CAT_CLASSES
     assert float(probs[CAT_CLASSES].sum()) > 0.7  # measured: Lite1 0.81, Lite2 0.86
 
 
 def test_lite_real_weights_classify_coffee(lite):
-    probs = _probs(lite, data.coffee())
+    probs = imagenet_probs(lite, data.coffee())
     assert int(probs.argmax()) == ESPRESSO
     assert float(probs[ESPRESSO]) > 0.4  # measured: Lite1 0.52, Lite2 0.89
 

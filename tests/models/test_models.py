@@ -5,12 +5,11 @@ from __future__ import annotations
 import urllib.error
 from pathlib import Path
 
-import numpy as np
 import pytest
 import timm
 import torch
 import torchvision
-from PIL import Image
+from conftest import imagenet_probs
 from skimage import data
 
 from medtune.errors import MedtuneError
@@ -45,24 +44,6 @@ def lite0():
     return create_backbone("efficientnet_lite0")
 
 
-def _imagenet_input(image: np.ndarray, size: int, mean, std, crop_pct: float = 0.875):
-    """Resize the short side to size / crop_pct (bicubic), centre-crop, normalise."""
-    img = Image.fromarray(image)
-    scale = round(size / crop_pct) / min(img.size)
-    img = img.resize((round(img.width * scale), round(img.height * scale)), Image.BICUBIC)
-    left, top = (img.width - size) // 2, (img.height - size) // 2
-    img = img.crop((left, top, left + size, top + size))
-    x = torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 255
-    x = (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
-    return x[None]
-
-
-def _probs(backbone, image: np.ndarray) -> torch.Tensor:
-    x = _imagenet_input(image, backbone.image_size, backbone.mean, backbone.std)
-    with torch.no_grad():
-        return backbone.imagenet_logits(x).softmax(-1)[0]
-
-
 def _assert_every_param_in_one_stage(backbone):
     index = param_stage_index(backbone)
     assert set(index) == {n for n, _ in backbone.model.named_parameters()}
@@ -75,14 +56,14 @@ def _assert_every_param_in_one_stage(backbone):
 
 
 def test_lite0_real_weights_classify_cat(lite0):
-    probs = _probs(lite0, data.chelsea())
+    probs = imagenet_probs(lite0, data.chelsea())
     assert int(probs.argmax()) in CAT_CLASSES
     assert float(probs.max()) > 0.3
     assert float(probs[list(CAT_CLASSES)].sum()) > 0.8
 
 
 def test_lite0_real_weights_classify_coffee(lite0):
-    probs = _probs(lite0, data.coffee())
+    probs = imagenet_probs(lite0, data.coffee())
     assert int(probs.argmax()) in (ESPRESSO, CUP)
     assert float(probs.max()) > 0.8
 
