@@ -368,6 +368,12 @@ def add_predict(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--explain", metavar="DIR", help="write Grad-CAM figures into DIR")
     p.add_argument(
+        "--quality-model",
+        metavar="RUN",
+        help="a run trained on image-quality grades (e.g. Good/Usable/Reject folders): images "
+        "it calls Reject are ungradable too, beside the rule-based quality gate",
+    )
+    p.add_argument(
         "--tta",
         choices=["none", "rot90"],
         default="none",
@@ -392,6 +398,7 @@ def run_predict(args: argparse.Namespace) -> None:
             out=args.out,
             json_path=json_path,
             explain=args.explain,
+            quality_model=args.quality_model,
             operating_point=args.operating_point,
             tta=args.tta,
             skip_bad=args.skip_bad,

@@ -122,6 +122,8 @@ class Predictor:
     infer: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]] = field(repr=False)
     #: site-shift score above which an image is outside the training distribution
     shift_threshold: float | None = None
+    #: a learned image-quality model (a run trained on quality grades) judged beside the gate
+    quality_model: Predictor | None = field(default=None, repr=False)
     torch_model: Any = field(default=None, repr=False)
     torch_meta: Any = field(default=None, repr=False)
 
@@ -152,6 +154,7 @@ def load_predictor(
     model_path: str | Path | None = None,
     tta: str = "none",
     num_threads: int | None = None,
+    quality_model: str | Path | None = None,
 ) -> Predictor:
     """Load a run (PyTorch) or an exported ``model.onnx`` (ONNX Runtime) for prediction.
 
@@ -167,6 +170,10 @@ def load_predictor(
     num_threads : int, optional
         ONNX Runtime's intra-op threads (default: its own, one per core). A server running
         several batches at once gives each a share of the cores (``medtune serve``).
+    quality_model : str or pathlib.Path, optional
+        A run trained on image-quality grades (e.g. EyeQ's Good / Usable / Reject folders) whose
+        classes include one named like Reject / Ungradable / Bad / Poor: an image it assigns to
+        that class is ungradable too, beside the rule-based gate (``docs/screening.md``).
 
     Returns
     -------
@@ -182,8 +189,34 @@ def load_predictor(
     if tta not in TTA_MODES:
         raise MedtuneError(f"tta {tta!r} is unknown; use one of {', '.join(TTA_MODES)}")
     if model_path is not None:
-        return _onnx_predictor(Path(model_path), tta, num_threads)
-    return _run_predictor(Path(run), tta)
+        predictor = _onnx_predictor(Path(model_path), tta, num_threads)
+    else:
+        predictor = _run_predictor(Path(run), tta)
+    if quality_model is not None:
+        predictor.quality_model = _run_predictor(Path(quality_model), "none")
+        reject_class(predictor.quality_model.class_names, quality_model)  # fails early
+    return predictor
+
+
+#: Class names of a learned quality model that mean "ungradable" (compared lowercased).
+REJECT_NAMES = ("reject", "rejected", "ungradable", "bad", "poor", "insufficient")
+
+
+def reject_class(class_names: Sequence[str], source: object = "quality model") -> int:
+    """Index of the quality model's class meaning "ungradable".
+
+    Raises
+    ------
+    MedtuneError
+        When no class is named like one of :data:`REJECT_NAMES`.
+    """
+    for i, name in enumerate(class_names):
+        if str(name).strip().lower() in REJECT_NAMES:
+            return i
+    raise MedtuneError(
+        f"{source}: a quality model needs a class named like {'/'.join(REJECT_NAMES)} "
+        f"(its classes are {list(class_names)}); train it on folders such as Good/Usable/Reject"
+    )
 
 
 def _onnx_predictor(model_path: Path, tta: str, num_threads: int | None = None) -> Predictor:
@@ -317,10 +350,28 @@ def prepare_batch(
     PreparedBatch
     """
     quality = [assess_image_quality(img) for img in images]
+    if predictor.quality_model is not None and images:
+        quality = _learned_quality(images, predictor.quality_model, quality)
     arrays = [prepare_image(img, predictor.image_size, predictor.fundus) for img in images]
     size = predictor.image_size
     stacked = np.stack(arrays) if arrays else np.zeros((0, size, size, 3), np.uint8)
     return PreparedBatch(list(names), stacked, quality)
+
+
+def _learned_quality(
+    images: Sequence[Image.Image], model: Predictor, gate: list[tuple[bool, str | None]]
+) -> list[tuple[bool, str | None]]:
+    """The gate's verdicts, with images the learned quality model rejects made ungradable."""
+    reject = reject_class(model.class_names, model.source)
+    arrays = np.stack([prepare_image(img, model.image_size, model.fundus) for img in images])
+    probs = model.probs(arrays)
+    out = []
+    for (ok, reason), p in zip(gate, probs, strict=True):
+        if ok and int(np.argmax(p)) == reject:
+            name = model.class_names[reject]
+            ok, reason = False, f"quality model: {name} (P = {p[reject]:.2f})"
+        out.append((ok, reason))
+    return out
 
 
 def _predict_batch(
@@ -407,6 +458,7 @@ def predict(
     skip_bad: bool = False,
     progress: bool = True,
     predictor: Predictor | None = None,
+    quality_model: str | Path | None = None,
 ) -> list[dict[str, Any]]:
     """Screen every image with a trained run or an exported ONNX model.
 
@@ -445,6 +497,9 @@ def predict(
     predictor : Predictor, optional
         A model already loaded with :func:`load_predictor` (instead of ``run``, ``model_path``
         and ``tta``): ``medtune serve`` loads it once and predicts every request with it.
+    quality_model : str or pathlib.Path, optional
+        A run trained on quality grades (Good/Usable/Reject): images it calls Reject are
+        ungradable too (:func:`load_predictor`).
 
     Returns
     -------
@@ -467,7 +522,9 @@ def predict(
         an ONNX model, or an unreadable image (naming the file) without ``skip_bad``.
     """
     if predictor is None:
-        predictor = load_predictor(run=run, model_path=model_path, tta=tta)
+        predictor = load_predictor(
+            run=run, model_path=model_path, tta=tta, quality_model=quality_model
+        )
     rule = predictor.referral(operating_point)  # fails early on an unknown point
     if explain and predictor.torch_model is None:
         raise MedtuneError("explain needs run (Grad-CAM needs the PyTorch model, not model.onnx)")
