@@ -502,7 +502,12 @@ def add_serve(p: argparse.ArgumentParser) -> None:
         help="address to bind (default 127.0.0.1: this computer only; the page has no login)",
     )
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--tta", choices=["none", "rot90"], default="none")
+    p.add_argument(
+        "--tta",
+        choices=["none", "rot90"],
+        default="none",
+        help="test-time augmentation: rot90 averages the four rotations",
+    )
     p.add_argument(
         "--operating-point",
         choices=["sens90", "sens97.5", "youden"],
