@@ -29,7 +29,7 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--cache-dir",
         help="where prepared images and features are cached "
-        "(default $MEDTUNE_CACHE or ~/.cache/medtune)",
+        "(default $MEDTUNE_CACHE or ~/.cache/medtune/prepared)",
     )
 
 
@@ -229,7 +229,7 @@ TRAIN_FLAGS: list[tuple[str, dict[str, Any]]] = [
 TRAIN_EPILOG = (
     "Defaults are those of docs/configuration.md (medtune.TrainConfig); a --config "
     "file replaces them and flags override both. Environment: MEDTUNE_CACHE sets the cache "
-    "folder (default ~/.cache/medtune); MLFLOW_TRACKING_URI, when set, also logs fine-tuning "
+    "folder (default ~/.cache/medtune/prepared); MLFLOW_TRACKING_URI, when set, also logs fine-tuning "
     "metrics to that MLflow server (needs the mlflow package). --epochs applies to --strategy "
     "finetune only."
 )
@@ -515,9 +515,12 @@ def add_serve(p: argparse.ArgumentParser) -> None:
         help="validated threshold that sets the referral flag (default sens90, as predict)",
     )
     p.add_argument("--workers", type=int, help="batches predicted at once (default 1 run, 2 ONNX)")
-    p.add_argument("--max-files", type=int, default=50, help="images per request (default 50)")
-    p.add_argument("--max-file-mb", type=float, default=25.0, help="MiB per image (default 25)")
-    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.add_argument("--max-files", type=int, default=50, help="images per request")
+    p.add_argument("--max-file-mb", type=float, default=25.0, help="MiB per image")
+    # keep the examples' line breaks, and the defaults the parser's own formatter adds
+    p.formatter_class = type(
+        "ServeHelpFormatter", (argparse.RawDescriptionHelpFormatter, p.formatter_class), {}
+    )
     p.epilog = (
         "examples:\n"
         "  medtune serve --model runs/dr/export/model.onnx   # then open http://127.0.0.1:8000/\n"

@@ -170,7 +170,7 @@ def train(
         Shares of ``data`` split off for validation and test.
     cache_dir : str or None, default None
         Where prepared images and cached features live (``$MEDTUNE_CACHE`` or
-        ``~/.cache/medtune``).
+        ``~/.cache/medtune/prepared``).
     skip_bad : bool, default False
         Leave unreadable images out (listed in ``RUN/skipped_images.csv``) instead of failing.
     backbone : str, default "efficientnet_lite0"
