@@ -229,9 +229,9 @@ TRAIN_FLAGS: list[tuple[str, dict[str, Any]]] = [
 TRAIN_EPILOG = (
     "Defaults are those of docs/configuration.md (medtune.TrainConfig); a --config "
     "file replaces them and flags override both. Environment: MEDTUNE_CACHE sets the cache "
-    "folder (default ~/.cache/medtune/prepared); MLFLOW_TRACKING_URI, when set, also logs fine-tuning "
-    "metrics to that MLflow server (needs the mlflow package). --epochs applies to --strategy "
-    "finetune only."
+    "folder (default ~/.cache/medtune/prepared); MLFLOW_TRACKING_URI, when set, also logs "
+    "fine-tuning metrics to that MLflow server (needs the mlflow package). --epochs applies to "
+    "--strategy finetune only."
 )
 
 
