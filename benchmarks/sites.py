@@ -73,6 +73,33 @@ RECIPES = {
             {"strategy": "linear-probe", "fundus": {"crop": True, "ben_graham": True}},
         ),
         Recipe(
+            "finetune+aug-colour",
+            "fine-tune with colour augmentation in the FOV (brightness, contrast, gamma, "
+            "colour temperature)",
+            {"augment": ["colour"]},
+        ),
+        Recipe(
+            "finetune+aug-site",
+            "fine-tune with all seven site augmentations (colour + blur, JPEG, scale)",
+            {"augment": ["site"]},
+        ),
+        Recipe(
+            "finetune+colour-std",
+            "fine-tune on FOV-masked, colour-standardised images (Reinhard, CIELAB)",
+            {"fundus": {"crop": True, "mask": True, "colour_std": True}},
+        ),
+        Recipe(
+            "finetune+ema", "fine-tune, shipping an EMA of the weights (decay 0.99)", {"ema": 0.99}
+        ),
+        Recipe(
+            "linear-probe+colour-std",
+            "linear probe on FOV-masked, colour-standardised images",
+            {
+                "strategy": "linear-probe",
+                "fundus": {"crop": True, "mask": True, "colour_std": True},
+            },
+        ),
+        Recipe(
             "finetune-lite1",
             "fine-tune EfficientNet-Lite1 (240 px)",
             {"backbone": "efficientnet_lite1"},

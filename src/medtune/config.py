@@ -178,6 +178,8 @@ class TrainConfig:
     rot90: bool = True
     hflip: bool = False
     vflip: bool = False
+    augment: list[str] = field(default_factory=list)
+    ema: float | None = None
     class_weights: str | None = None
     balanced_sampler: bool = False
 
@@ -289,6 +291,10 @@ class TrainConfig:
             raise MedtuneError("epochs and batch_size must be at least 1")
         if self.head_epochs >= self.epochs and self.strategy == "finetune":
             raise MedtuneError("head_epochs must be smaller than epochs")
+        if self.ema is not None and not 0.0 < self.ema < 1.0:
+            raise MedtuneError(
+                f"ema {self.ema} is not a decay in (0, 1); try 0.99, or leave it out"
+            )
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -307,6 +313,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "rot90": True,
         "hflip": False,
         "vflip": False,
+        "augment": [],
+        "ema": None,
         "fundus": {"crop": True},
     },
 }

@@ -104,3 +104,39 @@ def test_options_round_trip() -> None:
     assert FundusOptions.from_dict(None) == FundusOptions()
     with pytest.raises(ValueError, match="bogus"):
         FundusOptions.from_dict({"bogus": 1})
+
+
+def test_mask_blacks_out_everything_outside_the_field_of_view() -> None:
+    arr, disc = _fake_fundus()
+    arr[52:60, 132:150] = 250  # burnt-in text in a corner of the FOV's bounding box
+    plain = preprocess(arr, 64)
+    masked = preprocess(arr, 64, FundusOptions(mask=True))
+    inside = field_of_view_mask(plain)
+    assert plain[~inside].max() > 200 and masked[~inside].max() == 0
+    assert np.array_equal(plain[inside], masked[inside])
+
+
+def test_colour_std_gives_two_cameras_the_same_colour_statistics() -> None:
+    """The same retina photographed warm and cool: after colour_std the CIELAB statistics
+    inside the FOV agree (and equal the target), while the dark lesion stays darker."""
+    from medtune.data.fundus import COLOUR_TARGET_MEAN, COLOUR_TARGET_STD
+
+    arr, _ = _fake_fundus()
+    cool = np.clip(arr * np.array([0.7, 1.0, 1.4]), 0, 255).astype(np.uint8)
+    opts = FundusOptions(colour_std=True)
+    stats = []
+    for img in (arr, cool):
+        out = preprocess(img, 96, opts)
+        inside = field_of_view_mask(preprocess(img, 96))
+        lab = color.rgb2lab(out)[inside]
+        stats.append(np.r_[lab.mean(0), lab.std(0)])
+    before = [color.rgb2lab(preprocess(img, 96))[..., 1].mean() for img in (arr, cool)]
+    assert abs(before[0] - before[1]) > 5  # the cameras differ in colour before
+    assert np.abs(stats[0] - stats[1]).max() < 1.5
+    assert np.abs(stats[0][:3] - np.asarray(COLOUR_TARGET_MEAN)).max() < 2.5
+    assert np.abs(stats[0][3:] - np.asarray(COLOUR_TARGET_STD)).max() < 2.5
+    plain = preprocess(cool, 96)
+    out = preprocess(cool, 96, opts)
+    inside = field_of_view_mask(plain)
+    lum = [color.rgb2lab(a)[..., 0][inside] for a in (plain, out)]
+    assert np.corrcoef(lum[0], lum[1])[0, 1] > 0.95  # vessels and lesions keep their contrast

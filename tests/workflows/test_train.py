@@ -200,3 +200,37 @@ def test_seed_preset_trains_googlenet_with_its_first_two_stages_frozen(graded_fo
         elif name.startswith("body.inception5b") and value.is_floating_point():
             changed_later |= not torch.equal(trained[key], value)
     assert changed_later
+
+
+def test_ema_run_ships_the_averaged_weights_and_records_site_augmentation(
+    graded_folder: Path, tmp_path
+):
+    """With ema, validation, best.ckpt and the shipped model hold the moving average (not the
+    last step's weights); augment is stored expanded in config.yaml and runs in training."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "ema"
+    result = train(
+        data=str(graded_folder), out=str(out), epochs=2, early_stopping=None, ema=0.5,
+        augment="colour,jpeg", **TINY,
+    )  # fmt: skip
+    assert result.config.augment == [
+        "brightness",
+        "contrast",
+        "gamma",
+        "colour-temperature",
+        "jpeg",
+    ]
+    saved = TrainConfig.load(out / "config.yaml")
+    assert saved.ema == 0.5 and saved.augment == result.config.augment
+    ckpt = torch.load(out / "checkpoints" / "best.ckpt", weights_only=True)
+    average, current = ckpt["state_dict"], ckpt["current_model_state"]
+    head = next(k for k in average if k.endswith("head.weight"))
+    assert not torch.allclose(average[head], current[head])
+    shipped = load_file(str(out / "model.safetensors"))
+    assert torch.allclose(shipped[head.removeprefix("model.")], average[head])
+
+
+def test_ema_outside_zero_one_is_a_clear_error(graded_folder: Path, tmp_path):
+    with pytest.raises(MedtuneError, match="ema 1.5 is not a decay"):
+        train(data=str(graded_folder), out=str(tmp_path / "x"), ema=1.5, **TINY)

@@ -7,16 +7,37 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+#: ``--fundus`` words and the FundusOptions field each one turns on.
+FUNDUS_WORDS = {
+    "crop": "crop",
+    "mask": "mask",
+    "colour-std": "colour_std",
+    "clahe": "clahe",
+    "ben-graham": "ben_graham",
+}
+FUNDUS_HELP = "none or crop[,mask][,colour-std][,clahe][,ben-graham]"
+
 
 def _fundus_options(value: str) -> dict[str, Any]:
-    """``--fundus none|crop[,ben-graham][,clahe]`` -> FundusOptions fields."""
-    parts = {p.strip() for p in value.split(",") if p.strip()}
-    allowed = {"none", "crop", "ben-graham", "clahe"}
+    """``--fundus none|crop[,mask][,colour-std][,clahe][,ben-graham]`` -> FundusOptions fields."""
+    parts = {p.strip().replace("color", "colour") for p in value.split(",") if p.strip()}
+    allowed = {"none", *FUNDUS_WORDS}
     if not parts <= allowed:
         raise argparse.ArgumentTypeError(
             f"unknown --fundus option(s) {sorted(parts - allowed)}; use {sorted(allowed)}"
         )
-    return {"crop": "crop" in parts, "ben_graham": "ben-graham" in parts, "clahe": "clahe" in parts}
+    return {field: word in parts for word, field in FUNDUS_WORDS.items()}
+
+
+def _augment_names(value: str) -> list[str]:
+    """``--augment colour,blur`` -> the augmentation names it stands for."""
+    from medtune.data.site_augment import resolve_augment
+    from medtune.errors import MedtuneError
+
+    try:
+        return list(resolve_augment(value))
+    except MedtuneError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -49,9 +70,9 @@ def add_prepare(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--fundus",
         type=_fundus_options,
-        default={"crop": True, "ben_graham": False, "clahe": False},
-        help="fundus preprocessing: none, or crop[,ben-graham][,clahe] "
-        "(default crop: field-of-view crop, colours untouched)",
+        default=_fundus_options("crop"),
+        help=f"fundus preprocessing: {FUNDUS_HELP} (default crop: field-of-view crop, colours "
+        "untouched)",
     )
     p.add_argument("--out", required=True, help="cache folder")
     p.add_argument("--workers", type=int, default=0, help="decoding processes (default 0: inline)")
@@ -124,8 +145,7 @@ TRAIN_FLAGS: list[tuple[str, dict[str, Any]]] = [
         "--fundus",
         {
             "type": _fundus_options,
-            "help": "none or crop[,ben-graham][,clahe] (default crop: field-of-view crop, "
-            "colours untouched)",
+            "help": f"{FUNDUS_HELP} (default crop: field-of-view crop, colours untouched)",
         },
     ),
     (
@@ -200,6 +220,25 @@ TRAIN_FLAGS: list[tuple[str, dict[str, Any]]] = [
             "action": "store_false",
             "default": None,
             "help": "turn off the default 0/90/180/270 rotation augmentation",
+        },
+    ),
+    (
+        "--augment",
+        {
+            "type": _augment_names,
+            "metavar": "LIST",
+            "help": "site augmentation inside the field of view (default none): comma-separated "
+            "brightness, contrast, gamma, colour-temperature, blur, jpeg, scale, or the groups "
+            "colour, camera, site (all); docs/generalisation.md",
+        },
+    ),
+    (
+        "--ema",
+        {
+            "type": float,
+            "metavar": "DECAY",
+            "help": "validate and ship an exponential moving average of the weights with this "
+            "per-step decay, e.g. 0.99 (default off)",
         },
     ),
     (
@@ -466,7 +505,7 @@ def add_advise(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--fundus",
         type=_fundus_options,
-        help="none or crop[,ben-graham][,clahe] (default crop, as medtune train)",
+        help=f"{FUNDUS_HELP} (default crop, as medtune train)",
     )
     _add_data_args(p)
 

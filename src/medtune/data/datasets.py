@@ -1,8 +1,10 @@
 """Torch datasets over a :class:`~medtune.data.cache.PreparedCache`.
 
 Items are ``(uint8 tensor C x H x W, int label)``; conversion to float and normalisation happen
-later on the whole batch (on the GPU). Augmentation here is exact: rotations by multiples of 90
-degrees and flips, which need no interpolation and suit fundus photos (no canonical orientation).
+later on the whole batch (on the GPU). The default augmentation is exact: rotations by multiples of
+90 degrees and flips, which need no interpolation and suit fundus photos (no canonical
+orientation). Site augmentation (:mod:`medtune.data.site_augment`: brightness, contrast, gamma,
+colour temperature, blur, JPEG, scale, inside the field of view) is added on request.
 """
 
 from __future__ import annotations
@@ -14,12 +16,16 @@ import torch
 from torch.utils.data import Dataset
 
 from medtune.data.cache import PreparedCache
+from medtune.data.site_augment import augment_site
 
 __all__ = ["CachedImageDataset"]
 
 
 class CachedImageDataset(Dataset):
-    """Rows ``indices`` of a prepared cache, optionally augmented by rot90 and flips.
+    """Rows ``indices`` of a prepared cache, optionally augmented by rot90, flips and ``site``.
+
+    ``site``: names from :func:`medtune.data.site_augment.resolve_augment`, applied after the
+    rotation and flips.
 
     ``seed=None``: random augmentation from torch's RNG (DataLoader seeds each worker).
     ``seed=int``: a numpy generator per process seeded from ``seed``, the epoch given to
@@ -36,6 +42,7 @@ class CachedImageDataset(Dataset):
         rot90: bool = True,
         hflip: bool = False,
         vflip: bool = False,
+        site: tuple[str, ...] = (),
         seed: int | None = None,
     ) -> None:
         self.cache = cache
@@ -44,6 +51,7 @@ class CachedImageDataset(Dataset):
         if self.indices.size and (self.indices.min() < 0 or self.indices.max() >= n):
             raise IndexError(f"indices out of range for a cache of {n} images")
         self.rot90, self.hflip, self.vflip = rot90, hflip, vflip
+        self.site = tuple(site)
         self.seed = seed
         self.epoch = 0
         self._images: np.ndarray | None = None
@@ -75,7 +83,8 @@ class CachedImageDataset(Dataset):
         return np.array(self._images[row])  # copy out of the read-only map
 
     def _generator(self) -> np.random.Generator:
-        assert self.seed is not None
+        if self.seed is None:  # unseeded: a fresh stream from torch's RNG (seeded per worker)
+            return np.random.default_rng(int(torch.randint(0, 2**31 - 1, (1,))))
         info = torch.utils.data.get_worker_info()
         token = (self.epoch, info.id, info.seed) if info is not None else (self.epoch, 0, 0)
         if self._rng is None or self._rng_token != token:
@@ -101,4 +110,6 @@ class CachedImageDataset(Dataset):
                 img = torch.flip(img, dims=(2,))
             if self.vflip and v:
                 img = torch.flip(img, dims=(1,))
+        if self.site:
+            img = augment_site(img, self.site, self._generator())
         return img.contiguous(), int(self.cache.labels[row])

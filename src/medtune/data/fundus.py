@@ -9,8 +9,9 @@ clipped at the top and bottom. :func:`preprocess` makes them comparable:
    back to full resolution; an image without a dark border is left uncropped;
 2. crop to that box, resize keeping the aspect ratio so the long side is ``size`` and pad centred
    with black to ``size x size``;
-3. optionally apply CLAHE to the luminance (``clahe``) and/or Ben Graham's local-average colour
-   subtraction (``ben_graham``).
+3. optionally black out everything outside the FOV (``mask``), standardise the colour inside it
+   (``colour_std``), apply CLAHE to the luminance (``clahe``) and/or Ben Graham's local-average
+   colour subtraction (``ben_graham``), in that order.
 
 By default colours are left untouched (no normalisation): ImageNet backbones normalise later.
 """
@@ -46,12 +47,17 @@ class FundusOptions:
     ``ben_graham``: local-average colour subtraction (Kaggle DR 2015 winner).
     ``ben_graham_sigma``: Gaussian sigma in output pixels for it; ``None`` means ``size / 30``.
     ``clahe``: contrast-limited adaptive histogram equalisation of the luminance only.
+    ``mask``: set every pixel outside the field of view to black (text, reflections, stray light).
+    ``colour_std``: standardise the colour inside the FOV to a typical fundus photograph's
+    (Reinhard et al. 2001 colour transfer in CIELAB, to fixed target statistics).
     """
 
     crop: bool = True
     ben_graham: bool = False
     ben_graham_sigma: float | None = None
     clahe: bool = False
+    mask: bool = False
+    colour_std: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -66,7 +72,7 @@ class FundusOptions:
             raise ValueError(f"unknown fundus option(s): {', '.join(unknown)}")
         if data.get("ben_graham_sigma") is not None:
             data["ben_graham_sigma"] = float(data["ben_graham_sigma"])
-        for key in ("crop", "ben_graham", "clahe"):
+        for key in ("crop", "ben_graham", "clahe", "mask", "colour_std"):
             if key in data:
                 data[key] = bool(data[key])
         return cls(**data)
@@ -221,6 +227,39 @@ def _clahe_luminance(arr: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return out
 
 
+#: CIELAB mean and standard deviation (L*, a*, b*) inside the FOV of a typical colour fundus
+#: photograph at 224 px: per-image medians over 60 APTOS and 60 EyePACS photographs, rounded
+#: (APTOS 41.6/26.7/44.2 +- 9.2/7.1/8.9, EyePACS 42.2/12.6/18.8 +- 12.2/6.5/7.4).
+COLOUR_TARGET_MEAN = (42.0, 20.0, 31.0)
+COLOUR_TARGET_STD = (10.5, 7.0, 8.0)
+
+
+def _colour_standardise(arr: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Reinhard, Ashikhmin, Gooch & Shirley 2001 colour transfer inside the FOV.
+
+    Each CIELAB channel of the FOV pixels is shifted and scaled to :data:`COLOUR_TARGET_MEAN` /
+    :data:`COLOUR_TARGET_STD`, so white balance, exposure and saturation differences between
+    cameras are removed while vessels and lesions keep their contrast to the background.
+    Hand-written: scikit-image provides the colour spaces but no statistics transfer.
+    """
+    from skimage import color
+
+    if mask.sum() < 16:
+        return arr
+    lab = color.rgb2lab(arr)
+    inside = lab[mask]
+    mean, std = inside.mean(axis=0), inside.std(axis=0)
+    target_mean, target_std = np.asarray(COLOUR_TARGET_MEAN), np.asarray(COLOUR_TARGET_STD)
+    lab[mask] = (inside - mean) / np.maximum(std, 1e-3) * target_std + target_mean
+    lab[..., 0] = np.clip(lab[..., 0], 0.0, 100.0)
+    with warnings.catch_warnings():  # out-of-gamut values are clipped, which is what we want
+        warnings.simplefilter("ignore", UserWarning)
+        rgb = color.lab2rgb(lab)
+    out = np.clip(rgb * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    out[~mask] = arr[~mask]
+    return out
+
+
 def _ben_graham(arr: np.ndarray, mask: np.ndarray, sigma: float) -> np.ndarray:
     """Ben Graham's preprocessing (Kaggle Diabetic Retinopathy Detection 2015, 1st place).
 
@@ -250,7 +289,8 @@ def _ben_graham(arr: np.ndarray, mask: np.ndarray, sigma: float) -> np.ndarray:
 def preprocess(
     img: Image.Image | np.ndarray, size: int, opts: FundusOptions | None = None
 ) -> np.ndarray:
-    """Crop a fundus photo to its field of view, pad to square, resize; optional CLAHE/Ben Graham.
+    """Crop a fundus photo to its field of view, pad to square, resize; optional masking, colour
+    standardisation, CLAHE and Ben Graham.
 
     Returns a ``size x size x 3`` uint8 array. With ``opts.crop=False`` the image is only padded to
     square and resized. Images without a dark border are not cropped.
@@ -267,9 +307,13 @@ def preprocess(
             top, left, bottom, right = box
             pil = pil.crop((left, top, right, bottom))
     arr = np.array(_square_resize(pil, size), dtype=np.uint8)
-    if not (opts.clahe or opts.ben_graham):
+    if not (opts.mask or opts.colour_std or opts.clahe or opts.ben_graham):
         return arr
     mask = field_of_view_mask(arr)
+    if opts.mask:
+        arr[~mask] = 0
+    if opts.colour_std:
+        arr = _colour_standardise(arr, mask)
     if opts.clahe:
         arr = _clahe_luminance(arr, mask)
     if opts.ben_graham:

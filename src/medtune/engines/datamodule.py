@@ -39,7 +39,8 @@ def rank_seed(seed: int, rank: int) -> int:
 
 
 class CacheDataModule(L.LightningDataModule):
-    """Lightning data module over prepared caches; augmentation is exact rot90 (and flips).
+    """Lightning data module over prepared caches; augmentation is exact rot90 (and flips), plus
+    site augmentation when ``site_augment`` names some (:mod:`medtune.data.site_augment`).
 
     Training batches are ``(images, labels, positions in the train split)``. Under DDP, Lightning
     gives each process a disjoint shard (``DistributedSampler``; a ``--balanced-sampler`` is
@@ -56,13 +57,14 @@ class CacheDataModule(L.LightningDataModule):
         rot90: bool = True,
         hflip: bool = False,
         vflip: bool = False,
+        site_augment: tuple[str, ...] = (),
         balanced_sampler: bool = False,
         seed: int = 0,
     ) -> None:
         super().__init__()
         self.train_part, self.val_part = train, val
         self.batch_size, self.num_workers = batch_size, num_workers
-        self.augment = {"rot90": rot90, "hflip": hflip, "vflip": vflip}
+        self.augment = {"rot90": rot90, "hflip": hflip, "vflip": vflip, "site": site_augment}
         self.balanced_sampler, self.seed = balanced_sampler, seed
 
     def train_dataloader(self) -> DataLoader:

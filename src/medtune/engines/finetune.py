@@ -19,6 +19,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.callbacks import (
     EarlyStopping,
+    EMAWeightAveraging,
     LearningRateMonitor,
     ModelCheckpoint,
     TQDMProgressBar,
@@ -171,6 +172,7 @@ def run_finetune(
         rot90=config.rot90,
         hflip=config.hflip,
         vflip=config.vflip,
+        site_augment=tuple(config.augment),
         balanced_sampler=config.balanced_sampler,
         seed=config.seed,
     )
@@ -225,6 +227,8 @@ def _trainer(config: TrainConfig, run: RunFolder, monitor: str) -> L.Trainer:
     callbacks.append(NonFiniteLossGuard())  # NaN/inf loss: stop, keep the last good ckpt
     if config.progress:
         callbacks.append(EpochProgressBar())
+    if config.ema is not None:  # validate, checkpoint and ship the averaged weights
+        callbacks.append(EMAWeightAveraging(decay=config.ema, use_buffers=True))
     if config.early_stopping:
         callbacks.append(EarlyStopping(monitor=monitor, mode="max", patience=config.early_stopping))
     if os.environ.get(RECORD_SAMPLES_ENV, "") not in ("", "0"):

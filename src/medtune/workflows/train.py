@@ -19,6 +19,7 @@ from lightning import seed_everything
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 
 from medtune.config import PROBE_STRATEGIES, TrainConfig, apply_preset
+from medtune.data.site_augment import resolve_augment
 from medtune.errors import MedtuneError
 from medtune.evaluation.metrics import binary_task, is_ordinal
 from medtune.models import Backbone, create_backbone
@@ -85,6 +86,7 @@ def build_config(
     if unknown:
         raise MedtuneError(f"unknown training setting(s): {', '.join(unknown)}")
     config = dataclasses.replace(config, **settings)
+    config.augment = list(resolve_augment(config.augment))
     if not config.data:
         raise MedtuneError("no training data given: set data to a folder, CSV or .npz")
     config.validate()
@@ -130,6 +132,8 @@ def train(
     rot90: bool = _D.rot90,
     hflip: bool = _D.hflip,
     vflip: bool = _D.vflip,
+    augment: str | list[str] | None = None,
+    ema: float | None = _D.ema,
     class_weights: str | None = _D.class_weights,
     balanced_sampler: bool = _D.balanced_sampler,
     early_stopping: int | None = _D.early_stopping,
@@ -231,6 +235,15 @@ def train(
         Train GoogLeNet's auxiliary classifiers too (loss weight 0.3).
     rot90, hflip, vflip : bool, default True, False, False
         Exact rotation / flip augmentation (colours untouched).
+    augment : str, list of str or None, default None (none)
+        Site augmentation inside the field of view, against camera and clinic differences:
+        ``brightness``, ``contrast``, ``gamma``, ``colour-temperature``, ``blur``, ``jpeg``,
+        ``scale``, or the groups ``colour``, ``camera``, ``site`` (all)
+        (:mod:`medtune.data.site_augment`; measured in ``docs/generalisation.md``).
+    ema : float or None, default None
+        Keep an exponential moving average of the weights with this per-step decay (e.g.
+        0.99) and validate, checkpoint and ship the average (Lightning's
+        ``EMAWeightAveraging``; Polyak & Juditsky 1992). ``None`` turns it off.
     class_weights : {None, "auto"}, default None
         ``"auto"``: inverse-frequency loss weights.
     balanced_sampler : bool, default False
@@ -292,13 +305,32 @@ def train(
     >>> run.metrics["test"]["qwk"]  # doctest: +SKIP
     """
     settings = {k: v for k, v in locals().items() if k not in ("data", "preset", "config")}
-    if fundus is None:
-        del settings["fundus"]
+    for name in ("fundus", "augment"):
+        if settings[name] is None:
+            del settings[name]
     defaults = TrainConfig()
     changed = {k: v for k, v in settings.items() if v != getattr(defaults, k)}
     if data is not None:
         changed["data"] = [str(d) for d in data] if isinstance(data, (list, tuple)) else str(data)
     return run_training(build_config(config, preset, **changed))
+
+
+def _note_ignored_by_probe(config: TrainConfig) -> None:
+    """Say which fine-tuning settings a probe ignores, rather than drop them silently."""
+    ignored = []
+    if config.epochs != TrainConfig.epochs:
+        ignored.append(f"epochs={config.epochs}")
+    if config.augment:
+        ignored.append(f"augment={','.join(config.augment)}")
+    if config.ema is not None:
+        ignored.append(f"ema={config.ema}")
+    if ignored:
+        log.warning(
+            "note: %s ignores %s: a probe fits its logistic-regression head to convergence on "
+            "features computed once; these settings apply to fine-tuning only",
+            config.strategy,
+            ", ".join(ignored),
+        )
 
 
 def run_training(config: TrainConfig, *, resume: bool = False) -> RunResult:
@@ -341,13 +373,7 @@ def run_training(config: TrainConfig, *, resume: bool = False) -> RunResult:
 
         if global_rank() != 0:  # probes run in one process
             return _other_rank_result(run.dir, config, started)
-        if config.epochs != TrainConfig.epochs:  # say so rather than drop the setting silently
-            log.warning(
-                "note: %s ignores epochs=%d: a probe fits its logistic-regression head to "
-                "convergence; epochs applies to fine-tuning only",
-                config.strategy,
-                config.epochs,
-            )
+        _note_ignored_by_probe(config)
         model = run_probe(config.probe, backbone, data, run)
     else:
         from medtune.engines.finetune import run_finetune

@@ -1,0 +1,83 @@
+"""Site augmentation (medtune.data.site_augment): changes inside the field of view only."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from medtune.data.fundus import field_of_view_mask
+from medtune.data.site_augment import (
+    SITE_AUGMENTATIONS,
+    _colour_temperature,
+    augment_site,
+    resolve_augment,
+)
+from medtune.data.synthetic import synthesize_image
+from medtune.errors import MedtuneError
+
+
+@pytest.fixture(scope="module")
+def fundus() -> torch.Tensor:
+    return torch.from_numpy(synthesize_image(2, size=96, seed=3).image).permute(2, 0, 1).clone()
+
+
+def test_names_and_groups_expand_in_application_order() -> None:
+    assert resolve_augment(None) == () and resolve_augment("none") == ()
+    assert resolve_augment("site") == SITE_AUGMENTATIONS
+    assert resolve_augment("jpeg,color") == (
+        "brightness", "contrast", "gamma", "colour-temperature", "jpeg",
+    )  # fmt: skip
+    assert resolve_augment(["scale", "camera"]) == ("blur", "jpeg", "scale")
+    with pytest.raises(MedtuneError, match="'hue' is unknown.*brightness"):
+        resolve_augment("hue")
+
+
+@pytest.mark.parametrize("name", SITE_AUGMENTATIONS)
+def test_each_augmentation_changes_the_fov_and_leaves_the_border_black(fundus, name) -> None:
+    fov = field_of_view_mask(fundus.permute(1, 2, 0).numpy())
+    changed = 0
+    for seed in range(6):
+        out = augment_site(fundus, (name,), np.random.default_rng(seed))
+        assert out.shape == fundus.shape and out.dtype == torch.uint8
+        if name != "scale":  # a zoom moves the FOV edge; the others keep it in place
+            assert int(out.permute(1, 2, 0).numpy()[~fov].max()) == 0
+        changed += int(not torch.equal(out, fundus))
+    assert changed >= 2  # blur and jpeg apply with probability 0.5
+
+
+def test_all_augmentations_repeat_with_the_same_seed(fundus) -> None:
+    a = augment_site(fundus, SITE_AUGMENTATIONS, np.random.default_rng(7))
+    b = augment_site(fundus, SITE_AUGMENTATIONS, np.random.default_rng(7))
+    c = augment_site(fundus, SITE_AUGMENTATIONS, np.random.default_rng(8))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(augment_site(fundus, (), np.random.default_rng(0)), fundus)
+
+
+def test_colour_temperature_warms_red_and_cools_blue(fundus) -> None:
+    warm = _colour_temperature(fundus, 0.1).float().mean(dim=(1, 2))
+    cool = _colour_temperature(fundus, -0.1).float().mean(dim=(1, 2))
+    assert warm[0] > cool[0] and warm[2] < cool[2]
+    assert abs(float(warm[1] - cool[1])) < 1e-6  # green untouched
+
+
+def test_dataset_applies_site_augmentation_reproducibly(tmp_path) -> None:
+    from PIL import Image
+
+    from medtune.data import CachedImageDataset, load_imageset, prepare
+    from medtune.data.fundus import FundusOptions
+
+    for grade in (0, 1):
+        (tmp_path / "data" / str(grade)).mkdir(parents=True)
+        for name in "ab":
+            Image.fromarray(synthesize_image(grade, size=48, seed=ord(name)).image).save(
+                tmp_path / "data" / str(grade) / f"{name}.png"
+            )
+    cache = prepare(load_imageset(tmp_path / "data"), 48, FundusOptions(crop=False),
+                    tmp_path / "cache", progress=False)  # fmt: skip
+    plain = CachedImageDataset(cache, rot90=False, seed=1)
+    aug = [CachedImageDataset(cache, rot90=False, site=("brightness", "gamma"), seed=1)
+           for _ in "ab"]  # fmt: skip
+    assert torch.equal(aug[0][2][0], aug[1][2][0])
+    assert not torch.equal(aug[0][2][0], plain[2][0])
+    assert aug[0][2][1] == plain[2][1] == 1
