@@ -178,7 +178,9 @@ class TrainConfig:
     rot90: bool = True
     hflip: bool = False
     vflip: bool = False
-    augment: list[str] = field(default_factory=list)
+    # site augmentation (blur, JPEG, scale, colour) inside the FOV: on evidence, the only lever
+    # that raised both the home and the new site's figures (docs/generalisation.md)
+    augment: list[str] = field(default_factory=lambda: ["site"])
     ema: float | None = None
     class_weights: str | None = None
     balanced_sampler: bool = False

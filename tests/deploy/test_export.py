@@ -365,3 +365,48 @@ def test_fundus_preprocess_path_without_torch(tiny: TinyNet, tmp_path: Path) -> 
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
     )
     assert proc.returncode == 0, proc.stderr
+
+
+def test_onnx_export_with_site_shift_scores_images_without_torch(tiny: TinyNet, tmp_path) -> None:
+    """The export carries the site-shift model; the torch-free predictor's scores equal the
+    scores of the PyTorch features, and an image unlike the fit images scores higher."""
+    from medtune.evaluation.shift import SiteShiftModel
+
+    fit_images = real_like_images(40, SIZE, seed=21)
+    with torch.no_grad():
+        feats = tiny.body(torch.from_numpy(normalise_images(fit_images, MEAN, STD))).numpy()
+    shift = SiteShiftModel.fit(feats[:30], feats[30:])
+    out = tmp_path / "export"
+    result = export_model(
+        tiny, out, fmt="onnx", image_size=SIZE, sidecar={"class_names": GRADES},
+        parity_inputs=fit_images[:4], mean=MEAN, std=STD, site_shift=shift,
+    )  # fmt: skip
+    assert result.site_shift_path == out / "site_shift.npz"
+    assert result.sidecar["site_shift"]["file"] == "site_shift.npz"
+    cat = np.full((1, SIZE, SIZE, 3), (40, 200, 230), np.uint8)  # a flat blue-green frame
+    np.save(tmp_path / "imgs.npy", np.concatenate([fit_images[30:33], cat]))
+    code = (
+        "import json, sys, numpy as np\n"
+        "from medtune.deploy import OnnxPredictor\n"
+        f"p = OnnxPredictor({str(out)!r}, num_threads=1)\n"
+        f"logits, scores = p.site_shift_scores(np.load({str(tmp_path / 'imgs.npy')!r}))\n"
+        "assert not {'torch', 'sklearn'} & set(sys.modules), 'torch or sklearn was imported'\n"
+        "print(json.dumps(scores.tolist()))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    scores = np.array(json.loads(proc.stdout.strip().splitlines()[-1]))
+    assert np.allclose(scores[:3], shift.score(feats[30:33]), rtol=1e-3)
+    assert scores[3] > max(shift.threshold, scores[:3].max())
+
+
+def test_export_without_site_shift_has_no_features_output(onnx_dir: Path) -> None:
+    pred = OnnxPredictor(onnx_dir, num_threads=1)
+    assert pred.site_shift is None and "site_shift" not in pred.sidecar
+    logits, scores = pred.site_shift_scores(real_like_images(2, SIZE))
+    assert logits.shape == (2, 5) and scores is None
+    with pytest.raises(MedtuneError, match="no 'features' output; re-export"):
+        pred.logits_and_features(real_like_images(1, SIZE))

@@ -106,3 +106,20 @@ def test_metrics_json_is_read_back(tmp_path):
     train(data, out=str(tmp_path / "run"), **PROBE)
     metrics = RunFolder(tmp_path / "run").read_metrics()
     assert json.loads((tmp_path / "run" / "metrics.json").read_text()) == metrics
+
+
+def test_a_run_written_before_a_setting_existed_keeps_what_it_trained_with(tmp_path: Path) -> None:
+    """config.yaml of an older run lacks augment and ema: reading it (resume, evaluate) must
+    give what that run trained with (none), not today's default (site augmentation)."""
+    import yaml
+
+    from medtune.config import TrainConfig
+
+    folder = RunFolder(tmp_path / "old")
+    folder.dir.mkdir()
+    settings = {k: v for k, v in TrainConfig(data=str(tmp_path)).to_dict().items()
+                if k not in ("augment", "ema")}  # fmt: skip
+    folder.config_path.write_text(yaml.safe_dump({**settings, "out": str(folder.dir)}))
+    config = folder.read_config()
+    assert config.augment == [] and config.ema is None
+    assert TrainConfig().augment == ["site"]  # a new run gets site augmentation

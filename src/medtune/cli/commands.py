@@ -227,9 +227,9 @@ TRAIN_FLAGS: list[tuple[str, dict[str, Any]]] = [
         {
             "type": _augment_names,
             "metavar": "LIST",
-            "help": "site augmentation inside the field of view (default none): comma-separated "
-            "brightness, contrast, gamma, colour-temperature, blur, jpeg, scale, or the groups "
-            "colour, camera, site (all); docs/generalisation.md",
+            "help": "site augmentation inside the field of view (default site: all seven; none "
+            "turns it off): comma-separated brightness, contrast, gamma, colour-temperature, "
+            "blur, jpeg, scale, or the groups colour, camera, site; docs/generalisation.md",
         },
     ),
     (

@@ -1,7 +1,10 @@
 """Export a trained classifier to ONNX or TorchScript with a JSON sidecar and a parity check.
 
-The model takes normalised float32 NCHW RGB and returns logits. The export is written to a temp
-name, checked (``onnx.checker`` for ONNX) and compared with PyTorch on the caller's real images;
+The model takes normalised float32 NCHW RGB and returns logits. Given the run's site-shift model,
+an ONNX export also returns ``features`` (the pooled features the head sees) and writes
+``site_shift.npz`` beside it, so deployed predictions carry the same per-image site-shift score
+as ``predict --run``. The export is written to a temp name, checked (``onnx.checker`` for ONNX)
+and compared with PyTorch on the caller's real images;
 only when the probabilities agree within ``tolerance`` is it renamed to ``model.onnx`` /
 ``model.ts`` and ``model.json`` written. A failed check raises :class:`MedtuneError` and leaves
 no model file behind.
@@ -29,15 +32,19 @@ from torch import nn
 
 from medtune.data.normalise import normalise_images
 from medtune.deploy.onnx_predictor import (
+    FEATURES_NAME,
     INPUT_LAYOUT,
     INPUT_NAME,
     OUTPUT_NAME,
     SIDECAR_NAME,
+    SITE_SHIFT_NAME,
     OnnxPredictor,
     validate_sidecar,
 )
 from medtune.errors import MedtuneError
 from medtune.evaluation.calibration import apply_temperature
+from medtune.evaluation.inference import head_input
+from medtune.evaluation.shift import SiteShiftModel
 from medtune.io import atomic_path, write_json
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.ts"}
@@ -57,6 +64,7 @@ class ExportResult:
     max_abs_logit_diff: float
     n_parity_images: int
     sidecar: dict[str, Any]
+    site_shift_path: Path | None = None
 
 
 def export_model(
@@ -72,6 +80,7 @@ def export_model(
     tolerance: float = 1e-4,
     opset: int = MIN_OPSET,
     onnx_exporter: str = "auto",
+    site_shift: SiteShiftModel | None = None,
 ) -> ExportResult:
     """Export ``model`` to ``out_dir`` (``model.onnx`` or ``model.ts`` + ``model.json``).
 
@@ -79,6 +88,9 @@ def export_model(
     model's ``softmax(logits / temperature)`` must match PyTorch's within ``tolerance``.
     ``sidecar`` holds at least ``class_names``; ``temperature`` (default 1) and ``decoding``
     (default argmax) are optional and any other keys (e.g. ``fundus``) are kept.
+    ``site_shift`` (ONNX only; the model needs a ``head``): the graph gets a second output
+    ``features`` (checked against PyTorch too), ``site_shift.npz`` is written beside it and the
+    sidecar's ``site_shift`` names it with its threshold.
     """
     if fmt not in FORMATS:
         raise MedtuneError(f"unknown export format {fmt!r}; use one of {sorted(FORMATS)}")
@@ -86,6 +98,9 @@ def export_model(
         raise MedtuneError(f"unknown ONNX exporter {onnx_exporter!r}; use {ONNX_EXPORTERS}")
     if opset < MIN_OPSET:
         raise MedtuneError(f"ONNX opset {opset} is too old; use {MIN_OPSET} or newer")
+    with_features = site_shift is not None and fmt == "onnx"
+    if with_features:
+        sidecar = {**sidecar, "site_shift": _site_shift_entry(site_shift)}
     meta = build_sidecar(sidecar, fmt=fmt, image_size=image_size, mean=mean, std=std)
     images = _as_uint8_images(parity_inputs, image_size)
     x = normalise_images(images, meta["mean"], meta["std"])
@@ -102,10 +117,13 @@ def export_model(
             )
         with atomic_path(model_path) as tmp:
             if fmt == "onnx":
-                used = _export_onnx(net, tmp, _example_batch(x), opset, onnx_exporter)
-                meta["opset"] = _check_onnx(tmp, opset)
+                graph = LogitsAndFeatures(net).eval() if with_features else net
+                used = _export_onnx(graph, tmp, _example_batch(x), opset, onnx_exporter)
+                meta["opset"] = _check_onnx(tmp, opset, with_features)
                 meta["onnx_exporter"] = used
                 exp_logits = _onnx_logits(tmp, meta, images)
+                if with_features:
+                    _check_features(graph, tmp, meta, images, x)
             else:
                 _export_torchscript(net, tmp, _example_batch(x))
                 exp_logits = _torchscript_logits(tmp, x)
@@ -122,9 +140,56 @@ def export_model(
         "n_images": len(images),
         "tolerance": tolerance,
     }
+    shift_path = site_shift.save(out / SITE_SHIFT_NAME) if with_features else None
     sidecar_path = out / SIDECAR_NAME
     write_json(sidecar_path, meta)
-    return ExportResult(model_path, sidecar_path, fmt, diff, logit_diff, len(images), meta)
+    return ExportResult(
+        model_path, sidecar_path, fmt, diff, logit_diff, len(images), meta, shift_path
+    )
+
+
+class LogitsAndFeatures(nn.Module):
+    """``model`` returning ``(logits, features)``: the head's input is captured by a forward
+    pre-hook (:func:`medtune.evaluation.inference.head_input`), which tracing follows."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self._head = head_input(model)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        captured: list[torch.Tensor] = []
+        hook = self._head.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
+        try:
+            logits = self.model(x)
+        finally:
+            hook.remove()
+        return logits, captured[0].flatten(1)
+
+
+def _site_shift_entry(model: SiteShiftModel) -> dict[str, Any]:
+    """The sidecar's ``site_shift``: where the arrays are, and the scalars a reader needs."""
+    return {"file": SITE_SHIFT_NAME, **model.to_dict(arrays=False)}
+
+
+def _check_features(
+    graph: nn.Module, path: Path, meta: dict[str, Any], images: np.ndarray, x: np.ndarray
+) -> None:
+    """The exported ``features`` output must match PyTorch's (what the site shift scores)."""
+    with torch.no_grad():
+        ref = torch.cat(
+            [
+                graph(torch.from_numpy(x[i : i + PARITY_BATCH]))[1]
+                for i in range(0, len(x), PARITY_BATCH)
+            ]
+        ).numpy()
+    got = OnnxPredictor(path, sidecar=meta, batch_size=PARITY_BATCH).logits_and_features(images)[1]
+    gap = float(np.abs(ref - got).max())
+    if not gap <= 1e-3 * max(1.0, float(np.abs(ref).max())):
+        raise MedtuneError(
+            f"{path.name}: exported features differ from PyTorch's by {gap:.3g}; nothing was "
+            "written; export without the site-shift model or retry another exporter"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,7 +293,12 @@ def _export_onnx(net: nn.Module, path: Path, x: np.ndarray, opset: int, which: s
     raise MedtuneError(f"ONNX export failed ({'; '.join(errors)})")
 
 
+def _output_names(net: nn.Module) -> list[str]:
+    return [OUTPUT_NAME, FEATURES_NAME] if isinstance(net, LogitsAndFeatures) else [OUTPUT_NAME]
+
+
 def _legacy_onnx(net: nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
+    outputs = _output_names(net)
     torch.onnx.export(
         net,
         (example,),
@@ -236,8 +306,8 @@ def _legacy_onnx(net: nn.Module, example: torch.Tensor, path: Path, opset: int) 
         dynamo=False,
         opset_version=opset,
         input_names=[INPUT_NAME],
-        output_names=[OUTPUT_NAME],
-        dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+        output_names=outputs,
+        dynamic_axes={name: {0: "batch"} for name in [INPUT_NAME, *outputs]},
     )
 
 
@@ -249,7 +319,7 @@ def _dynamo_onnx(net: nn.Module, example: torch.Tensor, path: Path, opset: int) 
         verbose=False,
         opset_version=max(opset, 18),
         input_names=[INPUT_NAME],
-        output_names=[OUTPUT_NAME],
+        output_names=_output_names(net),
         dynamic_shapes=({0: torch.export.Dim("batch")},),
         external_data=False,
     )
@@ -259,7 +329,7 @@ def _dynamo_onnx(net: nn.Module, example: torch.Tensor, path: Path, opset: int) 
 _EXPORTERS = {"legacy": _legacy_onnx, "dynamo": _dynamo_onnx}
 
 
-def _check_onnx(path: Path, opset: int) -> int:
+def _check_onnx(path: Path, opset: int, features: bool = False) -> int:
     """``onnx.checker`` plus medtune's I/O contract (names, dynamic batch); returns the opset."""
     import onnx
 
@@ -271,10 +341,11 @@ def _check_onnx(path: Path, opset: int) -> int:
     graph = proto.graph
     inputs = [i.name for i in graph.input]
     outputs = [o.name for o in graph.output]
-    if inputs[:1] != [INPUT_NAME] or outputs[:1] != [OUTPUT_NAME]:
+    expected = [OUTPUT_NAME, FEATURES_NAME] if features else [OUTPUT_NAME]
+    if inputs[:1] != [INPUT_NAME] or outputs != expected:
         raise MedtuneError(
             f"exported ONNX has inputs {inputs} / outputs {outputs}, expected "
-            f"'{INPUT_NAME}' / '{OUTPUT_NAME}'"
+            f"'{INPUT_NAME}' / {expected}"
         )
     batch_dim = graph.input[0].type.tensor_type.shape.dim[0]
     if batch_dim.HasField("dim_value"):

@@ -5,6 +5,9 @@ grades: ``image_size``, ``mean``/``std`` (RGB, on the 0-1 scale), ``class_names`
 and ``decoding``; ``operating_points`` (the referral thresholds chosen on validation,
 ``ModelMeta.operating_points``) lets ``medtune predict --model`` set the refer flag. The network
 input is ``image`` (N x 3 x S x S float32, RGB, normalised) and the output is ``logits`` (N x K).
+An export made with the run's site-shift model has a second output ``features`` (N x D, the
+pooled features the head sees), ``site_shift.npz`` beside it and ``sidecar["site_shift"]``
+naming it; :meth:`OnnxPredictor.site_shift_scores` then scores images like ``predict --run``.
 
 Probabilities are ``softmax(logits / temperature)``. With ``tta="rot90"`` the LOGITS of the four
 90-degree rotations are averaged first, then temperature and softmax are applied once.
@@ -17,7 +20,8 @@ Decoding (``sidecar["decoding"]``):
   thresholds ``t`` with ``E >= t`` (so ``[0.5, 1.5, 2.5, 3.5]`` rounds ``E`` half-up).
 
 This module imports only numpy, PIL and onnxruntime (plus ``medtune.data.fundus`` lazily when the
-sidecar asks for fundus preprocessing of files / PIL images).
+sidecar asks for fundus preprocessing of files / PIL images, and the numpy-only
+``medtune.evaluation.shift`` for the site-shift score).
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ from medtune.evaluation.decoding import decode
 SIDECAR_NAME = "model.json"
 INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
+FEATURES_NAME = "features"
+SITE_SHIFT_NAME = "site_shift.npz"
 INPUT_LAYOUT = "NCHW float32 RGB normalised"
 DECODING_METHODS = ("argmax", "expected_grade")
 
@@ -148,6 +154,8 @@ class OnnxPredictor:
         self._session = _make_session(path, providers, num_threads)
         self._input_name = self._session.get_inputs()[0].name
         self._output_name = self._session.get_outputs()[0].name
+        self._has_features = FEATURES_NAME in {o.name for o in self._session.get_outputs()}
+        self._site_shift: Any = None
 
     # --- sidecar views -------------------------------------------------------------------------
     @property
@@ -211,13 +219,56 @@ class OnnxPredictor:
         probs = self.predict_proba(images, tta=tta)
         return Prediction(probs=probs, labels=decode(probs, self.decoding))
 
+    def logits_and_features(self, images: Images) -> tuple[np.ndarray, np.ndarray]:
+        """Logits (N x K) and the head's input features (N x D) of the plain images (no TTA).
+
+        Raises
+        ------
+        MedtuneError
+            When the model was exported without a ``features`` output.
+        """
+        if not self._has_features:
+            raise MedtuneError(
+                f"{self.model_path}: this export has no 'features' output; re-export the run "
+                "with medtune export to get site-shift scores"
+            )
+        x = normalise_images(self.prepare(images), self.sidecar["mean"], self.sidecar["std"])
+        step, names = self.batch_size, [self._output_name, FEATURES_NAME]
+        outs = [
+            self._session.run(names, {self._input_name: x[i : i + step]})
+            for i in range(0, len(x), step)
+        ]
+        return self._checked(np.concatenate([o[0] for o in outs])), np.concatenate(
+            [o[1] for o in outs]
+        )
+
+    @property
+    def site_shift(self) -> Any:
+        """The export's :class:`~medtune.evaluation.shift.SiteShiftModel`, or ``None``."""
+        entry = self.sidecar.get("site_shift")
+        if self._site_shift is None and entry and self._has_features:
+            from medtune.evaluation.shift import SiteShiftModel  # numpy only
+
+            self._site_shift = SiteShiftModel.load(self.model_path.parent / entry["file"])
+        return self._site_shift
+
+    def site_shift_scores(self, images: Images) -> tuple[np.ndarray, np.ndarray | None]:
+        """``(logits, site-shift scores)`` of the plain images; scores are ``None`` when the
+        export carries no site-shift model."""
+        if self.site_shift is None:
+            return self.logits(images), None
+        logits, features = self.logits_and_features(images)
+        return logits, self.site_shift.score(features)
+
     def _run(self, x: np.ndarray) -> np.ndarray:
         step = self.batch_size
         outs = [
             self._session.run([self._output_name], {self._input_name: x[i : i + step]})[0]
             for i in range(0, len(x), step)
         ]
-        logits = np.concatenate(outs, axis=0)
+        return self._checked(np.concatenate(outs, axis=0))
+
+    def _checked(self, logits: np.ndarray) -> np.ndarray:
         if logits.ndim != 2 or logits.shape[1] != len(self.sidecar["class_names"]):
             raise MedtuneError(
                 f"{self.model_path}: model gives outputs shaped {tuple(logits.shape)} but the "

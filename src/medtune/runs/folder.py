@@ -34,7 +34,7 @@ import numpy as np
 
 from medtune.config import InputSpec, TrainConfig
 from medtune.errors import MedtuneError
-from medtune.io import atomic_path, write_json, write_yaml
+from medtune.io import atomic_path, read_yaml, write_json, write_yaml
 
 if TYPE_CHECKING:
     from torch import nn
@@ -42,6 +42,9 @@ if TYPE_CHECKING:
     from medtune.evaluation.shift import SiteShiftModel
 
 FORMAT_VERSION = 2
+#: Settings added after runs were first written, with the value those older runs trained with
+#: (their ``config.yaml`` lacks the key): resuming or re-reading them must not change them.
+SETTINGS_BEFORE_THEY_EXISTED: dict[str, Any] = {"augment": [], "ema": None}
 
 
 def _paths(config: TrainConfig) -> dict[str, str | list[str]]:
@@ -235,6 +238,11 @@ class RunFolder:
                 f"{self.config_path}: not found; give a run folder written by medtune train"
             )
         config = TrainConfig.load(self.config_path)
+        written = read_yaml(self.config_path)
+        # settings added since the run was written keep the value the run was trained with
+        for name, value in SETTINGS_BEFORE_THEY_EXISTED.items():
+            if name not in written:
+                setattr(config, name, value)
         here = self.dir.resolve()
         old = Path(config.out)
         moved = {

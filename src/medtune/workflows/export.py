@@ -31,7 +31,9 @@ def export(run: str | Path, fmt: str = "onnx", out: str | Path | None = None) ->
     -------
     ExportResult
         The model file, the sidecar ``model.json`` (image size, normalisation, class names,
-        temperature, decoding, fundus options) and the parity figures.
+        temperature, decoding, fundus options) and the parity figures. An ONNX export of a run
+        with a site-shift model (``RUN/site_shift.npz``) also outputs the head's features and
+        carries ``site_shift.npz``, so ``predict --model`` and ``serve`` score site shift.
 
     Raises
     ------
@@ -44,7 +46,8 @@ def export(run: str | Path, fmt: str = "onnx", out: str | Path | None = None) ->
     run = Path(run)
     if fmt not in ("onnx", "torchscript"):
         raise MedtuneError(f"format {fmt!r} is unknown; use onnx or torchscript")
-    model, meta = RunFolder(run).load_model()
+    folder = RunFolder(run)
+    model, meta = folder.load_model()
     sidecar = {k: v for k, v in dataclasses.asdict(meta).items() if k not in ("mean", "std")}
     sidecar["image_size"] = meta.image_size
     return export_model(
@@ -56,6 +59,7 @@ def export(run: str | Path, fmt: str = "onnx", out: str | Path | None = None) ->
         parity_inputs=parity_images(run, meta.image_size, meta.fundus),
         mean=meta.mean,
         std=meta.std,
+        site_shift=folder.read_site_shift() if fmt == "onnx" else None,
     )
 
 

@@ -221,12 +221,17 @@ def reject_class(class_names: Sequence[str], source: object = "quality model") -
 
 def _onnx_predictor(model_path: Path, tta: str, num_threads: int | None = None) -> Predictor:
     from medtune.deploy.onnx_predictor import OnnxPredictor
+    from medtune.evaluation.calibration import apply_temperature
 
     onnx = OnnxPredictor(model_path, num_threads=num_threads)
     sidecar = onnx.sidecar
 
-    def infer(images: np.ndarray) -> tuple[np.ndarray, None]:
-        return onnx.predict_proba(images, tta=None if tta == "none" else tta), None
+    def infer(images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Scores from the plain images' features, as for a run (the site-shift fit had no TTA)."""
+        logits, scores = onnx.site_shift_scores(images)
+        if tta != "none":
+            logits = onnx.logits(images, tta=tta)
+        return apply_temperature(logits, onnx.temperature), scores
 
     return Predictor(
         source=str(model_path),
@@ -240,6 +245,7 @@ def _onnx_predictor(model_path: Path, tta: str, num_threads: int | None = None) 
         backbone=sidecar.get("backbone"),
         positive_class=sidecar.get("positive_class"),
         infer=infer,
+        shift_threshold=None if onnx.site_shift is None else float(onnx.site_shift.threshold),
     )
 
 

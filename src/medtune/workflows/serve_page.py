@@ -359,7 +359,7 @@ function eyeCard(row, index, data) {
 }
 
 function siteShift(row) {
-  // predict's columns: site_shift (score) and outside_training ("yes"/"no"), runs only
+  // predict's columns: site_shift (score) and outside_training ("yes"/"no")
   if (row.outside_training !== "yes") return null;
   const w = el("div", "warn", "Site-shift warning: this photograph lies outside the training " +
     "distribution (score " + fmt(row.site_shift) + "); the validated operating point may not " +

@@ -235,11 +235,12 @@ def train(
         Train GoogLeNet's auxiliary classifiers too (loss weight 0.3).
     rot90, hflip, vflip : bool, default True, False, False
         Exact rotation / flip augmentation (colours untouched).
-    augment : str, list of str or None, default None (none)
+    augment : str, list of str or None, default None (``["site"]``: all seven)
         Site augmentation inside the field of view, against camera and clinic differences:
         ``brightness``, ``contrast``, ``gamma``, ``colour-temperature``, ``blur``, ``jpeg``,
-        ``scale``, or the groups ``colour``, ``camera``, ``site`` (all)
-        (:mod:`medtune.data.site_augment`; measured in ``docs/generalisation.md``).
+        ``scale``, or the groups ``colour``, ``camera``, ``site`` (all); ``"none"`` or ``[]``
+        turns it off (:mod:`medtune.data.site_augment`; measured in
+        ``docs/generalisation.md``). Stored expanded in ``config.yaml``.
     ema : float or None, default None
         Keep an exponential moving average of the weights with this per-step decay (e.g.
         0.99) and validate, checkpoint and ship the average (Lightning's
@@ -320,8 +321,8 @@ def _note_ignored_by_probe(config: TrainConfig) -> None:
     ignored = []
     if config.epochs != TrainConfig.epochs:
         ignored.append(f"epochs={config.epochs}")
-    if config.augment:
-        ignored.append(f"augment={','.join(config.augment)}")
+    if config.augment != list(resolve_augment(TrainConfig().augment)):
+        ignored.append(f"augment={','.join(config.augment) or 'none'}")
     if config.ema is not None:
         ignored.append(f"ema={config.ema}")
     if ignored:
