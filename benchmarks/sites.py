@@ -109,6 +109,25 @@ RECIPES = {
             },
         ),
         Recipe(
+            "linear-probe+clahe",
+            "linear probe on field-of-view crop + CLAHE of the luminance",
+            {"strategy": "linear-probe", "fundus": {"crop": True, "clahe": True}},
+        ),
+        Recipe(
+            "linear-probe+all-preprocessing",
+            "linear probe on crop, mask, colour standardisation, CLAHE and Ben Graham together",
+            {
+                "strategy": "linear-probe",
+                "fundus": {
+                    "crop": True,
+                    "mask": True,
+                    "colour_std": True,
+                    "clahe": True,
+                    "ben_graham": True,
+                },
+            },
+        ),
+        Recipe(
             "finetune-lite1",
             "fine-tune EfficientNet-Lite1 (240 px)",
             {"backbone": "efficientnet_lite1"},
