@@ -30,6 +30,7 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 from medtune.config import TrainConfig
 from medtune.data import Part
+from medtune.data.site_augment import resolve_augment
 from medtune.engines.datamodule import CacheDataModule, class_weights
 from medtune.engines.guards import NonFiniteLossGuard
 from medtune.engines.lightning_module import FinetuneModule
@@ -172,7 +173,7 @@ def run_finetune(
         rot90=config.rot90,
         hflip=config.hflip,
         vflip=config.vflip,
-        site_augment=tuple(config.augment),
+        site_augment=resolve_augment(config.augment),  # also when build_config was skipped
         balanced_sampler=config.balanced_sampler,
         seed=config.seed,
     )
