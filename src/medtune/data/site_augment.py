@@ -3,27 +3,24 @@
 Another clinic's photographs differ from the training site's in exposure, contrast, tone curve,
 white balance, focus, compression and how large the field of view (FOV) sits in the frame.
 :func:`augment_site` draws one random change of each chosen kind for a training image, applies
-it, and keeps everything outside the image's FOV black, so the network never learns from (or
-sees) a changed border.
+it, and keeps everything outside the image's FOV black, so the network never learns from a
+changed border.
 
-=====================  ================================================================
-name                   change (drawn per image)
-=====================  ================================================================
-``brightness``         pixel values x U(0.75, 1.25)
-``contrast``           blend with the mean grey, factor U(0.75, 1.25)
-``gamma``              tone curve ``x ** g``, log g ~ U(log 0.7, log 1.4)
-``colour-temperature`` red x (1 + t), blue x (1 - t), t ~ U(-0.1, 0.1) (warmer / cooler)
-``blur``               with probability 0.5, Gaussian blur, sigma U(0.2, 1.5) % of the side
-``jpeg``               with probability 0.5, JPEG re-compression at quality U(30, 95)
-``scale``              zoom about the centre by U(0.9, 1.1) (FOV diameter differences)
-=====================  ================================================================
+Each name and its change, drawn per image:
+
+* ``brightness``: pixel values x U(0.75, 1.25);
+* ``contrast``: blend with the mean grey, factor U(0.75, 1.25);
+* ``gamma``: tone curve ``x ** g``, log g ~ U(log 0.7, log 1.4);
+* ``colour-temperature``: red x (1 + t), blue x (1 - t), t ~ U(-0.1, 0.1) (warmer / cooler);
+* ``blur``: with probability 0.5, Gaussian blur with sigma U(0.2, 1.5) % of the side;
+* ``jpeg``: with probability 0.5, JPEG re-compression at quality U(30, 95);
+* ``scale``: zoom about the centre by U(0.9, 1.1) (field-of-view diameter differences).
 
 Groups: ``colour`` (brightness, contrast, gamma, colour-temperature), ``camera`` (blur, jpeg,
-scale) and ``site`` (all seven). The ranges follow common photometric augmentation for fundus
-photographs (e.g. the Kaggle DR 2015 solutions; Galdran et al. 2020 for colour and blur) and are
-kept moderate so lesions stay visible. Operations come from ``torchvision.transforms.v2`` and
-Pillow (JPEG); the colour-temperature gain is written here because neither has a white-balance
-operation.
+scale) and ``site`` (all seven). The ranges are moderate, so lesions stay visible, and were set
+once, not tuned on the cross-site benchmark (``docs/generalisation.md`` measures each group).
+Operations come from ``torchvision.transforms.v2`` and Pillow (JPEG); the colour-temperature
+gain is written here because neither has a white-balance operation.
 """
 
 from __future__ import annotations
