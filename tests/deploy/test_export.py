@@ -85,6 +85,16 @@ class FixedLogits(nn.Module):
         return x.mean(dim=(1, 2, 3))[:, None] * 0.0 + self.logits
 
 
+def run_python(code: str) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter that imports this checkout's medtune; must succeed."""
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
 def torch_probs(model: nn.Module, images: np.ndarray, temperature: float) -> np.ndarray:
     with torch.no_grad():
         logits = model.eval()(torch.from_numpy(normalise_images(images, MEAN, STD))).numpy()
@@ -274,11 +284,7 @@ def test_predictor_runs_without_torch(tiny: TinyNet, onnx_dir: Path, tmp_path: P
         "print(json.dumps({'probs': pred.probs.tolist(), 'labels': pred.labels.tolist(),"
         " 'path_shape': list(from_path.probs.shape)}))\n"
     )
-    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
-    )
-    assert proc.returncode == 0, proc.stderr
+    proc = run_python(code)
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     ref = torch_probs(tiny, imgs, 1.5)
     assert np.abs(np.array(out["probs"]) - ref).max() <= 1e-4
@@ -360,11 +366,7 @@ def test_fundus_preprocess_path_without_torch(tiny: TinyNet, tmp_path: Path) -> 
         "assert out.probs.shape == (1, 5)\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
-    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
-    )
-    assert proc.returncode == 0, proc.stderr
+    run_python(code)
 
 
 def test_onnx_export_with_site_shift_scores_images_without_torch(tiny: TinyNet, tmp_path) -> None:
@@ -393,11 +395,7 @@ def test_onnx_export_with_site_shift_scores_images_without_torch(tiny: TinyNet, 
         "assert not {'torch', 'sklearn'} & set(sys.modules), 'torch or sklearn was imported'\n"
         "print(json.dumps(scores.tolist()))\n"
     )
-    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
-    )
-    assert proc.returncode == 0, proc.stderr
+    proc = run_python(code)
     scores = np.array(json.loads(proc.stdout.strip().splitlines()[-1]))
     assert np.allclose(scores[:3], shift.score(feats[30:33]), rtol=1e-3)
     assert scores[3] > max(shift.threshold, scores[:3].max())

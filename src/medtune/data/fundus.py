@@ -219,6 +219,13 @@ def _clahe_luminance(arr: np.ndarray, mask: np.ndarray) -> np.ndarray:
     lab = color.rgb2lab(arr)
     lum = np.clip(lab[..., 0] / 100.0, 0.0, 1.0)
     lab[..., 0] = exposure.equalize_adapthist(lum, clip_limit=0.01) * 100.0
+    return _lab_inside_fov(lab, arr, mask)
+
+
+def _lab_inside_fov(lab: np.ndarray, arr: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """uint8 RGB of ``lab`` inside the FOV ``mask``; ``arr`` (the input) outside it."""
+    from skimage import color
+
     with warnings.catch_warnings():  # out-of-gamut values are clipped, which is what we want
         warnings.simplefilter("ignore", UserWarning)
         rgb = color.lab2rgb(lab)
@@ -252,12 +259,7 @@ def _colour_standardise(arr: np.ndarray, mask: np.ndarray) -> np.ndarray:
     target_mean, target_std = np.asarray(COLOUR_TARGET_MEAN), np.asarray(COLOUR_TARGET_STD)
     lab[mask] = (inside - mean) / np.maximum(std, 1e-3) * target_std + target_mean
     lab[..., 0] = np.clip(lab[..., 0], 0.0, 100.0)
-    with warnings.catch_warnings():  # out-of-gamut values are clipped, which is what we want
-        warnings.simplefilter("ignore", UserWarning)
-        rgb = color.lab2rgb(lab)
-    out = np.clip(rgb * 255.0 + 0.5, 0, 255).astype(np.uint8)
-    out[~mask] = arr[~mask]
-    return out
+    return _lab_inside_fov(lab, arr, mask)
 
 
 def _ben_graham(arr: np.ndarray, mask: np.ndarray, sigma: float) -> np.ndarray:
