@@ -22,7 +22,9 @@ def _img(path: Path, value: int = 100, size: tuple[int, int] = (6, 4)) -> Path:
     )
     img = Image.new("RGB", size, (value, value // 2, 10))
     img.putpixel((0, 0), tuple(zlib.crc32(str(path).encode()).to_bytes(4, "big")[:3]))  # unique
-    img.save(path, format=fmt)
+    # JPEG may quantise two such pixels to the same bytes: a comment keeps the files distinct
+    extra = {"comment": str(path).encode()} if fmt == "JPEG" else {}
+    img.save(path, format=fmt, **extra)
     return path
 
 
