@@ -271,14 +271,16 @@ class TrainConfig:
         return cls(**values)
 
     @classmethod
-    def load(cls, path: str | Path) -> TrainConfig:
+    def load(cls, path: str | Path, absent: dict[str, Any] | None = None) -> TrainConfig:
+        """Read a ``config.yaml``; ``absent`` gives values for settings the file does not name
+        (else they take today's defaults)."""
         path = Path(path)
         if not path.is_file():
             raise MedtuneError(f"{path}: config file not found; give the path to a config.yaml")
         values = read_yaml(path)
         if not isinstance(values, dict):
             raise MedtuneError(f"{path}: not a YAML mapping of settings; fix or regenerate it")
-        return cls.from_dict(values, source=str(path))
+        return cls.from_dict({**(absent or {}), **values}, source=str(path))
 
     def validate(self) -> None:
         if self.strategy not in STRATEGIES:

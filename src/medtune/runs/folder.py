@@ -34,7 +34,7 @@ import numpy as np
 
 from medtune.config import InputSpec, TrainConfig
 from medtune.errors import MedtuneError
-from medtune.io import atomic_path, read_yaml, write_json, write_yaml
+from medtune.io import atomic_path, write_json, write_yaml
 
 if TYPE_CHECKING:
     from torch import nn
@@ -237,12 +237,8 @@ class RunFolder:
             raise MedtuneError(
                 f"{self.config_path}: not found; give a run folder written by medtune train"
             )
-        config = TrainConfig.load(self.config_path)
-        written = read_yaml(self.config_path)
         # settings added since the run was written keep the value the run was trained with
-        for name, value in SETTINGS_BEFORE_THEY_EXISTED.items():
-            if name not in written:
-                setattr(config, name, value)
+        config = TrainConfig.load(self.config_path, absent=SETTINGS_BEFORE_THEY_EXISTED)
         here = self.dir.resolve()
         old = Path(config.out)
         moved = {
