@@ -1,6 +1,7 @@
 """The screenshot of ``medtune serve`` in ``docs/serve.png``, taken in headless Chromium.
 
     python benchmarks/serve_screenshot.py --run RUN [--photo PATH ...] [--out docs/serve.png]
+    python benchmarks/serve_screenshot.py --model RUN/export/model.onnx [...]   # the ONNX page
 
 Serves ``RUN`` on 127.0.0.1 (a free port), opens the page in Debian's ``chromium`` through
 Playwright, uploads scikit-image's fundus photograph, a heavily blurred copy and its cat photograph
@@ -25,7 +26,9 @@ sys.path.insert(0, str(REPO / "src"))
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--run", required=True)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run")
+    source.add_argument("--model", help="an exported model.onnx instead of a run folder")
     p.add_argument("--photo", action="append", default=[])
     p.add_argument("--out", default=str(REPO / "docs" / "serve.png"))
     p.add_argument("--width", type=int, default=1280)
@@ -50,7 +53,12 @@ def main(argv: list[str] | None = None) -> int:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     server = uvicorn.Server(
-        uvicorn.Config(create_app(run=args.run), host="127.0.0.1", port=port, log_level="warning")
+        uvicorn.Config(
+            create_app(run=args.run, model_path=args.model),
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+        )
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
