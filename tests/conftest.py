@@ -70,6 +70,7 @@ def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Prepared caches go to the test's own folder, never to ~/.cache."""
     cache = tmp_path / "medtune-cache"
     monkeypatch.setenv("MEDTUNE_CACHE", str(cache))
+    monkeypatch.setenv("MEDTUNE_DATA", str(tmp_path / "medtune-data"))  # serve's worklist
     return cache
 
 

@@ -22,6 +22,7 @@ class BadImageError(MedtuneError):
 
     def __init__(self, path: object, reason: str) -> None:
         self.path = str(path)
+        self.reason = reason
         super().__init__(
             f"{path}: cannot read image ({reason}); replace or delete the file, "
             "or pass --skip-bad to skip unreadable images"

@@ -234,17 +234,19 @@ def test_page_loads_nothing_remote(onnx_model: Path) -> None:
 def test_no_file_left_in_the_temp_folder_and_the_folder_removed_at_stop(
     onnx_model: Path, images: list[Path], tmp_path: Path
 ) -> None:
-    screener = Screener(model_path=onnx_model, temp_dir=tmp_path)
-    before = set(tmp_path.rglob("*"))
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    screener = Screener(model_path=onnx_model, temp_dir=temp)
+    before = set(temp.rglob("*"))
     with TestClient(create_app(screener), base_url=BASE) as client:
         assert client.post("/api/predict", files=upload(images)).status_code == 200
         broken = [("files", ("x.png", b"\x89PNG\r\n\x1a\n" + b"\0" * 200, "image/png"))]
-        assert client.post("/api/predict", files=broken).status_code == 200
+        assert client.post("/api/predict", files=broken).status_code == 415  # none readable
         assert client.post("/api/predict", files=upload([images[0]]) * 99).status_code == 413
         assert list(screener.temp_root.iterdir()) == []
     screener.close()
     assert not screener.temp_root.exists()
-    assert set(tmp_path.rglob("*")) - before == set()
+    assert set(temp.rglob("*")) - before == set()
 
 
 # ------------------------------------------------------------------------------ DICOM
