@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import tiny_flags, write_graded_images
 from PIL import Image, ImageFilter
 
 from medtune.cli.main import main
@@ -35,15 +34,9 @@ BASE = "http://127.0.0.1"  # the server answers loopback Host names only
 
 # ------------------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory) -> Path:
+def tiny_run(served_run: Path) -> Path:
     """A linear probe on made-up graded images (48 px, no pretrained weights) and its ONNX."""
-    root = tmp_path_factory.mktemp("serve")
-    data = write_graded_images(root / "data", classes=5)  # grades 0-4: a DR model, referral
-    run = root / "run"
-    args = ["train", "--data", str(data), "--out", str(run), "--strategy", "linear-probe"]
-    assert main([*args, "--cache-dir", str(root / "cache"), *tiny_flags(image_size=48)]) == 0
-    assert main(["export", "--run", str(run), "--out", str(root / "export")]) == 0
-    return run
+    return served_run
 
 
 @pytest.fixture(scope="module")

@@ -381,7 +381,7 @@ function opText(op) {
 // ------------------------------------------------------------------ upload
 function sideFromName(name) {
   const stem = name.replace(/\.[A-Za-z0-9]{1,5}$/, "");
-  const m = stem.match(/(?:^|[_\-\s.])(right|left|od|os|re|le|r|l)$/i);
+  const m = stem.match(/(?:^|[_\-\s.])(right|left|od|os|re|le|r|l)(?:[_\-\s.]?\d{1,3})?$/i);
   if (!m) return "";
   return ["right", "od", "re", "r"].includes(m[1].toLowerCase()) ? "right" : "left";
 }

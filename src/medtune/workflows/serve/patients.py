@@ -37,12 +37,14 @@ _SIDE_WORDS = {
     "re": "right",
     "le": "left",
 }
-_SIDE_PATTERN = re.compile(r"(?:^|[_\-\s.])(right|left|od|os|re|le|r|l)$", re.IGNORECASE)
+_SIDE_PATTERN = re.compile(
+    r"(?:^|[_\-\s.])(right|left|od|os|re|le|r|l)(?:[_\-\s.]?\d{1,3})?$", re.IGNORECASE
+)
 
 
 def side_from_name(name: str) -> str:
-    """``right``/``left`` from a file name's last word (``12_left.jpeg``, ``p3_OD.png``,
-    ``x-L.tif``), else ``unknown``."""
+    """``right``/``left`` from a file name's last word, optionally followed by a photograph number
+    (``12_left.jpeg``, ``p3_OD.png``, ``x-L.tif``, ``p17_right_2.jpg``), else ``unknown``."""
     stem = re.sub(r"\.[A-Za-z0-9]{1,5}$", "", name.strip())
     found = _SIDE_PATTERN.search(stem)
     return _SIDE_WORDS[found.group(1).lower()] if found else "unknown"
