@@ -110,6 +110,31 @@ def test_model_card_reads_the_run_and_says_research_use(tiny_run: Path) -> None:
     assert "accuracy" in values and 0 <= values["accuracy"]["value"] <= 1
 
 
+def test_model_card_of_an_export_shows_its_run_metrics_with_their_intervals(
+    tiny_run: Path, onnx_model: Path, tmp_path: Path
+) -> None:
+    """The card reads ``<name>_ci`` as compute_metrics writes it; an export inside its run folder
+    shows the run's metrics, and one moved away shows none (model.json holds no metrics)."""
+    import json
+
+    test = json.loads((tiny_run / "metrics.json").read_text())["test"]
+    with TestClient(create_app(run=tiny_run), base_url=BASE) as client:
+        run_card = client.get("/api/model").json()
+    assert run_card["metrics"]["values"]["accuracy"]["ci95"] == test["accuracy_ci"]
+    assert run_card["metrics"]["values"]["accuracy"]["ci95"] is not None
+    inside = tiny_run / "export"
+    shutil.copytree(onnx_model.parent, inside, dirs_exist_ok=True)
+    moved = shutil.copytree(onnx_model.parent, tmp_path / "moved")
+    with TestClient(create_app(model_path=inside / "model.onnx"), base_url=BASE) as client:
+        export_card = client.get("/api/model").json()
+    with TestClient(create_app(model_path=moved / "model.onnx"), base_url=BASE) as client:
+        moved_card = client.get("/api/model").json()
+    assert export_card["metrics"]["values"] == run_card["metrics"]["values"]
+    assert export_card["training"]["strategy"] == "linear-probe"
+    assert "metrics" not in moved_card and moved_card["training"] == {"synthetic": False}
+    assert len(export_card["model"]["id"]) == 16 and "medtune" in export_card["model"]["version"]
+
+
 def test_unreadable_image_is_listed_by_its_upload_name_not_a_temp_path(
     tiny_run: Path, images: list[Path]
 ) -> None:
