@@ -6,8 +6,8 @@
 
 Serves ``RUN`` on 127.0.0.1 (a free port) with a fresh worklist and one grader, opens the page
 in Debian's ``chromium`` through Playwright, logs in, and screens three patients of four
-photographs each (two per eye; for each patient the second photograph of the left eye blurred
-until the quality gate rejects it): EyePACS patients' left and right photographs when
+photographs each (two per eye; the second photograph of the left eye darkened until the quality
+gate rejects it as underexposed): EyePACS patients' left and right photographs when
 ``--eyepacs`` is given, else scikit-image's fundus photograph. The first patient's left eye is
 then corrected by the grader. Both pages are saved as palette-quantised PNGs; look at them before
 committing them.
@@ -31,8 +31,8 @@ PASSWORD = "screenshot-password"
 
 
 def patients(eyepacs: Path | None, work: Path) -> list[tuple[str, list[Path]]]:
-    """Three patients' four photographs each (right, right turned, left, left blurred)."""
-    from PIL import Image, ImageFilter
+    """Three patients' four photographs each (right, right turned, left, left darkened)."""
+    from PIL import Image, ImageEnhance
     from skimage import data
 
     pairs: list[tuple[str, Image.Image, Image.Image]] = []
@@ -59,7 +59,7 @@ def patients(eyepacs: Path | None, work: Path) -> list[tuple[str, list[Path]]]:
             f"{name}_right_1.jpg": right,
             f"{name}_right_2.jpg": right.rotate(6),
             f"{name}_left_1.jpg": left,
-            f"{name}_left_2.jpg": left.filter(ImageFilter.GaussianBlur(14)),
+            f"{name}_left_2.jpg": ImageEnhance.Brightness(left).enhance(0.15),
         }
         for file, img in photos.items():
             img.convert("RGB").save(folder / file, quality=92)

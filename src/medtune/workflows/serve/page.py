@@ -241,6 +241,8 @@ const METRIC_NAMES = { n: "test images", balanced_accuracy: "balanced accuracy",
   referable_specificity: "referable specificity" };
 const REFERRAL = { refer: "Refer to an ophthalmologist", no_refer: "No referral",
   insufficient_quality: "Insufficient quality: re-image or examine in person" };
+const REFERRAL_SHORT = { refer: "refer", no_refer: "no referral",
+  insufficient_quality: "insufficient quality" };
 const EYE_REFER = { yes: "Referable", no: "Not referable",
   ungradable: "Ungradable: re-image or examine" };
 const SIDE = { right: "Right eye", left: "Left eye", unknown: "Eye not given" };
@@ -654,7 +656,8 @@ async function loadWorklist() {
   for (const s of r.data.screenings) {
     const tr = el("tr", "open");
     tr.dataset.id = s.id;
-    const eyes = s.eyes.map((e) => e.side + ": " + (e.grade_name || e.quality)).join("; ");
+    const eyes = s.eyes.map((e) => e.side + ": " + (e.grade_name || e.quality) +
+      (e.refer === "yes" ? " (referable)" : "")).join("; ");
     const reviewed = s.eyes.filter((e) => e.review).map((e) => e.side + ": " + e.review.grade_name).join("; ");
     const open = el("button", null, "Open");
     open.type = "button";
@@ -663,7 +666,8 @@ async function loadWorklist() {
       if (got.ok) renderScreening(got.data, null);
     });
     const cell = el("td"); cell.append(open);
-    tr.append(el("td", null, s.time), el("td", null, s.patient), el("td", null, s.referral),
+    tr.append(el("td", null, s.time), el("td", null, s.patient),
+      el("td", null, REFERRAL_SHORT[s.referral] || s.referral),
       el("td", null, s.quality), el("td", null, eyes), el("td", null, reviewed), el("td", null, s.user), cell);
     table.append(tr);
   }
