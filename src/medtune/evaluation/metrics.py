@@ -63,6 +63,7 @@ __all__ = [
     "choose_operating_points",
     "compute_metrics",
     "effective_sample_size",
+    "gap_threshold",
     "is_ordinal",
     "move_operating_point",
     "proportion_ci",
@@ -227,8 +228,23 @@ def choose_operating_points(y_bin: np.ndarray, score: np.ndarray) -> dict[str, d
 
     ``sens90``/``sens97.5``: among ROC points reaching the target sensitivity, the one with the
     highest specificity (ties: higher sensitivity). ``youden``: max ``sensitivity + specificity
-    - 1`` (ties: highest threshold). Returns ``{name: {"threshold", "rule", "val_sensitivity",
-    "val_specificity"}}``; empty if ``y_bin`` lacks positives or negatives.
+    - 1`` (ties: highest threshold). The threshold itself is the midpoint of the gap between the
+    lowest score the point keeps positive and the next lower score (:func:`gap_threshold`), so
+    validation figures are unchanged but a new image scoring just below a saturated validation
+    score (``0.99999999999998`` against positives at exactly ``1.0``) is still caught.
+
+    Parameters
+    ----------
+    y_bin : ndarray of int, shape (N,)
+        1 for positives (e.g. referable DR), 0 for negatives.
+    score : ndarray of float, shape (N,)
+        The score positives are expected to exceed (e.g. P(referable DR), 0-1).
+
+    Returns
+    -------
+    dict
+        ``{name: {"threshold", "rule", "val_sensitivity", "val_specificity"}}`` for ``sens90``,
+        ``sens97.5`` and ``youden``; empty if ``y_bin`` lacks positives or negatives.
     """
     y_bin = np.asarray(y_bin).astype(np.int64)
     if y_bin.min(initial=0) == y_bin.max(initial=0):
@@ -246,12 +262,45 @@ def choose_operating_points(y_bin: np.ndarray, score: np.ndarray) -> dict[str, d
             i = _at_sensitivity(tpr, spec, finite, target)
             rule = f"highest specificity with sensitivity >= {target:g} on validation"
         out[name] = {
-            "threshold": float(thr[i]),
+            "threshold": gap_threshold(thr, i),
             "rule": rule,
             "val_sensitivity": float(tpr[i]),
             "val_specificity": float(spec[i]),
         }
     return out
+
+
+def gap_threshold(thresholds: np.ndarray, i: int) -> float:
+    """The threshold for ROC point ``i``, placed in the middle of the gap below its score.
+
+    ``roc_curve`` (``drop_intermediate=False``) returns the distinct scores in decreasing order,
+    and point ``i`` is "positive when ``score >= thresholds[i]``". That threshold sits exactly on
+    a validation score: when validation positives saturate at ``1.0`` it excludes every new
+    image scoring ``1 - 1e-14``, the very images it was meant to catch. Any value in
+    ``(thresholds[i + 1], thresholds[i]]`` gives the same validation figures; the midpoint of
+    that gap (the maximum-margin choice, as an SVM places its boundary, Cortes & Vapnik 1995) is
+    the one least sensitive to scores that moved a little. Written here because scikit-learn's
+    ``roc_curve`` returns only the observed scores.
+
+    Parameters
+    ----------
+    thresholds : ndarray of float, shape (M,)
+        ``roc_curve``'s thresholds (decreasing; the first may be ``inf``).
+    i : int
+        The chosen point, with ``thresholds[i]`` finite.
+
+    Returns
+    -------
+    float
+        ``thresholds[i + 1] < t <= thresholds[i]``; ``thresholds[i]`` itself for the lowest score
+        (the point that calls everything positive) or where no float lies inside the gap.
+    """
+    high = float(thresholds[i])
+    if i + 1 >= len(thresholds):
+        return high
+    low = float(thresholds[i + 1])
+    mid = low + (high - low) / 2.0
+    return mid if low < mid <= high else high
 
 
 def _at_sensitivity(tpr: np.ndarray, spec: np.ndarray, finite: np.ndarray, target: float) -> int:
@@ -344,11 +393,12 @@ def move_operating_point(
     score = task.score(apply_temperature(logits, new_t))
     fpr, tpr, thr = roc_curve(y_bin, score, drop_intermediate=False)
     i = _at_sensitivity(tpr, 1.0 - fpr, np.isfinite(thr), float(target_sensitivity))
-    applied = apply_operating_point(y_bin, score, float(thr[i]))
+    threshold = gap_threshold(thr, i)
+    applied = apply_operating_point(y_bin, score, threshold)
     ci = binomtest(applied["tp"], n_pos).proportion_ci(0.95, method="exact")
     return {
         "moved": True,
-        "threshold": float(thr[i]),
+        "threshold": threshold,
         "temperature": float(new_t),
         "rule": (
             f"temperature refitted and highest specificity with sensitivity >= "

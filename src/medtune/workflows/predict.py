@@ -39,6 +39,7 @@ from medtune.evaluation.referral import (
     PredictionRow,
     ReferralRule,
     build_rows,
+    format_figure,
     predictions_meta,
     referral_rule,
 )
@@ -581,7 +582,7 @@ def _prepare_files(
 
 def _cell(value: Any) -> Any:
     if isinstance(value, float):
-        return f"{value:.6f}"
+        return format_figure(value)  # never "1.000000" for 0.99999999999998
     return "" if value is None else value
 
 
@@ -610,7 +611,8 @@ def to_csv(rows: Iterable[PredictionRow | Mapping[str, Any]]) -> str:
     -------
     str
         CSV with a header line (``csv`` module quoting: names with commas or quotes are safe);
-        probabilities with six decimals; empty text for no rows.
+        figures with six decimals, more where six would round one to a whole number it is
+        not (:func:`~medtune.evaluation.referral.format_figure`); empty text for no rows.
     """
     dicts = [_as_dict(r) for r in rows]
     if not dicts:
