@@ -281,7 +281,8 @@ def add_train(p: argparse.ArgumentParser) -> None:
         "--resume",
         metavar="RUN",
         help="continue an interrupted fine-tuning run with its own settings "
-        "(with --epochs N: extend a finished one to N epochs)",
+        "(with --epochs N: extend a finished one to N epochs; a finished run without a new "
+        "--epochs is left as it is, exit 0)",
     )
     for flag, kwargs in TRAIN_FLAGS:
         p.add_argument(flag, **{"default": None, **kwargs})

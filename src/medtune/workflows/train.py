@@ -414,15 +414,20 @@ def _other_rank_result(run_dir: Path, config: TrainConfig, started: float) -> Ru
 def resume(run: str | Path, *, epochs: int | None = None) -> RunResult:
     """Continue an interrupted fine-tuning run, or extend a finished one, with its own settings.
 
+    Idempotent, as retries by schedulers and scripts need: a run that already finished (its
+    ``metrics.json`` written after its last checkpoint) is left as it is and its results are
+    returned, with a warning that nothing was left to do. A run killed after its last epoch but
+    before its results were written gets them written.
+
     Parameters
     ----------
     run : str or pathlib.Path
-        A fine-tuning run folder written by :func:`train`.
+        A run folder written by :func:`train`.
     epochs : int, optional
         A new total number of epochs, larger than the run's: the run continues from
         ``RUN/checkpoints/last.ckpt`` to that many epochs (the cosine decay is re-planned over
-        the new total from where it stands). Without it, an interrupted run finishes its own
-        epochs.
+        the new total from where it stands). Without it (or equal to the run's own total), an
+        interrupted run finishes its own epochs and a finished run is left as it is.
 
     Returns
     -------
@@ -431,29 +436,44 @@ def resume(run: str | Path, *, epochs: int | None = None) -> RunResult:
     Raises
     ------
     MedtuneError
-        When the folder holds no ``config.yaml`` or no checkpoint, when the run already finished
-        and ``epochs`` does not extend it, or for a probe run (probes fit in one go: train again).
+        When the folder holds no ``config.yaml`` or no checkpoint, when ``epochs`` is not more
+        than the epochs already done, or for an unfinished probe run (probes fit in one go:
+        train again).
     """
+    started = time.perf_counter()
     folder = RunFolder(Path(run))
     config = folder.read_config()
+    if _finished(folder) and epochs in (None, config.epochs):
+        log.warning(
+            "%s: the run already finished; nothing left to do (--epochs N with N larger than "
+            "%d trains it longer)",
+            folder.dir,
+            config.epochs,
+        )
+        return RunResult(folder.dir, config, folder.read_metrics(), time.perf_counter() - started)
     if config.strategy in PROBE_STRATEGIES:
         raise MedtuneError(
             f"{folder.dir}: a {config.strategy} run has no epochs to resume; train it again"
         )
     done = _epochs_done(folder)
-    if epochs is not None:
+    if epochs is not None and epochs != config.epochs:
         if epochs <= done:
             raise MedtuneError(
                 f"{folder.dir}: {done} epoch(s) are done already; give more than {done} epochs "
                 "to extend the run"
             )
         config = dataclasses.replace(config, epochs=epochs)
-    elif done >= config.epochs:
-        raise MedtuneError(
-            f"{folder.dir}: the run finished its {config.epochs} epoch(s); give epochs "
-            f"(--epochs N) larger than {done} to train longer"
-        )
-    return run_training(config, resume=True)
+    return run_training(config, resume=True)  # after the last epoch: writes the results
+
+
+def _finished(folder: RunFolder) -> bool:
+    """Whether the run wrote its results after its last checkpoint (``metrics.json`` is the
+    last file :func:`~medtune.engines.finalize.finalize_run` writes)."""
+    metrics = folder.path(RunFolder.METRICS)
+    if not metrics.is_file():
+        return False
+    last = folder.last_checkpoint
+    return not last.is_file() or metrics.stat().st_mtime_ns >= last.stat().st_mtime_ns
 
 
 def _epochs_done(folder: RunFolder) -> int:
