@@ -362,6 +362,17 @@ def add_evaluate(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-gradcam", action="store_true", help="leave Grad-CAM out of the report")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images")
+    _add_patient_rule(p)
+
+
+def _add_patient_rule(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--patient-rule",
+        choices=["either-eye", "both-eyes"],
+        default="either-eye",
+        help="per-patient answer: refer when either eye is referable; insufficient quality "
+        "when no eye (either-eye, default) or not both eyes (both-eyes) could be graded",
+    )
 
 
 def run_evaluate(args: argparse.Namespace) -> None:
@@ -376,6 +387,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
         n_boot=args.bootstrap,
         gradcam=not args.no_gradcam,
         skip_bad=args.skip_bad,
+        patient_rule=args.patient_rule,
     )
     synthetic = "synthetic" in str(result.metrics.get("data", "")).lower()
     print(metrics_table({"test": result.metrics}, synthetic=synthetic))
@@ -419,6 +431,14 @@ def add_predict(p: argparse.ArgumentParser) -> None:
         help="test-time augmentation: rot90 averages the four rotations",
     )
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images")
+    p.add_argument(
+        "--manifest",
+        metavar="CSV",
+        help="image,patient_id,eye per image (default: DICOM PatientID + ImageLaterality, or "
+        "names like 17_left.jpeg / P1_OD.jpg); with --out, patients and eyes go to "
+        "OUT.patients.csv and OUT.eyes.csv",
+    )
+    _add_patient_rule(p)
 
 
 def run_predict(args: argparse.Namespace) -> None:
@@ -441,6 +461,8 @@ def run_predict(args: argparse.Namespace) -> None:
             operating_point=args.operating_point,
             tta=args.tta,
             skip_bad=args.skip_bad,
+            manifest=args.manifest,
+            patient_rule=args.patient_rule,
         )
         if to_stdout:  # the same document as --json PATH
             print(Path(json_path).read_text(encoding="utf-8"), end="")

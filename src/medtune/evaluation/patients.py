@@ -58,11 +58,14 @@ __all__ = [
     "INSUFFICIENT",
     "PATIENT_RULES",
     "PatientResult",
+    "PatientScreening",
     "UNKNOWN_EYE",
     "aggregate_eyes",
     "aggregate_patient",
     "aggregate_patients",
+    "evaluation_patients",
     "patient_metrics",
+    "screen_patients",
 ]
 
 #: The patient-level answer when no decision could be made from the photographs.
@@ -382,8 +385,13 @@ def aggregate_patients(
     list of PatientResult
         In order of first appearance.
     """
+    return _patients_of(aggregate_eyes(rows, eyes), rule)
+
+
+def _patients_of(eyes: Sequence[EyeResult], rule: str) -> list[PatientResult]:
+    """:func:`aggregate_patient` per patient of ``eyes``, in order of first appearance."""
     by_patient: dict[str, list[EyeResult]] = {}
-    for eye in aggregate_eyes(rows, eyes):
+    for eye in eyes:
         by_patient.setdefault(eye.patient_id, []).append(eye)
     return [aggregate_patient(e, rule) for e in by_patient.values()]
 
@@ -528,11 +536,7 @@ def patient_metrics(
     for name, threshold in thresholds.items():
         eye_results = aggregate_eyes(_rows_at(p, ok, g, threshold), eye_list)
         n_eyes, n_bad = len(eye_results), sum(not e.graded for e in eye_results)
-        by_patient: dict[str, list[EyeResult]] = {}
-        for eye in eye_results:
-            by_patient.setdefault(eye.patient_id, []).append(eye)
-        results = [aggregate_patient(v, rule) for v in by_patient.values()]
-        points[name] = _point_block(results, truth, threshold)
+        points[name] = _point_block(_patients_of(eye_results, rule), truth, threshold)
     head = headline if headline in points else next(iter(points))
     n_pos = sum(truth.values())
     out: dict[str, Any] = {
@@ -555,3 +559,163 @@ def patient_metrics(
     out["n_insufficient"] = points[head]["n_insufficient"]
     out["operating_points"] = points
     return out
+
+
+def evaluation_patients(
+    eyes: Sequence[Any],
+    y_true: Any,
+    probs: Any,
+    metrics: Mapping[str, Any],
+    *,
+    class_names: Sequence[str],
+    ordinal: bool,
+    gradable: Any = None,
+    decoding: Mapping[str, Any] | None = None,
+    positive_class: str | None = None,
+    rule: str = DEFAULT_PATIENT_RULE,
+) -> dict[str, Any] | None:
+    """:func:`patient_metrics` at the operating points an image-level evaluation chose.
+
+    Parameters
+    ----------
+    eyes : sequence of ImageEye or None, length N
+        Each image's patient and eye.
+    y_true : array-like of int, shape (N,)
+        True grades.
+    probs : array-like, shape (N, K)
+        Calibrated probabilities.
+    metrics : mapping
+        The image-level :func:`medtune.evaluation.metrics.compute_metrics` result: its
+        ``operating_points`` thresholds (chosen on validation) are applied per image.
+    class_names, ordinal, decoding, positive_class
+        As for :func:`~medtune.evaluation.metrics.compute_metrics`.
+    gradable : array-like of bool, shape (N,), optional
+        The quality gate's verdicts (default: every image gradable).
+    rule : {"either-eye", "both-eyes"}, default "either-eye"
+
+    Returns
+    -------
+    dict or None
+        :func:`patient_metrics`'s dict plus ``patient_from`` / ``eye_from`` (how many images got
+        their patient / eye from the manifest, DICOM or the file name); ``None`` without a
+        referral task, without operating points, or when no image has a patient.
+    """
+    from collections import Counter
+
+    from medtune.evaluation.decoding import decode
+    from medtune.evaluation.metrics import binary_task
+
+    task = binary_task(list(class_names), ordinal, positive_class)
+    points = metrics.get("operating_points") or {}
+    if task is None or not points:
+        return None
+    y = np.asarray(y_true).astype(np.int64)
+    p = np.asarray(probs, dtype=np.float64)
+    ok = np.ones(len(y), bool) if gradable is None else np.asarray(gradable, dtype=bool)
+    out = patient_metrics(
+        eyes,
+        task.labels(y) == 1,
+        task.score(p),
+        ok,
+        {name: float(d["threshold"]) for name, d in points.items()},
+        grades=decode(p, dict(decoding) if decoding else None),
+        rule=rule,
+    )
+    if out is not None:
+        known = [e for e in eyes if e is not None and getattr(e, "patient_id", None)]
+        out["patient_from"] = dict(Counter(e.patient_source for e in known))
+        out["eye_from"] = dict(Counter(e.eye_source or "unknown" for e in known))
+    return out
+
+
+# ---------------------------------------------------------------------------- prediction
+
+
+@dataclass(frozen=True)
+class PatientScreening:
+    """Image rows grouped into eyes and patients (:func:`screen_patients`).
+
+    Attributes
+    ----------
+    eyes : tuple of EyeResult
+    patients : tuple of PatientResult
+    image_eyes : tuple of ImageEye
+        Each image row's patient and eye, in row order.
+    rule : str
+        The patient rule applied.
+    """
+
+    eyes: tuple[EyeResult, ...]
+    patients: tuple[PatientResult, ...]
+    image_eyes: tuple[Any, ...]
+    rule: str
+
+    def meta(self) -> dict[str, Any]:
+        """What the patient and eye files mean (the ``patients`` key of the sidecar)."""
+        from collections import Counter
+
+        known = [e for e in self.image_eyes if e.patient_id is not None]
+        return {
+            "rule": self.rule,
+            "rule_text": PATIENT_RULES[self.rule],
+            "eye_rule": (
+                "the highest grade and P(referable) of the eye's gradable images; ungradable "
+                "when it has none"
+            ),
+            "n_patients": len(self.patients),
+            "n_eyes": len(self.eyes),
+            "n_images_without_patient": len(self.image_eyes) - len(known),
+            "patient_from": dict(Counter(e.patient_source for e in known)),
+            "eye_from": dict(Counter(e.eye_source or "unknown" for e in known)),
+            "source": "docs/screening.md, Patients and eyes (IDx-DR and EyeArt output definitions)",
+        }
+
+
+def screen_patients(
+    rows: Sequence[Any],
+    *,
+    manifest: Any = None,
+    rule: str = DEFAULT_PATIENT_RULE,
+) -> PatientScreening | None:
+    """Group ``medtune predict`` rows by patient and eye and apply the eye and patient rules.
+
+    Parameters
+    ----------
+    rows : sequence of PredictionRow or mapping
+        Image rows whose ``image`` is the file path (``medtune.predict``'s rows).
+    manifest : path-like or Manifest, optional
+        A CSV ``image,patient_id,eye`` (:func:`medtune.data.laterality.read_manifest`);
+        without it DICOM tags and file names (``17_left.jpeg``, ``P1_OD.jpg``) are used.
+    rule : {"either-eye", "both-eyes"}, default "either-eye"
+        The patient rule (:data:`PATIENT_RULES`).
+
+    Returns
+    -------
+    PatientScreening or None
+        ``None`` when no image's patient is known.
+
+    Raises
+    ------
+    MedtuneError
+        For an unknown rule or a bad manifest.
+
+    Examples
+    --------
+    >>> rows = medtune.predict(["clinic/"], run="runs/dr")  # doctest: +SKIP
+    >>> screening = screen_patients(rows)  # doctest: +SKIP
+    >>> [(p.patient_id, p.refer) for p in screening.patients]  # doctest: +SKIP
+    [('17', 'no'), ('19', 'yes')]
+    """
+    from medtune.data.laterality import image_eyes
+
+    if rule not in PATIENT_RULES:
+        raise MedtuneError(
+            f"patient rule {rule!r} is unknown; use one of {', '.join(PATIENT_RULES)}"
+        )
+    images = [str(_field(r, "image")) for r in rows]
+    eyes = image_eyes(images, manifest=manifest)
+    if not any(e.grouped for e in eyes):
+        return None
+    eye_results = aggregate_eyes(rows, eyes)
+    patients = tuple(_patients_of(eye_results, rule))
+    return PatientScreening(tuple(eye_results), patients, tuple(eyes), rule)
