@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import tiny_flags, write_graded_images
+from conftest import train_tiny_dr_run
 from PIL import Image
 
 from medtune.cli.main import main
@@ -18,12 +18,7 @@ from medtune.evaluation.quality import QualityVerdict
 
 @pytest.fixture(scope="module")
 def dr_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("patients")
-    data = write_graded_images(root / "data", n_per_class=8, size=32, classes=5)
-    args = ["train", "--data", str(data), "--out", str(root / "run")]
-    args += ["--strategy", "linear-probe", "--cache-dir", str(root / "cache"), *tiny_flags()]
-    assert main(args) == 0
-    return root / "run"
+    return train_tiny_dr_run(tmp_path_factory.mktemp("patients"))
 
 
 def _clinic(folder: Path, n_patients: int = 6, seed: int = 1) -> dict[str, int]:
