@@ -80,9 +80,14 @@ def test_rows_are_grouped_by_patient_and_eye_in_order() -> None:
 
 
 def test_patient_and_eye_may_come_from_the_rows_themselves() -> None:
-    rows = [dict(row("x", 2, 0.8), patient_id="9", eye="left")]
+    rows = [
+        dict(row("x", 2, 0.8), patient_id="9", eye="OS"),
+        dict(row("y", 0, 0.1), patient_id="9", eye="R"),
+        dict(row("z", 0, 0.1), patient_id="9", eye="OU"),  # no single eye
+    ]
     (patient,) = aggregate_patients(rows)
     assert patient.patient_id == "9" and patient.refer == "yes"
+    assert [e.eye for e in patient.eyes] == ["right", "left", "unknown"]
     assert patient.reason == "referable in the left eye"
 
 

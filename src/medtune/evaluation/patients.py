@@ -224,6 +224,16 @@ def _eye_of(row: Any, eye: Any | None) -> tuple[str | None, str | None]:
     return eye.patient_id, eye.eye
 
 
+def _side(eye: Any) -> str:
+    """``"right"``, ``"left"`` or ``"unknown"`` from any spelling (``OD``, ``L``, ...)."""
+    from medtune.data.laterality import normalise_eye
+
+    try:
+        return normalise_eye(eye) or UNKNOWN_EYE
+    except ValueError:
+        return UNKNOWN_EYE
+
+
 def _one_eye(patient: str, eye: str, rows: list[Any]) -> EyeResult:
     """The per-eye rule: the highest grade and P(referable) of the gradable images."""
     gradable = [r for r in rows if _field(r, "quality") != UNGRADABLE]
@@ -271,7 +281,8 @@ def aggregate_eyes(rows: Iterable[Any], eyes: Sequence[Any] | None = None) -> li
         are read; with ``eyes`` omitted, also ``patient_id`` and ``eye``.
     eyes : sequence of ImageEye or (patient, eye) tuples, optional
         The patient and eye of each row (:func:`medtune.data.laterality.image_eyes`), same
-        length and order as ``rows``.
+        length and order as ``rows``. Eyes may be spelled ``right``/``left``, ``OD``/``OS``,
+        ``R``/``L`` ...; anything else is the ``"unknown"`` eye.
 
     Returns
     -------
@@ -292,7 +303,7 @@ def aggregate_eyes(rows: Iterable[Any], eyes: Sequence[Any] | None = None) -> li
         patient, eye = _eye_of(row, None if eyes is None else eyes[i])
         if patient is None or patient == "":
             continue
-        side = eye if eye in _EYE_ORDER[:2] else UNKNOWN_EYE
+        side = _side(eye)
         groups.setdefault(str(patient), {}).setdefault(side, []).append(row)
     out = []
     for patient, by_eye in groups.items():
