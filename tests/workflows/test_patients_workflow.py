@@ -144,3 +144,15 @@ def test_evaluate_reports_patient_level_figures(
     assert saved["patients"]["n_patients"] == 8
     html = result.report.read_text()
     assert 'id="tbl-patients"' in html and "8 patients" in html and "either-eye" in html
+
+
+def test_evaluate_command_prints_the_patient_line(dr_run: Path, tmp_path: Path, capsys) -> None:
+    data = tmp_path / "site"
+    grades = _clinic(data, n_patients=3, seed=7)
+    rows = ["image,label"] + [f"{n},{g}" for n, g in grades.items()]  # patients from the names
+    (data / "labels.csv").write_text("\n".join(rows) + "\n", "utf-8")
+    args = ["evaluate", "--run", str(dr_run), "--data", str(data), "--no-gradcam"]
+    assert main([*args, "--bootstrap", "0", "--patient-rule", "both-eyes"]) == 0
+    out = capsys.readouterr().out
+    assert "patients (3, both-eyes rule, sens90): sensitivity" in out
+    assert "insufficient quality" in out

@@ -391,7 +391,26 @@ def run_evaluate(args: argparse.Namespace) -> None:
     )
     synthetic = "synthetic" in str(result.metrics.get("data", "")).lower()
     print(metrics_table({"test": result.metrics}, synthetic=synthetic))
+    patients = result.metrics.get("patients")
+    if patients:
+        print(_patients_line(patients))
     print(f"metrics: {result.dir / 'metrics.json'}\nreport: {result.report}")
+
+
+def _patients_line(pm: dict[str, Any]) -> str:
+    """Patient-level figures in one line (``metrics["patients"]``)."""
+
+    def pct(key: str) -> str:
+        value, ci = pm.get(key), pm.get(f"{key}_ci")
+        if value is None:
+            return "n/a"
+        return f"{value:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+    return (
+        f"patients ({pm['n_patients']}, {pm['rule']} rule, {pm['headline_operating_point']}): "
+        f"sensitivity {pct('sensitivity')}, specificity {pct('specificity')}, "
+        f"insufficient quality {pm['n_insufficient']} ({pct('insufficient_share')})"
+    )
 
 
 # ----------------------------------------------------------------------------------- predict
