@@ -363,6 +363,17 @@ def add_evaluate(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-gradcam", action="store_true", help="leave Grad-CAM out of the report")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images")
+    _add_patient_rule(p)
+
+
+def _add_patient_rule(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--patient-rule",
+        choices=["either-eye", "both-eyes"],
+        default="either-eye",
+        help="per-patient answer: refer when either eye is referable; insufficient quality "
+        "when no eye (either-eye, default) or not both eyes (both-eyes) could be graded",
+    )
 
 
 def run_evaluate(args: argparse.Namespace) -> None:
@@ -377,10 +388,30 @@ def run_evaluate(args: argparse.Namespace) -> None:
         n_boot=args.bootstrap,
         gradcam=not args.no_gradcam,
         skip_bad=args.skip_bad,
+        patient_rule=args.patient_rule,
     )
     synthetic = "synthetic" in str(result.metrics.get("data", "")).lower()
     print(metrics_table({"test": result.metrics}, synthetic=synthetic))
+    patients = result.metrics.get("patients")
+    if patients:
+        print(_patients_line(patients))
     print(f"metrics: {result.dir / 'metrics.json'}\nreport: {result.report}")
+
+
+def _patients_line(pm: dict[str, Any]) -> str:
+    """Patient-level figures in one line (``metrics["patients"]``)."""
+
+    def pct(key: str) -> str:
+        value, ci = pm.get(key), pm.get(f"{key}_ci")
+        if value is None:
+            return "n/a"
+        return f"{value:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+    return (
+        f"patients ({pm['n_patients']}, {pm['rule']} rule, {pm['headline_operating_point']}): "
+        f"sensitivity {pct('sensitivity')}, specificity {pct('specificity')}, "
+        f"insufficient quality {pm['n_insufficient']} ({pct('insufficient_share')})"
+    )
 
 
 # ----------------------------------------------------------------------------------- predict
@@ -420,6 +451,14 @@ def add_predict(p: argparse.ArgumentParser) -> None:
         help="test-time augmentation: rot90 averages the four rotations",
     )
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images")
+    p.add_argument(
+        "--manifest",
+        metavar="CSV",
+        help="image,patient_id,eye per image (default: DICOM PatientID + ImageLaterality, or "
+        "names like 17_left.jpeg / P1_OD.jpg); with --out, patients and eyes go to "
+        "OUT.patients.csv and OUT.eyes.csv",
+    )
+    _add_patient_rule(p)
 
 
 def run_predict(args: argparse.Namespace) -> None:
@@ -442,6 +481,8 @@ def run_predict(args: argparse.Namespace) -> None:
             operating_point=args.operating_point,
             tta=args.tta,
             skip_bad=args.skip_bad,
+            manifest=args.manifest,
+            patient_rule=args.patient_rule,
         )
         if to_stdout:  # the same document as --json PATH
             print(Path(json_path).read_text(encoding="utf-8"), end="")
