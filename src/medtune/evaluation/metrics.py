@@ -36,6 +36,7 @@ from sklearn.metrics import (
     roc_curve,
 )
 
+from medtune.config import OPERATING_POINTS
 from medtune.errors import MedtuneError
 from medtune.evaluation.calibration import (
     apply_temperature,
@@ -70,8 +71,6 @@ __all__ = [
     "quick_metrics",
 ]
 
-# name -> minimum validation sensitivity (None: Youden's J maximum)
-OPERATING_POINTS: dict[str, float | None] = {"sens90": 0.90, "sens97.5": 0.975, "youden": None}
 HEADLINE_POINT = "youden"
 
 
