@@ -184,6 +184,9 @@ class TrainConfig:
     ema: float | None = None
     class_weights: str | None = None
     balanced_sampler: bool = False
+    # P(site) ~ n_site ** site_balance: 1 keeps sites in proportion to their size (unmeasured
+    # lever: it becomes a default only on the leave-one-site-out benchmark, docs/generalisation.md)
+    site_balance: float = 1.0
 
     early_stopping: int | None = 5
     seed: int = 0
@@ -298,6 +301,11 @@ class TrainConfig:
         if self.ema is not None and not 0.0 < self.ema < 1.0:
             raise MedtuneError(
                 f"ema {self.ema} is not a decay in (0, 1); try 0.99, or leave it out"
+            )
+        if not 0.0 <= self.site_balance <= 1.0:
+            raise MedtuneError(
+                f"site_balance {self.site_balance} is outside [0, 1]; 1 draws sites by size, "
+                "0 every site equally (e.g. --site-balance 0.5)"
             )
 
 

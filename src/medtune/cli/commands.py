@@ -211,6 +211,15 @@ TRAIN_FLAGS: list[tuple[str, dict[str, Any]]] = [
         "--balanced-sampler",
         {"action": "store_true", "default": None, "help": "draw classes equally often"},
     ),
+    (
+        "--site-balance",
+        {
+            "type": float,
+            "metavar": "ALPHA",
+            "help": "several sites: draw a site with probability ~ n_site**ALPHA "
+            "(1 by size, the default; 0 every site equally)",
+        },
+    ),
     ("--hflip", {"action": "store_true", "default": None, "help": "add horizontal flips"}),
     ("--vflip", {"action": "store_true", "default": None, "help": "add vertical flips"}),
     (

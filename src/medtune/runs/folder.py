@@ -337,13 +337,22 @@ class RunFolder:
             raise MedtuneError(f"{path}: not found; the run has not finished")
         return json.loads(path.read_text(encoding="utf-8"))
 
-    def write_val_logits(self, labels: np.ndarray, logits: dict[str, np.ndarray]) -> None:
-        """Validation labels (N,) and logits (N, K) per TTA mode, for later operating points."""
+    def write_val_logits(
+        self,
+        labels: np.ndarray,
+        logits: dict[str, np.ndarray],
+        sites: list[str] | None = None,
+    ) -> None:
+        """Validation labels (N,) and logits (N, K) per TTA mode, for later operating points,
+        and the site of each image (``sites``, when the run has several: the worst-site rule of
+        :func:`medtune.evaluation.metrics.choose_operating_points`)."""
+        extra = {} if sites is None else {"sites": np.asarray(sites, dtype=str)}
         with atomic_path(self.dir / self.VAL_LOGITS) as tmp, open(tmp, "wb") as fh:
-            np.savez(fh, labels=labels, **{f"logits_{k}": v for k, v in logits.items()})
+            np.savez(fh, labels=labels, **extra, **{f"logits_{k}": v for k, v in logits.items()})
 
     def read_val_logits(self) -> dict[str, np.ndarray]:
-        """``{"labels": (N,), "logits_<tta>": (N, K), ...}`` (no pickles are loaded)."""
+        """``{"labels": (N,), "logits_<tta>": (N, K), ...}`` and ``"sites"`` (N,) when written
+        (no pickles are loaded)."""
         path = self.dir / self.VAL_LOGITS
         if not path.is_file():
             raise MedtuneError(f"{path}: not found; the run has not finished")

@@ -305,6 +305,7 @@ def _move_points(
     old = choose_operating_points(
         task.labels(val["labels"]),
         task.score(apply_temperature(val["logits_none"], meta.temperature)),
+        val.get("sites"),
     )
     if not old:
         raise MedtuneError(

@@ -111,6 +111,7 @@ def evaluate(
         "decoding": meta.decoding,
         "n_boot": n_boot,
         "positive_class": meta.positive_class,
+        "val_sites": val.get("sites"),  # the worst-site rule, as at training
     }
     metrics = compute_metrics(part.labels, probs, groups=part.groups, **settings)
     per_site = per_site_metrics(part, probs, **settings)  # sites (issue 13)

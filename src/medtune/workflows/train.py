@@ -136,6 +136,7 @@ def train(
     ema: float | None = _D.ema,
     class_weights: str | None = _D.class_weights,
     balanced_sampler: bool = _D.balanced_sampler,
+    site_balance: float = _D.site_balance,
     early_stopping: int | None = _D.early_stopping,
     seed: int = _D.seed,
     precision: str = _D.precision,
@@ -248,7 +249,12 @@ def train(
     class_weights : {None, "auto"}, default None
         ``"auto"``: inverse-frequency loss weights.
     balanced_sampler : bool, default False
-        Draw training images class-balanced.
+        Draw training images class-balanced (within each site when there are several).
+    site_balance : float, default 1.0
+        With several sites, draw site ``s`` with probability ``~ n_s ** site_balance``: 1 in
+        proportion to its size, 0 every site equally often
+        (:func:`medtune.engines.datamodule.sampling_weights`; temperature sampling,
+        Arivazhagan et al. 2019).
     early_stopping : int or None, default 5
         Patience in epochs on the monitored metric; ``None`` turns it off.
     seed : int, default 0
