@@ -388,6 +388,10 @@ def run_evaluate(args: argparse.Namespace) -> None:
     )
     synthetic = "synthetic" in str(result.metrics.get("data", "")).lower()
     print(metrics_table({"test": result.metrics}, synthetic=synthetic))
+    shift = result.metrics.get("site_shift") or {}
+    for line in (shift.get("message"), (shift.get("batch") or {}).get("message")):
+        if line:
+            print(f"site shift: {line}")
     print(f"metrics: {result.dir / 'metrics.json'}\nreport: {result.report}")
 
 

@@ -18,7 +18,7 @@ from medtune.errors import MedtuneError
 from medtune.evaluation.calibration import apply_temperature, fit_temperature
 from medtune.evaluation.decoding import choose_decoding
 from medtune.evaluation.metrics import compute_metrics
-from medtune.evaluation.shift import SiteShiftModel
+from medtune.evaluation.shift import BatchShiftTest, SiteShiftModel
 from medtune.runs import ModelMeta, RunData, RunFolder
 
 log = logging.getLogger("medtune")
@@ -219,6 +219,11 @@ def finalize_run(
         ),
     )
     run.write_model(model, meta)
+    # the batch shift test's references (evaluate, adapt): validation features and probabilities
+    try:
+        run.write_batch_shift(BatchShiftTest.fit(val_features, val_probs, data.val.sites))
+    except MedtuneError as err:
+        log.warning("no batch shift test for this run: %s", err)
     _add_per_site(metrics["val"], data.val, val_probs, val=(y_val, val_probs), **common)
     if data.test is not None:
         test_probs = apply_temperature(evaluator.logits(data.test, "none"), temperature)
