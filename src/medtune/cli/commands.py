@@ -498,14 +498,40 @@ def add_adapt(p: argparse.ArgumentParser) -> None:
         help="a small labelled sample of the new site: refits the temperature and moves the "
         "operating points so the validated sensitivity holds there (needs 10+ positives)",
     )
+    p.add_argument(
+        "--recalibrate",
+        choices=["none", "quantile", "em-quantile"],
+        default="none",
+        help="without --labels: move the operating points onto the site's unlabelled scores "
+        "(quantile mapping at the validation prevalence, or at one estimated by EM); marked "
+        "'operating point not validated here' (default none)",
+    )
+    p.add_argument(
+        "--suggest",
+        type=int,
+        default=0,
+        metavar="N",
+        help="write the N images a grader should label first to OUT/suggested.csv "
+        "(uncertain and diverse)",
+    )
     p.add_argument("--batch-size", type=int, default=32, help="images per AdaBN batch")
 
 
 def run_adapt(args: argparse.Namespace) -> None:
     from medtune.workflows.adapt import adapt
 
-    result = adapt(args.run, args.data, args.out, labels=args.labels, batch_size=args.batch_size)
+    result = adapt(
+        args.run,
+        args.data,
+        args.out,
+        labels=args.labels,
+        recalibrate=args.recalibrate,
+        suggest=args.suggest,
+        batch_size=args.batch_size,
+    )
     print(result.summary)
+    if result.record.get("suggested"):
+        print(f"images to label first: {result.dir / result.record['suggested']}")
     print(f"run folder: {result.dir}")
 
 

@@ -21,6 +21,7 @@ from medtune.engines.finalize import ImageEvaluator, per_site_metrics
 from medtune.errors import MedtuneError
 from medtune.evaluation.calibration import apply_temperature
 from medtune.evaluation.decoding import decode
+from medtune.evaluation.label_free import score_label_free_points
 from medtune.evaluation.metrics import compute_metrics
 from medtune.io import write_json
 from medtune.models.stage_classifier import StageProbeClassifier
@@ -119,6 +120,9 @@ def evaluate(
         metrics["per_site"] = per_site
     if site_shift is not None:
         metrics["site_shift"] = site_shift
+    moved = score_label_free_points(part.labels, probs, meta.operating_points, tta, part.groups)
+    if moved is not None:  # a run adapted without labels (medtune adapt --recalibrate)
+        metrics["label_free_operating_points"] = moved
     metrics["tta"] = tta
     metrics["data"] = data or f"{config.data} (test split)"
     out = folder.eval_dir(name or _default_name(data, tta))
