@@ -12,7 +12,9 @@ from medtune.transfer.suggest import binary_entropy, suggest_images
 def _clusters(rng: np.random.Generator, sizes=(60, 30, 10)):
     """Three well-separated clusters of features; the big one holds the most images."""
     centres = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
-    feats = np.vstack([rng.normal(c, 0.5, size=(n, 2)) for c, n in zip(centres, sizes)])
+    feats = np.vstack(
+        [rng.normal(c, 0.5, size=(n, 2)) for c, n in zip(centres, sizes, strict=True)]
+    )
     labels = np.repeat(np.arange(3), sizes)
     return feats, labels
 

@@ -217,7 +217,7 @@ TRAIN_FLAGS: list[tuple[str, dict[str, Any]]] = [
             "type": float,
             "metavar": "ALPHA",
             "help": "several sites: draw a site with probability ~ n_site**ALPHA "
-            "(1 by size, the default; 0 every site equally)",
+            "(default 1.0: by size; 0: every site equally)",
         },
     ),
     ("--hflip", {"action": "store_true", "default": None, "help": "add horizontal flips"}),
