@@ -439,6 +439,14 @@ class TrainConfig:
         None, choices=CLASS_WEIGHTS, help="`auto`: inverse-frequency loss weights"
     )
     balanced_sampler: bool = setting(False, help="draw training images class-balanced")
+    # P(site) ~ n_site ** site_balance: 1 keeps sites in proportion to their size (unmeasured
+    # lever: it becomes a default only on the leave-one-site-out benchmark, docs/generalisation.md)
+    site_balance: float = setting(
+        1.0,
+        unit="exponent",
+        help="several sites: site `s` is drawn with probability `~ n_s ** site_balance` (1: by "
+        "size; 0: every site equally; temperature sampling, Arivazhagan et al. 2019)",
+    )
 
     early_stopping: int | None = setting(
         5,
@@ -610,6 +618,11 @@ class TrainConfig:
         if self.ema is not None and not 0.0 < self.ema < 1.0:
             raise MedtuneError(
                 f"ema {self.ema} is not a decay in (0, 1); try 0.99, or leave it out"
+            )
+        if not 0.0 <= self.site_balance <= 1.0:
+            raise MedtuneError(
+                f"site_balance {self.site_balance} is outside [0, 1]; 1 draws sites by size, "
+                "0 every site equally (e.g. --site-balance 0.5)"
             )
 
 

@@ -478,8 +478,12 @@ def _shift_section(shift: Mapping[str, Any] | None) -> str:
     rows = [
         [k.replace("_", " "), _num(v) if isinstance(v, float) else str(v)]
         for k, v in shift.items()
-        if k not in ("message", "warning")
+        if k not in ("message", "warning", "batch")
     ]
+    batch = shift.get("batch")  # the whole set tested against validation (BatchShiftTest)
+    if batch:
+        batch_cls = "warn" if batch["shifted"] else "muted"
+        message += f'</p><p class="{batch_cls}">{html.escape(batch["message"])}'
     return (
         head
         + f'<p class="{cls}">{message}</p>'

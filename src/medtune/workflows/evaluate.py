@@ -21,6 +21,7 @@ from medtune.engines.finalize import ImageEvaluator, per_site_metrics
 from medtune.errors import MedtuneError
 from medtune.evaluation.calibration import apply_temperature
 from medtune.evaluation.decoding import decode
+from medtune.evaluation.label_free import score_label_free_points
 from medtune.evaluation.metrics import compute_metrics
 from medtune.evaluation.patients import DEFAULT_PATIENT_RULE, evaluation_patients
 from medtune.io import write_json
@@ -109,7 +110,7 @@ def evaluate(
     part = _evaluation_part(config, run, data, meta.class_names)
     # fp32, the precision the temperature, decoding and operating points were fitted in
     evaluator = ImageEvaluator(model, meta.mean, meta.std, progress=progress)
-    logits, site_shift = _logits_and_site_shift(evaluator, part, tta, folder)
+    logits, site_shift = _logits_and_site_shift(evaluator, part, tta, folder, meta.temperature)
     probs = apply_temperature(logits, meta.temperature)
     val = folder.read_val_logits()
     val_probs = apply_temperature(val[f"logits_{tta}"], meta.temperature)
@@ -120,6 +121,7 @@ def evaluate(
         "decoding": meta.decoding,
         "n_boot": n_boot,
         "positive_class": meta.positive_class,
+        "val_sites": val.get("sites"),  # the worst-site rule, as at training
     }
     metrics = compute_metrics(part.labels, probs, groups=part.groups, **settings)
     per_site = per_site_metrics(part, probs, **settings)  # sites (issue 13)
@@ -131,6 +133,9 @@ def evaluate(
     patients = _patients(data, config, part, probs, metrics, verdicts, settings, patient_rule)
     if patients is not None:
         metrics["patients"] = patients
+    moved = score_label_free_points(part.labels, probs, meta.operating_points, tta, part.groups)
+    if moved is not None:  # a run adapted without labels (medtune adapt --recalibrate)
+        metrics["label_free_operating_points"] = moved
     metrics["tta"] = tta
     metrics["data"] = data or f"{config.data} (test split)"
     out = folder.eval_dir(name or _default_name(data, tta))
@@ -202,22 +207,27 @@ def _images(part: Part, batch: int = 64):
 
 
 def _logits_and_site_shift(
-    evaluator: ImageEvaluator, part: Part, tta: str, folder: RunFolder
+    evaluator: ImageEvaluator, part: Part, tta: str, folder: RunFolder, temperature: float
 ) -> tuple[np.ndarray, dict[str, Any] | None]:
     """The logits with ``tta``, and the share of images outside the training distribution
     (:func:`medtune.evaluation.shift.shift_summary`; ``None`` for a run without
-    ``site_shift.npz``). The site-shift model was fitted on plain (no TTA) features."""
+    ``site_shift.npz``) with the batch shift test's verdict on the whole set (``batch``,
+    :class:`medtune.evaluation.shift.BatchShiftTest`). Both were fitted on plain (no TTA)
+    features."""
     from medtune.evaluation.shift import shift_summary
 
-    shift = folder.read_site_shift()
-    if shift is None:
+    shift, batch = folder.read_site_shift(), folder.read_batch_shift()
+    if shift is None and batch is None:
         return evaluator.logits(part, tta), None
-    logits, features = evaluator.logits_and_features(part)
-    if tta != "none":
-        logits = evaluator.logits(part, tta)
-    scores = shift.score(features)
-    summary = shift_summary(scores > shift.threshold, shift.percentile)
-    summary.update(threshold=shift.threshold, median_score=float(np.median(scores)))
+    plain, features = evaluator.logits_and_features(part)
+    logits = plain if tta == "none" else evaluator.logits(part, tta)
+    summary: dict[str, Any] = {}
+    if shift is not None:
+        scores = shift.score(features)
+        summary = shift_summary(scores > shift.threshold, shift.percentile)
+        summary.update(threshold=shift.threshold, median_score=float(np.median(scores)))
+    if batch is not None:
+        summary["batch"] = batch.test(features, apply_temperature(plain, temperature))
     return logits, summary
 
 

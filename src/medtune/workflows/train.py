@@ -146,6 +146,7 @@ def train(
     ema: float | None = _D.ema,
     class_weights: str | None = _D.class_weights,
     balanced_sampler: bool = _D.balanced_sampler,
+    site_balance: float = _D.site_balance,
     early_stopping: int | None = _D.early_stopping,
     seed: int = _D.seed,
     precision: str = _D.precision,
