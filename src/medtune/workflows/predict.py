@@ -49,8 +49,8 @@ from medtune.runs import RunFolder
 
 BATCH = 32
 QUALITY_RULE = (
-    "medtune.evaluation.quality.assess_quality on the decoded photograph, before fundus "
-    "preprocessing (docs/screening.md, Image-quality gate)"
+    "medtune.evaluation.quality.assess_quality on the network input (field of view cropped, "
+    "at the model's image size; docs/screening.md, Image-quality gate)"
 )
 
 
@@ -321,9 +321,9 @@ def _points_from_val_logits(folder: RunFolder, meta: Any) -> dict[str, Any] | No
 # ---------------------------------------------------------------------------- rows
 
 
-def assess_image_quality(img: Image.Image) -> tuple[bool, str | None]:
-    """``(gradable, reason)`` of a decoded image (:func:`medtune.evaluation.quality.assess_quality`,
-    before any fundus preprocessing)."""
+def assess_image_quality(img: np.ndarray) -> tuple[bool, str | None]:
+    """``(gradable, reason)`` of a network input (:func:`medtune.evaluation.quality.assess_quality`
+    on the uint8 working-size image of :func:`medtune.data.preprocess.prepare_image`)."""
     from medtune.evaluation.quality import assess_quality
 
     verdict = assess_quality(img)
@@ -342,7 +342,7 @@ class PreparedBatch:
 def prepare_batch(
     names: Sequence[str], images: Sequence[Image.Image], predictor: Predictor
 ) -> PreparedBatch:
-    """Judge image quality on each decoded image, then preprocess it as training did.
+    """Preprocess each decoded image as training did, then judge its quality on that input.
 
     Parameters
     ----------
@@ -357,10 +357,10 @@ def prepare_batch(
     -------
     PreparedBatch
     """
-    quality = [assess_image_quality(img) for img in images]
+    arrays = [prepare_image(img, predictor.image_size, predictor.fundus) for img in images]
+    quality = [assess_image_quality(arr) for arr in arrays]
     if predictor.quality_model is not None and images:
         quality = _learned_quality(images, predictor.quality_model, quality)
-    arrays = [prepare_image(img, predictor.image_size, predictor.fundus) for img in images]
     size = predictor.image_size
     stacked = np.stack(arrays) if arrays else np.zeros((0, size, size, 3), np.uint8)
     return PreparedBatch(list(names), stacked, quality)
@@ -525,8 +525,8 @@ def predict(
     -------
     list of dict
         One per image, in column order: ``image``, ``quality`` (``gradable``/``ungradable``,
-        by :func:`medtune.evaluation.quality.assess_quality` on the photograph as decoded for
-        the model, long side twice the image size), ``quality_reason`` (its reason),
+        by :func:`medtune.evaluation.quality.assess_quality` on the network input the model
+        sees, at its image size), ``quality_reason`` (its reason),
         ``grade`` (decoded grade index), ``grade_name`` (``"No DR"`` ... ``"Proliferative
         DR"`` for 5-grade DR models, else the class name), ``p_<grade name>`` (calibrated
         probability of each grade), ``expected_grade`` (only with expected-grade decoding),
