@@ -60,6 +60,17 @@ def write_graded_images(
     return root
 
 
+def train_tiny_dr_run(root: Path) -> Path:
+    """A linear probe of the tiny settings on made-up 5-grade DR images (``root/run``)."""
+    from medtune.cli.main import main
+
+    data = write_graded_images(root / "data", n_per_class=8, size=32, classes=5)
+    args = ["train", "--data", str(data), "--out", str(root / "run")]
+    args += ["--strategy", "linear-probe", "--cache-dir", str(root / "cache"), *tiny_flags()]
+    assert main(args) == 0
+    return root / "run"
+
+
 @pytest.fixture
 def graded_folder(tmp_path: Path) -> Path:
     return write_graded_images(tmp_path / "data")
@@ -153,15 +164,16 @@ def imagenet_probs(backbone, image: np.ndarray):
 @pytest.fixture(scope="session")
 def served_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A linear probe on made-up graded images (grades 0-4: a DR model with a referral rule,
-    48 px, no pretrained weights) and its ONNX export in ``RUN/../export``; shared by the tests
-    of ``medtune serve``."""
+    64 px, no pretrained weights) and its ONNX export in ``RUN/../export``; shared by the tests
+    of ``medtune serve``. 64 px: the image-quality gate judges the network input, and below
+    64 px it finds even a sharp fundus photograph out of focus."""
     from medtune.cli.main import main
 
     root = tmp_path_factory.mktemp("served")
     data = write_graded_images(root / "data", classes=5)
     run = root / "run"
     args = ["train", "--data", str(data), "--out", str(run), "--strategy", "linear-probe"]
-    assert main([*args, "--cache-dir", str(root / "cache"), *tiny_flags(image_size=48)]) == 0
+    assert main([*args, "--cache-dir", str(root / "cache"), *tiny_flags(image_size=64)]) == 0
     assert main(["export", "--run", str(run), "--out", str(root / "export")]) == 0
     return run
 

@@ -35,7 +35,7 @@ BASE = "http://127.0.0.1"  # the server answers loopback Host names only
 # ------------------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module")
 def tiny_run(served_run: Path) -> Path:
-    """A linear probe on made-up graded images (48 px, no pretrained weights) and its ONNX."""
+    """A linear probe on made-up graded images (64 px, no pretrained weights) and its ONNX."""
     return served_run
 
 
@@ -389,10 +389,14 @@ def test_page_end_to_end_in_headless_chromium(tiny_run: Path, tmp_path: Path) ->
     )
     photos = browser_photographs(tmp_path / "photos")
     gate = importlib.util.find_spec("medtune.evaluation.quality") is not None
-    if gate:  # the three photographs are what they claim to be
+    if gate:  # the three photographs are what they claim to be, judged as predict judges them
+        from medtune.data.preprocess import prepare_image  # on the network's input
         from medtune.evaluation.quality import assess_quality
+        from medtune.runs import RunFolder
 
-        verdicts = [assess_quality(Image.open(p)) for p in photos]
+        meta = RunFolder(tiny_run).read_meta()
+        inputs = [prepare_image(Image.open(p), meta.image_size, meta.fundus) for p in photos]
+        verdicts = [assess_quality(x) for x in inputs]
         assert [(v.gradable, v.code) for v in verdicts] == [
             (True, "ok"),
             (False, "blur"),

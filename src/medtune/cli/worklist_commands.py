@@ -8,6 +8,7 @@ import getpass
 import sys
 
 from medtune.errors import MedtuneError
+from medtune.worklist.models import ROLES
 
 DB_HELP = "worklist database URL (default SQLite in the data folder; postgresql://user:pw@host/db)"
 DIR_HELP = "data folder (default $MEDTUNE_DATA or the user's data folder)"
@@ -23,7 +24,7 @@ def add_users(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     add = sub.add_parser("add", help="add a user (asks for the password)")
     add.add_argument("username")
-    add.add_argument("--role", choices=["grader", "admin"], default="grader")
+    add.add_argument("--role", choices=ROLES, default="grader", help="graders screen and review")
     add.add_argument(
         "--password-stdin", action="store_true", help="read the password from standard input"
     )

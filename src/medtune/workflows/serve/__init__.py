@@ -2,9 +2,9 @@
 
 :mod:`~medtune.workflows.serve.app` (the app and :func:`serve`),
 :mod:`~medtune.workflows.serve.api` (the routes), :mod:`~medtune.workflows.serve.auth` (who may
-do what), :mod:`~medtune.workflows.serve.screening` (the service),
-:mod:`~medtune.workflows.serve.patients` (eyes and patients), :mod:`~medtune.workflows.serve.card`
-(the model card) and :mod:`~medtune.workflows.serve.page` (the static page).
+do what), :mod:`~medtune.workflows.serve.screening` (the service: rows in memory, then eyes and
+the patient by :mod:`medtune.evaluation.patients`), :mod:`~medtune.workflows.serve.card` (the
+model card) and :mod:`~medtune.workflows.serve.page` (the static page).
 """
 
 from medtune.workflows.serve.app import create_app, is_loopback, serve

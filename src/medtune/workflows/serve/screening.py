@@ -25,12 +25,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from medtune.data.laterality import parse_file_name
 from medtune.data.preprocess import DECODE_SIDE_FACTOR, decode_source
 from medtune.errors import BadImageError, MedtuneError
+from medtune.evaluation.patients import (
+    DEFAULT_PATIENT_RULE,
+    INSUFFICIENT,
+    UNGRADABLE,
+    aggregate_eyes,
+    aggregate_patient,
+)
 from medtune.evaluation.referral import DEFAULT_OPERATING_POINT
 from medtune.workflows.predict import load_predictor, predict_images, prediction_meta, to_csv
 from medtune.workflows.serve import card as model_card
-from medtune.workflows.serve.patients import group_eyes, patient_result, resolve_sides
 from medtune.worklist.store import NewImage, NewScreening
 
 log = logging.getLogger("medtune.serve")
@@ -333,6 +340,56 @@ def _skip(name: str, reason: str) -> dict[str, str]:
     return {"image": name, "reason": f"{name}: {reason}"}
 
 
+#: The stored patient-level answers, by :func:`medtune.evaluation.patients.aggregate_patient`'s.
+REFERRALS = {"yes": "refer", "no": "no_refer", INSUFFICIENT: "insufficient_quality"}
+
+
+def resolve_sides(names: Sequence[str], chosen: Sequence[str | None]) -> list[str]:
+    """Each photograph's eye: the user's choice when it names one, else the file name's
+    (:func:`medtune.data.laterality.parse_file_name`: ``12_left.jpeg``, ``p3_OD_2.png``, ...),
+    else ``unknown``."""
+    out = []
+    for i, name in enumerate(names):
+        pick = str((chosen[i] if i < len(chosen) else None) or "").strip().lower()
+        parsed = parse_file_name(name)
+        out.append(pick if pick in ("right", "left") else (parsed[1] if parsed else "unknown"))
+    return out
+
+
+def patient_answer(
+    sides: Sequence[str], rows: Sequence[dict[str, Any]]
+) -> tuple[str, str, list[dict[str, Any]]]:
+    """The patient's referral and quality and each eye, by the screening programmes' rules
+    (:func:`medtune.evaluation.patients.aggregate_eyes` / ``aggregate_patient``, either-eye).
+
+    Returns
+    -------
+    referral : {"refer", "no_refer", "insufficient_quality", ""}
+        ``""`` when the model has no validated referral.
+    quality : {"gradable", "partial", "ungradable"}
+        All eyes gradable, some, or none.
+    eyes : list of dict
+        ``side``, ``quality`` (``gradable``/``ungradable``), ``grade``, ``grade_name``,
+        ``p_referable``, ``refer``; right eye first.
+    """
+    results = aggregate_eyes(rows, [("patient", side) for side in sides])
+    patient = aggregate_patient(results, DEFAULT_PATIENT_RULE)
+    eyes = [
+        {
+            "side": e.eye,
+            "quality": UNGRADABLE if e.quality == UNGRADABLE else "gradable",
+            "grade": e.grade,
+            "grade_name": e.grade_name,
+            "p_referable": e.p_referable,
+            "refer": e.refer or "",
+        }
+        for e in patient.eyes
+    ]
+    gradable = [e for e in eyes if e["quality"] != UNGRADABLE]
+    quality = "gradable" if len(gradable) == len(eyes) else ("partial" if gradable else UNGRADABLE)
+    return REFERRALS.get(patient.refer or "", ""), quality, eyes
+
+
 def patient_screening(
     screener: Screener,
     result: ScreeningResult,
@@ -362,10 +419,9 @@ def patient_screening(
         ``patient``, ``referral``, ``quality``, ``eyes`` and each row's ``side``, JSON-ready.
     """
     names = [display_name(files[i][0], i) for i in result.uploads]
-    sides = resolve_sides(names, [chosen_sides[i] if i < len(chosen_sides) else None
-                                  for i in result.uploads])  # fmt: skip
-    eyes = group_eyes(sides, result.rows)
-    referral, quality = patient_result(eyes)
+    chosen = [chosen_sides[i] if i < len(chosen_sides) else None for i in result.uploads]
+    sides = resolve_sides(names, chosen)
+    referral, quality, eyes = patient_answer(sides, result.rows)
     images = [
         NewImage(side, row["image"], files[i][1], kind, row)
         for side, row, i, kind in zip(sides, result.rows, result.uploads, result.kinds, strict=True)
