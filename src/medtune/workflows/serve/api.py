@@ -138,25 +138,16 @@ def limits_json(limits: UploadLimits) -> dict[str, Any]:
 async def predict_json(request: Request, who: UserDep) -> Response:
     """Screen a patient's photographs (multipart ``files``; optional ``patient``, one ``eye``
     per file, ``explain=true``); the answer carries the rows, the unreadable files, the eyes,
-    the patient-level referral and the stored screening's id."""
-    try:
-        result, summary = await _screen(request, who)
-    except UploadRefused as exc:
-        return error(str(exc), exc.status)
-    except MedtuneError as exc:
-        return error(str(exc), 422)
+    the patient-level referral and the stored screening's id. A refused upload answers its
+    status (:class:`UploadRefused`), the model's own complaint 422 (handlers in ``app``)."""
+    result, summary = await _screen(request, who)
     return JSONResponse({**result.to_json(), "screening": summary}, headers=NO_STORE)
 
 
 @router.post("/api/predict.csv")
 async def predict_csv(request: Request, who: UserDep) -> Response:
     """As ``/api/predict``, answered with ``medtune predict``'s CSV."""
-    try:
-        result, _ = await _screen(request, who)
-    except UploadRefused as exc:
-        return error(str(exc), exc.status)
-    except MedtuneError as exc:
-        return error(str(exc), 422)
+    result, _ = await _screen(request, who)
     return PlainTextResponse(result.csv, media_type="text/csv", headers=NO_STORE)
 
 

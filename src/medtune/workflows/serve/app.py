@@ -229,6 +229,10 @@ def _add_handlers(app: FastAPI) -> None:
     async def refused(request: Request, exc: UploadRefused) -> JSONResponse:  # noqa: ARG001
         return error(str(exc), exc.status)
 
+    @app.exception_handler(MedtuneError)
+    async def unprocessable(request: Request, exc: MedtuneError) -> JSONResponse:  # noqa: ARG001
+        return error(str(exc), 422)  # one line naming the problem (e.g. the model's complaint)
+
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:  # noqa: ARG001
         log.error("internal error: %s", type(exc).__name__)  # no message: it may name files
