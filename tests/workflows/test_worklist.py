@@ -417,3 +417,32 @@ def test_audit_log_and_reviews_are_append_only(folder: Path) -> None:
             assert s.scalar(select(Review.grade)) == 1
     finally:
         db.close()
+
+
+def test_export_csv_cells_cannot_run_as_spreadsheet_formulas(
+    served_run: Path, folder: Path, photos: dict[str, Path]
+) -> None:
+    formula = '=HYPERLINK("http://evil.example","open")'
+    one = patient_upload({"p17_right_1.jpg": photos["p17_right_1.jpg"]}, formula)
+    with TestClient(app_for(served_run, folder), base_url=BASE) as client:
+        csrf = {"X-CSRF-Token": log_in(client)}
+        assert client.post("/api/predict", headers=csrf, **one).status_code == 200
+        export = client.get("/api/screenings.csv").text
+        listed = client.get("/api/screenings").json()["screenings"]
+    assert [line["patient"] for line in csv.DictReader(io.StringIO(export))] == ["'" + formula]
+    assert listed[0]["patient"] == formula  # stored as typed; escaped only in the CSV
+
+
+def test_access_log_lines_carry_no_query_string() -> None:
+    """A worklist filter puts the patient's pseudonym in the query string: uvicorn's access log
+    line (client, method, path, HTTP version, status) keeps the path only."""
+    import logging
+
+    from medtune.workflows.serve.app import drop_query
+
+    record = logging.LogRecord(
+        "uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d',
+        ("127.0.0.1:5000", "GET", "/api/screenings?patient=P-0173", "1.1", 200), None,
+    )  # fmt: skip
+    assert drop_query(record) is True
+    assert "P-0173" not in record.getMessage() and "/api/screenings" in record.getMessage()

@@ -328,8 +328,20 @@ EXPORT_COLUMNS = (
 )
 
 
+def _cell(value: Any) -> Any:
+    """A CSV cell a spreadsheet will not run: text starting with ``= + - @`` (or a tab or
+    carriage return) gets a leading ``'`` (OWASP, "CSV Injection")."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
+
+
 def _export_line(screening: Screening, eye: Eye) -> list[Any]:
     review = eye.reviews[-1] if eye.reviews else None
+    return [_cell(v) for v in _export_values(screening, eye, review)]
+
+
+def _export_values(screening: Screening, eye: Eye, review: Review | None) -> list[Any]:
     return [
         screening.id,
         _iso(screening.created_at),

@@ -371,7 +371,17 @@ def serve(
     shown = f"[{host}]" if ":" in host else host
     print(f"medtune serve: http://{shown}:{port}/  (Ctrl+C to stop)", flush=True)
     print(f"worklist: {database.url}", flush=True)
+    logging.getLogger("uvicorn.access").addFilter(drop_query)
     try:
         uvicorn.run(app, host=host, port=port, log_level=log_level, server_header=False)
     finally:
         database.close()
+
+
+def drop_query(record: logging.LogRecord) -> bool:
+    """A logging filter for uvicorn's access log: the path without its query string, where a
+    worklist filter would carry a patient pseudonym (``/api/screenings?patient=...``)."""
+    args = record.args
+    if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str):
+        record.args = (*args[:2], args[2].split("?", 1)[0], *args[3:])
+    return True
