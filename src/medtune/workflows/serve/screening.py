@@ -13,6 +13,7 @@ are listed with their reason; only a request with no readable photograph is refu
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import re
 import shutil
@@ -274,7 +275,7 @@ class Screener:
         started = time.perf_counter()
         explain = explain and self.can_explain
         uploads = [i for i, _, _ in decoded]
-        with self._lock or _NO_LOCK:
+        with self._lock or contextlib.nullcontext():
             rows, pngs = predict_images(
                 [names[i] for i in uploads],
                 [img for _, img, _ in decoded],
@@ -324,15 +325,6 @@ class Screener:
         return model_card.card(self)
 
 
-class _NoLock:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
-_NO_LOCK = _NoLock()
 _SUFFIX = {"JPEG": ".jpg", "PNG": ".png", "TIFF": ".tif", "DICOM": ".dcm"}
 
 
