@@ -420,6 +420,12 @@ def add_predict(p: argparse.ArgumentParser) -> None:
         help="test-time augmentation: rot90 averages the four rotations",
     )
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue a killed predict (the same command with --resume): batches it finished, "
+        "kept in OUT.journal.jsonl, are not predicted again",
+    )
 
 
 def run_predict(args: argparse.Namespace) -> None:
@@ -442,6 +448,7 @@ def run_predict(args: argparse.Namespace) -> None:
             operating_point=args.operating_point,
             tta=args.tta,
             skip_bad=args.skip_bad,
+            resume=args.resume,
         )
         if to_stdout:  # the same document as --json PATH
             print(Path(json_path).read_text(encoding="utf-8"), end="")
