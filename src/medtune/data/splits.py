@@ -24,7 +24,7 @@ import pandas as pd
 
 from medtune import io as mio
 from medtune.data.sources import SPLIT_NAMES, read_table
-from medtune.errors import MedtuneError
+from medtune.errors import MedtuneError, offer
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,8 @@ def _check_held_out(
         if name == "val" and not any(per_site.values()):
             raise MedtuneError(
                 f"cannot hold out any validation images: {_too_few(labels, groups, site_of)}; "
-                "add a second image (of another patient) to a class, or give --val-data"
+                "add a second image (of another patient) to a class"
+                + offer(", or give {}", "--val-data")
             )
         for site, has in per_site.items():
             if not has:
