@@ -32,7 +32,7 @@ def set_command_options(options: Iterable[str] | None) -> None:
     _command_options = None if options is None else frozenset(options)
 
 
-def offer(template: str, *options: str) -> str:
+def offer(template: str, *options: str, otherwise: str = "") -> str:
     """Advice text kept only where the running command has the options it names.
 
     Parameters
@@ -43,6 +43,8 @@ def offer(template: str, *options: str) -> str:
         all its options are available).
     *options : str
         The options the advice names, e.g. ``"--out", "--cache-dir"``.
+    otherwise : str, default ""
+        What to say instead where the command has none of them.
 
     Returns
     -------
@@ -50,7 +52,7 @@ def offer(template: str, *options: str) -> str:
         A marked fragment to put into a :class:`MedtuneError` message; it renders as the advice
         with the available options, or as nothing when the command has none of them.
     """
-    return f"{_BEGIN}{template}{_SEP}{_SEP.join(options)}{_END}"
+    return f"{_BEGIN}{template}{_SEP}{_SEP.join(options)}{_SEP}{otherwise}{_END}"
 
 
 def render(text: str, options: Iterable[str] | None = None) -> str:
@@ -59,10 +61,10 @@ def render(text: str, options: Iterable[str] | None = None) -> str:
     have = _command_options if options is None else frozenset(options)
 
     def one(match: re.Match[str]) -> str:
-        template, named = match.group(1), match.group(2).split(_SEP)
+        template, *named, otherwise = [match.group(1), *match.group(2).split(_SEP)]
         kept = [o for o in named if have is None or o in have]
         if not kept or ("{}" not in template and len(kept) < len(named)):
-            return ""
+            return otherwise
         return template.replace("{}", " / ".join(kept))
 
     return _OFFER.sub(one, text)

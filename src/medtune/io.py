@@ -32,8 +32,8 @@ LOW_SPACE_BYTES = 64 << 20  # a failed write with less free space than this is r
 _TEMP = re.compile(r"^\..+\.(\d+)@([A-Za-z0-9._-]+)\.tmp$")
 # Advice for a full or unwritable disk; every command shows only the options it has
 # (:func:`medtune.errors.offer`): predict has --out and --resume, evaluate neither.
-_WHERE = offer(" (choose another {})", "--out", "--cache-dir") + offer(
-    " or set MEDTUNE_CACHE", "--cache-dir"
+_WHERE = offer("{}", "--out", "--cache-dir", otherwise="output folder") + offer(
+    " (or MEDTUNE_CACHE)", "--cache-dir"
 )
 _RERUN_ADVICE = (
     "free some space"
@@ -93,10 +93,12 @@ def storage_error(path: str | os.PathLike[str], err: OSError) -> MedtuneError | 
     if err.errno in NO_SPACE:
         return MedtuneError(f"{path}: {reason} ({_free_text(path)}); {_RERUN_ADVICE}")
     if err.errno == errno.EROFS:
-        return MedtuneError(f"{path}: {reason}; write the outputs to a writable folder{_WHERE}")
+        return MedtuneError(f"{path}: {reason}; choose a writable {_WHERE}")
     if err.errno in NOT_WRITABLE:  # EACCES/EPERM: reading an input can fail like this too
         return MedtuneError(
-            f"{path}: {reason}; give this user access to it, or write the outputs elsewhere{_WHERE}"
+            f"{path}: {reason}; give this user access to it, or write the outputs elsewhere"
+            + offer(" with {}", "--out", "--cache-dir")
+            + offer(" (or MEDTUNE_CACHE)", "--cache-dir")
         )
     return None
 

@@ -221,10 +221,11 @@ def _hold_out(
     for c in rng.permutation(len(need)):  # every class that can spare a group shows up held out
         if not total[c] or (table.counts[held, c] > 0).any():
             continue
+        rest = table.rest_has(held)
         movable = [
             g
             for g in rng.permutation(np.flatnonzero(~held & (table.counts[:, c] > 0)))
-            if np.all(table.rest_has(held) - (table.counts[g] > 0) >= need)
+            if np.all(rest - (table.counts[g] > 0) >= need)
         ]
         if movable:
             held[min(movable, key=lambda g: table.counts[g].sum())] = True
