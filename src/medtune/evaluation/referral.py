@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from medtune.config import DEFAULT_OPERATING_POINT, OPERATING_POINTS
 from medtune.errors import MedtuneError
 from medtune.evaluation.decoding import expected_grade
 from medtune.evaluation.grades import grade_names, referral_classes, referral_name
@@ -31,10 +32,10 @@ __all__ = [
     "referral_rule",
 ]
 
-#: Screening default: the highest-specificity threshold that reached >= 90% sensitivity for
-#: referable DR on validation (docs/screening.md, "Referral output").
-DEFAULT_OPERATING_POINT = "sens90"
-OPERATING_POINT_CHOICES = ("sens90", "sens97.5", "youden")
+#: The operating points' names (their home: ``medtune.config.OPERATING_POINTS``). The screening
+#: default, :data:`DEFAULT_OPERATING_POINT`, is the highest-specificity threshold that reached
+#: >= 90% sensitivity for referable DR on validation (docs/screening.md, "Referral output").
+OPERATING_POINT_CHOICES = tuple(OPERATING_POINTS)
 UNGRADABLE = "ungradable"
 
 

@@ -34,6 +34,7 @@ from medtune.data.preprocess import DECODE_SIDE_FACTOR, decode_source, prepare_i
 from medtune.errors import BadImageError, MedtuneError
 from medtune.evaluation.decoding import decode
 from medtune.evaluation.grades import grade_names
+from medtune.evaluation.patients import DEFAULT_PATIENT_RULE, PatientScreening, screen_patients
 from medtune.evaluation.referral import (
     DEFAULT_OPERATING_POINT,
     PredictionRow,
@@ -49,8 +50,8 @@ from medtune.workflows.predict_journal import PredictJournal, fingerprint
 
 BATCH = 32
 QUALITY_RULE = (
-    "medtune.evaluation.quality.assess_quality on the decoded photograph, before fundus "
-    "preprocessing (docs/screening.md, Image-quality gate)"
+    "medtune.evaluation.quality.assess_quality on the network input (field of view cropped, "
+    "at the model's image size; docs/screening.md, Image-quality gate)"
 )
 
 
@@ -321,9 +322,9 @@ def _points_from_val_logits(folder: RunFolder, meta: Any) -> dict[str, Any] | No
 # ---------------------------------------------------------------------------- rows
 
 
-def assess_image_quality(img: Image.Image) -> tuple[bool, str | None]:
-    """``(gradable, reason)`` of a decoded image (:func:`medtune.evaluation.quality.assess_quality`,
-    before any fundus preprocessing)."""
+def assess_image_quality(img: np.ndarray) -> tuple[bool, str | None]:
+    """``(gradable, reason)`` of a network input (:func:`medtune.evaluation.quality.assess_quality`
+    on the uint8 working-size image of :func:`medtune.data.preprocess.prepare_image`)."""
     from medtune.evaluation.quality import assess_quality
 
     verdict = assess_quality(img)
@@ -342,7 +343,7 @@ class PreparedBatch:
 def prepare_batch(
     names: Sequence[str], images: Sequence[Image.Image], predictor: Predictor
 ) -> PreparedBatch:
-    """Judge image quality on each decoded image, then preprocess it as training did.
+    """Preprocess each decoded image as training did, then judge its quality on that input.
 
     Parameters
     ----------
@@ -357,10 +358,10 @@ def prepare_batch(
     -------
     PreparedBatch
     """
-    quality = [assess_image_quality(img) for img in images]
+    arrays = [prepare_image(img, predictor.image_size, predictor.fundus) for img in images]
+    quality = [assess_image_quality(arr) for arr in arrays]
     if predictor.quality_model is not None and images:
         quality = _learned_quality(images, predictor.quality_model, quality)
-    arrays = [prepare_image(img, predictor.image_size, predictor.fundus) for img in images]
     size = predictor.image_size
     stacked = np.stack(arrays) if arrays else np.zeros((0, size, size, 3), np.uint8)
     return PreparedBatch(list(names), stacked, quality)
@@ -468,6 +469,8 @@ def predict(
     predictor: Predictor | None = None,
     quality_model: str | Path | None = None,
     resume: bool = False,
+    manifest: str | Path | None = None,
+    patient_rule: str = DEFAULT_PATIENT_RULE,
 ) -> list[dict[str, Any]]:
     """Screen every image with a trained run or an exported ONNX model.
 
@@ -513,13 +516,23 @@ def predict(
         Continue a killed call with the same images, model and settings: the batches it
         finished (kept in ``<out stem>.journal.jsonl``, or beside ``json_path``) are not
         predicted again, and the output has exactly the rows of an uninterrupted call.
+    manifest : str or pathlib.Path, optional
+        A CSV ``image,patient_id,eye`` naming each image's patient and eye; without it DICOM
+        ``PatientID`` + ``ImageLaterality`` and file names such as ``17_left.jpeg`` or
+        ``P1_OD.jpg`` are used (:mod:`medtune.data.laterality`). When any image's patient is
+        known, ``out`` also gets ``<out stem>.eyes.csv`` (one row per eye: the highest grade
+        of its gradable images, or ungradable) and ``<out stem>.patients.csv`` (one row per
+        patient: refer / no / insufficient quality), and the JSON ``eyes`` and ``patients``
+        (:func:`medtune.evaluation.patients.screen_patients`).
+    patient_rule : {"either-eye", "both-eyes"}, default "either-eye"
+        How eyes make a patient's answer (:data:`medtune.evaluation.patients.PATIENT_RULES`).
 
     Returns
     -------
     list of dict
         One per image, in column order: ``image``, ``quality`` (``gradable``/``ungradable``,
-        by :func:`medtune.evaluation.quality.assess_quality` on the photograph as decoded for
-        the model, long side twice the image size), ``quality_reason`` (its reason),
+        by :func:`medtune.evaluation.quality.assess_quality` on the network input the model
+        sees, at its image size), ``quality_reason`` (its reason),
         ``grade`` (decoded grade index), ``grade_name`` (``"No DR"`` ... ``"Proliferative
         DR"`` for 5-grade DR models, else the class name), ``p_<grade name>`` (calibrated
         probability of each grade), ``expected_grade`` (only with expected-grade decoding),
@@ -558,6 +571,9 @@ def predict(
                 _write_gradcam(predictor, batch, new, labels, Path(explain), written)
         journal.record(new, skipped)  # a killed run continues from here with --resume
     rows, skipped = journal.results()
+    grouped = screen_patients(rows, manifest=manifest, rule=patient_rule)
+    if grouped is not None:
+        meta["patients"] = grouped.meta()
     if out:
         write_text(out, to_csv(rows))
         write_json(Path(out).with_suffix(".meta.json"), meta)
@@ -565,8 +581,10 @@ def predict(
             write_text(
                 Path(out).with_suffix(".skipped.csv"), _csv_text(["image", "reason"], skipped)
             )
+        for name, items in _patient_sections(grouped).items():
+            write_text(Path(out).with_suffix(f".{name}.csv"), to_csv(items))
     if json_path:
-        write_text(json_path, to_json(rows, meta))
+        write_text(json_path, to_json(rows, meta, _patient_sections(grouped)))
     journal.close()
     return [_as_dict(row) for row in rows]
 
@@ -645,10 +663,25 @@ def to_csv(rows: Iterable[PredictionRow | Mapping[str, Any]]) -> str:
     return _csv_text(header, ([d.get(k) for k in header] for d in dicts))
 
 
-def to_json(rows: Iterable[PredictionRow | Mapping[str, Any]], meta: Mapping[str, Any]) -> str:
-    """``{"meta": meta, "predictions": [row, ...]}`` as indented JSON text (same fields as the
-    CSV and its ``.meta.json``)."""
-    return json.dumps({"meta": meta, "predictions": [_as_dict(r) for r in rows]}, indent=2) + "\n"
+def to_json(
+    rows: Iterable[PredictionRow | Mapping[str, Any]],
+    meta: Mapping[str, Any],
+    sections: Mapping[str, list[dict[str, Any]]] | None = None,
+) -> str:
+    """``{"meta": meta, "predictions": [row, ...], **sections}`` as indented JSON text (same
+    fields as the CSV and its ``.meta.json``; ``sections`` e.g. ``eyes`` and ``patients``)."""
+    doc = {"meta": meta, "predictions": [_as_dict(r) for r in rows], **(sections or {})}
+    return json.dumps(doc, indent=2) + "\n"
+
+
+def _patient_sections(grouped: PatientScreening | None) -> dict[str, list[dict[str, Any]]]:
+    """The eye and patient rows (``.eyes.csv``, ``.patients.csv``), empty when ungrouped."""
+    if grouped is None:
+        return {}
+    return {
+        "eyes": [e.to_dict() for e in grouped.eyes],
+        "patients": [p.to_dict() for p in grouped.patients],
+    }
 
 
 def _batches(paths: list[Path], progress: bool):
