@@ -245,6 +245,12 @@ def add_predict(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images")
     p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue a killed predict (the same command with --resume): batches it finished, "
+        "kept in OUT.journal.jsonl, are not predicted again",
+    )
+    p.add_argument(
         "--manifest",
         metavar="CSV",
         help="image,patient_id,eye per image (default: DICOM PatientID + ImageLaterality, or "
@@ -274,6 +280,7 @@ def run_predict(args: argparse.Namespace) -> None:
             operating_point=args.operating_point,
             tta=args.tta,
             skip_bad=args.skip_bad,
+            resume=args.resume,
             manifest=args.manifest,
             patient_rule=args.patient_rule,
         )

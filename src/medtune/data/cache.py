@@ -39,7 +39,7 @@ import pandas as pd
 from medtune import io as mio
 from medtune.data.preprocess import DECODE_SIDE_FACTOR, decode_source
 from medtune.data.sources import ImageSet
-from medtune.errors import BadImageError, MedtuneError
+from medtune.errors import BadImageError, MedtuneError, offer
 
 if TYPE_CHECKING:
     from medtune.data.fundus import FundusOptions
@@ -316,8 +316,8 @@ def _reserve_space(npy: Path) -> None:
             if err.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise MedtuneError(
                     f"{npy.parent.parent}: not enough disk space for the prepared images "
-                    f"({os.fstat(fh.fileno()).st_size / 2**20:.0f} MiB); free space or pass "
-                    "--cache-dir on a larger disk"
+                    f"({os.fstat(fh.fileno()).st_size / 2**20:.0f} MiB); free space"
+                    + offer(" or pass {} on a larger disk", "--cache-dir")
                 ) from None
             if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # fs without fallocate: go on
                 raise
