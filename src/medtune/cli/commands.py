@@ -160,10 +160,12 @@ def add_evaluate(p: argparse.ArgumentParser) -> None:
 
 
 def _add_patient_rule(p: argparse.ArgumentParser) -> None:
+    from medtune.evaluation.patients import DEFAULT_PATIENT_RULE, PATIENT_RULES  # numpy only
+
     p.add_argument(
         "--patient-rule",
-        choices=["either-eye", "both-eyes"],
-        default="either-eye",
+        choices=tuple(PATIENT_RULES),
+        default=DEFAULT_PATIENT_RULE,
         help="per-patient answer: refer when either eye is referable; insufficient quality "
         "when no eye (either-eye, default) or not both eyes (both-eyes) could be graded",
     )
