@@ -9,6 +9,7 @@ from typing import Any
 
 from medtune.cli.settings import FUNDUS_HELP, add_setting_flags, flag_settings, fundus_options
 from medtune.config import DEFAULT_OPERATING_POINT, OPERATING_POINTS, TTA_MODES
+from medtune.evaluation.patients import DEFAULT_PATIENT_RULE, PATIENT_RULES
 
 
 # ----------------------------------------------------------------------------------- prepare
@@ -162,8 +163,8 @@ def add_evaluate(p: argparse.ArgumentParser) -> None:
 def _add_patient_rule(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--patient-rule",
-        choices=["either-eye", "both-eyes"],
-        default="either-eye",
+        choices=tuple(PATIENT_RULES),
+        default=DEFAULT_PATIENT_RULE,
         help="per-patient answer: refer when either eye is referable; insufficient quality "
         "when no eye (either-eye, default) or not both eyes (both-eyes) could be graded",
     )

@@ -50,6 +50,7 @@ from typing import Any
 
 import numpy as np
 
+from medtune.config import DEFAULT_OPERATING_POINT
 from medtune.errors import MedtuneError
 
 __all__ = [
@@ -482,7 +483,7 @@ def patient_metrics(
     *,
     grades: Any = None,
     rule: str = DEFAULT_PATIENT_RULE,
-    headline: str = "sens90",
+    headline: str = DEFAULT_OPERATING_POINT,
 ) -> dict[str, Any] | None:
     """Patient-level sensitivity, specificity and imageability with 95% Wilson intervals.
 
@@ -511,7 +512,7 @@ def patient_metrics(
     grades : array-like of int, shape (N,), optional
         Decoded grades (for the eyes' grades; default 0).
     rule : {"either-eye", "both-eyes"}, default "either-eye"
-    headline : str, default "sens90"
+    headline : str, default ``config.DEFAULT_OPERATING_POINT`` ("sens90")
         The operating point whose figures are also given at the top level (``medtune
         predict``'s default point); the first point when absent.
 
