@@ -52,6 +52,7 @@ import numpy as np
 
 from medtune.config import DEFAULT_OPERATING_POINT
 from medtune.errors import MedtuneError
+from medtune.evaluation.referral import UNGRADABLE
 
 __all__ = [
     "DEFAULT_PATIENT_RULE",
@@ -73,7 +74,6 @@ __all__ = [
 INSUFFICIENT = "insufficient quality"
 #: An eye whose laterality is unknown (its images still belong to the patient).
 UNKNOWN_EYE = "unknown"
-UNGRADABLE = "ungradable"
 GRADED = "graded"
 _EYE_ORDER = ("right", "left", UNKNOWN_EYE)
 
@@ -323,7 +323,7 @@ def _reason(eyes: Sequence[EyeResult], refer: str | None) -> str:
         bad = [f"{e.eye} eye ungradable" for e in eyes if not e.graded]
         return "; ".join(bad + [f"no {s} eye photograph" for s in missing]) or INSUFFICIENT
     graded = [f"{e.eye} eye" for e in eyes if e.graded]
-    return "graded: " + ", ".join(graded) if graded else ""
+    return f"not referable ({' and '.join(graded)} graded)" if graded else ""
 
 
 def aggregate_patient(eyes: Sequence[EyeResult], rule: str = DEFAULT_PATIENT_RULE) -> PatientResult:
