@@ -8,10 +8,11 @@ baseline (``--baseline-ref``, by default the last commit before the fast paths, 
 ``git archive`` into a temporary folder) and the working tree. Each version runs in its own
 process (``--worker``, with ``PYTHONPATH`` pointing at its ``src``), one core (OpenCV, PyTorch and
 BLAS limited to one thread); the processes alternate for ``--rounds`` rounds and each stage's
-median is reported, so a shared machine's load affects both alike. Report the ratios; absolute
-milliseconds only from an otherwise idle machine.
+median is reported, so a shared machine's load affects both alike. Times are the CPU time of the
+process (``time.process_time``), which moves less with other load than wall time. Report the
+ratios; absolute milliseconds only from an otherwise idle machine.
 
-Stages, per image (milliseconds):
+Stages, CPU milliseconds per image:
 
 * ``prepare_png224``: ``prepare_image`` of an APTOS 224 px PNG (decode, FOV crop, resize);
 * ``prepare_jpeg1024``: the same for EyePACS JPEGs (about 1024 x 683);
@@ -112,11 +113,13 @@ def _api() -> dict[str, Any]:
 
 
 def _per_image_ms(fn: Any, items: list[Any]) -> float:
+    """CPU milliseconds per item of this (one-thread) process: on a shared machine the CPU time a
+    stage uses moves far less with the load than its wall time."""
     fn(items[0])  # warm-up (imports, caches)
-    start = time.perf_counter()
+    start = time.process_time()
     for item in items:
         fn(item)
-    return 1e3 * (time.perf_counter() - start) / len(items)
+    return 1e3 * (time.process_time() - start) / len(items)
 
 
 def _timings(api: dict[str, Any], files: dict[str, list[str]]) -> dict[str, float]:

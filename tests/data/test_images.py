@@ -101,17 +101,23 @@ def test_exif_orientation_applied(tmp_path: Path, orientation: int) -> None:
         assert out.shape[:2] == (32, 16)
 
 
-def test_draft_mode_decodes_large_jpeg_reduced(tmp_path: Path, monkeypatch) -> None:
-    path = tmp_path / "big.jpg"
-    Image.new("RGB", (4000, 3000), (120, 60, 30)).save(path, quality=80)
-    decoded: list[tuple[int, int]] = []
+@pytest.fixture
+def decoded(monkeypatch) -> list[tuple[int, int]]:
+    """The sizes the JPEG decoder actually produced, recorded as files are loaded."""
+    sizes: list[tuple[int, int]] = []
     original = JpegImageFile.load
 
-    def spy(self):  # record the size the JPEG decoder actually produced
-        decoded.append(self.size)
+    def spy(self):
+        sizes.append(self.size)
         return original(self)
 
     monkeypatch.setattr(JpegImageFile, "load", spy)
+    return sizes
+
+
+def test_draft_mode_decodes_large_jpeg_reduced(tmp_path: Path, decoded) -> None:
+    path = tmp_path / "big.jpg"
+    Image.new("RGB", (4000, 3000), (120, 60, 30)).save(path, quality=80)
     img = load_rgb(path, max_side=256)
     assert max(img.size) <= 256 and img.size == (256, 192)
     assert decoded and decoded[0][0] < 4000 and decoded[0][1] < 3000
@@ -136,18 +142,11 @@ def _camera_jpeg(path: Path, orientation: int, size: tuple[int, int] = (3008, 20
 
 @pytest.mark.parametrize("orientation", [1, 6])
 def test_min_side_decodes_a_camera_jpeg_reduced_and_upright(
-    tmp_path: Path, monkeypatch, orientation: int
+    tmp_path: Path, decoded, orientation: int
 ) -> None:
     path = tmp_path / "camera.jpg"
     upright = _camera_jpeg(path, orientation)
-    decoded: list[tuple[int, int]] = []
-    original = JpegImageFile.load
-
-    def spy(self):  # record the size the JPEG decoder actually produced
-        decoded.append(self.size)
-        return original(self)
-
-    monkeypatch.setattr(JpegImageFile, "load", spy)
+    decoded.clear()
     img = load_rgb(path, min_side=224)
     assert set(decoded) == {(376, 250)}  # 1/8 DCT scale: shorter side 250 >= 224; never full
     assert img.size == ((376, 250) if orientation == 1 else (250, 376))  # turned upright

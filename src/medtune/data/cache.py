@@ -163,25 +163,22 @@ def open_cache(path: str | os.PathLike[str]) -> PreparedCache:
         params=dict(meta["params"]),
         sites=meta.get("sites"),
     )
-    expected = (len(cache.keys), cache.size, cache.size, 3)
+    n, size = len(cache.keys), cache.size
+    _check_array(path, "images.npy", lambda: cache.images.shape, (n, size, size, 3))
+    _check_array(path, "fov.npy", lambda: cache.fov.shape, (n, size, (size + 7) // 8))
+    return cache
+
+
+def _check_array(path: Path, name: str, shape_of: Any, expected: tuple[int, ...]) -> None:
+    """A one-line error naming the cache folder when one of its arrays is unreadable or wrong."""
     try:
-        shape = cache.images.shape
+        shape = shape_of()
     except (OSError, ValueError) as err:
-        raise MedtuneError(f"{path}: cannot open images.npy ({err}); delete the folder") from None
+        raise MedtuneError(f"{path}: cannot open {name} ({err}); delete the folder") from None
     if shape != expected:
         raise MedtuneError(
-            f"{path}: images.npy has shape {shape}, index.json says {expected}; delete the folder"
+            f"{path}: {name} has shape {shape}, index.json says {expected}; delete the folder"
         )
-    packed = (len(cache.keys), cache.size, (cache.size + 7) // 8)
-    try:
-        fov_shape = cache.fov.shape
-    except (OSError, ValueError) as err:
-        raise MedtuneError(f"{path}: cannot open fov.npy ({err}); delete the folder") from None
-    if fov_shape != packed:
-        raise MedtuneError(
-            f"{path}: fov.npy has shape {fov_shape}, index.json says {packed}; delete the folder"
-        )
-    return cache
 
 
 # --------------------------------------------------------------------------- prepare
