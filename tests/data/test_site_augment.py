@@ -83,7 +83,7 @@ def test_dataset_applies_site_augmentation_reproducibly(tmp_path) -> None:
     assert aug[0][2][1] == plain[2][1] == 1
 
 
-def _cache(tmp_path, size: int = 64):
+def _cache(tmp_path, size: int = 64, junk: bool = False):
     from PIL import Image
 
     from medtune.data import load_imageset, prepare
@@ -97,14 +97,18 @@ def _cache(tmp_path, size: int = 64):
                 0  # a dark notch: no turn or flip maps the FOV to itself
             )
             Image.fromarray(arr).save(tmp_path / "data" / str(grade) / f"{name}.png")
+    if junk:  # an unreadable file between good ones: the cache is compacted after the build
+        (tmp_path / "data" / "0" / "b2.png").write_text("not an image")
     return prepare(load_imageset(tmp_path / "data"), size, FundusOptions(crop=False),
-                   tmp_path / "cache", progress=False)  # fmt: skip
+                   tmp_path / "cache", skip_bad=junk, progress=False)  # fmt: skip
 
 
-def test_the_cache_stores_each_images_fov_mask_once(tmp_path) -> None:
+@pytest.mark.parametrize("junk", [False, True])
+def test_the_cache_stores_each_images_fov_mask_once(tmp_path, junk) -> None:
     from medtune.data import open_cache
 
-    cache = _cache(tmp_path)
+    cache = _cache(tmp_path, junk=junk)
+    assert len(cache.skipped) == int(junk)
     assert (cache.dir / "fov.npy").is_file() and cache.fov.shape == (6, 64, 8)
     for row in range(len(cache)):
         expected = field_of_view_mask(np.asarray(cache.images[row]))
