@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import tiny_flags, write_graded_images
+from conftest import train_tiny_dr_run
 from PIL import Image
 from scipy.special import softmax
 
@@ -94,12 +94,7 @@ def test_p_referable_is_the_sum_of_grades_2_to_4_and_refer_follows_the_threshold
 
 @pytest.fixture(scope="module")
 def dr_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("screening")
-    data = write_graded_images(root / "data", n_per_class=8, size=32, classes=5)
-    args = ["train", "--data", str(data), "--out", str(root / "run")]
-    args += ["--strategy", "linear-probe", "--cache-dir", str(root / "cache"), *tiny_flags()]
-    assert main(args) == 0
-    return root / "run"
+    return train_tiny_dr_run(tmp_path_factory.mktemp("screening"))
 
 
 def _read_csv(path: Path) -> list[dict]:

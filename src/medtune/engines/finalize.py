@@ -18,7 +18,7 @@ from medtune.errors import MedtuneError
 from medtune.evaluation.calibration import apply_temperature, fit_temperature
 from medtune.evaluation.decoding import choose_decoding
 from medtune.evaluation.metrics import compute_metrics
-from medtune.evaluation.shift import SiteShiftModel
+from medtune.evaluation.shift import BatchShiftTest, SiteShiftModel
 from medtune.runs import ModelMeta, RunData, RunFolder
 
 log = logging.getLogger("medtune")
@@ -191,7 +191,7 @@ def finalize_run(
     val_logits = {
         tta: plain if tta == "none" else evaluator.logits(data.val, tta) for tta in TTA_MODES
     }
-    run.write_val_logits(y_val, val_logits)
+    run.write_val_logits(y_val, val_logits, data.val.sites)
     temperature = fit_temperature(val_logits["none"], y_val)
     val_probs = apply_temperature(val_logits["none"], temperature)
     decoding = (
@@ -204,6 +204,7 @@ def finalize_run(
         "ordinal": meta.ordinal,
         "decoding": decoding,
         "positive_class": meta.positive_class,
+        "val_sites": data.val.sites,  # sensitivity points hold at the worst validation site
     }
     metrics = {
         "val": compute_metrics(y_val, val_probs, groups=data.val.groups, **common),
@@ -218,6 +219,11 @@ def finalize_run(
         ),
     )
     run.write_model(model, meta)
+    # the batch shift test's references (evaluate, adapt): validation features and probabilities
+    try:
+        run.write_batch_shift(BatchShiftTest.fit(val_features, val_probs, data.val.sites))
+    except MedtuneError as err:
+        log.warning("no batch shift test for this run: %s", err)
     _add_per_site(metrics["val"], data.val, val_probs, val=(y_val, val_probs), **common)
     if data.test is not None:
         test_probs = apply_temperature(evaluator.logits(data.test, "none"), temperature)
@@ -282,7 +288,7 @@ def validated_operating_points(
         if tta != "none":
             probs = apply_temperature(logits, temperature)
             m = compute_metrics(y_val, probs, groups=groups, **common)
-        keys = ("threshold", "rule", "sensitivity", "sensitivity_ci", "specificity")
+        keys = ("threshold", "rule", "sensitivity", "sensitivity_ci", "specificity", "val_sites")
         points[tta] = {
             name: {k: d.get(k) for k in (*keys, "specificity_ci")}
             for name, d in (m.get("operating_points") or {}).items()

@@ -14,6 +14,15 @@ highest specificity that keeps its validated sensitivity on the sample
 run's ``val_logits.npz``: every later command that chooses operating points from validation
 logits (``evaluate``, ``predict``) finds the moved ones, with the refitted temperature.
 
+Without labels, ``recalibrate`` moves the operating points onto the new site's unlabelled scores
+(quantile mapping, optionally with the prevalence estimated by EM, Saerens et al. 2002;
+:mod:`medtune.evaluation.label_free`), marked "operating point not validated here". Before
+AdaBN, the site's images are tested as a batch against the run's validation images
+(:class:`medtune.evaluation.shift.BatchShiftTest`); ``adaptation.json`` records the verdict and
+the operating point's status, which ``model.json``'s ``operating_points["status"]`` carries to
+``predict``. ``suggest=N`` writes the N images a grader should label first
+(``RUN/suggested.csv``, :mod:`medtune.transfer.suggest`).
+
 The source run is never modified. The new run keeps the source's ``config.yaml`` and
 ``splits.csv`` (``evaluate`` without ``--data`` measures the adapted model on the home site's
 test split) and its ``metrics.json`` (the SOURCE model's figures, marked as such). The
@@ -26,7 +35,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shutil
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +43,7 @@ import numpy as np
 
 from medtune.config import TTA_MODES
 from medtune.errors import MedtuneError
+from medtune.evaluation.label_free import LABEL_FREE_METHODS, operating_point_status
 from medtune.evaluation.metrics import (
     MIN_SITE_POSITIVES,
     OPERATING_POINTS,
@@ -45,6 +54,7 @@ from medtune.evaluation.metrics import (
     move_operating_point,
 )
 from medtune.runs import ModelMeta, RunFolder
+from medtune.workflows import new_site
 
 log = logging.getLogger("medtune")
 
@@ -77,15 +87,28 @@ class AdaptResult:
             f"adapted {self.record['layers_adapted']} BatchNorm layers on "
             f"{self.record['images']} images"
         )
+        shift = self.record.get("batch_shift")
+        tail = f"; {shift['message']}" if shift else ""
+        return f"{head}; {self._points_summary()}{tail}"
+
+    def _points_summary(self) -> str:
         points = self.record["operating_points"]
         if not points["moved"]:
             return (
-                f"{head}; operating points kept (no labels from the new site: they may not hold "
-                "there, give --labels to move them)"
+                "operating points kept (no labels from the new site: they may not hold there, "
+                "give --labels to move them)"
+            )
+        if points.get("label_free"):
+            moved = points["points"]["none"]
+            point = moved.get(SUMMARY_POINT) or next(iter(moved.values()))
+            return (
+                f"operating point {SUMMARY_POINT} moved without labels ({points['label_free']}) "
+                f"from {point['validated_threshold']:.4f} to {point['threshold']:.4f}: "
+                "operating point not validated here"
             )
         point = points["points"].get(SUMMARY_POINT) or next(iter(points["points"].values()))
         return (
-            f"{head}; operating point {point['name']} moved from {point['from']:.4f} to "
+            f"operating point {point['name']} moved from {point['from']:.4f} to "
             f"{point['to']:.4f} (temperature {points['temperature']['from']:.3f} -> "
             f"{points['temperature']['to']:.3f}) using {points['n_images']} labelled images "
             f"({points['n_positives']} positives)"
@@ -98,6 +121,8 @@ def adapt(
     out: str | Path,
     *,
     labels: str | Path | None = None,
+    recalibrate: str = "none",
+    suggest: int = 0,
     batch_size: int = 32,
     progress: bool = True,
 ) -> AdaptResult:
@@ -120,6 +145,15 @@ def adapt(
         operating points (``sens90``, ``sens97.5``; ``youden`` is re-chosen) on it. Needs at
         least 10 positives and one negative of the model's binary task (referable DR for
         five DR grades, the positive class for two classes).
+    recalibrate : {"none", "quantile", "em-quantile"}, default "none"
+        Without ``labels``: move the operating points onto the site's unlabelled scores after
+        AdaBN (:mod:`medtune.evaluation.label_free`: quantile mapping at the validation
+        prevalence, or at a prevalence estimated by EM, Saerens et al. 2002). The moved points
+        are marked "operating point not validated here". Ignored with ``labels``.
+    suggest : int, default 0
+        Write the ``suggest`` images a grader should label first to ``RUN/suggested.csv``
+        (model uncertainty plus feature-space diversity, Cardoso et al. 2017; Sener &
+        Savarese 2018; :mod:`medtune.transfer.suggest`).
     batch_size : int, default 32
         Images per AdaBN batch (the images are split into batches of near-equal size, since
         each batch weighs the same in the re-estimated statistics).
@@ -152,16 +186,37 @@ def adapt(
     _check_adaptable(source, target, meta)
     if batch_size < 1:
         raise MedtuneError(f"batch_size must be at least 1, got {batch_size}")
+    if recalibrate not in LABEL_FREE_METHODS:
+        raise MedtuneError(
+            f"recalibrate {recalibrate!r} is unknown; use one of {', '.join(LABEL_FREE_METHODS)}"
+        )
     sample_set = _labelled_set(source, meta, labels) if labels is not None else None
     model, meta = source.load_model()
     paths = _site_images(data)
-    info = _adabn(model, meta, paths, config.freeze, batch_size, progress)
+    images = _prepare_all(paths, meta, progress)
+    shift = new_site.batch_verdict(source, new_site.site_outputs(model, meta, images, batch_size))
+    info = _adabn(model, meta, images, config.freeze, batch_size)
     points: dict[str, Any] = {"moved": False, "rule": "validated operating points kept"}
     sample = None
+    label_free = recalibrate if sample_set is None else "none"
+    outputs = None
+    if label_free != "none" or suggest:
+        outputs = new_site.site_outputs(model, meta, images, batch_size)  # the adapted model
     if sample_set is not None:
         sample = _sample_logits(model, meta, sample_set, batch_size, progress)
         points = _move_points(meta, source, sample, str(labels))
         meta = _with_temperature(meta, points["temperature"]["to"])
+    elif label_free != "none":
+        moved = new_site.label_free_points(meta, source, outputs["probs"], label_free)
+        points = {"moved": True, "rule": f"moved without labels ({label_free})", **moved}
+        meta = dataclasses.replace(meta, operating_points=moved)
+    status = operating_point_status(
+        None if shift is None else shift["shifted"],
+        labelled=0 if sample is None else len(sample["labels"]),
+        method=label_free,
+    )
+    if meta.operating_points:
+        meta = dataclasses.replace(meta, operating_points={**meta.operating_points, **status})
     # everything is computed: only now is the new folder written
     target.dir.mkdir(parents=True, exist_ok=True)
     target.write_config(config)
@@ -171,11 +226,18 @@ def adapt(
     if sample is not None:
         target.write_val_logits(sample["labels"], sample["logits"])
     target.write_model(model, meta)
+    suggested = None
+    if suggest:
+        task = binary_task(meta.class_names, meta.ordinal, meta.positive_class)
+        suggested = new_site.write_suggestions(target, paths, outputs, task, suggest)
     record = {
         "source_run": str(source.dir.resolve()),
         "data": str(data),
         **info,
         "operating_points": points,
+        "batch_shift": shift,
+        "operating_point_status": status,
+        "suggested": None if suggested is None else RunFolder.SUGGESTED,
         "val_logits": (
             f"the labelled sample of the new site ({labels})"
             if labels is not None
@@ -225,34 +287,31 @@ def _site_images(data: str | Path) -> list[Any]:
     return found
 
 
-def _prepared_batches(
-    sources: list[Any], meta: ModelMeta, batch_size: int, progress: bool
-) -> Iterator[Any]:
-    """uint8 (B, 3, S, S) tensors of near-equal size B <= ``batch_size``, prepared like the
-    training cache (:func:`medtune.data.prepare_image`)."""
-    import torch
+def _prepare_all(sources: list[Any], meta: ModelMeta, progress: bool) -> np.ndarray:
+    """The images as uint8 (N, S, S, 3), prepared like the training cache
+    (:func:`medtune.data.prepare_image`), decoded once for every pass."""
     from tqdm.auto import tqdm
 
     from medtune.data.preprocess import prepare_image
 
-    n_batches = -(-len(sources) // batch_size)
-    chunks = np.array_split(np.arange(len(sources)), n_batches)
-    for chunk in tqdm(chunks, desc="adapt", unit="batch", disable=not progress):
-        images = np.stack([prepare_image(sources[i], meta.image_size, meta.fundus) for i in chunk])
-        yield torch.from_numpy(images).permute(0, 3, 1, 2)
+    return np.stack(
+        [
+            prepare_image(src, meta.image_size, meta.fundus)
+            for src in tqdm(sources, desc="adapt", unit="image", disable=not progress)
+        ]
+    )
 
 
 def _adabn(
-    model: Any, meta: ModelMeta, sources: list[Any], freeze: int, batch_size: int, progress: bool
+    model: Any, meta: ModelMeta, images: np.ndarray, freeze: int, batch_size: int
 ) -> dict[str, Any]:
     from medtune.data.normalise import normalise_batch
     from medtune.transfer.adabn import adabn
 
-    batches = (
-        normalise_batch(x, meta.mean, meta.std)
-        for x in _prepared_batches(sources, meta, batch_size, progress)
+    normalised = (
+        normalise_batch(x, meta.mean, meta.std) for x in new_site.batches(images, batch_size)
     )
-    return adabn(model, batches, freeze)
+    return adabn(model, normalised, freeze)
 
 
 def _labelled_set(source: RunFolder, meta: ModelMeta, labels: str | Path) -> Any:
@@ -285,9 +344,9 @@ def _sample_logits(
     from medtune.evaluation.inference import predict_logits
 
     sources = [imageset.source_of(i) for i in range(len(imageset))]
+    batches = new_site.batches(_prepare_all(sources, meta, progress), batch_size)
     logits = {}
     for tta in TTA_MODES:
-        batches = list(_prepared_batches(sources, meta, batch_size, progress and tta == "none"))
         logits[tta] = predict_logits(model, batches, mean=meta.mean, std=meta.std, tta=tta)
     return {"labels": np.asarray(imageset.labels), "logits": logits}
 
@@ -305,6 +364,7 @@ def _move_points(
     old = choose_operating_points(
         task.labels(val["labels"]),
         task.score(apply_temperature(val["logits_none"], meta.temperature)),
+        val.get("sites"),
     )
     if not old:
         raise MedtuneError(
