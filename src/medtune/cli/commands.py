@@ -514,6 +514,12 @@ def add_adapt(p: argparse.ArgumentParser) -> None:
         help="write the N images a grader should label first to OUT/suggested.csv "
         "(uncertain and diverse)",
     )
+    p.add_argument(
+        "--finetune",
+        action="store_true",
+        help="with --labels: also fine-tune the head and last stage on the sample mixed with "
+        "the source's training images (home figures before/after in adaptation.json)",
+    )
     p.add_argument("--batch-size", type=int, default=32, help="images per AdaBN batch")
 
 
@@ -527,9 +533,19 @@ def run_adapt(args: argparse.Namespace) -> None:
         labels=args.labels,
         recalibrate=args.recalibrate,
         suggest=args.suggest,
+        finetune=args.finetune,
         batch_size=args.batch_size,
     )
     print(result.summary)
+    tuned = result.record.get("finetune")
+    if tuned:
+        home = tuned["home"]
+        pairs = [
+            f"{k} {home['before'][k]:.3f} -> {home['after'][k]:.3f}"
+            for k in home["after"]
+            if home["before"].get(k) is not None and home["after"][k] is not None
+        ]
+        print(f"home site after fine-tuning ({home['images']}): {', '.join(pairs)}")
     if result.record.get("suggested"):
         print(f"images to label first: {result.dir / result.record['suggested']}")
     print(f"run folder: {result.dir}")
