@@ -294,7 +294,26 @@ def table_md(result: dict[str, Any]) -> str:
                 f"{_ci(s['sensitivity'], s['sensitivity_ci'])} / "
                 f"{_ci(s['specificity'], s['specificity_ci'])} |"
             )
-    return "\n".join(lines)
+    return "\n".join(lines + few_labels_md(result))
+
+
+def few_labels_md(result: dict[str, Any]) -> list[str]:
+    """The few-label curve: held-out site, N and how chosen, figures on the rest of the site."""
+    rows = [
+        f"| {fold['held_out']} | {key} | "
+        + (
+            f"{_ci(r['sensitivity'], r['sensitivity_ci'])} / {_ci(r['specificity'], None)} | "
+            f"{_ci(r['referable_auc'], None)} |"
+            if "error" not in r
+            else "too few positives in the sample | |"
+        )
+        for fold in result["folds"].values()
+        for key, r in (fold.get("few_labels") or {}).items()
+    ]
+    if not rows:
+        return []
+    return ["", "| held-out site | labelled images | sens / spec at sens90 on the rest | "
+            "referable AUC |", "|---|---|---|---|", *rows]  # fmt: skip
 
 
 def report_md(result: dict[str, Any]) -> str:
