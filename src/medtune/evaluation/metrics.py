@@ -36,6 +36,7 @@ from sklearn.metrics import (
     roc_curve,
 )
 
+from medtune.config import OPERATING_POINTS
 from medtune.errors import MedtuneError
 from medtune.evaluation.calibration import (
     apply_temperature,
@@ -65,14 +66,13 @@ __all__ = [
     "choose_operating_points",
     "compute_metrics",
     "effective_sample_size",
+    "gap_threshold",
     "is_ordinal",
     "move_operating_point",
     "proportion_ci",
     "quick_metrics",
 ]
 
-# name -> minimum validation sensitivity (None: Youden's J maximum)
-OPERATING_POINTS: dict[str, float | None] = {"sens90": 0.90, "sens97.5": 0.975, "youden": None}
 HEADLINE_POINT = "youden"
 
 
@@ -234,9 +234,26 @@ def choose_operating_points(
     two sites holding :data:`MIN_SITE_POSITIVES` positives, the target must hold at every such
     site too (:func:`medtune.evaluation.site_points.worst_site_threshold`), and each point adds
     ``sites`` (sensitivity and specificity per site) and ``worst_site``. ``youden``: max
-    ``sensitivity + specificity - 1`` (ties: highest threshold). Returns ``{name: {"threshold",
-    "rule", "val_sensitivity", "val_specificity"}}``; empty if ``y_bin`` lacks positives or
-    negatives.
+    ``sensitivity + specificity - 1`` (ties: highest threshold). The threshold itself is the
+    midpoint of the gap between the lowest score the point keeps positive and the next lower
+    score (:func:`gap_threshold`), so validation figures are unchanged but a new image scoring
+    just below a saturated validation score (``0.99999999999998`` against positives at exactly
+    ``1.0``) is still caught.
+
+    Parameters
+    ----------
+    y_bin : ndarray of int, shape (N,)
+        1 for positives (e.g. referable DR), 0 for negatives.
+    score : ndarray of float, shape (N,)
+        The score positives are expected to exceed (e.g. P(referable DR), 0-1).
+    sites : ndarray of str, shape (N,), or None
+        The site of each image, for the worst-site rule; None pools every image.
+
+    Returns
+    -------
+    dict
+        ``{name: {"threshold", "rule", "val_sensitivity", "val_specificity"}}`` for ``sens90``,
+        ``sens97.5`` and ``youden``; empty if ``y_bin`` lacks positives or negatives.
     """
     y_bin = np.asarray(y_bin).astype(np.int64)
     if y_bin.min(initial=0) == y_bin.max(initial=0):
@@ -262,7 +279,7 @@ def choose_operating_points(
                     f"(worst: {worst['worst_site']})"
                 )
         out[name] = {
-            "threshold": float(thr[i]),
+            "threshold": gap_threshold(thr, i),
             "rule": rule,
             "val_sensitivity": float(tpr[i]),
             "val_specificity": float(spec[i]),
@@ -271,6 +288,39 @@ def choose_operating_points(
             out[name]["worst_site"] = worst["worst_site"]
             out[name]["sites"] = site_rates(y_bin, score, sites, float(thr[i]))  # type: ignore[arg-type]
     return out
+
+
+def gap_threshold(thresholds: np.ndarray, i: int) -> float:
+    """The threshold for ROC point ``i``, placed in the middle of the gap below its score.
+
+    ``roc_curve`` (``drop_intermediate=False``) returns the distinct scores in decreasing order,
+    and point ``i`` is "positive when ``score >= thresholds[i]``". That threshold sits exactly on
+    a validation score: when validation positives saturate at ``1.0`` it excludes every new
+    image scoring ``1 - 1e-14``, the very images it was meant to catch. Any value in
+    ``(thresholds[i + 1], thresholds[i]]`` gives the same validation figures; the midpoint of
+    that gap (the maximum-margin choice, as an SVM places its boundary, Cortes & Vapnik 1995) is
+    the one least sensitive to scores that moved a little. Written here because scikit-learn's
+    ``roc_curve`` returns only the observed scores.
+
+    Parameters
+    ----------
+    thresholds : ndarray of float, shape (M,)
+        ``roc_curve``'s thresholds (decreasing; the first may be ``inf``).
+    i : int
+        The chosen point, with ``thresholds[i]`` finite.
+
+    Returns
+    -------
+    float
+        ``thresholds[i + 1] < t <= thresholds[i]``; ``thresholds[i]`` itself for the lowest score
+        (the point that calls everything positive) or where no float lies inside the gap.
+    """
+    high = float(thresholds[i])
+    if i + 1 >= len(thresholds):
+        return high
+    low = float(thresholds[i + 1])
+    mid = low + (high - low) / 2.0
+    return mid if low < mid <= high else high
 
 
 def _at_sensitivity(tpr: np.ndarray, spec: np.ndarray, finite: np.ndarray, target: float) -> int:
@@ -358,11 +408,12 @@ def move_operating_point(
     score = task.score(apply_temperature(logits, new_t))
     fpr, tpr, thr = roc_curve(y_bin, score, drop_intermediate=False)
     i = _at_sensitivity(tpr, 1.0 - fpr, np.isfinite(thr), float(target_sensitivity))
-    applied = apply_operating_point(y_bin, score, float(thr[i]))
+    threshold = gap_threshold(thr, i)
+    applied = apply_operating_point(y_bin, score, threshold)
     ci = binomtest(applied["tp"], n_pos).proportion_ci(0.95, method="exact")
     return {
         "moved": True,
-        "threshold": float(thr[i]),
+        "threshold": threshold,
         "temperature": float(new_t),
         "rule": (
             f"temperature refitted and highest specificity with sensitivity >= "

@@ -23,9 +23,11 @@ from medtune.evaluation.calibration import apply_temperature
 from medtune.evaluation.decoding import decode
 from medtune.evaluation.label_free import score_label_free_points
 from medtune.evaluation.metrics import compute_metrics
+from medtune.evaluation.patients import DEFAULT_PATIENT_RULE, evaluation_patients
 from medtune.io import write_json
 from medtune.models.stage_classifier import StageProbeClassifier
 from medtune.runs import ModelMeta, RunFolder, prepare_run_data, prepare_source
+from medtune.runs.data import part_eyes
 
 GRADCAM_PER_CLASS = 1
 
@@ -50,6 +52,7 @@ def evaluate(
     quality: bool = True,
     skip_bad: bool = False,
     progress: bool = True,
+    patient_rule: str = DEFAULT_PATIENT_RULE,
 ) -> EvalResult:
     """Evaluate a run's model on labelled images, with intervals and a report.
 
@@ -79,6 +82,12 @@ def evaluate(
     skip_bad : bool, default False
         Leave unreadable images out (listed) instead of failing.
     progress : bool, default True
+    patient_rule : {"either-eye", "both-eyes"}, default "either-eye"
+        How eyes make a patient's answer (:mod:`medtune.evaluation.patients`). When the data
+        names each image's patient (a ``patient_id`` column, DICOM ``PatientID`` or names such
+        as ``17_left.jpeg``; :mod:`medtune.data.laterality`), ``metrics["patients"]`` gives
+        patient-level sensitivity and specificity (95% Wilson intervals) at each operating
+        point and the share of patients with insufficient quality, and the report shows them.
 
     Returns
     -------
@@ -120,6 +129,10 @@ def evaluate(
         metrics["per_site"] = per_site
     if site_shift is not None:
         metrics["site_shift"] = site_shift
+    verdicts = _verdicts(part) if quality else None
+    patients = _patients(data, config, part, probs, metrics, verdicts, settings, patient_rule)
+    if patients is not None:
+        metrics["patients"] = patients
     moved = score_label_free_points(part.labels, probs, meta.operating_points, tta, part.groups)
     if moved is not None:  # a run adapted without labels (medtune adapt --recalibrate)
         metrics["label_free_operating_points"] = moved
@@ -127,7 +140,7 @@ def evaluate(
     metrics["data"] = data or f"{config.data} (test split)"
     out = folder.eval_dir(name or _default_name(data, tta))
     write_json(out / "metrics.json", metrics)
-    summary = _quality_summary(part, probs, settings) if quality else None
+    summary = _quality_summary(part, probs, settings, verdicts) if quality else None
     if summary is not None:
         write_json(out / "quality.json", summary)
     examples = _gradcam_examples(model, meta, part, probs) if gradcam else None
@@ -135,16 +148,41 @@ def evaluate(
     return EvalResult(out, metrics, report)
 
 
-def _quality_summary(part: Part, probs: np.ndarray, settings: dict[str, Any]) -> dict[str, Any]:
-    """The image-quality gate on each evaluated image (as prepared for the model), the share
-    ungradable with reasons, and the metrics on the gradable images alone."""
-    from collections import Counter
-
+def _verdicts(part: Part) -> list[Any]:
+    """The image-quality gate on each evaluated image, as prepared for the model."""
     from PIL import Image
 
     from medtune.evaluation.quality import assess_quality
 
-    verdicts = [assess_quality(Image.fromarray(np.asarray(img))) for img in _images(part)]
+    return [assess_quality(Image.fromarray(np.asarray(img))) for img in _images(part)]
+
+
+def _patients(
+    data: str | None, config: TrainConfig, part: Part, probs: np.ndarray, metrics: dict,
+    verdicts: list[Any] | None, settings: dict[str, Any], rule: str,
+) -> dict[str, Any] | None:  # fmt: skip
+    """Patient-level figures (:func:`evaluation_patients`) when the data names patients."""
+    source = data or config.test_data or config.data
+    eyes = part_eyes(source, config, part, settings["class_names"])
+    keys = ("class_names", "ordinal", "decoding", "positive_class")
+    return evaluation_patients(
+        eyes,
+        part.labels,
+        probs,
+        metrics,
+        gradable=None if verdicts is None else [v.gradable for v in verdicts],
+        rule=rule,
+        **{k: settings[k] for k in keys},
+    )
+
+
+def _quality_summary(
+    part: Part, probs: np.ndarray, settings: dict[str, Any], verdicts: list[Any]
+) -> dict[str, Any]:
+    """The share of ``verdicts`` ungradable with reasons, and the metrics on the gradable images
+    alone."""
+    from collections import Counter
+
     ok = np.array([v.gradable for v in verdicts], dtype=bool)
     reasons = Counter(str(v.reason) for v in verdicts if not v.gradable)
     gradable_metrics = None
