@@ -190,14 +190,7 @@ def adapt(
     meta = source.read_meta()
     config = source.read_config()
     _check_adaptable(source, target, meta)
-    if batch_size < 1:
-        raise MedtuneError(f"batch_size must be at least 1, got {batch_size}")
-    if recalibrate not in LABEL_FREE_METHODS:
-        raise MedtuneError(
-            f"recalibrate {recalibrate!r} is unknown; use one of {', '.join(LABEL_FREE_METHODS)}"
-        )
-    if finetune and labels is None:
-        raise MedtuneError("finetune needs labels (--labels): a labelled sample of the new site")
+    _check_options(batch_size, recalibrate, finetune, labels)
     sample_set = _labelled_set(source, meta, labels) if labels is not None else None
     model, meta = source.load_model()
     paths = _site_images(data)
@@ -252,10 +245,31 @@ def adapt(
         "finetune": tuned,
         "operating_point_status": status,
         "suggested": None if suggested is None else RunFolder.SUGGESTED,
+        **_notes(labels),
+    }
+    target.write_adaptation(record)
+    _mark_metrics(target, record)
+    return AdaptResult(target.dir, record)
+
+
+def _check_options(batch_size: int, recalibrate: str, finetune: bool, labels: Any) -> None:
+    if batch_size < 1:
+        raise MedtuneError(f"batch_size must be at least 1, got {batch_size}")
+    if recalibrate not in LABEL_FREE_METHODS:
+        raise MedtuneError(
+            f"recalibrate {recalibrate!r} is unknown; use one of {', '.join(LABEL_FREE_METHODS)}"
+        )
+    if finetune and labels is None:
+        raise MedtuneError("finetune needs labels (--labels): a labelled sample of the new site")
+
+
+def _notes(labels: Any) -> dict[str, str]:
+    """What ``adaptation.json`` says about the copied files."""
+    return {
         "val_logits": (
             f"the labelled sample of the new site ({labels})"
             if labels is not None
-            else "the source run's validation logits (operating points kept)"
+            else "the source run's validation logits (without labels; model.json holds the points)"
         ),
         "metrics_json": "the SOURCE run's figures, before adaptation; evaluate this run",
         "site_shift": (
@@ -263,9 +277,6 @@ def adapt(
             "changed for the new site's images"
         ),
     }
-    target.write_adaptation(record)
-    _mark_metrics(target, record)
-    return AdaptResult(target.dir, record)
 
 
 def _check_adaptable(source: RunFolder, target: RunFolder, meta: ModelMeta) -> None:
