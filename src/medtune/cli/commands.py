@@ -9,7 +9,6 @@ from typing import Any
 
 from medtune.cli.settings import FUNDUS_HELP, add_setting_flags, flag_settings, fundus_options
 from medtune.config import DEFAULT_OPERATING_POINT, OPERATING_POINTS, TTA_MODES
-from medtune.evaluation.patients import DEFAULT_PATIENT_RULE, PATIENT_RULES
 
 
 # ----------------------------------------------------------------------------------- prepare
