@@ -313,7 +313,8 @@ class Screener:
                 try:
                     decoded.append((i, decode_source(str(path), min_side=side), kind))
                 except BadImageError as err:
-                    skipped.append(_skip(name, f"cannot read image ({err.reason})"))
+                    reason = getattr(err, "reason", None) or "unreadable"
+                    skipped.append(_skip(name, f"cannot read image ({reason})"))
                 finally:
                     path.unlink(missing_ok=True)
         finally:
