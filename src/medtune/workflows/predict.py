@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from medtune.config import TTA_MODES
 from medtune.data.images import is_listed_image, iter_image_files
-from medtune.data.preprocess import DECODE_SIDE_FACTOR, decode_source, prepare_image
+from medtune.data.preprocess import decode_source, prepare_image
 from medtune.errors import BadImageError, MedtuneError
 from medtune.evaluation.decoding import decode
 from medtune.evaluation.grades import grade_names
@@ -610,10 +610,9 @@ def _prepare_files(
 ) -> PreparedBatch:
     """Decode each file once (as training did), skipping unreadable ones when asked."""
     names, images = [], []
-    side = DECODE_SIDE_FACTOR * predictor.image_size
     for path in paths:
-        try:
-            images.append(decode_source(str(path), side))
+        try:  # only as large as the network input needs (JPEG DCT scaling)
+            images.append(decode_source(str(path), min_side=predictor.image_size))
             names.append(str(path))
         except BadImageError as err:
             if not skip_bad:
