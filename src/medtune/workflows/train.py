@@ -365,7 +365,7 @@ def resume(run: str | Path, *, epochs: int | None = None) -> RunResult:
     started = time.perf_counter()
     folder = RunFolder(Path(run))
     config = folder.read_config()
-    if _finished(folder) and epochs in (None, config.epochs):
+    if _finished(folder, config) and epochs in (None, config.epochs):
         log.warning(
             "%s: the run already finished; nothing left to do (--epochs N with N larger than "
             "%d trains it longer)",
@@ -388,25 +388,41 @@ def resume(run: str | Path, *, epochs: int | None = None) -> RunResult:
     return run_training(config, resume=True)  # after the last epoch: writes the results
 
 
-def _finished(folder: RunFolder) -> bool:
+def _finished(folder: RunFolder, config: TrainConfig) -> bool:
     """Whether the run wrote its results after its last checkpoint (``metrics.json`` is the
-    last file :func:`~medtune.engines.finalize.finalize_run` writes)."""
+    last file :func:`~medtune.engines.finalize.finalize_run` writes) and trained every epoch of
+    its ``config.yaml`` (or stopped early); a config edited to more epochs is not finished."""
     metrics = folder.path(RunFolder.METRICS)
     if not metrics.is_file():
         return False
     last = folder.last_checkpoint
-    return not last.is_file() or metrics.stat().st_mtime_ns >= last.stat().st_mtime_ns
+    if not last.is_file():
+        return True  # a probe run: fitted in one go
+    if metrics.stat().st_mtime_ns < last.stat().st_mtime_ns:
+        return False
+    state = _last_state(folder)
+    stopped = any(  # Lightning's EarlyStopping state records the epoch it stopped at
+        isinstance(v, dict) and int(v.get("stopped_epoch", 0) or 0) > 0
+        for k, v in state.get("callbacks", {}).items()
+        if str(k).startswith("EarlyStopping")
+    )
+    return stopped or int(state.get("epoch", -1)) + 1 >= config.epochs
 
 
-def _epochs_done(folder: RunFolder) -> int:
-    """Completed epochs of a run, from its last checkpoint (0 without one), read safely."""
+def _last_state(folder: RunFolder) -> dict[str, Any]:
+    """The last checkpoint's contents (``{}`` without one), read safely."""
     from medtune.engines.finetune import AtomicCheckpointIO
 
     last = folder.last_checkpoint
     if not last.is_file():
-        return 0
-    state = AtomicCheckpointIO().load_checkpoint(last, map_location="cpu")
-    return int(state.get("epoch", -1)) + 1
+        return {}
+    return AtomicCheckpointIO().load_checkpoint(last, map_location="cpu")
+
+
+def _epochs_done(folder: RunFolder) -> int:
+    """Completed epochs of a run, from its last checkpoint (0 without one), read safely."""
+    state = _last_state(folder)
+    return int(state.get("epoch", -1)) + 1 if state else 0
 
 
 def _meta(config: TrainConfig, data: RunData) -> ModelMeta:
