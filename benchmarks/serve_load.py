@@ -232,7 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     n = args.clients * args.per_client
     paths = photographs(Path(args.images), n, Path("/tmp") / f"serve-load-{os.getpid()}")
     expected = expected_rows(args.model, paths)
-    sidecar = json.loads((Path(args.model).parent / "model.json").read_text())
+    from medtune.evaluation.card import read_card
+
+    card = read_card(Path(args.model).parent / "model.json")
     load_before = load_average()
     port = free_port()
     proc = start_server(args.model, port, args.workers)
@@ -253,8 +255,8 @@ def main(argv: list[str] | None = None) -> int:
         "machine": platform.machine(),
         "load_before": load_before,
         "model_name": Path(args.model).name,
-        "backbone": sidecar.get("backbone"),
-        "image_size": sidecar.get("image_size"),
+        "backbone": card.backbone,
+        "image_size": card.input_spec.image_size,
         "workers": args.workers or 2,
         "clients": args.clients,
         "per_client": args.per_client,

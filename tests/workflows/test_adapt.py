@@ -119,8 +119,9 @@ def test_thresholds_move_only_with_labels_and_evaluate_uses_the_moved_ones(
     assert 0.0 <= sens90["sensitivity_ci95"][0] <= sens90["sensitivity"]
     assert "specificity_ci95" in sens90
     assert "using 24 labelled images (12 positives)" in result.summary
-    meta = RunFolder(out).read_meta()
-    assert meta.temperature == pytest.approx(points["temperature"]["to"])
+    card = RunFolder(out).read_card()
+    assert card.temperature == pytest.approx(points["temperature"]["to"])
+    assert card.site_shift is None and card.provenance.adapted_from == str(source_run.resolve())
     val = RunFolder(out).read_val_logits()
     assert len(val["labels"]) == 24 and {"logits_none", "logits_rot90"} <= set(val)
     # evaluate chooses its operating points from val_logits.npz: the moved thresholds

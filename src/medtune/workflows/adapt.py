@@ -23,7 +23,6 @@ moves the new site's features towards them, so its scores would no longer mean w
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import shutil
 from collections.abc import Iterator
@@ -35,16 +34,16 @@ import numpy as np
 
 from medtune.config import TTA_MODES
 from medtune.errors import MedtuneError
+from medtune.evaluation.card import ModelCard, Provenance
+from medtune.evaluation.labels import BinaryTask
 from medtune.evaluation.metrics import (
     MIN_SITE_POSITIVES,
     OPERATING_POINTS,
-    BinaryTask,
     apply_operating_point,
-    binary_task,
     choose_operating_points,
     move_operating_point,
 )
-from medtune.runs import ModelMeta, RunFolder
+from medtune.runs import RunFolder
 
 log = logging.getLogger("medtune")
 
@@ -147,21 +146,21 @@ def adapt(
     """
     source = RunFolder(Path(run))
     target = RunFolder(Path(out))
-    meta = source.read_meta()
+    card = source.read_card()
     config = source.read_config()
-    _check_adaptable(source, target, meta)
+    _check_adaptable(source, target, card)
     if batch_size < 1:
         raise MedtuneError(f"batch_size must be at least 1, got {batch_size}")
-    sample_set = _labelled_set(source, meta, labels) if labels is not None else None
-    model, meta = source.load_model()
+    sample_set = _labelled_set(source, card, labels) if labels is not None else None
+    model, card = source.load_model()
     paths = _site_images(data)
-    info = _adabn(model, meta, paths, config.freeze, batch_size, progress)
+    info = _adabn(model, card, paths, config.freeze, batch_size, progress)
     points: dict[str, Any] = {"moved": False, "rule": "validated operating points kept"}
     sample = None
     if sample_set is not None:
-        sample = _sample_logits(model, meta, sample_set, batch_size, progress)
-        points = _move_points(meta, source, sample, str(labels))
-        meta = _with_temperature(meta, points["temperature"]["to"])
+        sample = _sample_logits(model, card, sample_set, batch_size, progress)
+        points = _move_points(card, source, sample, str(labels))
+    card = _adapted_card(card, source, points)
     # everything is computed: only now is the new folder written
     target.dir.mkdir(parents=True, exist_ok=True)
     target.write_config(config)
@@ -170,7 +169,7 @@ def adapt(
             shutil.copy2(source.path(name), target.path(name))
     if sample is not None:
         target.write_val_logits(sample["labels"], sample["logits"])
-    target.write_model(model, meta)
+    target.write_model(model, card)
     record = {
         "source_run": str(source.dir.resolve()),
         "data": str(data),
@@ -192,8 +191,8 @@ def adapt(
     return AdaptResult(target.dir, record)
 
 
-def _check_adaptable(source: RunFolder, target: RunFolder, meta: ModelMeta) -> None:
-    if meta.kind == "probe":
+def _check_adaptable(source: RunFolder, target: RunFolder, card: ModelCard) -> None:
+    if card.kind == "probe":
         raise MedtuneError(
             f"{source.dir}: a probe run cannot be adapted by AdaBN: its linear layer was fitted "
             "on features computed with ImageNet BatchNorm statistics, and new statistics put "
@@ -226,7 +225,7 @@ def _site_images(data: str | Path) -> list[Any]:
 
 
 def _prepared_batches(
-    sources: list[Any], meta: ModelMeta, batch_size: int, progress: bool
+    sources: list[Any], card: ModelCard, batch_size: int, progress: bool
 ) -> Iterator[Any]:
     """uint8 (B, 3, S, S) tensors of near-equal size B <= ``batch_size``, prepared like the
     training cache (:func:`medtune.data.prepare_image`)."""
@@ -235,38 +234,40 @@ def _prepared_batches(
 
     from medtune.data.preprocess import prepare_image
 
+    spec = card.input_spec
     n_batches = -(-len(sources) // batch_size)
     chunks = np.array_split(np.arange(len(sources)), n_batches)
     for chunk in tqdm(chunks, desc="adapt", unit="batch", disable=not progress):
-        images = np.stack([prepare_image(sources[i], meta.image_size, meta.fundus) for i in chunk])
+        images = np.stack([prepare_image(sources[i], spec.image_size, spec.fundus) for i in chunk])
         yield torch.from_numpy(images).permute(0, 3, 1, 2)
 
 
 def _adabn(
-    model: Any, meta: ModelMeta, sources: list[Any], freeze: int, batch_size: int, progress: bool
+    model: Any, card: ModelCard, sources: list[Any], freeze: int, batch_size: int, progress: bool
 ) -> dict[str, Any]:
     from medtune.data.normalise import normalise_batch
     from medtune.transfer.adabn import adabn
 
+    spec = card.input_spec
     batches = (
-        normalise_batch(x, meta.mean, meta.std)
-        for x in _prepared_batches(sources, meta, batch_size, progress)
+        normalise_batch(x, spec.mean, spec.std)
+        for x in _prepared_batches(sources, card, batch_size, progress)
     )
     return adabn(model, batches, freeze)
 
 
-def _labelled_set(source: RunFolder, meta: ModelMeta, labels: str | Path) -> Any:
+def _labelled_set(source: RunFolder, card: ModelCard, labels: str | Path) -> Any:
     """The labelled sample, checked before any work: a binary task and enough positives."""
     from medtune.data import load_imageset
 
-    task = binary_task(meta.class_names, meta.ordinal, meta.positive_class)
+    task = card.label_space.binary_task
     if task is None:
         raise MedtuneError(
-            f"{source.dir}: the model's {meta.num_classes} classes define no binary task "
+            f"{source.dir}: the model's {card.num_classes} classes define no binary task "
             "(referable DR or a positive class), so it has no operating point to move; "
             "adapt without labels"
         )
-    imageset = load_imageset(labels, classes=meta.class_names)
+    imageset = load_imageset(labels, classes=card.class_names)
     n_pos = int(task.labels(imageset.labels).sum())
     n_neg = len(imageset) - n_pos
     if n_pos < MIN_SITE_POSITIVES or n_neg < 1:
@@ -279,32 +280,38 @@ def _labelled_set(source: RunFolder, meta: ModelMeta, labels: str | Path) -> Any
 
 
 def _sample_logits(
-    model: Any, meta: ModelMeta, imageset: Any, batch_size: int, progress: bool
+    model: Any, card: ModelCard, imageset: Any, batch_size: int, progress: bool
 ) -> dict[str, Any]:
-    """Labels (N,) and logits per TTA mode of the labelled sample, from the adapted model."""
-    from medtune.evaluation.inference import predict_logits
+    """Labels (N,) and logits per TTA mode of the labelled sample, from the adapted model (the
+    scorer protocol, :class:`~medtune.evaluation.inference.TorchScorer`)."""
+    from medtune.data.preprocess import prepare_image
+    from medtune.evaluation.inference import TorchScorer
 
-    sources = [imageset.source_of(i) for i in range(len(imageset))]
-    logits = {}
-    for tta in TTA_MODES:
-        batches = list(_prepared_batches(sources, meta, batch_size, progress and tta == "none"))
-        logits[tta] = predict_logits(model, batches, mean=meta.mean, std=meta.std, tta=tta)
+    spec = card.input_spec
+    images = np.stack(
+        [
+            prepare_image(imageset.source_of(i), spec.image_size, spec.fundus)
+            for i in range(len(imageset))
+        ]
+    )
+    scorer = TorchScorer(model, card, batch_size=batch_size, progress=progress)
+    logits = {tta: scorer.logits(images, tta) for tta in TTA_MODES}
     return {"labels": np.asarray(imageset.labels), "logits": logits}
 
 
 def _move_points(
-    meta: ModelMeta, source: RunFolder, sample: dict[str, Any], labels: str
+    card: ModelCard, source: RunFolder, sample: dict[str, Any], labels: str
 ) -> dict[str, Any]:
     """The moved operating points, as recorded in ``adaptation.json``."""
     from medtune.evaluation.calibration import apply_temperature, fit_temperature
 
-    task = binary_task(meta.class_names, meta.ordinal, meta.positive_class)
+    task = card.label_space.binary_task
     assert task is not None  # checked by _labelled_set
     y, logits = sample["labels"], sample["logits"]["none"]
     val = source.read_val_logits()
     old = choose_operating_points(
         task.labels(val["labels"]),
-        task.score(apply_temperature(val["logits_none"], meta.temperature)),
+        task.score(apply_temperature(val["logits_none"], card.temperature)),
     )
     if not old:
         raise MedtuneError(
@@ -322,7 +329,7 @@ def _move_points(
             task,
             validated_threshold=old[name]["threshold"],
             target_sensitivity=target,
-            temperature=meta.temperature,
+            temperature=card.temperature,
         )
         points[name] = _point(name, old[name]["threshold"], moved, task, y, logits)
     new = choose_operating_points(task.labels(y), task.score(apply_temperature(logits, new_t)))
@@ -337,7 +344,7 @@ def _move_points(
         "n_images": len(y),
         "n_positives": int(y_bin.sum()),
         "n_negatives": int(len(y_bin) - y_bin.sum()),
-        "temperature": {"from": float(meta.temperature), "to": float(new_t)},
+        "temperature": {"from": float(card.temperature), "to": float(new_t)},
         "points": points,
         "note": (
             "sensitivity and specificity are on the labelled sample the thresholds were chosen "
@@ -381,14 +388,18 @@ def _point(
     }
 
 
-def _with_temperature(meta: ModelMeta, temperature: float) -> ModelMeta:
-    changes: dict[str, Any] = {"temperature": float(temperature)}
-    # Where model.json stores validated operating points (branch screening), those are the
-    # source's and no longer hold: clear them so readers choose them again from val_logits.npz,
-    # which now holds the labelled sample (the moved points).
-    if "operating_points" in {f.name for f in dataclasses.fields(ModelMeta)}:
-        changes["operating_points"] = None
-    return dataclasses.replace(meta, **changes)
+def _adapted_card(card: ModelCard, source: RunFolder, points: dict[str, Any]) -> ModelCard:
+    """The adapted model's card: no site-shift model (not carried over), its source run and,
+    with moved points, the refitted temperature and no stored operating points (those are the
+    source's and no longer hold: readers choose them again from ``val_logits.npz``, which then
+    holds the labelled sample, i.e. the moved points)."""
+    changes: dict[str, Any] = {
+        "site_shift": None,
+        "provenance": Provenance(adapted_from=str(source.dir.resolve())),
+    }
+    if points["moved"]:
+        changes.update(temperature=float(points["temperature"]["to"]), operating_points=None)
+    return card.replace(**changes)
 
 
 def _mark_metrics(target: RunFolder, record: dict[str, Any]) -> None:

@@ -447,7 +447,7 @@ def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def _run_card(folder: RunFolder) -> dict[str, Any]:
-    training: dict[str, Any] = {"synthetic": folder.read_meta().synthetic}
+    training: dict[str, Any] = {"synthetic": folder.read_card().synthetic}
     if folder.has_config():
         config = folder.read_config()
         data = Path(str(config.data)).name if config.data else None
@@ -480,16 +480,16 @@ def _best_metrics(folder: RunFolder) -> tuple[str | None, dict[str, Any]]:
 
 
 def _sidecar_card(model_path: Path) -> dict[str, Any]:
-    """An export's ``model.json`` says whether the model is synthetic and may carry metrics."""
-    sidecar_path = (model_path if model_path.is_dir() else model_path.parent) / "model.json"
+    """An export's card (``model.json``) says whether the model is synthetic."""
+    from medtune.deploy.onnx_predictor import SIDECAR_NAME
+    from medtune.evaluation.card import read_card
+
+    folder = model_path if model_path.is_dir() else model_path.parent
     try:
-        sidecar = json.loads(sidecar_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        sidecar = {}
-    card: dict[str, Any] = {"training": {"synthetic": bool(sidecar.get("synthetic"))}}
-    if isinstance(sidecar.get("metrics"), dict):
-        card["metrics"] = {"source": "export sidecar", "values": _headline(sidecar["metrics"])}
-    return card
+        synthetic = read_card(folder / SIDECAR_NAME).synthetic
+    except MedtuneError:
+        synthetic = False
+    return {"training": {"synthetic": synthetic}}
 
 
 # ---------------------------------------------------------------------------------- web app
