@@ -232,9 +232,6 @@ class ExportInfo:
     def from_dict(cls, values: Mapping[str, Any], source: object) -> ExportInfo:
         return _build(cls, values, source, "export block")
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
 
 @dataclass(frozen=True)
 class Provenance:
@@ -250,9 +247,6 @@ class Provenance:
 
     medtune_version: str | None = None
     adapted_from: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 @dataclass(frozen=True)
@@ -362,7 +356,7 @@ class ModelCard:
             "operating_points": _dict_or_none(self.operating_points),
             "site_shift": _dict_or_none(self.site_shift),
             "synthetic": bool(self.synthetic),
-            "provenance": provenance.to_dict(),
+            "provenance": dataclasses.asdict(provenance),
             "export": _dict_or_none(self.export),
         }
 
@@ -423,7 +417,10 @@ class _Fields:
 
 
 def _dict_or_none(value: Any) -> dict[str, Any] | None:
-    return None if value is None else value.to_dict()
+    """A part of the card as JSON values (its own ``to_dict`` when it has one)."""
+    if value is None:
+        return None
+    return value.to_dict() if hasattr(value, "to_dict") else dataclasses.asdict(value)
 
 
 def _build(cls: Any, values: Mapping[str, Any], source: object, what: str) -> Any:
