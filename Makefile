@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install demo test test-all lint bench bench-sites ablation clean
+.PHONY: install demo test test-all lint docs bench bench-sites ablation clean
 
 install: $(STAMP)
 
@@ -26,6 +26,10 @@ test-all: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
+
+# Rewrite the generated settings table of docs/configuration.md from medtune.config.TrainConfig.
+docs: $(STAMP)
+	$(BIN)/python -m medtune.cli.settings docs/configuration.md
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[bench]'

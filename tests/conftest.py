@@ -60,6 +60,17 @@ def write_graded_images(
     return root
 
 
+def train_tiny_dr_run(root: Path) -> Path:
+    """A linear probe of the tiny settings on made-up 5-grade DR images (``root/run``)."""
+    from medtune.cli.main import main
+
+    data = write_graded_images(root / "data", n_per_class=8, size=32, classes=5)
+    args = ["train", "--data", str(data), "--out", str(root / "run")]
+    args += ["--strategy", "linear-probe", "--cache-dir", str(root / "cache"), *tiny_flags()]
+    assert main(args) == 0
+    return root / "run"
+
+
 @pytest.fixture
 def graded_folder(tmp_path: Path) -> Path:
     return write_graded_images(tmp_path / "data")

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import medtune
-from medtune.config import FinetuneRecipe, TrainConfig
+from medtune.config import FinetuneRecipe, TrainConfig, Unset
 
 ROOT = Path(__file__).resolve().parents[2]
 API = ("train", "resume", "evaluate", "predict", "export", "advise")
@@ -27,15 +27,25 @@ def test_every_workflow_is_importable_from_medtune_with_a_numpydoc_docstring():
 
 
 def test_train_takes_every_setting_as_an_explicit_keyword_with_its_default():
+    """Every setting is a keyword whose default is an Unset carrying TrainConfig's default (so a
+    keyword passed with the default's value still counts as given), documented from its field."""
     params = inspect.signature(medtune.train).parameters
     assert not any(p.kind is p.VAR_KEYWORD for p in params.values()), "no **overrides"
     doc = inspect.getdoc(medtune.train)
     defaults = TrainConfig()
     for field in dataclasses.fields(TrainConfig):
         assert field.name in params, field.name
-        assert re.search(rf"\b{field.name}\b", doc), f"{field.name} is not documented"
-        if field.name not in ("data", "fundus", "augment"):  # None: the default, not shared
-            assert params[field.name].default == getattr(defaults, field.name), field.name
+        assert re.search(rf"^{field.name} : ", doc, re.M), f"{field.name} is not documented"
+        if field.name in ("data", "preset"):  # positional data; preset is applied, not stored
+            continue
+        default = params[field.name].default
+        assert isinstance(default, Unset), field.name
+        assert default.default == getattr(defaults, field.name), field.name
+        assert repr(default) == repr(getattr(defaults, field.name))  # help() shows the value
+    for name in ("lr", "optimizer", "augment"):  # the generated entries carry the field's help
+        help_text = next(f for f in dataclasses.fields(TrainConfig) if f.name == name).metadata
+        first_words = " ".join(help_text["help"].replace("`", "``").split()[1:4])
+        assert first_words in " ".join(doc.split()), name
 
 
 def test_the_recipe_defaults_are_written_once():

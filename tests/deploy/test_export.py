@@ -402,7 +402,7 @@ def test_onnx_export_with_site_shift_scores_images_without_torch(tiny: TinyNet, 
         "from medtune.deploy import OnnxPredictor\n"
         "from medtune.evaluation.scoring import score\n"
         f"p = OnnxPredictor({str(out)!r}, num_threads=1)\n"
-        f"logits, scores, _ = score(p, np.load({str(tmp_path / 'imgs.npy')!r}))\n"
+        f"scores = score(p, np.load({str(tmp_path / 'imgs.npy')!r})).shift_scores\n"
         "assert not {'torch', 'sklearn'} & set(sys.modules), 'torch or sklearn was imported'\n"
         "print(json.dumps(scores.tolist()))\n"
     )
@@ -415,7 +415,8 @@ def test_onnx_export_with_site_shift_scores_images_without_torch(tiny: TinyNet, 
 def test_export_without_site_shift_has_no_features_output(onnx_dir: Path) -> None:
     pred = OnnxPredictor(onnx_dir, num_threads=1)
     assert pred.site_shift is None and pred.card.site_shift is None
-    logits, scores, _ = score(pred, real_like_images(2, SIZE))
+    scored = score(pred, real_like_images(2, SIZE))
+    logits, scores = scored.logits, scored.shift_scores
     assert logits.shape == (2, 5) and scores is None
     with pytest.raises(MedtuneError, match="no 'features' output; re-export"):
         pred.logits_and_features(real_like_images(1, SIZE))

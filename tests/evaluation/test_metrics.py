@@ -155,24 +155,25 @@ def test_quick_metrics() -> None:
 
 
 def test_validation_thresholds_are_applied_unchanged_to_test() -> None:
-    # validation: Youden's J ties at 0.6 and 0.35 -> highest threshold 0.6
+    # validation: Youden's J ties at 0.6 and 0.35 -> the higher point, keeping scores >= 0.6;
+    # its threshold sits mid-gap between 0.6 and the next lower score 0.4: 0.5
     y_val = np.array([0, 1, 0, 1, 2, 3, 4, 2])
     s_val = [0.1, 0.2, 0.3, 0.4, 0.35, 0.6, 0.7, 0.8]
     # test: perfectly separable at 0.7, so re-choosing on test would give a different threshold
     y_te = np.array([0, 1, 0, 1, 2, 3, 4, 2])
-    s_te = [0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.9]
+    s_te = [0.45, 0.55, 0.48, 0.65, 0.7, 0.75, 0.8, 0.9]
     p_val, p_te = _dr_probs(s_val), _dr_probs(s_te)
     m = compute_metrics(y_te, p_te, DR, val=(y_val, p_val), n_boot=0)
     yd = m["operating_points"]["youden"]
     assert m["thresholds_from"] == "validation"
-    assert yd["threshold"] == pytest.approx(0.6)
+    assert yd["threshold"] == pytest.approx(0.5)
     assert (yd["sensitivity"], yd["specificity"]) == (1.0, 0.5)
     assert m["referable_sensitivity"] == 1.0 and m["referable_specificity"] == 0.5
     assert (yd["tp"], yd["fp"], yd["tn"], yd["fn"]) == (4, 2, 2, 0)
     # the optimistic same-data choice differs
     same = compute_metrics(y_te, p_te, DR, n_boot=0)
     assert same["thresholds_from"] == "same data (optimistic)"
-    assert same["operating_points"]["youden"]["threshold"] == pytest.approx(0.7)
+    assert same["operating_points"]["youden"]["threshold"] == pytest.approx((0.65 + 0.7) / 2)
     assert same["referable_specificity"] == 1.0
 
 

@@ -59,6 +59,18 @@ def document() -> Image.Image:
     return page
 
 
+def synthetic(grade: int, size: int = 512) -> Image.Image:
+    from medtune.data.synthetic import synthesize_image
+
+    return Image.fromarray(synthesize_image(grade, size, seed=grade).image)
+
+
+def skimage_photo(name: str) -> Image.Image:
+    from skimage import data
+
+    return Image.fromarray(getattr(data, name)())
+
+
 def test_real_fundus_photograph_is_gradable_with_every_measure() -> None:
     verdict = assess_quality(retina())
     assert isinstance(verdict, QualityVerdict)
@@ -161,8 +173,82 @@ def test_quality_measures_computes_everything_even_for_a_blank_frame() -> None:
 
 
 def test_non_image_input_is_a_type_error() -> None:
-    with pytest.raises(TypeError, match="PIL.Image.Image"):
-        assess_quality(np.zeros((8, 8, 3), dtype=np.uint8))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="uint8 H x W x 3 array or a PIL image, got list"):
+        assess_quality([[0, 0, 0]])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="got float32 array"):
+        assess_quality(np.zeros((8, 8, 3), dtype=np.float32))
+
+
+# ------------------------------------------------ the gate on the working-size network input
+
+WORKING_CASES = [
+    ("sharp", lambda: retina(), "ok"),
+    ("blurred", lambda: blurred(retina()), "blur"),
+    ("dark", lambda: scaled(retina(), 0.15), "dark"),
+    ("overexposed", lambda: scaled(retina(), 4.0), "bright"),
+    ("bgr", lambda: Image.fromarray(np.asarray(retina())[..., ::-1]), "not_fundus"),
+    ("greyscale", lambda: retina().convert("L").convert("RGB"), "not_fundus"),
+    ("synthetic-dr", lambda: synthetic(3), "ok"),
+    ("synthetic-dr-blurred", lambda: blurred(synthetic(3)), "blur"),
+    ("cat", lambda: skimage_photo("chelsea"), "not_fundus"),
+    ("coffee", lambda: skimage_photo("coffee"), "not_fundus"),
+    ("document", document, "not_fundus"),
+    ("black", lambda: Image.new("RGB", (320, 240)), "no_fov"),
+    ("white", lambda: Image.new("RGB", (320, 240), (255, 255, 255)), "no_fov"),
+]
+
+
+@pytest.mark.parametrize(("make", "code"), [c[1:] for c in WORKING_CASES],
+                         ids=[c[0] for c in WORKING_CASES])  # fmt: skip
+@pytest.mark.parametrize("size", [224, 260])
+def test_gate_on_the_prepared_network_input_gives_the_photographs_verdict(make, code, size) -> None:
+    """What predict feeds the gate (prepare_image: FOV crop, black square padding, model size)
+    gets the verdict the photograph gets, and the same as the photograph as a PIL image."""
+    from medtune.data.preprocess import prepare_image
+
+    photo = make()
+    prepared = prepare_image(photo, size)
+    assert prepared.shape == (size, size, 3)
+    on_input, on_photo = assess_quality(prepared), assess_quality(photo)
+    assert on_input.code == on_photo.code == code
+    assert set(on_input.measures) == set(on_photo.measures)
+
+
+def test_square_padding_is_not_part_of_the_photograph() -> None:
+    """A uniform frame padded square with black (prepare_image, crop or not) stays 'no field of
+    view': the padding's dark rows would otherwise make a bright frame with a dark border."""
+    from medtune.data.fundus import FundusOptions
+    from medtune.data.preprocess import prepare_image
+
+    for crop in (True, False):
+        grey = prepare_image(Image.new("RGB", (320, 160), (128, 128, 128)), 224,
+                             FundusOptions(crop=crop))  # fmt: skip
+        assert grey[:40].max() == 0  # padded above and below
+        assert assess_quality(grey).code == "no_fov"
+
+
+def test_working_array_drops_padding_and_reduces_large_inputs() -> None:
+    from medtune.evaluation.quality import WORK_MAX_SIDE, working_array
+
+    arr = np.zeros((100, 100, 3), np.uint8)
+    arr[20:80, 10:90] = 200
+    assert working_array(arr).shape == (60, 80, 3)
+    assert working_array(np.zeros((30, 40, 3), np.uint8)).shape == (30, 40, 3)  # all black: kept
+    big = working_array(Image.new("RGB", (1024, 512), (90, 40, 20)))
+    assert big.shape == (WORK_MAX_SIDE // 2, WORK_MAX_SIDE, 3)
+    assert working_array(np.full((8, 8), 7, np.uint8)).shape == (8, 8, 3)  # grey to RGB
+
+
+def test_histogram_percentiles_equal_numpys() -> None:
+    from medtune.data.fundus import histogram_percentiles
+
+    rng = np.random.default_rng(0)
+    values = rng.integers(0, 256, (37, 53), dtype=np.uint8)
+    mask = rng.random((37, 53)) < 0.3
+    qs = (0.0, 1.0, 37.5, 50.0, 99.0, 100.0)
+    assert np.allclose(histogram_percentiles(values, qs), np.percentile(values, qs))
+    assert np.allclose(histogram_percentiles(values, qs, mask), np.percentile(values[mask], qs))
+    assert np.isnan(histogram_percentiles(values, (50.0,), np.zeros_like(mask))).all()
 
 
 def test_gate_is_exported_lazily_from_the_evaluation_package() -> None:

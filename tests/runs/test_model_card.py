@@ -72,7 +72,8 @@ def test_an_export_written_before_version_3_gives_the_same_answers(tmp_path):
     assert card.export.parity["n_images"] == 4 and card.export.features_name == "features"
     assert card.site_shift.file == "site_shift.npz" and card.site_shift.threshold > 0
     images = expected["images"]
-    logits, shift_scores, _ = score(predictor, images)
+    scored = score(predictor, images)
+    logits, shift_scores = scored.logits, scored.shift_scores
     np.testing.assert_array_equal(logits, expected["logits"])
     np.testing.assert_array_equal(shift_scores, expected["shift_scores"])
     np.testing.assert_allclose(predictor.predict_proba(images), expected["probs"], atol=1e-12)

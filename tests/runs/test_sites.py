@@ -102,6 +102,13 @@ def test_two_sites_train_on_the_union_split_per_site_and_report_per_site(two_sit
 
     evaluated = evaluate(out, gradcam=False, n_boot=0, progress=False)
     assert set(evaluated.metrics["per_site"]) == {"site-a", "site-b"}
+    # the sites of the validation images travel with val_logits.npz (worst-site rule) and the
+    # batch shift test compares the whole evaluated set with them
+    val = RunFolder(out).read_val_logits()
+    assert set(val["sites"].tolist()) == {"site-a", "site-b"}
+    assert len(val["sites"]) == len(val["labels"])
+    batch = evaluated.metrics["site_shift"]["batch"]
+    assert batch["n_images"] == evaluated.metrics["n"] and 0.0 <= batch["p_value"] <= 1.0
 
 
 def test_cli_data_given_twice_is_a_list_of_sites(tmp_path):
@@ -178,5 +185,9 @@ def test_evaluate_summarises_the_site_shift_of_the_evaluated_images(shift_run, t
     assert summary["n_images"] == 6 and summary["n_outside"] == 6
     assert summary["warning"] is True
     assert summary["message"].startswith("100% of these images (6 of 6) lie outside")
+    assert summary["batch"]["n_images"] == 6
+    assert summary["batch"]["p_value"] < 0.2  # six cats against the validation fundi
     inside = evaluate(out, gradcam=False, n_boot=0, progress=False, name="home")
     assert inside.metrics["site_shift"]["share_outside"] < 0.5
+    assert inside.metrics["site_shift"]["batch"]["shifted"] is False
+    assert "is consistent with validation" in (inside.dir / "report.html").read_text()

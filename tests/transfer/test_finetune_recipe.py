@@ -115,6 +115,7 @@ def test_inverse_frequency_class_weights_and_balanced_sampler():
     class FakeCache:
         def __init__(self):
             self.labels = labels
+            self.sites = None
 
     dm = CacheDataModule(
         Part(FakeCache(), np.arange(12)),

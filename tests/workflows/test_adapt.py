@@ -157,3 +157,47 @@ def test_cli_adapt_prints_one_line(source_run: Path, tmp_path, capsys):
     assert code == 0
     out = capsys.readouterr().out
     assert out.startswith("adapted 7 BatchNorm layers on 24 images; operating points kept")
+
+
+def test_label_free_recalibration_suggestions_and_the_batch_verdict(source_run: Path, tmp_path):
+    import pandas as pd
+
+    from medtune.evaluation.label_free import NOT_VALIDATED
+
+    site_b = _site_b(tmp_path / "site-b", labelled=False)
+    out = tmp_path / "b"
+    result = adapt(
+        source_run,
+        site_b,
+        out,
+        recalibrate="quantile",
+        suggest=7,
+        batch_size=8,
+        progress=False,
+    )
+    record = result.record
+    assert record["batch_shift"]["n_images"] == 24
+    assert isinstance(record["batch_shift"]["shifted"], bool)
+    assert record["operating_point_status"]["validated"] is False
+    assert "not validated here" in result.summary
+    # model.json carries the moved thresholds and their status to predict and evaluate
+    ops = RunFolder(out).read_card().operating_points
+    assert ops.label_free == "quantile" and ops.status.startswith(NOT_VALIDATED)
+    assert ops.validated is False
+    moved = ops.at("none", "sens90")
+    assert moved.threshold != pytest.approx(moved.validated_threshold, abs=1e-9)
+    rows = predict([str(site_b)], run=out)
+    assert len(rows) == 24  # predict reads the moved points
+    labelled = _site_b(tmp_path / "b-labelled", seed=5)
+    scored = evaluate(out, str(labelled), gradcam=False, n_boot=0, progress=False)
+    assert scored.metrics["label_free_operating_points"]["sens90"]["threshold"] == pytest.approx(
+        moved.threshold
+    )
+    # the suggestions: 7 distinct images of the site, the most uncertain first
+    suggested = pd.read_csv(out / "suggested.csv")
+    assert len(suggested) == 7 == suggested["image"].nunique()
+    assert suggested["rank"].tolist() == list(range(1, 8))
+    assert suggested["uncertainty"].iloc[0] == suggested["uncertainty"].max()
+    assert all(Path(p).parent == site_b for p in suggested["image"])
+    with pytest.raises(MedtuneError, match="recalibrate 'median' is unknown"):
+        adapt(source_run, site_b, tmp_path / "c", recalibrate="median", progress=False)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import tiny_flags, write_graded_images
+from conftest import train_tiny_dr_run
 from PIL import Image
 from scipy.special import softmax
 
@@ -100,12 +100,7 @@ def test_p_referable_is_the_sum_of_grades_2_to_4_and_refer_follows_the_threshold
 
 @pytest.fixture(scope="module")
 def dr_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("screening")
-    data = write_graded_images(root / "data", n_per_class=8, size=32, classes=5)
-    args = ["train", "--data", str(data), "--out", str(root / "run")]
-    args += ["--strategy", "linear-probe", "--cache-dir", str(root / "cache"), *tiny_flags()]
-    assert main(args) == 0
-    return root / "run"
+    return train_tiny_dr_run(tmp_path_factory.mktemp("screening"))
 
 
 def _read_csv(path: Path) -> list[dict]:
@@ -126,10 +121,10 @@ def test_training_stores_the_validation_thresholds_in_model_json(dr_run: Path):
         assert stored["sensitivity_ci"] == point["sensitivity_ci"]
 
 
-def _fake_gate(img: Image.Image) -> tuple[bool, str | None]:
+def _fake_gate(img: np.ndarray) -> tuple[bool, str | None]:
     """Made-up images fail the real gate (too small, not fundus photographs): call about half
-    of them ungradable (by their top-left pixel), so both kinds occur."""
-    odd = sum(img.getpixel((0, 0))) % 2 == 1
+    of them ungradable (by the network input's centre pixel), so both kinds occur."""
+    odd = int(img[img.shape[0] // 2, img.shape[1] // 2].sum()) % 2 == 1
     return (False, "made-up reason") if odd else (True, None)
 
 

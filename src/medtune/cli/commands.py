@@ -7,51 +7,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-#: ``--fundus`` words and the FundusOptions field each one turns on.
-FUNDUS_WORDS = {
-    "crop": "crop",
-    "mask": "mask",
-    "colour-std": "colour_std",
-    "clahe": "clahe",
-    "ben-graham": "ben_graham",
-}
-FUNDUS_HELP = "none or crop[,mask][,colour-std][,clahe][,ben-graham]"
-
-
-def _fundus_options(value: str) -> dict[str, Any]:
-    """``--fundus none|crop[,mask][,colour-std][,clahe][,ben-graham]`` -> FundusOptions fields."""
-    parts = {p.strip().replace("color", "colour") for p in value.split(",") if p.strip()}
-    allowed = {"none", *FUNDUS_WORDS}
-    if not parts <= allowed:
-        raise argparse.ArgumentTypeError(
-            f"unknown --fundus option(s) {sorted(parts - allowed)}; use {sorted(allowed)}"
-        )
-    return {field: word in parts for word, field in FUNDUS_WORDS.items()}
-
-
-def _augment_names(value: str) -> list[str]:
-    """``--augment colour,blur`` -> the augmentation names it stands for."""
-    from medtune.data.site_augment import resolve_augment
-    from medtune.errors import MedtuneError
-
-    try:
-        return list(resolve_augment(value))
-    except MedtuneError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-
-
-def _add_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--skip-bad",
-        action="store_true",
-        default=None,
-        help="skip unreadable images (listed in the output folder) instead of failing",
-    )
-    p.add_argument(
-        "--cache-dir",
-        help="where prepared images and features are cached "
-        "(default $MEDTUNE_CACHE or ~/.cache/medtune/prepared)",
-    )
+from medtune.cli.settings import FUNDUS_HELP, add_setting_flags, flag_settings, fundus_options
+from medtune.config import DEFAULT_OPERATING_POINT, OPERATING_POINTS, TTA_MODES
 
 
 # ----------------------------------------------------------------------------------- prepare
@@ -69,8 +26,8 @@ def add_prepare(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--fundus",
-        type=_fundus_options,
-        default=_fundus_options("crop"),
+        type=fundus_options,
+        default=fundus_options("crop"),
         help=f"fundus preprocessing: {FUNDUS_HELP} (default crop: field-of-view crop, colours "
         "untouched)",
     )
@@ -107,170 +64,13 @@ def run_prepare(args: argparse.Namespace) -> None:
 
 
 # ----------------------------------------------------------------------------------- train
-def _devices(value: str) -> int | str:
-    return value if value == "auto" else int(value)
-
-
-TRAIN_FLAGS: list[tuple[str, dict[str, Any]]] = [
-    (
-        "--data",
-        {
-            "action": "append",
-            "help": "training images: class folders, folder with labels.csv, CSV, or .npz "
-            "(required, here or in --config); give it once per site to train on several "
-            "sites (split per site, figures per site)",
-        },
-    ),
-    ("--val-data", {"help": "separate validation set (default: a group-aware split of --data)"}),
-    ("--test-data", {"help": "separate test set (default: a group-aware split of --data)"}),
-    ("--out", {"help": "run folder (default runs/run)"}),
-    ("--val-fraction", {"type": float, "help": "validation share when splitting (default 0.15)"}),
-    ("--test-fraction", {"type": float, "help": "test share when splitting (default 0.15)"}),
-    (
-        "--backbone",
-        {
-            "help": "efficientnet_lite0 (default, offline weights), googlenet, or any "
-            "timm / torchvision model name"
-        },
-    ),
-    (
-        "--weights",
-        {
-            "help": "pretrained weights: 'default' (the default: the backbone's ImageNet "
-            "weights), a local .pth/.safetensors, or 'none'"
-        },
-    ),
-    ("--image-size", {"type": int, "help": "input side (default: the backbone's pretrained size)"}),
-    (
-        "--fundus",
-        {
-            "type": _fundus_options,
-            "help": f"{FUNDUS_HELP} (default crop: field-of-view crop, colours untouched)",
-        },
-    ),
-    (
-        "--strategy",
-        {
-            "choices": ["linear-probe", "layer-probe", "finetune", "auto"],
-            "help": "transfer scenario (default finetune; auto asks the advisor)",
-        },
-    ),
-    ("--layer", {"help": "stage for layer-probe, or 'best' to try every stage"}),
-    (
-        "--no-probe-rotations",
-        {
-            "dest": "probe_rotations",
-            "action": "store_false",
-            "default": None,
-            "help": "probes train on unrotated features (training images run once, not 4x)",
-        },
-    ),
-    (
-        "--positive-class",
-        {
-            "metavar": "NAME",
-            "help": "the positive class of a two-class task, for the headline sensitivity, "
-            "specificity and AUC (default: the class not named like no/normal/negative/0)",
-        },
-    ),
-    (
-        "--epochs",
-        {
-            "type": int,
-            "help": "fine-tuning epochs; the probes (linear-probe, layer-probe) ignore it: they "
-            "fit their logistic-regression head to convergence",
-        },
-    ),
-    ("--batch-size", {"type": int, "help": "images per training batch"}),
-    ("--lr", {"type": float, "help": "learning rate of the new head (default 0.002)"}),
-    ("--optimizer", {"choices": ["sgd", "adamw"], "help": "default adamw"}),
-    (
-        "--backbone-lr-mult",
-        {"type": float, "help": "learning-rate factor of pretrained stages (default 0.1)"},
-    ),
-    ("--layer-decay", {"type": float, "help": "extra factor per stage towards the input"}),
-    (
-        "--freeze",
-        {"type": int, "help": "freeze the first N stages (BatchNorm stats too; default 4)"},
-    ),
-    ("--weight-decay", {"type": float, "help": "L2 weight decay (not on BN and biases)"}),
-    ("--l2sp", {"type": float, "help": "L2-SP strength: pull toward the pretrained weights"}),
-    ("--head-epochs", {"type": int, "help": "epochs that train only the head first"}),
-    ("--warmup-epochs", {"type": float, "help": "epochs of linear learning-rate warm-up"}),
-    ("--schedule", {"choices": ["cosine", "step"], "help": "decay after the warm-up"}),
-    ("--lr-floor", {"type": float, "help": "final learning rate as a fraction of the start"}),
-    ("--dropout", {"type": float, "help": "dropout before the new head"}),
-    (
-        "--class-weights",
-        {
-            "choices": ["auto", "none"],
-            "help": "auto: inverse-frequency loss weights (default none)",
-        },
-    ),
-    (
-        "--balanced-sampler",
-        {"action": "store_true", "default": None, "help": "draw classes equally often"},
-    ),
-    ("--hflip", {"action": "store_true", "default": None, "help": "add horizontal flips"}),
-    ("--vflip", {"action": "store_true", "default": None, "help": "add vertical flips"}),
-    (
-        "--no-rot90",
-        {
-            "dest": "rot90",
-            "action": "store_false",
-            "default": None,
-            "help": "turn off the default 0/90/180/270 rotation augmentation",
-        },
-    ),
-    (
-        "--augment",
-        {
-            "type": _augment_names,
-            "metavar": "LIST",
-            "help": "site augmentation inside the field of view (default site: all seven; none "
-            "turns it off): comma-separated brightness, contrast, gamma, colour-temperature, "
-            "blur, jpeg, scale, or the groups colour, camera, site; docs/generalisation.md",
-        },
-    ),
-    (
-        "--ema",
-        {
-            "type": float,
-            "metavar": "DECAY",
-            "help": "validate and ship an exponential moving average of the weights with this "
-            "per-step decay, e.g. 0.99 (default off)",
-        },
-    ),
-    (
-        "--early-stopping",
-        {
-            "type": int,
-            "help": "patience in epochs on the validation metric (default 5; 0 turns it off, "
-            "as does early_stopping: null or 0 in a config file)",
-        },
-    ),
-    ("--seed", {"type": int, "help": "seed of splits, initialisation and augmentation"}),
-    ("--precision", {"help": "Lightning precision: bf16-mixed (default), 32-true, 16-mixed"}),
-    ("--workers", {"dest": "num_workers", "type": int, "help": "DataLoader workers"}),
-    ("--accelerator", {"help": "cpu, gpu or auto"}),
-    ("--devices", {"type": _devices, "help": "processes/GPUs per node (int or 'auto')"}),
-    ("--num-nodes", {"type": int, "help": "machines taking part"}),
-    ("--dist-strategy", {"help": "Lightning strategy (default auto: DDP when >1 process)"}),
-    (
-        "--sync-batchnorm",
-        {"action": "store_true", "default": None, "help": "BatchNorm statistics over all GPUs"},
-    ),
-    ("--max-steps-per-epoch", {"type": int, "help": "cap training batches per epoch"}),
-    ("--preset", {"choices": ["seed"], "help": "seed: the article's GoogLeNet recipe"}),
-]
-
-
 TRAIN_EPILOG = (
     "Defaults are those of docs/configuration.md (medtune.TrainConfig); a --config "
-    "file replaces them and flags override both. Environment: MEDTUNE_CACHE sets the cache "
-    "folder (default ~/.cache/medtune/prepared); MLFLOW_TRACKING_URI, when set, also logs "
-    "fine-tuning metrics to that MLflow server (needs the mlflow package). --epochs applies to "
-    "--strategy finetune only."
+    "file replaces them (the preset it names lies beneath its own values), --preset applies "
+    "over both, and a flag given overrides everything, whatever its value. Environment: "
+    "MEDTUNE_CACHE sets the cache folder (default ~/.cache/medtune/prepared); "
+    "MLFLOW_TRACKING_URI, when set, also logs fine-tuning metrics to that MLflow server (needs "
+    "the mlflow package). --epochs applies to --strategy finetune only."
 )
 
 
@@ -281,22 +81,16 @@ def add_train(p: argparse.ArgumentParser) -> None:
         "--resume",
         metavar="RUN",
         help="continue an interrupted fine-tuning run with its own settings "
-        "(with --epochs N: extend a finished one to N epochs)",
+        "(with --epochs N: extend a finished one to N epochs; a finished run without a new "
+        "--epochs is left as it is, exit 0)",
     )
-    for flag, kwargs in TRAIN_FLAGS:
-        p.add_argument(flag, **{"default": None, **kwargs})
-    _add_data_args(p)
+    add_setting_flags(p)  # one flag per TrainConfig setting, generated from its field
 
 
 def train_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """The settings given on the command line (flags left out keep config/default values)."""
-    skip = {"config", "resume", "handler", "debug", "verbose"}
-    values = {k: v for k, v in vars(args).items() if k not in skip and v is not None}
-    if values.get("weights") == "none":
-        values["weights"] = None
-    if values.get("early_stopping") == 0:
-        values["early_stopping"] = None
-    return values
+    """The settings given on the command line, whatever their value (flags left out keep the
+    config file's, the preset's or the default values)."""
+    return flag_settings(args)
 
 
 def run_train(args: argparse.Namespace) -> None:
@@ -348,7 +142,7 @@ def add_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="labelled test images (default: the run's own test split)")
     p.add_argument(
         "--tta",
-        choices=["none", "rot90"],
+        choices=TTA_MODES,
         default="none",
         help="test-time augmentation: rot90 averages the four rotations",
     )
@@ -362,6 +156,17 @@ def add_evaluate(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-gradcam", action="store_true", help="leave Grad-CAM out of the report")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images")
+    _add_patient_rule(p)
+
+
+def _add_patient_rule(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--patient-rule",
+        choices=["either-eye", "both-eyes"],
+        default="either-eye",
+        help="per-patient answer: refer when either eye is referable; insufficient quality "
+        "when no eye (either-eye, default) or not both eyes (both-eyes) could be graded",
+    )
 
 
 def run_evaluate(args: argparse.Namespace) -> None:
@@ -376,10 +181,30 @@ def run_evaluate(args: argparse.Namespace) -> None:
         n_boot=args.bootstrap,
         gradcam=not args.no_gradcam,
         skip_bad=args.skip_bad,
+        patient_rule=args.patient_rule,
     )
     synthetic = "synthetic" in str(result.metrics.get("data", "")).lower()
     print(metrics_table({"test": result.metrics}, synthetic=synthetic))
+    patients = result.metrics.get("patients")
+    if patients:
+        print(_patients_line(patients))
     print(f"metrics: {result.dir / 'metrics.json'}\nreport: {result.report}")
+
+
+def _patients_line(pm: dict[str, Any]) -> str:
+    """Patient-level figures in one line (``metrics["patients"]``)."""
+
+    def pct(key: str) -> str:
+        value, ci = pm.get(key), pm.get(f"{key}_ci")
+        if value is None:
+            return "n/a"
+        return f"{value:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+    return (
+        f"patients ({pm['n_patients']}, {pm['rule']} rule, {pm['headline_operating_point']}): "
+        f"sensitivity {pct('sensitivity')}, specificity {pct('specificity')}, "
+        f"insufficient quality {pm['n_insufficient']} ({pct('insufficient_share')})"
+    )
 
 
 # ----------------------------------------------------------------------------------- predict
@@ -400,8 +225,8 @@ def add_predict(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--operating-point",
-        choices=["sens90", "sens97.5", "youden"],
-        default="sens90",
+        choices=tuple(OPERATING_POINTS),
+        default=DEFAULT_OPERATING_POINT,
         help="validated threshold for the refer column (default: sens90, the most specific "
         "threshold with >= 90%% sensitivity for referable disease on validation: screening)",
     )
@@ -414,11 +239,19 @@ def add_predict(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--tta",
-        choices=["none", "rot90"],
+        choices=TTA_MODES,
         default="none",
         help="test-time augmentation: rot90 averages the four rotations",
     )
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images")
+    p.add_argument(
+        "--manifest",
+        metavar="CSV",
+        help="image,patient_id,eye per image (default: DICOM PatientID + ImageLaterality, or "
+        "names like 17_left.jpeg / P1_OD.jpg); with --out, patients and eyes go to "
+        "OUT.patients.csv and OUT.eyes.csv",
+    )
+    _add_patient_rule(p)
 
 
 def run_predict(args: argparse.Namespace) -> None:
@@ -441,6 +274,8 @@ def run_predict(args: argparse.Namespace) -> None:
             operating_point=args.operating_point,
             tta=args.tta,
             skip_bad=args.skip_bad,
+            manifest=args.manifest,
+            patient_rule=args.patient_rule,
         )
         if to_stdout:  # the same document as --json PATH
             print(Path(json_path).read_text(encoding="utf-8"), end="")
@@ -501,32 +336,16 @@ def add_advise(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="the labelled image set to measure")
     p.add_argument("--backbones", help="comma-separated backbones (default efficientnet_lite0)")
     p.add_argument("--json", help="also write the advice as JSON here")
-    p.add_argument("--image-size", type=int, help="input side (default: the backbone's)")
-    p.add_argument(
-        "--fundus",
-        type=_fundus_options,
-        help=f"{FUNDUS_HELP} (default crop, as medtune train)",
-    )
-    _add_data_args(p)
+    add_setting_flags(p, ["image_size", "fundus", "cache_dir", "skip_bad"])  # as medtune train
 
 
 def run_advise(args: argparse.Namespace) -> None:
     from medtune.config import TrainConfig
     from medtune.workflows.advise import advise
 
-    settings = {
-        k: v
-        for k, v in {
-            "data": args.data,
-            "image_size": args.image_size,
-            "fundus": args.fundus,
-            "cache_dir": args.cache_dir,
-            "skip_bad": args.skip_bad,
-        }.items()
-        if v is not None
-    }
     backbones = args.backbones.split(",") if args.backbones else None
-    report = advise(args.data, backbones, config=TrainConfig(**settings), json_path=args.json)
+    config = TrainConfig(**flag_settings(args))
+    report = advise(args.data, backbones, config=config, json_path=args.json)
     print(report.text())
 
 
@@ -543,14 +362,14 @@ def add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument(
         "--tta",
-        choices=["none", "rot90"],
+        choices=TTA_MODES,
         default="none",
         help="test-time augmentation: rot90 averages the four rotations",
     )
     p.add_argument(
         "--operating-point",
-        choices=["sens90", "sens97.5", "youden"],
-        default="sens90",
+        choices=tuple(OPERATING_POINTS),
+        default=DEFAULT_OPERATING_POINT,
         help="validated threshold that sets the referral flag (default sens90, as predict)",
     )
     p.add_argument("--workers", type=int, help="batches predicted at once (default 1 run, 2 ONNX)")

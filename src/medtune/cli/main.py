@@ -67,11 +67,10 @@ def _environment_error(err: BaseException) -> str | None:
 class DefaultsHelpFormatter(argparse.HelpFormatter):
     """Help that states every option's default.
 
-    An option whose help does not mention its default gets ``(default: X)``: X is the
-    argparse default, or, for ``medtune train`` flags (default None so that a ``--config`` file
-    can set them), the :class:`~medtune.config.TrainConfig` default. Switches (store_true /
-    store_false) and options without a default are left alone. TrainConfig is imported only
-    when help is printed, so parsing stays fast.
+    An option whose help does not mention its default gets ``(default: X)``, X being the argparse
+    default. Switches (store_true / store_false) and options without a default are left alone;
+    the settings flags of ``medtune train`` state their TrainConfig default in their own help
+    (:func:`medtune.cli.settings.flag_help`).
     """
 
     def _get_help_string(self, action: argparse.Action) -> str:
@@ -81,26 +80,12 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
         if isinstance(action, argparse._StoreConstAction):  # store_true / store_false
             return text
         value = action.default
-        if value is None and self._prog.split()[-1] == "train":
-            value = config_default(action.dest)
         if value is None or value is False or value in ("", argparse.SUPPRESS):
             return text
         if isinstance(value, dict):  # --fundus: its help states the default in words
             return text
         shown = str(value).replace("%", "%%")
         return f"{text} (default: {shown})" if text else f"default: {shown}"
-
-
-def config_default(dest: str) -> object:
-    """The :class:`TrainConfig` default of the setting ``dest`` (None if it has none)."""
-    import dataclasses
-
-    from medtune.config import TrainConfig
-
-    for f in dataclasses.fields(TrainConfig):
-        if f.name == dest:
-            return f.default if f.default is not dataclasses.MISSING else None
-    return None
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,6 +18,9 @@ Multi-frame files (``NumberOfFrames > 1``) are refused with a one-line
 would give several labelled items per file and silently multiply a patient's weight, so the user
 exports the frames they mean.
 
+Laterality: :func:`dicom_laterality` reads ``ImageLaterality`` (0020,0062), else the series'
+``Laterality`` (0020,0060): ``R`` / ``L`` (``B`` both and ``U`` unpaired are no single eye).
+
 Patient identifiers: :func:`patient_groups` reads ``PatientID`` (never pixel data) and returns
 only ``patient:<hash>`` ids, an HMAC-SHA256 of each id keyed by a hash of *all* the set's ids,
 truncated to 16 hex digits. The raw ids stay in memory only; they never reach outputs, logs,
@@ -42,7 +45,13 @@ from PIL import Image
 from medtune.data.formats import DICOM_EXTENSIONS, PILLOW_EXTENSIONS, scale_to_uint8, to_rgb8
 from medtune.errors import BadImageError
 
-__all__ = ["is_dicom_path", "looks_like_dicom", "patient_groups", "read_dicom"]
+__all__ = [
+    "dicom_laterality",
+    "is_dicom_path",
+    "looks_like_dicom",
+    "patient_groups",
+    "read_dicom",
+]
 
 _PREAMBLE = 128
 _MAGIC = b"DICM"
@@ -187,3 +196,44 @@ def patient_groups(paths: Sequence[str | os.PathLike[str]]) -> list[str] | None:
         "patient:" + hmac.new(key, i.encode(), hashlib.sha256).hexdigest()[:16] if i else ""
         for i in ids
     ]
+
+
+#: DICOM laterality codes (PS3.3 C.7.3.1 Laterality, C.7.6.1 Image Laterality) of one eye.
+_LATERALITY_CODES = ("R", "L")
+
+
+def dicom_laterality(paths: Sequence[str | os.PathLike[str]]) -> list[str | None]:
+    """The eye each DICOM file shows: ``ImageLaterality`` (0020,0062), else ``Laterality``
+    (0020,0060).
+
+    Parameters
+    ----------
+    paths : sequence of path-like
+        Image files; non-DICOM files are not opened.
+
+    Returns
+    -------
+    list of str or None
+        ``"R"`` or ``"L"`` per file; ``None`` for non-DICOM files, unreadable headers, a missing
+        tag, and the codes ``B`` (both eyes) and ``U`` (unpaired), which name no single eye.
+        Only the header is read (no pixel data).
+    """
+    out: list[str | None] = []
+    for path in paths:
+        code = None
+        if is_dicom_path(path):
+            try:
+                ds = _dcmread(
+                    Path(path),
+                    stop_before_pixels=True,
+                    specific_tags=["ImageLaterality", "Laterality"],
+                )
+            except BadImageError:
+                ds = None  # the decoder names the file later, when the pixels are read
+            for tag in ("ImageLaterality", "Laterality"):
+                value = str(ds.get(tag, "") or "").strip().upper() if ds is not None else ""
+                if value in _LATERALITY_CODES:
+                    code = value
+                    break
+        out.append(code)
+    return out

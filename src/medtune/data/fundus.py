@@ -22,11 +22,21 @@ import warnings
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+import cv2
 import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-__all__ = ["FundusOptions", "field_of_view_mask", "fov_bbox", "preprocess"]
+__all__ = [
+    "FundusOptions",
+    "field_of_view_mask",
+    "fov_bbox",
+    "fov_mask_from_luminance",
+    "histogram_percentiles",
+    "max_rgb",
+    "preprocess",
+    "smoothed_luminance",
+]
 
 _THUMB = 256  # FOV detection runs on a thumbnail whose long side is at most this many pixels
 _DARK_MAX = 40.0  # the background level (1st percentile of luminance) must be at most this ...
@@ -35,7 +45,7 @@ _MIN_BG = 0.005  # less border-connected dark area than this fraction means "no 
 
 BBox = tuple[int, int, int, int]
 
-VERSION = 1
+VERSION = 2
 """Bump whenever :func:`preprocess` changes its output: prepared caches are keyed on it."""
 
 
@@ -79,11 +89,18 @@ class FundusOptions:
 
 
 # --------------------------------------------------------------------------- FOV detection
+#
+# OpenCV does the pixel work (Gaussian blur, histogram, connected components, resize): the same
+# steps with scipy.ndimage and numpy percentiles took ~3 ms per 224 px image, OpenCV ~0.2 ms.
+# The rule itself (border-connected dark pixels are background) is written here because no
+# library offers a field-of-view detector for fundus photographs.
 
 
-def _as_pil(img: Image.Image | np.ndarray) -> Image.Image:
+def _as_array(img: Image.Image | np.ndarray) -> np.ndarray:
+    """uint8 ``H x W`` (grey) or ``H x W x 3`` (RGB) pixels of ``img`` (alpha dropped)."""
     if isinstance(img, Image.Image):
-        return img if img.mode in ("RGB", "L") else img.convert("RGB")
+        img = img if img.mode in ("RGB", "L") else img.convert("RGB")
+        return np.asarray(img)
     arr = np.asarray(img)
     if arr.dtype != np.uint8:
         arr = np.clip(arr, 0, 255).astype(np.uint8)
@@ -91,49 +108,157 @@ def _as_pil(img: Image.Image | np.ndarray) -> Image.Image:
         arr = arr[:, :, 0]
     if arr.ndim == 3 and arr.shape[2] == 4:
         arr = arr[:, :, :3]
-    return Image.fromarray(arr)
+    return arr
 
 
-def _thumb_luminance(img: Image.Image) -> np.ndarray:
-    """Max-of-RGB luminance of a thumbnail (long side <= ``_THUMB``), lightly smoothed."""
-    thumb = img
-    if max(img.size) > _THUMB:
-        scale = _THUMB / max(img.size)
-        new = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
-        thumb = img.resize(new, Image.Resampling.BOX, reducing_gap=2.0)
-    arr = np.asarray(thumb)  # uint8: a channel max over uint8 planes is ~20x faster than float32
-    lum = np.maximum(np.maximum(arr[..., 0], arr[..., 1]), arr[..., 2]) if arr.ndim == 3 else arr
-    lum = lum.astype(np.float32)
-    sigma = max(0.5, min(lum.shape) / 128.0)  # ~2 px at 256: kills JPEG/sensor noise in the border
-    return ndimage.gaussian_filter(lum, sigma, mode="nearest")
+def _as_pil(img: Image.Image | np.ndarray) -> Image.Image:
+    return (
+        img
+        if isinstance(img, Image.Image) and img.mode in ("RGB", "L")
+        else (Image.fromarray(_as_array(img)))
+    )
 
 
-def _thumb_mask(lum: np.ndarray, fill_holes: bool = True) -> np.ndarray | None:
-    """FOV mask on the thumbnail, or ``None`` when the image has no dark background border.
+def max_rgb(arr: np.ndarray) -> np.ndarray:
+    """Per-pixel max of R, G and B of a uint8 ``H x W x 3`` array (``H x W`` is returned as is).
 
-    ``fill_holes=False`` skips filling holes, which cannot change the mask's bounding box.
+    Parameters
+    ----------
+    arr : numpy.ndarray
+        uint8, ``H x W x 3`` or ``H x W``.
+
+    Returns
+    -------
+    numpy.ndarray
+        uint8 ``H x W``, C-contiguous: the HSV value channel (Smith 1978), a luminance that does
+        not depend on the colour of the fundus.
+    """
+    if arr.ndim == 2:
+        return np.ascontiguousarray(arr)
+    # OpenCV on split planes: numpy reduces a length-3 last axis ~30x slower
+    r, g, b = cv2.split(np.ascontiguousarray(arr))
+    return cv2.max(cv2.max(r, g), b)
+
+
+def smoothed_luminance(lum: np.ndarray) -> np.ndarray:
+    """Luminance lightly smoothed (uint8 ``H x W``): the input of the FOV rule.
+
+    Parameters
+    ----------
+    lum : numpy.ndarray
+        uint8 ``H x W`` (e.g. :func:`max_rgb`) or ``H x W x 3`` (reduced with :func:`max_rgb`).
+
+    Returns
+    -------
+    numpy.ndarray
+        uint8 ``H x W``: Gaussian of sigma ``max(0.5, min(H, W) / 128)`` px (about 2 px at 256:
+        kills JPEG and sensor noise in the border), edges replicated, kernel radius ``4 sigma``
+        (OpenCV ``GaussianBlur``, rounded to 8 bits).
+    """
+    lum = max_rgb(lum)
+    sigma = max(0.5, min(lum.shape) / 128.0)
+    k = 2 * int(4.0 * sigma + 0.5) + 1
+    return cv2.GaussianBlur(lum, (k, k), sigma, borderType=cv2.BORDER_REPLICATE)
+
+
+def histogram_percentiles(
+    values: np.ndarray,
+    qs: tuple[float, ...],
+    mask: np.ndarray | None = None,
+    bins: int = 256,
+) -> np.ndarray:
+    """``numpy.percentile(values[mask], qs)`` (linear method) for integer pixels, from a histogram.
+
+    Exactly numpy's answer, in tens of microseconds instead of ~1 ms for 50,000 pixels (no sort
+    or partition): OpenCV's ``calcHist`` counts, the cumulative counts locate each rank.
+
+    Parameters
+    ----------
+    values : numpy.ndarray
+        uint8 (or uint16 below ``bins``), 2-D.
+    qs : tuple of float
+        Percentiles in 0..100.
+    mask : numpy.ndarray, optional
+        bool or uint8 of the same shape: only pixels where it is non-zero count.
+    bins : int, default 256
+        Values are ``0 .. bins - 1``.
+
+    Returns
+    -------
+    numpy.ndarray
+        float64, one value per ``q``; NaN when no pixel counts.
+    """
+    m = None if mask is None else np.ascontiguousarray(mask).view(np.uint8)
+    hist = cv2.calcHist([np.ascontiguousarray(values)], [0], m, [bins], [0, bins]).ravel()
+    cum = np.cumsum(hist)
+    n = cum[-1]
+    if n == 0:
+        return np.full(len(qs), np.nan)
+    pos = np.asarray(qs, dtype=np.float64) / 100.0 * (n - 1)
+    lo, hi = np.floor(pos), np.ceil(pos)
+    v_lo = np.searchsorted(cum, lo, side="right").astype(np.float64)  # value at sorted index
+    v_hi = np.searchsorted(cum, hi, side="right").astype(np.float64)
+    return v_lo + (v_hi - v_lo) * (pos - lo)
+
+
+def _border_connected(binary: np.ndarray) -> np.ndarray:
+    """The ``True`` pixels of ``binary`` 4-connected to the image border (one flood fill)."""
+    padded = cv2.copyMakeBorder(
+        np.ascontiguousarray(binary).view(np.uint8), 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=1
+    )
+    cv2.floodFill(padded, None, (0, 0), 2, 0, 0, flags=4)
+    return padded[1:-1, 1:-1] == 2
+
+
+def fov_mask_from_luminance(lum: np.ndarray, fill_holes: bool = True) -> np.ndarray | None:
+    """FOV mask from :func:`smoothed_luminance`, or ``None`` when there is no dark border.
+
+    Dark pixels (below the 1st percentile + max(8, 10 % of the 1st-99th percentile range))
+    4-connected to the image border are background; the largest remaining 4-connected region is
+    the field of view (specks and burnt-in text dropped), its holes filled unless
+    ``fill_holes=False`` (which cannot change the bounding box). ``None``: the image is all dark,
+    or has no dark pixels, or less than 0.5 % of it is border-connected dark.
+
+    Parameters
+    ----------
+    lum : numpy.ndarray
+        uint8 ``H x W`` from :func:`smoothed_luminance`.
+    fill_holes : bool, default True
+        Fill holes (dark lesions inside the FOV stay FOV).
+
+    Returns
+    -------
+    numpy.ndarray or None
+        bool ``H x W``.
     """
     if lum.size < 4:
         return None
-    lo, hi = np.percentile(lum, [1.0, 99.0])
+    lo, hi = histogram_percentiles(lum, (1.0, 99.0))
     if hi < 10.0 or lo > _DARK_MAX or lo > _DARK_FRAC * hi:
         return None  # all dark, or no dark pixels at all
-    thr = lo + max(8.0, 0.1 * (hi - lo))
-    dark = lum < thr
-    # background = dark pixels connected to the image border (dark lesions/vessels inside stay FOV)
-    labels, _ = ndimage.label(dark)
-    edge = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
-    edge = edge[edge > 0]
-    background = np.isin(labels, edge)
-    if background.mean() < _MIN_BG:
+    background = _border_connected(lum < lo + max(8.0, 0.1 * (hi - lo)))
+    if background.mean() < _MIN_BG:  # dark lesions/vessels inside the FOV are not background
         return None
-    fg_labels, n = ndimage.label(~background)
-    if n == 0:
+    n, fg = cv2.connectedComponents((~background).view(np.uint8), connectivity=4)
+    if n <= 1:
         return None
-    sizes = np.bincount(fg_labels.ravel())
-    sizes[0] = 0
-    mask = fg_labels == int(sizes.argmax())  # drop specks and burnt-in text outside the FOV
-    return ndimage.binary_fill_holes(mask) if fill_holes else mask
+    if n == 2:
+        mask = fg == 1
+    else:  # drop specks and burnt-in text outside the FOV: keep the largest region
+        sizes = np.bincount(fg.ravel(), minlength=n)
+        sizes[0] = 0
+        mask = fg == int(sizes.argmax())
+    return ~_border_connected(~mask) if fill_holes else mask
+
+
+def _thumbnail(arr: np.ndarray) -> np.ndarray:
+    """``arr`` reduced by area averaging so its long side is at most ``_THUMB`` pixels."""
+    h, w = arr.shape[:2]
+    if max(h, w) <= _THUMB:
+        return arr
+    scale = _THUMB / max(h, w)
+    new = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return cv2.resize(arr, new, interpolation=cv2.INTER_AREA)
 
 
 def _bbox_of(mask: np.ndarray) -> BBox | None:
@@ -159,35 +284,51 @@ def _scale_bbox(box: BBox, thumb_shape: tuple[int, int], full_hw: tuple[int, int
 def fov_bbox(arr: np.ndarray | Image.Image) -> BBox | None:
     """Bounding box ``(top, left, bottom, right)`` (bottom/right exclusive) of the field of view.
 
-    Returns ``None`` when the image has no dark border (nothing to crop) or is entirely dark.
+    Found on a thumbnail (long side <= 256 px) and scaled back to ``arr``'s pixels.
+
+    Parameters
+    ----------
+    arr : numpy.ndarray or PIL.Image.Image
+        The photograph (uint8 RGB or grey, any size).
+
+    Returns
+    -------
+    tuple of int or None
+        ``None`` when the image has no dark border (nothing to crop) or is entirely dark.
     """
-    img = _as_pil(arr)
-    lum = _thumb_luminance(img)
-    mask = _thumb_mask(lum, fill_holes=False)
-    if mask is None:
-        return None
-    box = _bbox_of(mask)
+    full = _as_array(arr)
+    lum = smoothed_luminance(_thumbnail(full))
+    mask = fov_mask_from_luminance(lum, fill_holes=False)
+    box = None if mask is None else _bbox_of(mask)
     if box is None:
         return None
-    box = _scale_bbox(box, lum.shape, (img.height, img.width))
-    if box == (0, 0, img.height, img.width):
-        return None
-    return box
+    box = _scale_bbox(box, lum.shape, full.shape[:2])
+    return None if box == (0, 0, *full.shape[:2]) else box
 
 
 def field_of_view_mask(arr: np.ndarray | Image.Image) -> np.ndarray:
-    """Boolean ``H x W`` mask of the field of view (all ``True`` when there is no dark border)."""
-    img = _as_pil(arr)
-    lum = _thumb_luminance(img)
-    mask = _thumb_mask(lum)
+    """Boolean ``H x W`` mask of the field of view (all ``True`` when there is no dark border).
+
+    Parameters
+    ----------
+    arr : numpy.ndarray or PIL.Image.Image
+        The photograph (uint8 RGB or grey, any size); found on a thumbnail of long side <= 256
+        px and upsampled (bilinear, threshold 0.5) to ``arr``'s size.
+
+    Returns
+    -------
+    numpy.ndarray
+        bool ``H x W``.
+    """
+    full = _as_array(arr)
+    h, w = full.shape[:2]
+    mask = fov_mask_from_luminance(smoothed_luminance(_thumbnail(full)))
     if mask is None:
-        return np.ones((img.height, img.width), dtype=bool)
-    if mask.shape != (img.height, img.width):
+        return np.ones((h, w), dtype=bool)
+    if mask.shape != (h, w):
         # upsample the thumbnail mask smoothly, then threshold at 0.5 (nearest would be blocky)
-        soft = Image.fromarray(mask.astype(np.uint8) * 255).resize(
-            (img.width, img.height), Image.Resampling.BILINEAR
-        )
-        mask = np.asarray(soft) >= 128
+        soft = cv2.resize(mask.view(np.uint8) * 255, (w, h), interpolation=cv2.INTER_LINEAR)
+        mask = soft >= 128
     return mask
 
 

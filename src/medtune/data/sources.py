@@ -24,6 +24,7 @@ about 200 images/s against about 50,000 images/s for the exact check (APTOS-224,
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import io as _io
 import logging
@@ -33,7 +34,7 @@ import re
 import unicodedata
 import zipfile
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ from PIL import Image
 
 from medtune import io as mio
 from medtune.data.dicom import patient_groups
+from medtune.data.grade_words import resolve_grade_words
 from medtune.data.images import (
     IMAGE_EXTENSIONS,
     ImageListing,
@@ -220,7 +222,7 @@ def load_imageset(
     path = Path(os.path.abspath(os.path.expanduser(os.fspath(src))))
     if not path.exists():
         raise MedtuneError(f"{path}: data path does not exist; check the path (and the drive)")
-    rows = _read_source(path, skip_bad)
+    rows = _read_source(path, skip_bad, absent_ok=classes is not None)
     if rows.paths is not None and (duplicates or near_duplicates is not None):
         rows.groups = _with_duplicate_groups(rows, path, duplicates, near_duplicates)
     imageset = _build(rows, path, str(src), classes)
@@ -289,6 +291,11 @@ def load_sites(
     names = _unique([site_name(src) for src in sources])
     if classes is None:  # the union of the classes, relabelled to one list
         union = sorted({c for s in sets for c in s.class_names}, key=_class_sort_key)
+        where = Path(" + ".join(str(src) for src in sources))
+        read = dict(zip(union, resolve_grade_words(union, where, _class_of(union)), strict=True))
+        sets = [dataclasses.replace(s, class_names=[read[c] for c in s.class_names]) for s in sets]
+        _check_site_classes(sets, names)
+        union = sorted(set(read.values()), key=_class_sort_key)  # one site's 'Moderate' is '2'
         sets = [_relabel(s, union) for s in sets]
         _check_class_counts(Path(str(sources[0])), np.concatenate([s.labels for s in sets]), union)
     combined = _concat(sets, names, [str(src) for src in sources])
@@ -297,6 +304,10 @@ def load_sites(
         with mio.atomic_path(skipped_log) as tmp:
             frame.to_csv(tmp, index=False)
     return combined
+
+
+def _class_of(names: list[str]) -> Callable[[int], str]:
+    return lambda i: f"class '{names[i]}'"
 
 
 def _unique(names: list[str]) -> list[str]:
@@ -341,7 +352,7 @@ def _concat(sets: list[ImageSet], names: list[str], sources: list[str]) -> Image
     )
 
 
-def _read_source(path: Path, skip_bad: bool) -> _Rows:
+def _read_source(path: Path, skip_bad: bool, absent_ok: bool = False) -> _Rows:
     if path.is_file():
         suffix = path.suffix.lower()
         if suffix == ".npz":
@@ -362,7 +373,7 @@ def _read_source(path: Path, skip_bad: bool) -> _Rows:
         csv = _find_child(path, name)
         if csv is not None:
             return _read_csv_source(csv, path, skip_bad, check_unlabelled=True, kaggle=kaggle)
-    return _read_class_folders(path, skip_bad)
+    return _read_class_folders(path, skip_bad, absent_ok)
 
 
 def _find_child(folder: Path, name: str) -> Path | None:
@@ -907,7 +918,7 @@ def _read_split_folders(root: Path, listing: ImageListing, skip_bad: bool) -> _R
     return rows
 
 
-def _read_class_folders(root: Path, skip_bad: bool) -> _Rows:
+def _read_class_folders(root: Path, skip_bad: bool, absent_ok: bool = False) -> _Rows:
     listing = list_image_files(root)
     if _split_layout(listing.folders):
         return _read_split_folders(root, listing, skip_bad)
@@ -927,24 +938,45 @@ def _read_class_folders(root: Path, skip_bad: bool) -> _Rows:
         where=root,
         paths=[root / f for f in files],
     )
-    _check_class_folders(root, listing.folders, files, listing.ignored, "")
+    if not absent_ok:  # else said once below, as an absent class
+        _check_class_folders(root, listing.folders, files, listing.ignored, "")
     rows = _drop_empty_files(rows, skip_bad)
-    _check_class_folders(root, listing.folders, rows.keys, listing.ignored, " (all were skipped)")
+    skipped = "" if absent_ok else " (all were skipped)"
+    _check_class_folders(root, listing.folders, rows.keys, listing.ignored, skipped, absent_ok)
     if _any_dicom(rows.paths or []):
         rows.groups = patient_groups(rows.paths or [])
     return rows
 
 
 def _check_class_folders(
-    root: Path, folders: list[str], files: list[str], ignored: list[str], why: str
+    root: Path,
+    folders: list[str],
+    files: list[str],
+    ignored: list[str],
+    why: str,
+    absent_ok: bool = False,
 ) -> None:
-    """Refuse a class folder that holds no usable image (e.g. only unsupported files)."""
+    """Refuse a class folder that holds no usable image (e.g. only unsupported files).
+
+    With ``absent_ok`` (a set labelled with a model's classes: ``--val-data``, ``--test-data``,
+    ``evaluate --data``) such a folder is a class absent from the set, said in a warning, as a
+    class without a folder is.
+    """
     used = {f.split("/", 1)[0] for f in files}
     for folder in folders:
         if folder in used:
             continue
         other = [f for f in ignored if f.startswith(folder + "/")]
         detail = f"{len(other)} other file(s), e.g. {other[0]}" if other else "it is empty"
+        if absent_ok:
+            log.warning(
+                "%s: class folder has no usable image%s (%s); class '%s' is absent from this set",
+                root / folder,
+                why,
+                detail,
+                folder,
+            )
+            continue
         raise MedtuneError(
             f"{root / folder}: class folder has no usable image{why} ({detail}); add images "
             f"(any format Pillow reads, or DICOM), or move the folder out of {root}"
@@ -1045,12 +1077,19 @@ def _class_sort_key(name: str) -> tuple[int, int, str]:
 def _build(rows: _Rows, path: Path, source: str, classes: Sequence[Any] | None) -> ImageSet:
     raw = [_canon(v) for v in rows.raw_labels]
     numbers = rows.row_numbers
+
+    def row_of(i: int) -> str:
+        return f"row {numbers[i]}" if numbers else f"image '{rows.keys[i]}'"
+
     for i, value in enumerate(raw):
         if not value:
-            row = f"row {numbers[i]}" if numbers else f"image '{rows.keys[i]}'"
-            raise MedtuneError(f"{rows.where}: {row}: empty label; fill it in or delete the row")
-    if classes is not None:
-        class_names = [_canon(c) for c in classes]
+            raise MedtuneError(
+                f"{rows.where}: {row_of(i)}: empty label; fill it in or delete the row"
+            )
+    given = None if classes is None else [_canon(c) for c in classes]
+    raw = resolve_grade_words(raw, rows.where, row_of, given)  # 'Moderate' among 0, 2 -> '2'
+    if given is not None:
+        class_names = given
         if len(set(class_names)) != len(class_names):
             raise MedtuneError(f"{rows.where}: the given classes {class_names} contain duplicates")
     else:
@@ -1058,11 +1097,13 @@ def _build(rows: _Rows, path: Path, source: str, classes: Sequence[Any] | None) 
     lookup = {c: i for i, c in enumerate(class_names)}
     for i, value in enumerate(raw):
         if value not in lookup:
-            row = f"row {numbers[i]}" if numbers else f"image '{rows.keys[i]}'"
+            row = row_of(i)
             raise MedtuneError(
-                f"{rows.where}: {row}: label '{value}' is not one of the classes {class_names}; "
-                "fix the label or the class list"
+                f"{rows.where}: {row}: label '{value}' is not one of the classes {class_names}"
+                f"{_nearest_hint(value, class_names)}; fix the label or the class list"
             )
+    if classes is None:
+        _check_split_classes(rows, raw)
     labels = np.array([lookup[v] for v in raw], dtype=np.int64)
     if classes is None:  # a set labelled with a model's classes may lack some of them
         _check_class_counts(rows.where, labels, class_names)
@@ -1081,6 +1122,51 @@ def _build(rows: _Rows, path: Path, source: str, classes: Sequence[Any] | None) 
         npz=rows.npz,
         sites=rows.sites,
     )
+
+
+def _fold_name(name: str) -> str:
+    """A class name without case, spaces and punctuation: ``'Grade 0'`` and ``'grade_0'`` meet."""
+    return re.sub(r"[\W_]+", "", _nfc(name).casefold())
+
+
+def _nearest_hint(name: str, choices: Sequence[str]) -> str:
+    """``" (nearest: 'Grade 0')"`` for the choice closest to ``name`` (difflib), else ``""``."""
+    folded = {_fold_name(c): c for c in choices}
+    if _fold_name(name) in folded:
+        return f" (nearest: '{folded[_fold_name(name)]}')"
+    close = difflib.get_close_matches(_fold_name(name), list(folded), n=1, cutoff=0.6)
+    return f" (nearest: '{folded[close[0]]}')" if close else ""
+
+
+def _check_split_classes(rows: _Rows, raw: list[str]) -> None:
+    """In an already-split layout, refuse a validation/test class folder with no training folder
+    (``valid/grade_0`` beside ``train/Grade 0``): it would become a class the model never sees."""
+    if rows.split is None or rows.paths is None:
+        return
+    trained = sorted({v for v, s in zip(raw, rows.split, strict=True) if s == "train"})
+    for key, value, split in zip(rows.keys, raw, rows.split, strict=True):
+        if split == "train" or value in trained:
+            continue
+        folder = rows.where / "/".join(key.split("/")[:2])
+        raise MedtuneError(
+            f"{folder}: class '{value}' has no folder in the training split "
+            f"(training classes: {', '.join(trained)}){_nearest_hint(value, trained)}; rename "
+            "the folder so that every split names its classes alike"
+        )
+
+
+def _check_site_classes(sets: Sequence[ImageSet], names: list[str]) -> None:
+    """Refuse two sites naming one class differently (``'Grade 0'`` and ``'grade_0'``)."""
+    seen: dict[str, tuple[str, str]] = {}
+    for imageset, site in zip(sets, names, strict=True):
+        for name in imageset.class_names:
+            first = seen.setdefault(_fold_name(name), (name, site))
+            if first[0] != name:
+                raise MedtuneError(
+                    f"{imageset.root}: class '{name}' of site '{site}' and class '{first[0]}' "
+                    f"of site '{first[1]}' differ only in case, spaces or punctuation; rename "
+                    "one so that every site names its classes alike"
+                )
 
 
 def _check_class_counts(where: Path, labels: np.ndarray, class_names: list[str]) -> None:

@@ -26,7 +26,7 @@ from medtune.evaluation.inference import TorchScorer
 from medtune.evaluation.labels import LabelSpace
 from medtune.evaluation.metrics import compute_metrics, validated_operating_points
 from medtune.evaluation.scoring import Scorer
-from medtune.evaluation.shift import SiteShiftModel
+from medtune.evaluation.shift import BatchShiftTest, SiteShiftModel
 from medtune.runs import RunData, RunFolder
 
 log = logging.getLogger("medtune")
@@ -154,7 +154,7 @@ def finalize_run(
     val_logits = {
         tta: plain if tta == "none" else scorer.logits(data.val.images, tta) for tta in TTA_MODES
     }
-    run.write_val_logits(y_val, val_logits)
+    run.write_val_logits(y_val, val_logits, data.val.sites)
     temperature = fit_temperature(val_logits["none"], y_val)
     val_probs = apply_temperature(val_logits["none"], temperature)
     decoding = (
@@ -162,17 +162,23 @@ def finalize_run(
         if labels.ordinal
         else {"method": "argmax"}
     )
-    common = {"labels": labels, "decoding": decoding}
+    # sensitivity points hold at the worst validation site
+    common = {"labels": labels, "decoding": decoding, "val_sites": data.val.sites}
     metrics = {"val": compute_metrics(y_val, val_probs, groups=data.val.groups, **common)}
     card = card.replace(
         temperature=float(temperature),
         decoding=decoding,
         stage=getattr(model, "stage", None),
         operating_points=operating_points(
-            y_val, val_logits, float(temperature), labels, data.val.groups
+            y_val, val_logits, float(temperature), labels, data.val.groups, data.val.sites
         ),
     )
     run.write_model(model, card)
+    # the batch shift test's references (evaluate, adapt): validation features and probabilities
+    try:
+        run.write_batch_shift(BatchShiftTest.fit(val_features, val_probs, data.val.sites))
+    except MedtuneError as err:
+        log.warning("no batch shift test for this run: %s", err)
     _add_per_site(metrics["val"], data.val, val_probs, val=(y_val, val_probs), **common)
     if data.test is not None:
         test_probs = apply_temperature(scorer.logits(data.test.images, "none"), temperature)
@@ -201,6 +207,7 @@ def operating_points(
     temperature: float,
     labels: LabelSpace,
     groups: Any,
+    sites: Any = None,
 ) -> OperatingPoints | None:
     """The referral thresholds chosen on validation, per TTA mode, for the model card.
 
@@ -216,6 +223,8 @@ def operating_points(
         The model's classes (the referral task is :attr:`LabelSpace.binary_task`).
     groups : sequence or None
         Patient ids (clustered intervals).
+    sites : sequence or None, default None
+        The site of each validation image: sensitivity points hold at the worst site.
 
     Returns
     -------
@@ -229,7 +238,9 @@ def operating_points(
     if task is None:
         return None
     points = {
-        tta: validated_operating_points(y_val, apply_temperature(z, temperature), task, groups)
+        tta: validated_operating_points(
+            y_val, apply_temperature(z, temperature), task, groups, sites
+        )
         for tta, z in val_logits.items()
     }
     if not points.get("none"):

@@ -175,6 +175,7 @@ def run_finetune(
         vflip=config.vflip,
         site_augment=resolve_augment(config.augment),  # also when build_config was skipped
         balanced_sampler=config.balanced_sampler,
+        site_balance=config.site_balance,
         seed=config.seed,
     )
     module = FinetuneModule(

@@ -87,6 +87,12 @@ class OperatingPoint:
         On the validation images it was chosen on (in-sample).
     sensitivity_ci, specificity_ci : list of 2 floats or None
         95% Wilson intervals (clustered by patient when groups exist).
+    val_sites : dict or None
+        Sensitivity and specificity at each validation site, when the point was chosen to hold
+        at the worst site (several sites).
+    validated_threshold : float or None
+        For a point moved without labels (``medtune adapt --recalibrate``): the validated
+        threshold it was moved from.
     """
 
     threshold: float
@@ -95,6 +101,8 @@ class OperatingPoint:
     sensitivity_ci: list[float] | None = None
     specificity: float | None = None
     specificity_ci: list[float] | None = None
+    val_sites: dict[str, Any] | None = None
+    validated_threshold: float | None = None
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> OperatingPoint:
@@ -103,7 +111,8 @@ class OperatingPoint:
         return cls(**{k: v for k, v in values.items() if k in names})
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The point as JSON values (keys that do not apply, ``None``, left out)."""
+        return _without_unset(self, ("val_sites", "validated_threshold"))
 
 
 @dataclass(frozen=True)
@@ -123,6 +132,15 @@ class OperatingPoints:
         Validation images and positives they were chosen on.
     points : dict
         ``{tta: {point name: OperatingPoint}}``.
+    label_free : str or None
+        The label-free method that moved the points to a new site (``medtune adapt
+        --recalibrate``; :mod:`medtune.evaluation.label_free`), else ``None``.
+    prevalence : float or None
+        The prevalence that method assumed.
+    validated, status : bool or None, str or None
+        Whether the points are validated at the site the model serves, and why
+        (:func:`medtune.evaluation.label_free.operating_point_status`; a run made by
+        ``medtune adapt``), ``None`` elsewhere.
     """
 
     name: str
@@ -131,6 +149,10 @@ class OperatingPoints:
     n_val: int
     n_val_positive: int
     points: dict[str, dict[str, OperatingPoint]]
+    label_free: str | None = None
+    prevalence: float | None = None
+    validated: bool | None = None
+    status: str | None = None
 
     def at(self, tta: str, name: str) -> OperatingPoint | None:
         """The point ``name`` validated with test-time augmentation ``tta`` (or ``None``)."""
@@ -149,20 +171,20 @@ class OperatingPoints:
             n_val=int(values.get("n_val") or 0),
             n_val_positive=int(values.get("n_val_positive") or 0),
             points=points,
+            label_free=values.get("label_free"),
+            prevalence=values.get("prevalence"),
+            validated=values.get("validated"),
+            status=values.get("status"),
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "positive_classes": list(self.positive_classes),
-            "score": self.score,
-            "n_val": self.n_val,
-            "n_val_positive": self.n_val_positive,
-            "points": {
-                tta: {n: p.to_dict() for n, p in named.items()}
-                for tta, named in self.points.items()
-            },
+        """The points as JSON values (the adaptation keys only when set)."""
+        out = _without_unset(self, ("label_free", "prevalence", "validated", "status"))
+        out["positive_classes"] = list(self.positive_classes)
+        out["points"] = {
+            tta: {n: p.to_dict() for n, p in named.items()} for tta, named in self.points.items()
         }
+        return out
 
 
 @dataclass(frozen=True)
@@ -414,6 +436,16 @@ class _Fields:
     synthetic: Any
     provenance: Any
     export: Any
+
+
+def _without_unset(value: Any, optional: tuple[str, ...]) -> dict[str, Any]:
+    """``value``'s fields in order, those named in ``optional`` only when not ``None`` (they
+    apply to some models only; a card without them reads as before)."""
+    return {
+        f.name: getattr(value, f.name)
+        for f in dataclasses.fields(value)
+        if f.name not in optional or getattr(value, f.name) is not None
+    }
 
 
 def _dict_or_none(value: Any) -> dict[str, Any] | None:

@@ -36,6 +36,7 @@ from sklearn.metrics import (
     roc_curve,
 )
 
+from medtune.config import OPERATING_POINTS
 from medtune.errors import MedtuneError
 from medtune.evaluation.calibration import (
     apply_temperature,
@@ -51,25 +52,26 @@ from medtune.evaluation.scores import (
     qwk,
     qwk_from_confusion,
 )
+from medtune.evaluation.site_points import MIN_SITE_POSITIVES, site_rates, worst_site_threshold
 
 __all__ = [
     "HEADLINE",
     "HEADLINE_METRICS",
     "HeadlineMetric",
+    "MIN_SITE_POSITIVES",
     "OPERATING_POINTS",
     "apply_operating_point",
     "bootstrap_weights",
     "choose_operating_points",
     "compute_metrics",
     "effective_sample_size",
+    "gap_threshold",
     "move_operating_point",
     "proportion_ci",
     "quick_metrics",
     "validated_operating_points",
 ]
 
-# name -> minimum validation sensitivity (None: Youden's J maximum)
-OPERATING_POINTS: dict[str, float | None] = {"sens90": 0.90, "sens97.5": 0.975, "youden": None}
 HEADLINE_POINT = "youden"
 
 
@@ -114,13 +116,36 @@ SMALL_N = 30  # a figure resting on fewer cases than this is flagged in ``warnin
 # ---------------------------------------------------------------- operating points
 
 
-def choose_operating_points(y_bin: np.ndarray, score: np.ndarray) -> dict[str, dict[str, Any]]:
+def choose_operating_points(
+    y_bin: np.ndarray, score: np.ndarray, sites: Sequence[Any] | None = None
+) -> dict[str, dict[str, Any]]:
     """Thresholds on ``score`` (positive when ``score >= threshold``) for each operating point.
 
     ``sens90``/``sens97.5``: among ROC points reaching the target sensitivity, the one with the
-    highest specificity (ties: higher sensitivity). ``youden``: max ``sensitivity + specificity
-    - 1`` (ties: highest threshold). Returns ``{name: {"threshold", "rule", "val_sensitivity",
-    "val_specificity"}}``; empty if ``y_bin`` lacks positives or negatives.
+    highest specificity (ties: higher sensitivity). With ``sites`` (one per image) and at least
+    two sites holding :data:`MIN_SITE_POSITIVES` positives, the target must hold at every such
+    site too (:func:`medtune.evaluation.site_points.worst_site_threshold`), and each point adds
+    ``sites`` (sensitivity and specificity per site) and ``worst_site``. ``youden``: max
+    ``sensitivity + specificity - 1`` (ties: highest threshold). The threshold itself is the
+    midpoint of the gap between the lowest score the point keeps positive and the next lower
+    score (:func:`gap_threshold`), so validation figures are unchanged but a new image scoring
+    just below a saturated validation score (``0.99999999999998`` against positives at exactly
+    ``1.0``) is still caught.
+
+    Parameters
+    ----------
+    y_bin : ndarray of int, shape (N,)
+        1 for positives (e.g. referable DR), 0 for negatives.
+    score : ndarray of float, shape (N,)
+        The score positives are expected to exceed (e.g. P(referable DR), 0-1).
+    sites : ndarray of str, shape (N,), or None
+        The site of each image, for the worst-site rule; None pools every image.
+
+    Returns
+    -------
+    dict
+        ``{name: {"threshold", "rule", "val_sensitivity", "val_specificity"}}`` for ``sens90``,
+        ``sens97.5`` and ``youden``; empty if ``y_bin`` lacks positives or negatives.
     """
     y_bin = np.asarray(y_bin).astype(np.int64)
     if y_bin.min(initial=0) == y_bin.max(initial=0):
@@ -134,27 +159,66 @@ def choose_operating_points(y_bin: np.ndarray, score: np.ndarray) -> dict[str, d
             j = np.where(finite, tpr - fpr, -np.inf)
             i = int(np.argmax(j))
             rule = "max Youden's J (sensitivity + specificity - 1) on validation"
+            worst = None
         else:
-            i = _at_sensitivity(tpr, spec, finite, target)
+            worst = None if sites is None else worst_site_threshold(y_bin, score, sites, target)
+            allowed = finite if worst is None else finite & (thr <= worst["threshold"])
+            i = _at_sensitivity(tpr, spec, allowed, target)
             rule = f"highest specificity with sensitivity >= {target:g} on validation"
+            if worst is not None:
+                rule += (
+                    f", pooled and at every site with >= {MIN_SITE_POSITIVES} positives "
+                    f"(worst: {worst['worst_site']})"
+                )
         out[name] = {
-            "threshold": float(thr[i]),
+            "threshold": gap_threshold(thr, i),
             "rule": rule,
             "val_sensitivity": float(tpr[i]),
             "val_specificity": float(spec[i]),
         }
+        if worst is not None:
+            out[name]["worst_site"] = worst["worst_site"]
+            out[name]["sites"] = site_rates(y_bin, score, sites, float(thr[i]))  # type: ignore[arg-type]
     return out
+
+
+def gap_threshold(thresholds: np.ndarray, i: int) -> float:
+    """The threshold for ROC point ``i``, placed in the middle of the gap below its score.
+
+    ``roc_curve`` (``drop_intermediate=False``) returns the distinct scores in decreasing order,
+    and point ``i`` is "positive when ``score >= thresholds[i]``". That threshold sits exactly on
+    a validation score: when validation positives saturate at ``1.0`` it excludes every new
+    image scoring ``1 - 1e-14``, the very images it was meant to catch. Any value in
+    ``(thresholds[i + 1], thresholds[i]]`` gives the same validation figures; the midpoint of
+    that gap (the maximum-margin choice, as an SVM places its boundary, Cortes & Vapnik 1995) is
+    the one least sensitive to scores that moved a little. Written here because scikit-learn's
+    ``roc_curve`` returns only the observed scores.
+
+    Parameters
+    ----------
+    thresholds : ndarray of float, shape (M,)
+        ``roc_curve``'s thresholds (decreasing; the first may be ``inf``).
+    i : int
+        The chosen point, with ``thresholds[i]`` finite.
+
+    Returns
+    -------
+    float
+        ``thresholds[i + 1] < t <= thresholds[i]``; ``thresholds[i]`` itself for the lowest score
+        (the point that calls everything positive) or where no float lies inside the gap.
+    """
+    high = float(thresholds[i])
+    if i + 1 >= len(thresholds):
+        return high
+    low = float(thresholds[i + 1])
+    mid = low + (high - low) / 2.0
+    return mid if low < mid <= high else high
 
 
 def _at_sensitivity(tpr: np.ndarray, spec: np.ndarray, finite: np.ndarray, target: float) -> int:
     """ROC index with sensitivity >= ``target`` and the highest specificity (ties: sensitivity)."""
     ok = np.flatnonzero(finite & (tpr >= target - 1e-12))
     return int(ok[np.lexsort((-tpr[ok], -spec[ok]))[0]])
-
-
-#: Fewest positives a labelled new-site sample needs before :func:`move_operating_point` moves
-#: the threshold: with 10, a sensitivity of 9/10 has a 95% Clopper-Pearson interval of 0.55-1.00.
-MIN_SITE_POSITIVES = 10
 
 
 def move_operating_point(
@@ -236,11 +300,12 @@ def move_operating_point(
     score = task.score(apply_temperature(logits, new_t))
     fpr, tpr, thr = roc_curve(y_bin, score, drop_intermediate=False)
     i = _at_sensitivity(tpr, 1.0 - fpr, np.isfinite(thr), float(target_sensitivity))
-    applied = apply_operating_point(y_bin, score, float(thr[i]))
+    threshold = gap_threshold(thr, i)
+    applied = apply_operating_point(y_bin, score, threshold)
     ci = binomtest(applied["tp"], n_pos).proportion_ci(0.95, method="exact")
     return {
         "moved": True,
-        "threshold": float(thr[i]),
+        "threshold": threshold,
         "temperature": float(new_t),
         "rule": (
             f"temperature refitted and highest specificity with sensitivity >= "
@@ -597,6 +662,7 @@ def compute_metrics(
     decoding: dict[str, Any] | None = None,
     n_boot: int = 1000,
     seed: int = 0,
+    val_sites: Sequence[Any] | None = None,
 ) -> dict[str, Any]:
     """All evaluation metrics of ``probs`` (N, K) against ``y_true``; see ``docs/metrics.md``.
 
@@ -606,7 +672,9 @@ def compute_metrics(
 
     ``val=(y_val, probs_val)`` supplies the data on which operating-point thresholds are chosen
     (without it they are chosen on this data and flagged optimistic). ``groups`` (one id per image,
-    e.g. patient) switches the bootstrap to resampling whole groups. JSON-serialisable output.
+    e.g. patient) switches the bootstrap to resampling whole groups. ``val_sites`` (the site of
+    each image thresholds are chosen on) makes the sensitivity points hold at the worst
+    validation site (:func:`choose_operating_points`). JSON-serialisable output.
     """
     space = labels if isinstance(labels, LabelSpace) else LabelSpace.of(labels)
     class_names = list(space.class_names)
@@ -632,7 +700,9 @@ def compute_metrics(
             yv, pv = y, p
             thresholds_from = SAME_DATA
             notes.append("no validation data given: thresholds chosen on the evaluated data")
-        points = choose_operating_points(task.labels(yv), task.score(pv))
+        points = choose_operating_points(task.labels(yv), task.score(pv), val_sites)
+        if val is not None and any("worst_site" in d for d in points.values()):
+            thresholds_from += ", sensitivity held at every validation site (worst-site rule)"
         if not points:
             notes.append(f"{task.name}: threshold data lack positives or negatives; no points")
 
@@ -789,7 +859,11 @@ def _point_cis(
 
 
 def validated_operating_points(
-    y: Any, probs: Any, task: BinaryTask, groups: Sequence[Any] | None = None
+    y: Any,
+    probs: Any,
+    task: BinaryTask,
+    groups: Sequence[Any] | None = None,
+    sites: Sequence[Any] | None = None,
 ) -> dict[str, OperatingPoint]:
     """The operating points chosen on validation, with their figures on the same images.
 
@@ -803,6 +877,9 @@ def validated_operating_points(
         The referral task (:attr:`medtune.evaluation.labels.LabelSpace.binary_task`).
     groups : sequence, shape (N,), optional
         Patient ids: the intervals use the effective sample size of the clustered data.
+    sites : sequence, shape (N,), optional
+        The site of each validation image: sensitivity points hold at the worst site too
+        (:func:`choose_operating_points`), and each point records its per-site figures.
 
     Returns
     -------
@@ -813,7 +890,7 @@ def validated_operating_points(
     """
     y_bin = task.labels(np.asarray(y).astype(np.int64).ravel())
     score = task.score(probs)
-    chosen = choose_operating_points(y_bin, score)
+    chosen = choose_operating_points(y_bin, score, sites)
     g = None if groups is None else np.asarray([str(x) for x in groups])
     cis = _point_cis(y_bin == 1, score, chosen, g)
     out = {}
@@ -826,6 +903,7 @@ def validated_operating_points(
             sensitivity_ci=cis[f"op:{name}:sensitivity"],
             specificity=_f(applied["specificity"]),
             specificity_ci=cis[f"op:{name}:specificity"],
+            val_sites=d.get("sites"),
         )
     return out
 
@@ -920,6 +998,7 @@ def _binary_block(
             "val_sensitivity": d["val_sensitivity"],
             "val_specificity": d["val_specificity"],
             "rule": d["rule"],
+            "val_sites": d.get("sites"),
         }
         ops[op]["sensitivity"] = _f(ops[op]["sensitivity"])
         ops[op]["specificity"] = _f(ops[op]["specificity"])

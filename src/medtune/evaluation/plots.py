@@ -22,6 +22,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import roc_curve
 
+from medtune.config import OPERATING_POINTS
+
 __all__ = [
     "GradcamExample",
     "class_balance_png",
@@ -35,11 +37,12 @@ __all__ = [
 
 _DPI = 110
 
-#: Operating points in words (legends and tables).
+#: Operating points in words (legends and tables), e.g. ``sens90 (>= 90% sensitivity)``.
 OPERATING_POINT_LABELS = {
-    "sens90": "sens90 (>= 90% sensitivity)",
-    "sens97.5": "sens97.5 (>= 97.5% sensitivity)",
-    "youden": "youden (max sensitivity + specificity - 1)",
+    name: f"{name} (>= {target * 100:g}% sensitivity)"
+    if target is not None
+    else f"{name} (max sensitivity + specificity - 1)"
+    for name, target in OPERATING_POINTS.items()
 }
 
 

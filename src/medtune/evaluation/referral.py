@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from medtune.config import DEFAULT_OPERATING_POINT, OPERATING_POINTS
 from medtune.errors import MedtuneError
 from medtune.evaluation.card import ModelCard, OperatingPoints
 from medtune.evaluation.decoding import expected_grade
@@ -27,14 +28,15 @@ __all__ = [
     "ReferralRule",
     "build_rows",
     "decoding_rule",
+    "format_figure",
     "predictions_meta",
     "referral_rule",
 ]
 
-#: Screening default: the highest-specificity threshold that reached >= 90% sensitivity for
-#: referable DR on validation (docs/screening.md, "Referral output").
-DEFAULT_OPERATING_POINT = "sens90"
-OPERATING_POINT_CHOICES = ("sens90", "sens97.5", "youden")
+#: The operating points' names (their home: ``medtune.config.OPERATING_POINTS``). The screening
+#: default, :data:`DEFAULT_OPERATING_POINT`, is the highest-specificity threshold that reached
+#: >= 90% sensitivity for referable DR on validation (docs/screening.md, "Referral output").
+OPERATING_POINT_CHOICES = tuple(OPERATING_POINTS)
 UNGRADABLE = "ungradable"
 
 
@@ -181,6 +183,43 @@ class PredictionRow:
             out["site_shift"] = self.site_shift
             out["outside_training"] = self.outside_training
         return out
+
+
+#: Decimals a figure in a prediction CSV gets unless that would round it to a whole number it is
+#: not (:func:`format_figure`).
+FIGURE_DECIMALS = 6
+
+
+def format_figure(value: float, decimals: int = FIGURE_DECIMALS) -> str:
+    """A probability or score as CSV text that never rounds to a whole number it is not.
+
+    Six decimals read well, but ``0.99999999999998`` printed as ``1.000000`` beside
+    ``refer = no`` looks like a certain case the model failed to refer. So a value that would
+    round to a whole number (0, 1, 2, ...) without being one gets more decimals, up to the 17
+    significant digits that identify any float64 exactly (IEEE 754); Python's ``format`` has no
+    such "round but never to an integer" mode, hence this loop.
+
+    Parameters
+    ----------
+    value : float
+        The figure (a probability 0-1, an expected grade, a site-shift distance, ...).
+    decimals : int, default 6
+        Decimals used when they do not round the value onto a whole number.
+
+    Returns
+    -------
+    str
+        E.g. ``"0.250000"``, ``"1.000000"`` (exactly 1), ``"0.99999999999998"``, ``"1e-20"``;
+        ``"nan"`` / ``"inf"`` as Python prints them.
+    """
+    value = float(value)
+    if not np.isfinite(value) or value == round(value):
+        return f"{value:.{decimals}f}" if np.isfinite(value) else repr(value)
+    for d in range(decimals, 18):
+        text = f"{value:.{d}f}"
+        if float(text) != round(float(text)):
+            return text
+    return repr(value)  # e.g. 1e-20: shortest text that reads back as the same float
 
 
 def _yes_no(flag: bool) -> str:

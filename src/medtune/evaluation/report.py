@@ -41,6 +41,7 @@ FIGURE_IDS = (
 SECTION_IDS = (
     "sec-header",
     "sec-metrics",
+    "sec-patients",
     "sec-sites",
     "sec-quality",
     "sec-shift",
@@ -370,6 +371,63 @@ def _sites_section(sites: Mapping[str, Mapping[str, Any]] | None) -> str:
     )
 
 
+def _patient_rows(m: Mapping[str, Any], pm: Mapping[str, Any]) -> list[list[str]]:
+    """Image-level and patient-level sensitivity / specificity side by side, per point."""
+    rows = []
+    images = m.get("operating_points") or {}
+    for name, d in (pm.get("operating_points") or {}).items():
+        img = images.get(name) or {}
+        rows.append(
+            [
+                plots.OPERATING_POINT_LABELS.get(name, name),
+                _num(d["threshold"], 4),
+                f"{_num(img.get('sensitivity'))} {_ci(img.get('sensitivity_ci'))}",
+                f"{_num(d['sensitivity'])} {_ci(d.get('sensitivity_ci'))}"
+                + _small_n(d["tp"] + d["fn"]),
+                f"{_num(img.get('specificity'))} {_ci(img.get('specificity_ci'))}",
+                f"{_num(d['specificity'])} {_ci(d.get('specificity_ci'))}"
+                + _small_n(d["tn"] + d["fp"]),
+                f"{d['n_insufficient']} ({_num(d['insufficient_share'])})",
+            ]
+        )
+    return rows
+
+
+def _patients_section(m: Mapping[str, Any]) -> str:
+    """Patient-level figures (``metrics["patients"]``, :mod:`medtune.evaluation.patients`)."""
+    head = '<section id="sec-patients"><h2>Patients and eyes</h2>'
+    pm = m.get("patients")
+    if not pm:
+        return (
+            head + '<p class="missing">The evaluated data do not name each image\'s patient '
+            "(a patient_id column, DICOM PatientID, or names such as 17_left.jpeg), so only "
+            "image-level figures are given.</p></section>"
+        )
+    esc = html.escape
+    sources = ", ".join(f"{k} {v}" for k, v in (pm.get("patient_from") or {}).items())
+    eyes = ", ".join(f"{k} {v}" for k, v in (pm.get("eye_from") or {}).items())
+    text = (
+        f"<p><strong>{pm['n_patients']} patients</strong> ({pm['n_positive']} referable), "
+        f"{pm['n_eyes']} eyes ({pm['n_ungradable_eyes']} without a gradable photograph), "
+        f"{pm['n_images']} images"
+        + (f"; {pm['n_images_without_patient']} images without a patient are left out" if
+           pm.get("n_images_without_patient") else "")
+        + f". Patient from: {esc(sources)}; eye from: {esc(eyes)}.</p>"
+        f"<p>Per eye: the highest grade of its gradable photographs, ungradable when it has "
+        f"none. Per patient ({esc(pm['rule'])} rule): {esc(pm['rule_text'])}. A patient is "
+        "referable when any of their images is labelled referable. Sensitivity and "
+        "specificity are on the patients with an answer, as in the IDx-DR and EyeArt pivotal "
+        "trials; <strong>imageability</strong> (patients with an answer): "
+        f"{_num(pm.get('imageability'))} {_ci(pm.get('imageability_ci'))} at "
+        f"{esc(str(pm.get('headline_operating_point')))}. {esc(pm['intervals'])}.</p>"
+    )  # fmt: skip
+    header = [
+        "point", "threshold", "image sensitivity", "patient sensitivity", "image specificity",
+        "patient specificity", "insufficient quality (share)",
+    ]  # fmt: skip
+    return head + text + _table("tbl-patients", header, _patient_rows(m, pm)) + "</section>"
+
+
 def _quality_section(quality: Mapping[str, Any] | None, m: Mapping[str, Any]) -> str:
     head = '<section id="sec-quality"><h2>Image quality</h2>'
     if not quality:
@@ -420,8 +478,12 @@ def _shift_section(shift: Mapping[str, Any] | None) -> str:
     rows = [
         [k.replace("_", " "), _num(v) if isinstance(v, float) else str(v)]
         for k, v in shift.items()
-        if k not in ("message", "warning")
+        if k not in ("message", "warning", "batch")
     ]
+    batch = shift.get("batch")  # the whole set tested against validation (BatchShiftTest)
+    if batch:
+        batch_cls = "warn" if batch["shifted"] else "muted"
+        message += f'</p><p class="{batch_cls}">{html.escape(batch["message"])}'
     return (
         head
         + f'<p class="{cls}">{message}</p>'
@@ -496,6 +558,7 @@ def _html(
         thr_txt,
         f"<ul>{notes}</ul>" if notes else "",
         "</section>",
+        _patients_section(m),
         _sites_section(extra.get("sites")),
         _quality_section(extra.get("quality"), m),
         _shift_section(extra.get("site_shift")),

@@ -71,11 +71,15 @@ class Scored(NamedTuple):
         Site-shift scores (Mahalanobis distances), ``None`` without a site-shift model.
     features : ndarray, shape (N, D), or None
         The plain images' features, when they were computed (a site-shift model, or asked).
+    plain : ndarray, shape (N, K), or None
+        The plain (no TTA) images' logits, when the plain pass ran (what the batch shift test
+        reads, like the site-shift model).
     """
 
     logits: np.ndarray
     shift_scores: np.ndarray | None
     features: np.ndarray | None = None
+    plain: np.ndarray | None = None
 
 
 def score(scorer: Scorer, images: Any, tta: str = "none", *, features: bool = False) -> Scored:
@@ -90,7 +94,7 @@ def score(scorer: Scorer, images: Any, tta: str = "none", *, features: bool = Fa
     tta : {"none", "rot90"}, default "none"
         Test-time augmentation of the logits.
     features : bool, default False
-        Also return the plain images' features when there is no site-shift model.
+        Also return the plain images' features and logits when there is no site-shift model.
 
     Returns
     -------
@@ -103,4 +107,4 @@ def score(scorer: Scorer, images: Any, tta: str = "none", *, features: bool = Fa
         return Scored(scorer.logits(images, tta), None)
     plain, feats = scorer.logits_and_features(images)
     logits = plain if tta == "none" else scorer.logits(images, tta)
-    return Scored(logits, None if shift is None else shift.score(feats), feats)
+    return Scored(logits, None if shift is None else shift.score(feats), feats, plain)

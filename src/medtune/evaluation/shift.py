@@ -28,6 +28,16 @@ threshold 89), while a black frame (96), a cat (368) and a coffee cup (348) are 
 score measures how familiar the features look, not image quality; empty frames need their own
 check.
 
+A per-image score goes blind when training covers several sites: the training distribution
+widens until a new site's images look familiar one by one. :class:`BatchShiftTest` asks the
+question of a whole batch instead (a new clinic's first images): is the batch's distribution of
+features, and of predicted probabilities, the one seen on validation? Two-sample
+Kolmogorov-Smirnov tests on the leading principal components of the pooled features and on each
+class probability (black-box shift detection, BBSD), Bonferroni-corrected, as recommended by
+Rabanser, Guennemann & Lipton 2019 ("Failing loudly: an empirical study of methods for detecting
+dataset shift"), with a stated family-wise false-alarm rate ``alpha`` on batches drawn from a
+validated site.
+
 Inputs and outputs are numpy arrays only; computing the features is the caller's job.
 """
 
@@ -43,7 +53,7 @@ import numpy as np
 from medtune.errors import MedtuneError
 from medtune.io import atomic_path
 
-__all__ = ["SiteShiftModel", "shift_summary"]
+__all__ = ["BatchShiftTest", "SiteShiftModel", "shift_summary"]
 
 #: Default percentile of the validation scores used as the threshold.
 DEFAULT_PERCENTILE = 99.0
@@ -323,5 +333,212 @@ def shift_summary(
         "share_outside": share,
         "expected_share": expected,
         "warning": bool(warning),
+        "message": message,
+    }
+
+
+# ---------------------------------------------------------------------- batch-level shift test
+
+#: Family-wise false-alarm rate of :class:`BatchShiftTest` on a batch from a validated site.
+BATCH_ALPHA = 0.05
+#: Principal components of the pooled features the batch test compares (Rabanser et al. 2019
+#: reduce to a few dozen dimensions before univariate tests).
+BATCH_COMPONENTS = 32
+#: Fewest validation images of a site for it to be a reference of its own.
+MIN_REFERENCE = 20
+_BATCH_FORMAT = "medtune-batch-shift/1"
+_BATCH_ARRAYS = ("pca_mean", "pca_components", "reference", "reference_probs", "sites")
+
+
+@dataclass
+class BatchShiftTest:
+    """Is a batch of images from the distribution the model was validated on?
+
+    Build it with :meth:`fit` on the validation images; :meth:`test` a batch. The batch is
+    compared with the pooled validation set and with every validation site holding at least
+    :data:`MIN_REFERENCE` images; it is *shifted* only when it differs from all of them, so a
+    batch from any one validated site raises a false alarm with probability at most ``alpha``
+    (each comparison's p-value is Bonferroni-corrected over its dimensions and its two tests).
+
+    Attributes
+    ----------
+    pca_mean : ndarray, shape (D,)
+    pca_components : ndarray, shape (d, D)
+        The projection of pooled features onto their leading principal components (fitted on
+        the validation features).
+    reference : ndarray, shape (M, d)
+        The validation images' projected features.
+    reference_probs : ndarray, shape (M, K)
+        Their calibrated class probabilities.
+    sites : ndarray of str, shape (M,)
+        Their sites (``""`` for a single-site run).
+    alpha : float
+        The stated false-alarm rate.
+    """
+
+    pca_mean: np.ndarray
+    pca_components: np.ndarray
+    reference: np.ndarray
+    reference_probs: np.ndarray
+    sites: np.ndarray
+    alpha: float = BATCH_ALPHA
+
+    @classmethod
+    def fit(
+        cls,
+        val_features: np.ndarray,
+        val_probs: np.ndarray,
+        sites: Any = None,
+        *,
+        n_components: int = BATCH_COMPONENTS,
+        alpha: float = BATCH_ALPHA,
+    ) -> BatchShiftTest:
+        """Keep the validation images' projected features and probabilities as references.
+
+        Parameters
+        ----------
+        val_features : ndarray, shape (M, D)
+            Pooled features of the validation images.
+        val_probs : ndarray, shape (M, K)
+            Their calibrated class probabilities.
+        sites : sequence of str, shape (M,), optional
+            Their sites.
+        n_components : int, default :data:`BATCH_COMPONENTS` (32)
+            Principal components kept (at most ``min(M, D)``).
+        alpha : float, default :data:`BATCH_ALPHA` (0.05)
+            The family-wise false-alarm rate of a verdict.
+
+        Returns
+        -------
+        BatchShiftTest
+
+        Raises
+        ------
+        MedtuneError
+            For fewer than 2 images, non-finite features, mismatched lengths or an ``alpha``
+            outside (0, 1).
+        """
+        feats = _as_features(val_features, "validation features")
+        probs = _as_features(val_probs, "validation probabilities")
+        if len(probs) != len(feats) or len(feats) < 2:
+            raise MedtuneError(
+                f"batch shift test: {len(feats)} feature rows and {len(probs)} probability rows;"
+                " need the same number, at least 2"
+            )
+        if not 0.0 < float(alpha) < 1.0:
+            raise MedtuneError(f"batch shift test: alpha must be in (0, 1), got {alpha}")
+        names = np.full(len(feats), "") if sites is None else np.asarray(sites, dtype=str)
+        if len(names) != len(feats):
+            raise MedtuneError(f"{len(names)} site names for {len(feats)} validation images")
+        mean, comps = _fit_pca(feats, min(int(n_components), *feats.shape))
+        return cls(mean, comps, _project(feats, mean, comps), probs, names, float(alpha))
+
+    def _references(self) -> list[tuple[str, np.ndarray]]:
+        refs = [("validation (all sites)", np.arange(len(self.sites)))]
+        named = sorted(set(self.sites.tolist()) - {""})
+        if len(named) > 1:
+            for site in named:
+                rows = np.flatnonzero(self.sites == site)
+                if len(rows) >= MIN_REFERENCE:
+                    refs.append((site, rows))
+        return refs
+
+    def test(self, features: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
+        """The verdict on one batch.
+
+        Parameters
+        ----------
+        features : ndarray, shape (N, D)
+            Pooled features of the batch's images (the same model and layer as :meth:`fit`).
+        probs : ndarray, shape (N, K)
+            Their calibrated class probabilities.
+
+        Returns
+        -------
+        dict
+            ``shifted`` (bool), ``p_value`` (of the closest reference, Bonferroni-corrected),
+            ``closest`` (its name), ``features_p`` and ``probabilities_p`` there, ``alpha``,
+            ``n_images``, ``method`` and a one-line ``message``.
+
+        Raises
+        ------
+        MedtuneError
+            For features of another dimension, non-finite values or mismatched lengths.
+        """
+        from scipy.stats import ks_2samp
+
+        x = _project(
+            _as_features(features, "batch features", self.pca_mean.shape[0]),
+            self.pca_mean,
+            self.pca_components,
+        )
+        p = _as_features(probs, "batch probabilities", self.reference_probs.shape[1])
+        if len(p) != len(x):
+            raise MedtuneError(f"{len(x)} feature rows but {len(p)} probability rows")
+        results = []
+        for name, rows in self._references():
+            pf = ks_2samp(self.reference[rows], x, axis=0).pvalue
+            pp = ks_2samp(self.reference_probs[rows], p, axis=0).pvalue
+            feat_p = min(1.0, float(np.min(pf)) * pf.size)  # Bonferroni over dimensions
+            prob_p = min(1.0, float(np.min(pp)) * pp.size)
+            results.append((min(1.0, 2 * min(feat_p, prob_p)), name, feat_p, prob_p))
+        p_value, closest, feat_p, prob_p = max(results, key=lambda r: r[0])
+        return _verdict(p_value, closest, feat_p, prob_p, len(x), self.alpha)
+
+    def save(self, path: str | Path) -> Path:
+        """Write an ``.npz`` (arrays + a JSON metadata string); atomic."""
+        meta = np.array(json.dumps({"format": _BATCH_FORMAT, "alpha": self.alpha}))
+        with atomic_path(Path(path)) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, meta=meta, **{name: getattr(self, name) for name in _BATCH_ARRAYS})
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> BatchShiftTest:
+        """Read a file written by :meth:`save` (no pickles are loaded).
+
+        Raises
+        ------
+        MedtuneError
+            When the file is not a readable batch-shift file.
+        """
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                meta = json.loads(str(z["meta"]))
+                arrays = {name: z[name] for name in _BATCH_ARRAYS}
+        except (OSError, ValueError, KeyError) as err:
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise MedtuneError(f"{path}: not a readable batch-shift file ({reason})") from None
+        if meta.get("format") != _BATCH_FORMAT:
+            raise MedtuneError(f"{path}: format {meta.get('format')!r}, expected {_BATCH_FORMAT}")
+        return cls(**arrays, alpha=float(meta["alpha"]))
+
+
+def _verdict(
+    p_value: float, closest: str, feat_p: float, prob_p: float, n: int, alpha: float
+) -> dict[str, Any]:
+    shifted = p_value < alpha
+    if shifted:
+        message = (
+            f"this batch of {n} images differs from every validation site (p = {p_value:.2g} < "
+            f"{alpha:g}): the validated operating point is not validated here"
+        )
+    else:
+        message = (
+            f"this batch of {n} images is consistent with {closest} (p = {p_value:.2g}; "
+            f"false-alarm rate {alpha:g})"
+        )
+    return {
+        "n_images": n,
+        "shifted": bool(shifted),
+        "p_value": float(p_value),
+        "closest": closest,
+        "features_p": float(feat_p),
+        "probabilities_p": float(prob_p),
+        "alpha": float(alpha),
+        "method": (
+            "two-sample Kolmogorov-Smirnov tests on the principal components of the pooled "
+            "features and on each class probability (BBSD), Bonferroni-corrected; shifted "
+            "when it differs from every validation site (Rabanser et al. 2019)"
+        ),
         "message": message,
     }

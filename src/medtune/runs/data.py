@@ -25,6 +25,7 @@ from medtune.data import (
     write_splits,
 )
 from medtune.data.fundus import FundusOptions
+from medtune.data.laterality import ImageEye, imageset_eyes
 from medtune.errors import MedtuneError
 from medtune.runs.folder import RunFolder
 
@@ -222,3 +223,39 @@ def _note_absent_classes(cache: PreparedCache, source: str) -> None:
     absent = [c for i, c in enumerate(cache.class_names) if i not in present]
     if absent:
         log.warning("%s has no images of class(es) %s; their figures are left out", source, absent)
+
+
+def part_eyes(
+    source: str | list[str], config: TrainConfig, part: Part, classes: list[str]
+) -> list[ImageEye | None]:
+    """The patient and eye of each image of ``part`` (:func:`medtune.data.laterality.
+    imageset_eyes`), read again from the data source the part was prepared from.
+
+    Parameters
+    ----------
+    source : str or list of str
+        The data source(s) of ``part``'s cache (several: one per site; patients are then named
+        ``<site>/<patient>``, as the cache names keys).
+    config : TrainConfig
+        Its ``skip_bad`` is used.
+    part : Part
+        Rows of the prepared cache.
+    classes : list of str
+        The model's classes (as the cache was labelled).
+
+    Returns
+    -------
+    list of ImageEye or None
+        One per row of ``part``; ``None`` for an image the source no longer lists.
+    """
+    from medtune.data.sources import site_name
+
+    sources = source if isinstance(source, list) else [source]
+    found: dict[str, ImageEye] = {}
+    for src in sources:
+        imageset = load_imageset(src, skip_bad=config.skip_bad, classes=classes, duplicates=False)
+        prefix = f"{site_name(src)}/" if len(sources) > 1 else ""
+        for key, eye in zip(imageset.keys, imageset_eyes(imageset), strict=True):
+            patient = None if eye.patient_id is None else prefix + eye.patient_id
+            found[prefix + key] = ImageEye(patient, eye.eye, eye.patient_source, eye.eye_source)
+    return [found.get(part.cache.keys[int(i)]) for i in part.indices]

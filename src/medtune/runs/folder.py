@@ -15,6 +15,8 @@ Layout (``FORMAT_VERSION`` 3: the model card of format version 3)::
     RUN/advice.json          the advisor's evidence (``--strategy auto``)
     RUN/skipped_images.csv   unreadable images left out (``--skip-bad``)
     RUN/site_shift.npz       the site-shift model: training features' distribution, threshold
+    RUN/batch_shift.npz      the batch shift test's references: validation features, probabilities
+    RUN/suggested.csv        images a grader should label first (``medtune adapt --suggest``)
     RUN/adaptation.json      what ``medtune adapt`` changed (a run adapted to a new site)
     RUN/eval/<name>/         one ``medtune evaluate`` each: metrics.json, report.html, ...
 
@@ -43,7 +45,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from medtune.evaluation.inference import TorchScorer
-    from medtune.evaluation.shift import SiteShiftModel
+    from medtune.evaluation.shift import BatchShiftTest, SiteShiftModel
 
 FORMAT_VERSION = 3
 #: Settings added after runs were first written, with the value those older runs trained with
@@ -84,6 +86,8 @@ class RunFolder:
     ADVICE = "advice.json"
     SKIPPED = "skipped_images.csv"
     SITE_SHIFT = "site_shift.npz"
+    BATCH_SHIFT = "batch_shift.npz"
+    SUGGESTED = "suggested.csv"
     ADAPTATION = "adaptation.json"
     PREPARE_LOCK = ".prepare.lock"
     CHECKPOINTS = "checkpoints"
@@ -267,13 +271,22 @@ class RunFolder:
             raise MedtuneError(f"{path}: not found; the run has not finished")
         return json.loads(path.read_text(encoding="utf-8"))
 
-    def write_val_logits(self, labels: np.ndarray, logits: dict[str, np.ndarray]) -> None:
-        """Validation labels (N,) and logits (N, K) per TTA mode, for later operating points."""
+    def write_val_logits(
+        self,
+        labels: np.ndarray,
+        logits: dict[str, np.ndarray],
+        sites: list[str] | None = None,
+    ) -> None:
+        """Validation labels (N,) and logits (N, K) per TTA mode, for later operating points,
+        and the site of each image (``sites``, when the run has several: the worst-site rule of
+        :func:`medtune.evaluation.metrics.choose_operating_points`)."""
+        extra = {} if sites is None else {"sites": np.asarray(sites, dtype=str)}
         with atomic_path(self.dir / self.VAL_LOGITS) as tmp, open(tmp, "wb") as fh:
-            np.savez(fh, labels=labels, **{f"logits_{k}": v for k, v in logits.items()})
+            np.savez(fh, labels=labels, **extra, **{f"logits_{k}": v for k, v in logits.items()})
 
     def read_val_logits(self) -> dict[str, np.ndarray]:
-        """``{"labels": (N,), "logits_<tta>": (N, K), ...}`` (no pickles are loaded)."""
+        """``{"labels": (N,), "logits_<tta>": (N, K), ...}`` and ``"sites"`` (N,) when written
+        (no pickles are loaded)."""
         path = self.dir / self.VAL_LOGITS
         if not path.is_file():
             raise MedtuneError(f"{path}: not found; the run has not finished")
@@ -301,6 +314,23 @@ class RunFolder:
 
         path = self.dir / self.SITE_SHIFT
         return SiteShiftModel.load(path) if path.is_file() else None
+
+    def write_batch_shift(self, test: BatchShiftTest) -> None:
+        """Save the batch shift test (:class:`medtune.evaluation.shift.BatchShiftTest`)."""
+        test.save(self.dir / self.BATCH_SHIFT)
+
+    def read_batch_shift(self) -> BatchShiftTest | None:
+        """The run's batch shift test, or ``None`` for a run without one (older runs).
+
+        Raises
+        ------
+        MedtuneError
+            When the file exists but cannot be read.
+        """
+        from medtune.evaluation.shift import BatchShiftTest
+
+        path = self.dir / self.BATCH_SHIFT
+        return BatchShiftTest.load(path) if path.is_file() else None
 
     def write_adaptation(self, record: dict[str, Any]) -> None:
         write_json(self.dir / self.ADAPTATION, record)

@@ -14,6 +14,15 @@ highest specificity that keeps its validated sensitivity on the sample
 run's ``val_logits.npz``: every later command that chooses operating points from validation
 logits (``evaluate``, ``predict``) finds the moved ones, with the refitted temperature.
 
+Without labels, ``recalibrate`` moves the operating points onto the new site's unlabelled scores
+(quantile mapping, optionally with the prevalence estimated by EM, Saerens et al. 2002;
+:mod:`medtune.evaluation.label_free`), marked "operating point not validated here". Before
+AdaBN, the site's images are tested as a batch against the run's validation images
+(:class:`medtune.evaluation.shift.BatchShiftTest`); ``adaptation.json`` records the verdict and
+the operating point's status, which ``model.json``'s ``operating_points["status"]`` carries to
+``predict``. ``suggest=N`` writes the N images a grader should label first
+(``RUN/suggested.csv``, :mod:`medtune.transfer.suggest`).
+
 The source run is never modified. The new run keeps the source's ``config.yaml`` and
 ``splits.csv`` (``evaluate`` without ``--data`` measures the adapted model on the home site's
 test split) and its ``metrics.json`` (the SOURCE model's figures, marked as such). The
@@ -23,9 +32,9 @@ moves the new site's features towards them, so its scores would no longer mean w
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +43,8 @@ import numpy as np
 
 from medtune.config import TTA_MODES
 from medtune.errors import MedtuneError
-from medtune.evaluation.card import ModelCard, Provenance
+from medtune.evaluation.card import ModelCard, OperatingPoints, Provenance
+from medtune.evaluation.label_free import LABEL_FREE_METHODS, operating_point_status
 from medtune.evaluation.labels import BinaryTask
 from medtune.evaluation.metrics import (
     MIN_SITE_POSITIVES,
@@ -44,6 +54,7 @@ from medtune.evaluation.metrics import (
     move_operating_point,
 )
 from medtune.runs import RunFolder
+from medtune.workflows import new_site
 
 log = logging.getLogger("medtune")
 
@@ -76,15 +87,28 @@ class AdaptResult:
             f"adapted {self.record['layers_adapted']} BatchNorm layers on "
             f"{self.record['images']} images"
         )
+        shift = self.record.get("batch_shift")
+        tail = f"; {shift['message']}" if shift else ""
+        return f"{head}; {self._points_summary()}{tail}"
+
+    def _points_summary(self) -> str:
         points = self.record["operating_points"]
         if not points["moved"]:
             return (
-                f"{head}; operating points kept (no labels from the new site: they may not hold "
-                "there, give --labels to move them)"
+                "operating points kept (no labels from the new site: they may not hold there, "
+                "give --labels to move them)"
+            )
+        if points.get("label_free"):
+            moved = points["points"]["none"]
+            point = moved.get(SUMMARY_POINT) or next(iter(moved.values()))
+            return (
+                f"operating point {SUMMARY_POINT} moved without labels ({points['label_free']}) "
+                f"from {point['validated_threshold']:.4f} to {point['threshold']:.4f}: "
+                "operating point not validated here"
             )
         point = points["points"].get(SUMMARY_POINT) or next(iter(points["points"].values()))
         return (
-            f"{head}; operating point {point['name']} moved from {point['from']:.4f} to "
+            f"operating point {point['name']} moved from {point['from']:.4f} to "
             f"{point['to']:.4f} (temperature {points['temperature']['from']:.3f} -> "
             f"{points['temperature']['to']:.3f}) using {points['n_images']} labelled images "
             f"({points['n_positives']} positives)"
@@ -97,6 +121,8 @@ def adapt(
     out: str | Path,
     *,
     labels: str | Path | None = None,
+    recalibrate: str = "none",
+    suggest: int = 0,
     batch_size: int = 32,
     progress: bool = True,
 ) -> AdaptResult:
@@ -119,6 +145,15 @@ def adapt(
         operating points (``sens90``, ``sens97.5``; ``youden`` is re-chosen) on it. Needs at
         least 10 positives and one negative of the model's binary task (referable DR for
         five DR grades, the positive class for two classes).
+    recalibrate : {"none", "quantile", "em-quantile"}, default "none"
+        Without ``labels``: move the operating points onto the site's unlabelled scores after
+        AdaBN (:mod:`medtune.evaluation.label_free`: quantile mapping at the validation
+        prevalence, or at a prevalence estimated by EM, Saerens et al. 2002). The moved points
+        are marked "operating point not validated here". Ignored with ``labels``.
+    suggest : int, default 0
+        Write the ``suggest`` images a grader should label first to ``RUN/suggested.csv``
+        (model uncertainty plus feature-space diversity, Cardoso et al. 2017; Sener &
+        Savarese 2018; :mod:`medtune.transfer.suggest`).
     batch_size : int, default 32
         Images per AdaBN batch (the images are split into batches of near-equal size, since
         each batch weighs the same in the re-estimated statistics).
@@ -151,16 +186,34 @@ def adapt(
     _check_adaptable(source, target, card)
     if batch_size < 1:
         raise MedtuneError(f"batch_size must be at least 1, got {batch_size}")
+    if recalibrate not in LABEL_FREE_METHODS:
+        raise MedtuneError(
+            f"recalibrate {recalibrate!r} is unknown; use one of {', '.join(LABEL_FREE_METHODS)}"
+        )
     sample_set = _labelled_set(source, card, labels) if labels is not None else None
     model, card = source.load_model()
     paths = _site_images(data)
-    info = _adabn(model, card, paths, config.freeze, batch_size, progress)
+    images = _prepare_all(paths, card, progress)
+    shift = new_site.batch_verdict(source, new_site.site_outputs(model, card, images, batch_size))
+    info = _adabn(model, card, images, config.freeze, batch_size)
     points: dict[str, Any] = {"moved": False, "rule": "validated operating points kept"}
-    sample = None
+    sample, moved = None, None
+    label_free = recalibrate if sample_set is None else "none"
+    outputs = None
+    if label_free != "none" or suggest:
+        outputs = new_site.site_outputs(model, card, images, batch_size)  # the adapted model
     if sample_set is not None:
         sample = _sample_logits(model, card, sample_set, batch_size, progress)
         points = _move_points(card, source, sample, str(labels))
-    card = _adapted_card(card, source, points)
+    elif label_free != "none":
+        moved = new_site.label_free_points(card, source, outputs["probs"], label_free)
+        points = {"moved": True, "rule": f"moved without labels ({label_free})", **moved.to_dict()}
+    status = operating_point_status(
+        None if shift is None else shift["shifted"],
+        labelled=0 if sample is None else len(sample["labels"]),
+        method=label_free,
+    )
+    card = _adapted_card(card, source, points, moved, status)
     # everything is computed: only now is the new folder written
     target.dir.mkdir(parents=True, exist_ok=True)
     target.write_config(config)
@@ -170,11 +223,18 @@ def adapt(
     if sample is not None:
         target.write_val_logits(sample["labels"], sample["logits"])
     target.write_model(model, card)
+    suggested = None
+    if suggest:
+        task = card.label_space.binary_task
+        suggested = new_site.write_suggestions(target, paths, outputs, task, suggest)
     record = {
         "source_run": str(source.dir.resolve()),
         "data": str(data),
         **info,
         "operating_points": points,
+        "batch_shift": shift,
+        "operating_point_status": status,
+        "suggested": None if suggested is None else RunFolder.SUGGESTED,
         "val_logits": (
             f"the labelled sample of the new site ({labels})"
             if labels is not None
@@ -224,36 +284,33 @@ def _site_images(data: str | Path) -> list[Any]:
     return found
 
 
-def _prepared_batches(
-    sources: list[Any], card: ModelCard, batch_size: int, progress: bool
-) -> Iterator[Any]:
-    """uint8 (B, 3, S, S) tensors of near-equal size B <= ``batch_size``, prepared like the
-    training cache (:func:`medtune.data.prepare_image`)."""
-    import torch
+def _prepare_all(sources: list[Any], card: ModelCard, progress: bool) -> np.ndarray:
+    """The images as uint8 (N, S, S, 3), prepared like the training cache
+    (:func:`medtune.data.prepare_image`), decoded once for every pass."""
     from tqdm.auto import tqdm
 
     from medtune.data.preprocess import prepare_image
 
     spec = card.input_spec
-    n_batches = -(-len(sources) // batch_size)
-    chunks = np.array_split(np.arange(len(sources)), n_batches)
-    for chunk in tqdm(chunks, desc="adapt", unit="batch", disable=not progress):
-        images = np.stack([prepare_image(sources[i], spec.image_size, spec.fundus) for i in chunk])
-        yield torch.from_numpy(images).permute(0, 3, 1, 2)
+    return np.stack(
+        [
+            prepare_image(src, spec.image_size, spec.fundus)
+            for src in tqdm(sources, desc="adapt", unit="image", disable=not progress)
+        ]
+    )
 
 
 def _adabn(
-    model: Any, card: ModelCard, sources: list[Any], freeze: int, batch_size: int, progress: bool
+    model: Any, card: ModelCard, images: np.ndarray, freeze: int, batch_size: int
 ) -> dict[str, Any]:
     from medtune.data.normalise import normalise_batch
     from medtune.transfer.adabn import adabn
 
     spec = card.input_spec
-    batches = (
-        normalise_batch(x, spec.mean, spec.std)
-        for x in _prepared_batches(sources, card, batch_size, progress)
+    normalised = (
+        normalise_batch(x, spec.mean, spec.std) for x in new_site.batches(images, batch_size)
     )
-    return adabn(model, batches, freeze)
+    return adabn(model, normalised, freeze)
 
 
 def _labelled_set(source: RunFolder, card: ModelCard, labels: str | Path) -> Any:
@@ -284,17 +341,11 @@ def _sample_logits(
 ) -> dict[str, Any]:
     """Labels (N,) and logits per TTA mode of the labelled sample, from the adapted model (the
     scorer protocol, :class:`~medtune.evaluation.inference.TorchScorer`)."""
-    from medtune.data.preprocess import prepare_image
     from medtune.evaluation.inference import TorchScorer
 
-    spec = card.input_spec
-    images = np.stack(
-        [
-            prepare_image(imageset.source_of(i), spec.image_size, spec.fundus)
-            for i in range(len(imageset))
-        ]
-    )
-    scorer = TorchScorer(model, card, batch_size=batch_size, progress=progress)
+    scorer = TorchScorer(model, card, batch_size=batch_size)
+    sources = [imageset.source_of(i) for i in range(len(imageset))]
+    images = _prepare_all(sources, card, progress)
     logits = {tta: scorer.logits(images, tta) for tta in TTA_MODES}
     return {"labels": np.asarray(imageset.labels), "logits": logits}
 
@@ -312,6 +363,7 @@ def _move_points(
     old = choose_operating_points(
         task.labels(val["labels"]),
         task.score(apply_temperature(val["logits_none"], card.temperature)),
+        val.get("sites"),
     )
     if not old:
         raise MedtuneError(
@@ -388,18 +440,33 @@ def _point(
     }
 
 
-def _adapted_card(card: ModelCard, source: RunFolder, points: dict[str, Any]) -> ModelCard:
-    """The adapted model's card: no site-shift model (not carried over), its source run and,
-    with moved points, the refitted temperature and no stored operating points (those are the
-    source's and no longer hold: readers choose them again from ``val_logits.npz``, which then
-    holds the labelled sample, i.e. the moved points)."""
+def _adapted_card(
+    card: ModelCard,
+    source: RunFolder,
+    points: dict[str, Any],
+    label_free: OperatingPoints | None,
+    status: dict[str, Any],
+) -> ModelCard:
+    """The adapted model's card: no site-shift model (not carried over) and its source run.
+
+    Points moved on labels: the refitted temperature and no stored operating points (the
+    source's no longer hold: readers choose them again from ``val_logits.npz``, which then holds
+    the labelled sample, i.e. the moved points). Points moved without labels replace the stored
+    ones. Stored points carry their ``status`` at the new site
+    (:func:`medtune.evaluation.label_free.operating_point_status`)."""
+    ops = card.operating_points
     changes: dict[str, Any] = {
         "site_shift": None,
         "provenance": Provenance(adapted_from=str(source.dir.resolve())),
     }
-    if points["moved"]:
-        changes.update(temperature=float(points["temperature"]["to"]), operating_points=None)
-    return card.replace(**changes)
+    if label_free is not None:
+        ops = label_free
+    elif points["moved"]:
+        changes["temperature"] = float(points["temperature"]["to"])
+        ops = None
+    if ops is not None:
+        ops = dataclasses.replace(ops, validated=status["validated"], status=status["status"])
+    return card.replace(operating_points=ops, **changes)
 
 
 def _mark_metrics(target: RunFolder, record: dict[str, Any]) -> None:

@@ -22,11 +22,14 @@ from medtune.data import Part
 from medtune.engines.finalize import per_site_metrics
 from medtune.errors import MedtuneError
 from medtune.evaluation.card import ModelCard
+from medtune.evaluation.label_free import score_label_free_points
 from medtune.evaluation.metrics import compute_metrics
+from medtune.evaluation.patients import DEFAULT_PATIENT_RULE, evaluation_patients
 from medtune.evaluation.scoring import Scorer, score
 from medtune.io import write_json
 from medtune.models.stage_classifier import StageProbeClassifier
 from medtune.runs import RunFolder, prepare_run_data, prepare_source
+from medtune.runs.data import part_eyes
 
 GRADCAM_PER_CLASS = 1
 
@@ -51,6 +54,7 @@ def evaluate(
     quality: bool = True,
     skip_bad: bool = False,
     progress: bool = True,
+    patient_rule: str = DEFAULT_PATIENT_RULE,
 ) -> EvalResult:
     """Evaluate a run's model on labelled images, with intervals and a report.
 
@@ -80,6 +84,12 @@ def evaluate(
     skip_bad : bool, default False
         Leave unreadable images out (listed) instead of failing.
     progress : bool, default True
+    patient_rule : {"either-eye", "both-eyes"}, default "either-eye"
+        How eyes make a patient's answer (:mod:`medtune.evaluation.patients`). When the data
+        names each image's patient (a ``patient_id`` column, DICOM ``PatientID`` or names such
+        as ``17_left.jpeg``; :mod:`medtune.data.laterality`), ``metrics["patients"]`` gives
+        patient-level sensitivity and specificity (95% Wilson intervals) at each operating
+        point and the share of patients with insufficient quality, and the report shows them.
 
     Returns
     -------
@@ -102,7 +112,7 @@ def evaluate(
     config = dataclasses.replace(folder.read_config(), skip_bad=skip_bad, progress=progress)
     run = folder.dir
     part = _evaluation_part(config, run, data, card.class_names)
-    logits, site_shift = _logits_and_site_shift(scorer, part, tta)
+    logits, site_shift = _logits_and_site_shift(scorer, part, tta, folder)
     probs = card.probabilities(logits)
     val = folder.read_val_logits()
     val_probs = card.probabilities(val[f"logits_{tta}"])
@@ -111,6 +121,7 @@ def evaluate(
         "val": (val["labels"], val_probs),
         "decoding": card.decoding,
         "n_boot": n_boot,
+        "val_sites": val.get("sites"),  # the worst-site rule, as at training
     }
     metrics = compute_metrics(part.labels, probs, groups=part.groups, **settings)
     per_site = per_site_metrics(part, probs, **settings)  # sites (issue 13)
@@ -118,11 +129,18 @@ def evaluate(
         metrics["per_site"] = per_site
     if site_shift is not None:
         metrics["site_shift"] = site_shift
+    verdicts = _verdicts(part) if quality else None
+    patients = _patients(data, config, part, probs, metrics, verdicts, card, patient_rule)
+    if patients is not None:
+        metrics["patients"] = patients
+    moved = score_label_free_points(part.labels, probs, card.operating_points, tta, part.groups)
+    if moved is not None:  # a run adapted without labels (medtune adapt --recalibrate)
+        metrics["label_free_operating_points"] = moved
     metrics["tta"] = tta
     metrics["data"] = data or f"{config.data} (test split)"
     out = folder.eval_dir(name or _default_name(data, tta))
     write_json(out / "metrics.json", metrics)
-    summary = _quality_summary(part, probs, settings) if quality else None
+    summary = _quality_summary(part, probs, settings, verdicts) if quality else None
     if summary is not None:
         write_json(out / "quality.json", summary)
     examples = _gradcam_examples(scorer.model, card, part, probs) if gradcam else None
@@ -130,16 +148,41 @@ def evaluate(
     return EvalResult(out, metrics, report)
 
 
-def _quality_summary(part: Part, probs: np.ndarray, settings: dict[str, Any]) -> dict[str, Any]:
-    """The image-quality gate on each evaluated image (as prepared for the model), the share
-    ungradable with reasons, and the metrics on the gradable images alone."""
-    from collections import Counter
-
+def _verdicts(part: Part) -> list[Any]:
+    """The image-quality gate on each evaluated image, as prepared for the model."""
     from PIL import Image
 
     from medtune.evaluation.quality import assess_quality
 
-    verdicts = [assess_quality(Image.fromarray(np.asarray(img))) for img in _images(part)]
+    return [assess_quality(Image.fromarray(np.asarray(img))) for img in _images(part)]
+
+
+def _patients(
+    data: str | None, config: TrainConfig, part: Part, probs: np.ndarray, metrics: dict,
+    verdicts: list[Any] | None, card: ModelCard, rule: str,
+) -> dict[str, Any] | None:  # fmt: skip
+    """Patient-level figures (:func:`evaluation_patients`) when the data names patients."""
+    source = data or config.test_data or config.data
+    eyes = part_eyes(source, config, part, card.class_names)
+    return evaluation_patients(
+        eyes,
+        part.labels,
+        probs,
+        metrics,
+        label_space=card.label_space,
+        gradable=None if verdicts is None else [v.gradable for v in verdicts],
+        decoding=card.decoding,
+        rule=rule,
+    )
+
+
+def _quality_summary(
+    part: Part, probs: np.ndarray, settings: dict[str, Any], verdicts: list[Any]
+) -> dict[str, Any]:
+    """The share of ``verdicts`` ungradable with reasons, and the metrics on the gradable images
+    alone."""
+    from collections import Counter
+
     ok = np.array([v.gradable for v in verdicts], dtype=bool)
     reasons = Counter(str(v.reason) for v in verdicts if not v.gradable)
     gradable_metrics = None
@@ -164,20 +207,27 @@ def _images(part: Part, batch: int = 64):
 
 
 def _logits_and_site_shift(
-    scorer: Scorer, part: Part, tta: str
+    scorer: Scorer, part: Part, tta: str, folder: RunFolder
 ) -> tuple[np.ndarray, dict[str, Any] | None]:
     """The logits with ``tta``, and the share of images outside the training distribution
     (:func:`medtune.evaluation.shift.shift_summary`; ``None`` for a run without
-    ``site_shift.npz``)."""
+    ``site_shift.npz``) with the batch shift test's verdict on the whole set (``batch``,
+    :class:`medtune.evaluation.shift.BatchShiftTest`). Both were fitted on plain (no TTA)
+    features (:func:`medtune.evaluation.scoring.score`)."""
     from medtune.evaluation.shift import shift_summary
 
-    logits, scores, _ = score(scorer, part.images, tta)
-    if scores is None:
-        return logits, None
-    shift = scorer.site_shift
-    summary = shift_summary(scores > shift.threshold, shift.percentile)
-    summary.update(threshold=shift.threshold, median_score=float(np.median(scores)))
-    return logits, summary
+    shift, batch = scorer.site_shift, folder.read_batch_shift()
+    scored = score(scorer, part.images, tta, features=batch is not None)
+    if shift is None and batch is None:
+        return scored.logits, None
+    summary: dict[str, Any] = {}
+    if shift is not None:
+        scores = scored.shift_scores
+        summary = shift_summary(scores > shift.threshold, shift.percentile)
+        summary.update(threshold=shift.threshold, median_score=float(np.median(scores)))
+    if batch is not None:
+        summary["batch"] = batch.test(scored.features, scorer.card.probabilities(scored.plain))
+    return scored.logits, summary
 
 
 def _evaluation_part(

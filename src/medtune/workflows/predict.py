@@ -33,11 +33,13 @@ from medtune.data.images import is_listed_image, iter_image_files
 from medtune.data.preprocess import DECODE_SIDE_FACTOR, decode_source, prepare_image
 from medtune.errors import BadImageError, MedtuneError
 from medtune.evaluation.card import ModelCard, OperatingPoints
+from medtune.evaluation.patients import DEFAULT_PATIENT_RULE, PatientScreening, screen_patients
 from medtune.evaluation.referral import (
     DEFAULT_OPERATING_POINT,
     PredictionRow,
     ReferralRule,
     build_rows,
+    format_figure,
     predictions_meta,
     referral_rule,
 )
@@ -47,8 +49,8 @@ from medtune.runs import RunFolder
 
 BATCH = 32
 QUALITY_RULE = (
-    "medtune.evaluation.quality.assess_quality on the decoded photograph, before fundus "
-    "preprocessing (docs/screening.md, Image-quality gate)"
+    "medtune.evaluation.quality.assess_quality on the network input (field of view cropped, "
+    "at the model's image size; docs/screening.md, Image-quality gate)"
 )
 
 
@@ -254,9 +256,9 @@ def _points_from_val_logits(folder: RunFolder, card: ModelCard) -> OperatingPoin
 # ---------------------------------------------------------------------------- rows
 
 
-def assess_image_quality(img: Image.Image) -> tuple[bool, str | None]:
-    """``(gradable, reason)`` of a decoded image (:func:`medtune.evaluation.quality.assess_quality`,
-    before any fundus preprocessing)."""
+def assess_image_quality(img: np.ndarray) -> tuple[bool, str | None]:
+    """``(gradable, reason)`` of a network input (:func:`medtune.evaluation.quality.assess_quality`
+    on the uint8 working-size image of :func:`medtune.data.preprocess.prepare_image`)."""
     from medtune.evaluation.quality import assess_quality
 
     verdict = assess_quality(img)
@@ -275,7 +277,7 @@ class PreparedBatch:
 def prepare_batch(
     names: Sequence[str], images: Sequence[Image.Image], predictor: Predictor
 ) -> PreparedBatch:
-    """Judge image quality on each decoded image, then preprocess it as training did.
+    """Preprocess each decoded image as training did, then judge its quality on that input.
 
     Parameters
     ----------
@@ -290,11 +292,11 @@ def prepare_batch(
     -------
     PreparedBatch
     """
-    quality = [assess_image_quality(img) for img in images]
-    if predictor.quality_model is not None and images:
-        quality = _learned_quality(images, predictor.quality_model, quality)
     spec = predictor.card.input_spec
     arrays = [prepare_image(img, spec.image_size, spec.fundus) for img in images]
+    quality = [assess_image_quality(arr) for arr in arrays]
+    if predictor.quality_model is not None and images:
+        quality = _learned_quality(images, predictor.quality_model, quality)
     size = spec.image_size
     stacked = np.stack(arrays) if arrays else np.zeros((0, size, size, 3), np.uint8)
     return PreparedBatch(list(names), stacked, quality)
@@ -320,9 +322,9 @@ def _learned_quality(
 def _predict_batch(
     batch: PreparedBatch, predictor: Predictor, rule: ReferralRule | None
 ) -> tuple[list[PredictionRow], np.ndarray, np.ndarray]:
-    logits, scores, _ = score(predictor.scorer, batch.images, predictor.tta)
-    card = predictor.card
-    probs = card.probabilities(logits)
+    scored = score(predictor.scorer, batch.images, predictor.tta)
+    card, scores = predictor.card, scored.shift_scores
+    probs = card.probabilities(scored.logits)
     labels = card.decode(probs)
     shift = None if scores is None else (scores, float(predictor.shift_threshold))
     rows = build_rows(
@@ -393,6 +395,8 @@ def predict(
     progress: bool = True,
     predictor: Predictor | None = None,
     quality_model: str | Path | None = None,
+    manifest: str | Path | None = None,
+    patient_rule: str = DEFAULT_PATIENT_RULE,
 ) -> list[dict[str, Any]]:
     """Screen every image with a trained run or an exported ONNX model.
 
@@ -434,13 +438,23 @@ def predict(
     quality_model : str or pathlib.Path, optional
         A run trained on quality grades (Good/Usable/Reject): images it calls Reject are
         ungradable too (:func:`load_predictor`).
+    manifest : str or pathlib.Path, optional
+        A CSV ``image,patient_id,eye`` naming each image's patient and eye; without it DICOM
+        ``PatientID`` + ``ImageLaterality`` and file names such as ``17_left.jpeg`` or
+        ``P1_OD.jpg`` are used (:mod:`medtune.data.laterality`). When any image's patient is
+        known, ``out`` also gets ``<out stem>.eyes.csv`` (one row per eye: the highest grade
+        of its gradable images, or ungradable) and ``<out stem>.patients.csv`` (one row per
+        patient: refer / no / insufficient quality), and the JSON ``eyes`` and ``patients``
+        (:func:`medtune.evaluation.patients.screen_patients`).
+    patient_rule : {"either-eye", "both-eyes"}, default "either-eye"
+        How eyes make a patient's answer (:data:`medtune.evaluation.patients.PATIENT_RULES`).
 
     Returns
     -------
     list of dict
         One per image, in column order: ``image``, ``quality`` (``gradable``/``ungradable``,
-        by :func:`medtune.evaluation.quality.assess_quality` on the photograph as decoded for
-        the model, long side twice the image size), ``quality_reason`` (its reason),
+        by :func:`medtune.evaluation.quality.assess_quality` on the network input the model
+        sees, at its image size), ``quality_reason`` (its reason),
         ``grade`` (decoded grade index), ``grade_name`` (``"No DR"`` ... ``"Proliferative
         DR"`` for 5-grade DR models, else the class name), ``p_<grade name>`` (calibrated
         probability of each grade), ``expected_grade`` (only with expected-grade decoding),
@@ -478,6 +492,9 @@ def predict(
         if explain:
             _write_gradcam(predictor, batch, new, labels, Path(explain), written)
     meta = prediction_meta(predictor, operating_point)
+    grouped = screen_patients(rows, manifest=manifest, rule=patient_rule)
+    if grouped is not None:
+        meta["patients"] = grouped.meta()
     if out:
         write_text(out, to_csv(rows))
         write_json(Path(out).with_suffix(".meta.json"), meta)
@@ -485,8 +502,10 @@ def predict(
             write_text(
                 Path(out).with_suffix(".skipped.csv"), _csv_text(["image", "reason"], skipped)
             )
+        for name, items in _patient_sections(grouped).items():
+            write_text(Path(out).with_suffix(f".{name}.csv"), to_csv(items))
     if json_path:
-        write_text(json_path, to_json(rows, meta))
+        write_text(json_path, to_json(rows, meta, _patient_sections(grouped)))
     return [row.as_dict() for row in rows]
 
 
@@ -509,7 +528,7 @@ def _prepare_files(
 
 def _cell(value: Any) -> Any:
     if isinstance(value, float):
-        return f"{value:.6f}"
+        return format_figure(value)  # never "1.000000" for 0.99999999999998
     return "" if value is None else value
 
 
@@ -538,7 +557,8 @@ def to_csv(rows: Iterable[PredictionRow | Mapping[str, Any]]) -> str:
     -------
     str
         CSV with a header line (``csv`` module quoting: names with commas or quotes are safe);
-        probabilities with six decimals; empty text for no rows.
+        figures with six decimals, more where six would round one to a whole number it is
+        not (:func:`~medtune.evaluation.referral.format_figure`); empty text for no rows.
     """
     dicts = [_as_dict(r) for r in rows]
     if not dicts:
@@ -547,10 +567,25 @@ def to_csv(rows: Iterable[PredictionRow | Mapping[str, Any]]) -> str:
     return _csv_text(header, ([d.get(k) for k in header] for d in dicts))
 
 
-def to_json(rows: Iterable[PredictionRow | Mapping[str, Any]], meta: Mapping[str, Any]) -> str:
-    """``{"meta": meta, "predictions": [row, ...]}`` as indented JSON text (same fields as the
-    CSV and its ``.meta.json``)."""
-    return json.dumps({"meta": meta, "predictions": [_as_dict(r) for r in rows]}, indent=2) + "\n"
+def to_json(
+    rows: Iterable[PredictionRow | Mapping[str, Any]],
+    meta: Mapping[str, Any],
+    sections: Mapping[str, list[dict[str, Any]]] | None = None,
+) -> str:
+    """``{"meta": meta, "predictions": [row, ...], **sections}`` as indented JSON text (same
+    fields as the CSV and its ``.meta.json``; ``sections`` e.g. ``eyes`` and ``patients``)."""
+    doc = {"meta": meta, "predictions": [_as_dict(r) for r in rows], **(sections or {})}
+    return json.dumps(doc, indent=2) + "\n"
+
+
+def _patient_sections(grouped: PatientScreening | None) -> dict[str, list[dict[str, Any]]]:
+    """The eye and patient rows (``.eyes.csv``, ``.patients.csv``), empty when ungrouped."""
+    if grouped is None:
+        return {}
+    return {
+        "eyes": [e.to_dict() for e in grouped.eyes],
+        "patients": [p.to_dict() for p in grouped.patients],
+    }
 
 
 def _batches(paths: list[Path], progress: bool):

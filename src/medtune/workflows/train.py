@@ -18,7 +18,14 @@ from typing import Any
 from lightning import seed_everything
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 
-from medtune.config import PROBE_STRATEGIES, TrainConfig, apply_preset
+from medtune.config import (
+    PROBE_STRATEGIES,
+    TrainConfig,
+    apply_preset,
+    given_settings,
+    settings_docstring,
+    unset_defaults,
+)
 from medtune.data.site_augment import resolve_augment
 from medtune.errors import MedtuneError
 from medtune.evaluation.card import ModelCard
@@ -28,7 +35,8 @@ from medtune.runs import RunData, RunFolder, prepare_lock, prepare_run_data
 
 log = logging.getLogger("medtune")
 
-_D = TrainConfig  # the defaults, written once in medtune.config
+#: train()'s keyword defaults: TrainConfig's, each wrapped as "not given" (config.Unset).
+_D = unset_defaults()
 
 
 @dataclass
@@ -65,11 +73,13 @@ def build_config(
     Parameters
     ----------
     config : TrainConfig, optional
-        A starting configuration (e.g. a loaded ``config.yaml``).
+        A starting configuration, taken as it is (e.g. ``TrainConfig.load("config.yaml")``,
+        which already applied the preset the file names beneath the file's values).
     preset : str, optional
-        A named recipe (``"seed"``); defaults to ``config.preset``.
+        A named recipe (``"seed"``) applied over ``config``.
     **settings
-        :class:`TrainConfig` fields that override everything else.
+        :class:`TrainConfig` fields given explicitly: they override everything else, whatever
+        their value.
 
     Returns
     -------
@@ -82,7 +92,7 @@ def build_config(
         For an unknown setting or preset, no training data, or an invalid value.
     """
     config = config or TrainConfig()
-    config = apply_preset(config, preset or config.preset)
+    config = apply_preset(config, preset)
     unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(TrainConfig)})
     if unknown:
         raise MedtuneError(f"unknown training setting(s): {', '.join(unknown)}")
@@ -109,7 +119,7 @@ def train(
     image_size: int | None = _D.image_size,
     mean: list[float] | None = _D.mean,
     std: list[float] | None = _D.std,
-    fundus: dict[str, Any] | None = None,
+    fundus: dict[str, Any] = _D.fundus,
     strategy: str = _D.strategy,
     layer: str | None = _D.layer,
     probe_rotations: bool = _D.probe_rotations,
@@ -133,10 +143,11 @@ def train(
     rot90: bool = _D.rot90,
     hflip: bool = _D.hflip,
     vflip: bool = _D.vflip,
-    augment: str | list[str] | None = None,
+    augment: str | list[str] | None = _D.augment,
     ema: float | None = _D.ema,
     class_weights: str | None = _D.class_weights,
     balanced_sampler: bool = _D.balanced_sampler,
+    site_balance: float = _D.site_balance,
     early_stopping: int | None = _D.early_stopping,
     seed: int = _D.seed,
     precision: str = _D.precision,
@@ -159,6 +170,12 @@ def train(
     fits the temperature and decoding on validation, and writes the run folder (model,
     ``metrics.json`` with 95% intervals, ``config.yaml``, ``splits.csv``, logs).
 
+    Every keyword passed explicitly wins over ``preset`` and ``config``, whatever its value
+    (even the default); a keyword not passed keeps the value of ``config``, else of the preset,
+    else the default. The keywords other than ``data``, ``preset`` and ``config`` are the
+    settings of :class:`medtune.TrainConfig`; their entries below are generated from its fields
+    (help, allowed values, unit, default), where they are written once.
+
     Parameters
     ----------
     data : str or pathlib.Path, or a list of them
@@ -167,115 +184,12 @@ def train(
         ``config`` gives it. Several sets (one per site) train on their union, split every
         site separately (groups stay inside one split of their site) and report val/test
         figures per site too (``per_site``); so does a ``site`` column in ``labels.csv``.
-    out : str, default "runs/run"
-        The run folder; nothing is written outside it (prepared images go to ``cache_dir``).
-    val_data, test_data : str or None, default None
-        Separate validation / test sets; otherwise group-aware stratified splits of ``data``.
-    val_fraction, test_fraction : float, default 0.15
-        Shares of ``data`` split off for validation and test.
-    cache_dir : str or None, default None
-        Where prepared images and cached features live (``$MEDTUNE_CACHE`` or
-        ``~/.cache/medtune/prepared``).
-    skip_bad : bool, default False
-        Leave unreadable images out (listed in ``RUN/skipped_images.csv``) instead of failing.
-    backbone : str, default "efficientnet_lite0"
-        ``efficientnet_lite0`` (offline ImageNet weights), ``googlenet``, or any timm /
-        torchvision model name.
-    weights : str or None, default "default"
-        ``"default"`` (the bundled or library ImageNet weights), a local ``.pth`` /
-        ``.safetensors`` file, or ``None`` for random initialisation.
-    image_size : int or None, default None
-        Input side in pixels; ``None`` takes the backbone's pretrained size.
-    mean, std : list of 3 floats or None, default None
-        RGB normalisation on the 0-1 scale; ``None`` takes the backbone's.
-    fundus : dict or None, default None (``{"crop": True}``)
-        Fundus preprocessing: ``crop`` (field of view), ``ben_graham``, ``ben_graham_sigma``,
-        ``clahe`` (:class:`medtune.data.fundus.FundusOptions`).
-    strategy : {"finetune", "linear-probe", "layer-probe", "auto"}, default "finetune"
-        The transfer scenario; ``auto`` lets the advisor decide (``docs/advisor.md``).
-    layer : str or None, default None
-        Stage of a ``layer-probe``, or ``"best"`` to choose on validation.
-    probe_rotations : bool, default True
-        Probes train on the features of all four 90-degree rotations of each image.
-    positive_class : str or None, default None
-        The positive class of a two-class task, for the headline sensitivity, specificity and
-        AUC (default: the class not named like a negative finding, e.g. ``DR`` beside
-        ``No_DR``). Stored with the model.
-    epochs : int, default 10
-        Fine-tuning epochs (probes fit in closed form and ignore it).
-    batch_size : int, default 32
-        Images per step and process.
-    lr : float, default 0.002
-        Learning rate of the new head.
-    optimizer : {"adamw", "sgd"}, default "adamw"
-        AdamW (decoupled weight decay) or SGD with Nesterov momentum (try ``lr=0.01``).
-    momentum : float, default 0.9
-        SGD's momentum.
-    backbone_lr_mult : float, default 0.1
-        Learning-rate factor of the pretrained stages.
-    layer_decay : float or None, default None
-        Extra factor per stage toward the input (discriminative rates).
-    freeze : int, default 4
-        The first N stages are frozen, BatchNorm statistics included; ``0`` trains them all
-        (Lite0's first four hold most of a step's cost, ``docs/performance.md``).
-    weight_decay : float, default 1e-4
-        Weight decay (not on BatchNorm and biases).
-    l2sp : float, default 0.0
-        L2-SP pull toward the pretrained weights (Li et al. 2018).
-    head_epochs : int, default 0
-        Epochs that train only the new head.
-    warmup_epochs : float, default 1.0
-        Linear warm-up, in epochs.
-    schedule : {"cosine", "step"}, default "cosine"
-        Decay after warm-up, down to ``lr_floor`` times the rate.
-    lr_floor : float, default 0.01
-        Final learning-rate factor.
-    dropout : float, default 0.2
-        Dropout before the new head.
-    aux_logits : bool, default False
-        Train GoogLeNet's auxiliary classifiers too (loss weight 0.3).
-    rot90, hflip, vflip : bool, default True, False, False
-        Exact rotation / flip augmentation (colours untouched).
-    augment : str, list of str or None, default None (``["site"]``: all seven)
-        Site augmentation inside the field of view, against camera and clinic differences:
-        ``brightness``, ``contrast``, ``gamma``, ``colour-temperature``, ``blur``, ``jpeg``,
-        ``scale``, or the groups ``colour``, ``camera``, ``site`` (all); ``"none"`` or ``[]``
-        turns it off (:mod:`medtune.data.site_augment`; measured in
-        ``docs/generalisation.md``). Stored expanded in ``config.yaml``.
-    ema : float or None, default None
-        Keep an exponential moving average of the weights with this per-step decay (e.g.
-        0.99) and validate, checkpoint and ship the average (Lightning's
-        ``EMAWeightAveraging``; Polyak & Juditsky 1992). ``None`` turns it off.
-    class_weights : {None, "auto"}, default None
-        ``"auto"``: inverse-frequency loss weights.
-    balanced_sampler : bool, default False
-        Draw training images class-balanced.
-    early_stopping : int or None, default 5
-        Patience in epochs on the monitored metric; ``None`` turns it off.
-    seed : int, default 0
-        Splits, initialisation and augmentation.
-    precision : str, default "bf16-mixed"
-        Any Lightning precision (``"32-true"``, ``"16-mixed"``, ...).
-    channels_last : bool, default True
-        Channels-last memory layout.
-    num_workers : int, default 0
-        DataLoader workers and cache-building processes.
-    accelerator, devices, num_nodes, dist_strategy : default "auto", 1, 1, "auto"
-        Lightning scale-out (``docs/scaling.md``).
-    sync_batchnorm : bool, default False
-        Synchronised BatchNorm across GPUs.
-    max_steps_per_epoch : int or None, default None
-        Cap on training batches per epoch.
-    progress : bool, default True
-        Progress bars.
-    synthetic : bool, default False
-        Marks every output as made on synthetic data.
-    preset : str or None, default None
-        ``"seed"``: the original article's GoogLeNet recipe. Its settings replace the defaults;
-        any argument given a value other than its default overrides the preset.
+    {settings}
+    preset : {"seed"} or None, default None
+        A named recipe applied over the defaults (and over ``config``): ``"seed"`` is the
+        original article's GoogLeNet recipe.
     config : TrainConfig or None, default None
-        Start from these settings (e.g. ``TrainConfig.load("RUN/config.yaml")``); arguments that
-        differ from the defaults override them.
+        Start from these settings (e.g. ``TrainConfig.load("RUN/config.yaml")``).
 
     Returns
     -------
@@ -306,15 +220,23 @@ def train(
     >>> run = medtune.train("data/", strategy="linear-probe", out="runs/probe")  # doctest: +SKIP
     >>> run.metrics["test"]["qwk"]  # doctest: +SKIP
     """
-    settings = {k: v for k, v in locals().items() if k not in ("data", "preset", "config")}
-    for name in ("fundus", "augment"):
-        if settings[name] is None:
-            del settings[name]
-    defaults = TrainConfig()
-    changed = {k: v for k, v in settings.items() if v != getattr(defaults, k)}
+    given = given_settings({k: v for k, v in locals().items() if k not in ("data", "preset")})
     if data is not None:
-        changed["data"] = [str(d) for d in data] if isinstance(data, (list, tuple)) else str(data)
-    return run_training(build_config(config, preset, **changed))
+        given["data"] = [str(d) for d in data] if isinstance(data, (list, tuple)) else str(data)
+    return run_training(build_config(config, preset, **given))
+
+
+def _fill_settings(doc: str | None) -> str | None:
+    """``train``'s docstring with its ``{settings}`` line replaced by the entries of every
+    :class:`TrainConfig` setting it takes as a keyword (generated: the text is written once, on
+    the fields; ``None`` under ``python -OO``)."""
+    if doc is None:
+        return None
+    names = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("data", "preset")]
+    return doc.replace("    {settings}", settings_docstring(TrainConfig, names, indent="    "))
+
+
+train.__doc__ = _fill_settings(train.__doc__)
 
 
 def _note_ignored_by_probe(config: TrainConfig) -> None:
@@ -415,15 +337,20 @@ def _other_rank_result(run_dir: Path, config: TrainConfig, started: float) -> Ru
 def resume(run: str | Path, *, epochs: int | None = None) -> RunResult:
     """Continue an interrupted fine-tuning run, or extend a finished one, with its own settings.
 
+    Idempotent, as retries by schedulers and scripts need: a run that already finished (its
+    ``metrics.json`` written after its last checkpoint) is left as it is and its results are
+    returned, with a warning that nothing was left to do. A run killed after its last epoch but
+    before its results were written gets them written.
+
     Parameters
     ----------
     run : str or pathlib.Path
-        A fine-tuning run folder written by :func:`train`.
+        A run folder written by :func:`train`.
     epochs : int, optional
         A new total number of epochs, larger than the run's: the run continues from
         ``RUN/checkpoints/last.ckpt`` to that many epochs (the cosine decay is re-planned over
-        the new total from where it stands). Without it, an interrupted run finishes its own
-        epochs.
+        the new total from where it stands). Without it (or equal to the run's own total), an
+        interrupted run finishes its own epochs and a finished run is left as it is.
 
     Returns
     -------
@@ -432,29 +359,44 @@ def resume(run: str | Path, *, epochs: int | None = None) -> RunResult:
     Raises
     ------
     MedtuneError
-        When the folder holds no ``config.yaml`` or no checkpoint, when the run already finished
-        and ``epochs`` does not extend it, or for a probe run (probes fit in one go: train again).
+        When the folder holds no ``config.yaml`` or no checkpoint, when ``epochs`` is not more
+        than the epochs already done, or for an unfinished probe run (probes fit in one go:
+        train again).
     """
+    started = time.perf_counter()
     folder = RunFolder(Path(run))
     config = folder.read_config()
+    if _finished(folder) and epochs in (None, config.epochs):
+        log.warning(
+            "%s: the run already finished; nothing left to do (--epochs N with N larger than "
+            "%d trains it longer)",
+            folder.dir,
+            config.epochs,
+        )
+        return RunResult(folder.dir, config, folder.read_metrics(), time.perf_counter() - started)
     if config.strategy in PROBE_STRATEGIES:
         raise MedtuneError(
             f"{folder.dir}: a {config.strategy} run has no epochs to resume; train it again"
         )
     done = _epochs_done(folder)
-    if epochs is not None:
+    if epochs is not None and epochs != config.epochs:
         if epochs <= done:
             raise MedtuneError(
                 f"{folder.dir}: {done} epoch(s) are done already; give more than {done} epochs "
                 "to extend the run"
             )
         config = dataclasses.replace(config, epochs=epochs)
-    elif done >= config.epochs:
-        raise MedtuneError(
-            f"{folder.dir}: the run finished its {config.epochs} epoch(s); give epochs "
-            f"(--epochs N) larger than {done} to train longer"
-        )
-    return run_training(config, resume=True)
+    return run_training(config, resume=True)  # after the last epoch: writes the results
+
+
+def _finished(folder: RunFolder) -> bool:
+    """Whether the run wrote its results after its last checkpoint (``metrics.json`` is the
+    last file :func:`~medtune.engines.finalize.finalize_run` writes)."""
+    metrics = folder.path(RunFolder.METRICS)
+    if not metrics.is_file():
+        return False
+    last = folder.last_checkpoint
+    return not last.is_file() or metrics.stat().st_mtime_ns >= last.stat().st_mtime_ns
 
 
 def _epochs_done(folder: RunFolder) -> int:

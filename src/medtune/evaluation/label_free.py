@@ -1,0 +1,209 @@
+"""Moving an operating point to a new site without its labels.
+
+At a new site a model's scores move: on EyePACS, after AdaBN, every P(referable) rose (mean 0.06
+-> 0.34) and the home threshold's sensitivity went from 0.90 to 0.65 at another specificity
+(``findings.md``). Without labels the threshold can still follow the scores, under a stated
+assumption:
+
+``quantile`` (quantile mapping of the validation score distribution onto the new site's)
+    The new threshold refers the same share of the new site's images as the validated one
+    referred on validation: ``t' = Q_new(1 - r)``, ``r = pi * sens + (1 - pi) * (1 - spec)``,
+    with the validation prevalence ``pi`` and the validated sensitivity and specificity. Exact
+    when the new site's scores are a monotone transform of home scores (same ranking, shifted
+    or stretched) and the prevalence is the same.
+``em-quantile``
+    The same, with the new site's prevalence ``pi'`` estimated from its unlabelled images by
+    expectation-maximisation of the class priors (Saerens, Latinne & Decaestecker 2002,
+    "Adjusting the outputs of a classifier to new a priori probabilities: a simple procedure";
+    ``quapy``'s ``EMQ.EM``, Moreo, Esuli & Sebastiani 2021). Exact under prior shift alone;
+    under a score shift too the EM estimate is biased by the shifted posteriors.
+
+Neither is validated at the new site: the operating point's status says so
+(:data:`NOT_VALIDATED`) until a labelled sample moves it (``medtune adapt --labels``). Which one
+keeps the sensitivity within 0.05 of its validated value at a held-out site is measured by the
+leave-one-site-out benchmark (``docs/generalisation.md``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from medtune.errors import MedtuneError
+from medtune.evaluation.card import OperatingPoints
+
+__all__ = [
+    "LABEL_FREE_METHODS",
+    "NOT_VALIDATED",
+    "estimate_prevalence",
+    "label_free_threshold",
+    "operating_point_status",
+    "score_label_free_points",
+]
+
+#: ``medtune adapt --recalibrate`` methods (``none`` keeps the validated threshold).
+LABEL_FREE_METHODS = ("none", "quantile", "em-quantile")
+#: What a referral at a site flagged as shifted, and not calibrated on its labels, is marked.
+NOT_VALIDATED = "operating point not validated here"
+
+
+def estimate_prevalence(probs: np.ndarray, train_priors: np.ndarray) -> np.ndarray:
+    """Class priors of an unlabelled set by EM (Saerens et al. 2002).
+
+    Parameters
+    ----------
+    probs : ndarray, shape (N, K)
+        Calibrated class probabilities of the new site's images (calibrated where
+        ``train_priors`` hold, e.g. temperature-scaled on validation).
+    train_priors : ndarray, shape (K,)
+        The class frequencies the probabilities are calibrated to.
+
+    Returns
+    -------
+    ndarray, shape (K,)
+        The estimated class priors of the new set (summing to 1).
+
+    Raises
+    ------
+    MedtuneError
+        For mismatched shapes or probabilities that are not finite.
+    """
+    import warnings
+
+    from quapy.method.aggregative import EMQ
+
+    p = np.asarray(probs, dtype=np.float64)
+    prior = np.asarray(train_priors, dtype=np.float64).ravel()
+    if p.ndim != 2 or p.shape[1] != prior.size or len(p) == 0 or not np.isfinite(p).all():
+        raise MedtuneError(
+            f"prevalence estimation needs finite (N, {prior.size}) probabilities, got {p.shape}"
+        )
+    with warnings.catch_warnings():  # "might not have converged" after quapy's iteration cap
+        warnings.simplefilter("ignore")
+        priors, _ = EMQ.EM(prior / prior.sum(), p)
+    return np.asarray(priors, dtype=np.float64)
+
+
+def label_free_threshold(
+    new_scores: np.ndarray,
+    *,
+    sensitivity: float,
+    specificity: float,
+    prevalence: float,
+) -> float:
+    """The threshold that refers the share of new-site images the validated point would.
+
+    Parameters
+    ----------
+    new_scores : ndarray, shape (N,)
+        The new site's scores (e.g. P(referable)), unlabelled.
+    sensitivity, specificity : float
+        The validated operating point's sensitivity and specificity (0-1).
+    prevalence : float
+        The share of positives assumed at the new site (0-1): the validation prevalence
+        (``quantile``) or an estimate (``em-quantile``, :func:`estimate_prevalence`).
+
+    Returns
+    -------
+    float
+        ``t'``: refer when ``score >= t'``; about ``prevalence * sensitivity + (1 -
+        prevalence) * (1 - specificity)`` of ``new_scores`` lie at or above it.
+
+    Raises
+    ------
+    MedtuneError
+        For no scores, or a rate outside [0, 1].
+    """
+    scores = np.asarray(new_scores, dtype=np.float64).ravel()
+    if scores.size == 0 or not np.isfinite(scores).all():
+        raise MedtuneError("label-free threshold: need the new site's finite scores")
+    for name, v in (("sensitivity", sensitivity), ("specificity", specificity)):
+        if not 0.0 <= float(v) <= 1.0:
+            raise MedtuneError(f"label-free threshold: {name} {v} is outside [0, 1]")
+    pi = float(np.clip(prevalence, 0.0, 1.0))
+    rate = pi * float(sensitivity) + (1.0 - pi) * (1.0 - float(specificity))
+    ordered = np.sort(scores)[::-1]
+    k = int(np.clip(np.ceil(rate * len(ordered) - 1e-9), 1, len(ordered)))
+    return float(ordered[k - 1])  # the k-th highest score: k images are referred
+
+
+def operating_point_status(
+    shifted: bool | None, *, labelled: int = 0, method: str = "none"
+) -> dict[str, Any]:
+    """Whether a run's operating point is validated at the site it serves.
+
+    Parameters
+    ----------
+    shifted : bool or None
+        The batch shift test's verdict on the site's images
+        (:meth:`medtune.evaluation.shift.BatchShiftTest.test`); ``None`` when not tested.
+    labelled : int, default 0
+        Labelled images of the site the point was moved on (``medtune adapt --labels``).
+    method : str, default "none"
+        The label-free method that moved it (:data:`LABEL_FREE_METHODS`).
+
+    Returns
+    -------
+    dict
+        ``validated`` (bool) and ``status``: :data:`NOT_VALIDATED` for a shifted (or untested)
+        site calibrated on no labels, whatever the label-free method.
+    """
+    if labelled > 0:
+        return {"validated": True, "status": f"moved on {labelled} labelled images of this site"}
+    if shifted is False and method == "none":
+        return {"validated": True, "status": "site consistent with validation"}
+    how = "" if method == "none" else f" (moved without labels: {method})"
+    return {"validated": False, "status": NOT_VALIDATED + how}
+
+
+def score_label_free_points(
+    y: np.ndarray,
+    probs: np.ndarray,
+    operating_points: OperatingPoints | None,
+    tta: str = "none",
+    groups: Any = None,
+) -> dict[str, Any] | None:
+    """Sensitivity and specificity, with Wilson 95% intervals, at operating points that were
+    moved without labels (``model.json`` of a ``medtune adapt --recalibrate`` run).
+
+    Parameters
+    ----------
+    y : ndarray of int, shape (N,)
+        Class labels of the evaluated images.
+    probs : ndarray, shape (N, K)
+        Their calibrated probabilities.
+    operating_points : OperatingPoints or None
+        ``ModelCard.operating_points``; only points marked ``label_free`` are scored.
+    tta : str, default "none"
+        Which TTA mode's points.
+    groups : sequence, optional
+        Patient ids (clustered intervals).
+
+    Returns
+    -------
+    dict or None
+        ``{name: {"threshold", "sensitivity", "specificity", "sensitivity_ci",
+        "specificity_ci", "tp", "fp", "tn", "fn", ...}}`` plus ``method`` and ``status``;
+        ``None`` when the points were not moved without labels.
+    """
+    from medtune.evaluation.labels import BinaryTask
+    from medtune.evaluation.metrics import apply_operating_point, proportion_ci
+
+    ops = operating_points
+    points = None if ops is None else ops.points.get(tta)
+    if ops is None or not ops.label_free or not points:
+        return None
+    task = BinaryTask(ops.name, ops.positive_classes, "")
+    y_bin, score = task.labels(y) == 1, task.score(probs)
+    g = None if groups is None else np.asarray([str(x) for x in groups])
+    out: dict[str, Any] = {"method": ops.label_free, "status": ops.status}
+    for name, point in points.items():
+        hit = score >= float(point.threshold)
+        out[name] = {
+            "threshold": float(point.threshold),
+            **apply_operating_point(y_bin.astype(int), score, float(point.threshold)),
+            "sensitivity_ci": proportion_ci(hit[y_bin], None if g is None else g[y_bin]),
+            "specificity_ci": proportion_ci(~hit[~y_bin], None if g is None else g[~y_bin]),
+        }
+    return out

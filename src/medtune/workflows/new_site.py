@@ -1,0 +1,131 @@
+"""The new-site steps of ``medtune adapt`` beyond AdaBN: the batch shift verdict, label-free
+operating points and the images a grader should label first (``RUN/suggested.csv``)."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medtune.errors import MedtuneError
+from medtune.evaluation.calibration import apply_temperature
+from medtune.evaluation.card import ModelCard, OperatingPoint, OperatingPoints
+from medtune.evaluation.metrics import choose_operating_points
+from medtune.io import atomic_path
+from medtune.runs import RunFolder
+
+
+def batches(images: np.ndarray, batch_size: int) -> list[Any]:
+    """uint8 (B, 3, S, S) tensors of near-equal size B <= ``batch_size`` (AdaBN weighs every
+    batch the same) from prepared ``(N, S, S, 3)`` images."""
+    import torch
+
+    chunks = np.array_split(np.arange(len(images)), -(-len(images) // batch_size))
+    return [torch.from_numpy(images[c]).permute(0, 3, 1, 2) for c in chunks]
+
+
+def site_outputs(model: Any, card: ModelCard, images: np.ndarray, batch_size: int) -> dict:
+    """Calibrated probabilities (N, K) and pooled features (N, D) of the site's images, through
+    the scorer protocol (:class:`medtune.evaluation.inference.TorchScorer`)."""
+    from medtune.evaluation.inference import TorchScorer
+
+    scorer = TorchScorer(model, card, batch_size=batch_size)
+    logits, features = scorer.logits_and_features(images)
+    return {"probs": card.probabilities(logits), "features": features}
+
+
+def batch_verdict(source: RunFolder, outputs: dict[str, np.ndarray]) -> dict[str, Any] | None:
+    """The batch shift test of the site's images against the source run's validation images
+    (:class:`medtune.evaluation.shift.BatchShiftTest`), on the SOURCE model's outputs; ``None``
+    for a run trained before the test existed."""
+    test = source.read_batch_shift()
+    return None if test is None else test.test(outputs["features"], outputs["probs"])
+
+
+def validated_points(card: ModelCard, source: RunFolder) -> tuple[Any, dict, np.ndarray]:
+    """The binary task, the operating points chosen on the source's validation logits (the
+    worst-site rule included), and the validation labels."""
+    task = card.label_space.binary_task
+    val = source.read_val_logits()
+    points = {}
+    if task is not None:
+        score = task.score(apply_temperature(val["logits_none"], card.temperature))
+        points = choose_operating_points(task.labels(val["labels"]), score, val.get("sites"))
+    if not points:
+        raise MedtuneError(
+            f"{source.dir}: the run has no validated operating point to move (no referral task, "
+            "or validation without positives or negatives); adapt with --recalibrate none"
+        )
+    return task, points, np.asarray(val["labels"])
+
+
+def label_free_points(
+    card: ModelCard, source: RunFolder, probs: np.ndarray, method: str
+) -> OperatingPoints:
+    """``ModelCard.operating_points`` moved onto the site's unlabelled scores by ``method``
+    (:mod:`medtune.evaluation.label_free`), marked ``label_free`` and not validated."""
+    from medtune.evaluation.label_free import estimate_prevalence, label_free_threshold
+
+    task, points, y_val = validated_points(card, source)
+    val_prev = float(task.labels(y_val).mean())
+    prevalence, how = val_prev, f"the validation prevalence {val_prev:.2f}"
+    if method == "em-quantile":
+        priors = np.bincount(y_val, minlength=card.num_classes) / len(y_val)
+        prevalence = float(estimate_prevalence(probs, priors)[list(task.positive)].sum())
+        how = f"a prevalence of {prevalence:.2f} estimated by EM (Saerens et al. 2002)"
+    score = task.score(probs)
+    moved = {}
+    for name, d in points.items():
+        sens, spec = d["val_sensitivity"], d["val_specificity"]
+        moved[name] = OperatingPoint(
+            threshold=label_free_threshold(
+                score, sensitivity=sens, specificity=spec, prevalence=prevalence
+            ),
+            validated_threshold=d["threshold"],
+            rule=(
+                f"{method}: refers the share of this site's {len(score)} unlabelled images that "
+                f"the validated point ({d['rule']}) would at {how}; not validated here"
+            ),
+            sensitivity=sens,
+            specificity=spec,
+        )
+    return OperatingPoints(
+        name=task.name,
+        positive_classes=task.positive,
+        score=task.score_name,
+        n_val=int(len(y_val)),
+        n_val_positive=int(task.labels(y_val).sum()),
+        points={"none": moved},  # rot90 TTA points would need the site's TTA scores
+        label_free=method,
+        prevalence=prevalence,
+    )
+
+
+def write_suggestions(
+    target: RunFolder, paths: list[Any], outputs: dict[str, np.ndarray], task: Any, n: int
+) -> list[dict[str, Any]]:
+    """Rank ``n`` of the site's images for a grader (:func:`medtune.transfer.suggest.
+    suggest_images`) and write them to ``RUN/suggested.csv``; returns the rows."""
+    from medtune.transfer.suggest import binary_entropy, suggest_images
+
+    if task is None:
+        raise MedtuneError("suggest: the model has no referral task whose uncertainty to use")
+    p_ref = task.score(outputs["probs"])
+    uncertainty = binary_entropy(p_ref)
+    order = suggest_images(outputs["features"], uncertainty, min(int(n), len(paths)))
+    rows = [
+        {
+            "rank": r + 1,
+            "image": str(paths[i]) if isinstance(paths[i], (str, Path)) else f"#{i}",
+            "p_referable": round(float(p_ref[i]), 4),
+            "uncertainty": round(float(uncertainty[i]), 4),
+        }
+        for r, i in enumerate(order.tolist())
+    ]
+    with atomic_path(target.path(RunFolder.SUGGESTED)) as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return rows

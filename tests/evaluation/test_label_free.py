@@ -1,0 +1,95 @@
+"""Label-free threshold transfer on made-up score shifts, and the operating point's status."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.special import expit
+
+from medtune.evaluation.label_free import (
+    NOT_VALIDATED,
+    estimate_prevalence,
+    label_free_threshold,
+    operating_point_status,
+    score_label_free_points,
+)
+from medtune.evaluation.metrics import choose_operating_points
+
+
+def _site(n: int, prevalence: float, rng: np.random.Generator, offset: float = 0.0):
+    """Labels and calibrated two-class posteriors at ``prevalence`` 0.5 (x ~ N(+-1, 1)); a new
+    site's scores are the same posteriors pushed through ``logit -> logit + offset``."""
+    y = (rng.random(n) < prevalence).astype(int)
+    x = rng.normal(np.where(y == 1, 1.0, -1.0), 1.0)
+    p = expit(2 * x + offset)  # 2x: the log-likelihood ratio of N(1,1) vs N(-1,1)
+    return y, np.stack([1 - p, p], axis=1)
+
+
+def _sens_spec(y, score, thr):
+    hit = score >= thr
+    return hit[y == 1].mean(), (~hit[y == 0]).mean()
+
+
+def test_quantile_mapping_holds_sensitivity_under_a_monotone_score_shift():
+    rng = np.random.default_rng(0)
+    y_val, p_val = _site(4000, 0.5, rng)
+    val = choose_operating_points(y_val, p_val[:, 1])["sens90"]
+    y_new, p_new = _site(4000, 0.5, rng, offset=-2.5)  # every score pushed down
+    stale_sens, _ = _sens_spec(y_new, p_new[:, 1], val["threshold"])
+    assert stale_sens < 0.6  # the silent failure the transfer must fix
+    thr = label_free_threshold(
+        p_new[:, 1],
+        sensitivity=val["val_sensitivity"],
+        specificity=val["val_specificity"],
+        prevalence=y_val.mean(),
+    )
+    sens, spec = _sens_spec(y_new, p_new[:, 1], thr)
+    assert sens == pytest.approx(val["val_sensitivity"], abs=0.05)
+    assert spec == pytest.approx(val["val_specificity"], abs=0.05)
+
+
+def test_em_estimates_a_new_prevalence_and_keeps_specificity_where_quantile_does_not():
+    rng = np.random.default_rng(1)
+    y_val, p_val = _site(4000, 0.5, rng)
+    val = choose_operating_points(y_val, p_val[:, 1])["sens90"]
+    y_new, p_new = _site(4000, 0.15, rng)  # prior shift only: grade 0 dominates
+    priors = np.bincount(y_val, minlength=2) / len(y_val)
+    estimated = estimate_prevalence(p_new, priors)[1]
+    assert estimated == pytest.approx(y_new.mean(), abs=0.03)
+    kwargs = {"sensitivity": val["val_sensitivity"], "specificity": val["val_specificity"]}
+    em_thr = label_free_threshold(p_new[:, 1], prevalence=estimated, **kwargs)
+    sens, spec = _sens_spec(y_new, p_new[:, 1], em_thr)
+    assert sens == pytest.approx(val["val_sensitivity"], abs=0.05)
+    assert spec == pytest.approx(val["val_specificity"], abs=0.05)
+    # assuming the validation prevalence refers far too many healthy eyes here
+    q_thr = label_free_threshold(p_new[:, 1], prevalence=y_val.mean(), **kwargs)
+    assert _sens_spec(y_new, p_new[:, 1], q_thr)[1] < spec - 0.2
+
+
+def test_status_marks_a_shifted_site_without_labels_as_not_validated():
+    assert operating_point_status(True)["status"] == NOT_VALIDATED
+    moved = operating_point_status(True, method="quantile")
+    assert not moved["validated"] and moved["status"].startswith(NOT_VALIDATED)
+    assert operating_point_status(None)["validated"] is False
+    assert operating_point_status(False)["validated"] is True
+    assert operating_point_status(True, labelled=40)["validated"] is True
+
+
+def test_label_free_points_are_scored_by_evaluate_and_others_are_not():
+    rng = np.random.default_rng(2)
+    y, p = _site(500, 0.3, rng)
+    ops = {
+        "name": "disease",
+        "positive_classes": [1],
+        "label_free": "quantile",
+        "status": NOT_VALIDATED,
+        "points": {"none": {"sens90": {"threshold": 0.4}}},
+    }
+    scored = score_label_free_points(y, p, ops)
+    sens, spec = _sens_spec(y, p[:, 1], 0.4)
+    assert scored["sens90"]["sensitivity"] == pytest.approx(sens)
+    assert scored["sens90"]["specificity"] == pytest.approx(spec)
+    lo, hi = scored["sens90"]["sensitivity_ci"]
+    assert lo < sens < hi and scored["status"] == NOT_VALIDATED
+    assert score_label_free_points(y, p, {**ops, "label_free": None}) is None
+    assert score_label_free_points(y, p, ops, tta="rot90") is None
