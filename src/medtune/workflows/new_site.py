@@ -28,12 +28,13 @@ def batches(images: np.ndarray, batch_size: int) -> list[Any]:
 
 def site_outputs(model: Any, card: ModelCard, images: np.ndarray, batch_size: int) -> dict:
     """Calibrated probabilities (N, K) and pooled features (N, D) of the site's images, through
-    the scorer protocol (:class:`medtune.evaluation.inference.TorchScorer`)."""
+    the scorer protocol (:func:`medtune.evaluation.scoring.score` with a
+    :class:`~medtune.evaluation.inference.TorchScorer`)."""
     from medtune.evaluation.inference import TorchScorer
+    from medtune.evaluation.scoring import score
 
-    scorer = TorchScorer(model, card, batch_size=batch_size)
-    logits, features = scorer.logits_and_features(images)
-    return {"probs": card.probabilities(logits), "features": features}
+    scored = score(TorchScorer(model, card, batch_size=batch_size), images, features=True)
+    return {"probs": card.probabilities(scored.plain), "features": scored.features}
 
 
 def batch_verdict(source: RunFolder, outputs: dict[str, np.ndarray]) -> dict[str, Any] | None:
