@@ -160,10 +160,12 @@ def add_evaluate(p: argparse.ArgumentParser) -> None:
 
 
 def _add_patient_rule(p: argparse.ArgumentParser) -> None:
+    from medtune.evaluation.patients import DEFAULT_PATIENT_RULE, PATIENT_RULES  # numpy only
+
     p.add_argument(
         "--patient-rule",
-        choices=["either-eye", "both-eyes"],
-        default="either-eye",
+        choices=tuple(PATIENT_RULES),
+        default=DEFAULT_PATIENT_RULE,
         help="per-patient answer: refer when either eye is referable; insufficient quality "
         "when no eye (either-eye, default) or not both eyes (both-eyes) could be graded",
     )
@@ -245,6 +247,12 @@ def add_predict(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images")
     p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue a killed predict (the same command with --resume): batches it finished, "
+        "kept in OUT.journal.jsonl, are not predicted again",
+    )
+    p.add_argument(
         "--manifest",
         metavar="CSV",
         help="image,patient_id,eye per image (default: DICOM PatientID + ImageLaterality, or "
@@ -274,6 +282,7 @@ def run_predict(args: argparse.Namespace) -> None:
             operating_point=args.operating_point,
             tta=args.tta,
             skip_bad=args.skip_bad,
+            resume=args.resume,
             manifest=args.manifest,
             patient_rule=args.patient_rule,
         )
@@ -320,14 +329,56 @@ def add_adapt(p: argparse.ArgumentParser) -> None:
         help="a small labelled sample of the new site: refits the temperature and moves the "
         "operating points so the validated sensitivity holds there (needs 10+ positives)",
     )
+    p.add_argument(
+        "--recalibrate",
+        choices=["none", "quantile", "em-quantile"],
+        default="none",
+        help="without --labels: move the operating points onto the site's unlabelled scores "
+        "(quantile mapping at the validation prevalence, or at one estimated by EM); marked "
+        "'operating point not validated here' (default none)",
+    )
+    p.add_argument(
+        "--suggest",
+        type=int,
+        default=0,
+        metavar="N",
+        help="write the N images a grader should label first to OUT/suggested.csv "
+        "(uncertain and diverse)",
+    )
+    p.add_argument(
+        "--finetune",
+        action="store_true",
+        help="with --labels: also fine-tune the head and last stage on the sample mixed with "
+        "the source's training images (home figures before/after in adaptation.json)",
+    )
     p.add_argument("--batch-size", type=int, default=32, help="images per AdaBN batch")
 
 
 def run_adapt(args: argparse.Namespace) -> None:
     from medtune.workflows.adapt import adapt
 
-    result = adapt(args.run, args.data, args.out, labels=args.labels, batch_size=args.batch_size)
+    result = adapt(
+        args.run,
+        args.data,
+        args.out,
+        labels=args.labels,
+        recalibrate=args.recalibrate,
+        suggest=args.suggest,
+        finetune=args.finetune,
+        batch_size=args.batch_size,
+    )
     print(result.summary)
+    tuned = result.record.get("finetune")
+    if tuned:
+        home = tuned["home"]
+        pairs = [
+            f"{k} {home['before'][k]:.3f} -> {home['after'][k]:.3f}"
+            for k in home["after"]
+            if home["before"].get(k) is not None and home["after"][k] is not None
+        ]
+        print(f"home site after fine-tuning ({home['images']}): {', '.join(pairs)}")
+    if result.record.get("suggested"):
+        print(f"images to label first: {result.dir / result.record['suggested']}")
     print(f"run folder: {result.dir}")
 
 

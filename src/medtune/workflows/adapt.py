@@ -123,6 +123,7 @@ def adapt(
     labels: str | Path | None = None,
     recalibrate: str = "none",
     suggest: int = 0,
+    finetune: bool = False,
     batch_size: int = 32,
     progress: bool = True,
 ) -> AdaptResult:
@@ -154,6 +155,11 @@ def adapt(
         Write the ``suggest`` images a grader should label first to ``RUN/suggested.csv``
         (model uncertainty plus feature-space diversity, Cardoso et al. 2017; Sener &
         Savarese 2018; :mod:`medtune.transfer.suggest`).
+    finetune : bool, default False
+        With ``labels``: after AdaBN, fine-tune the head and the last backbone stage on the
+        sample mixed with the source's training images (each drawn equally often;
+        :mod:`medtune.engines.site_finetune`), then move the operating points; the home site's
+        validation figures before and after are recorded (``adaptation.json`` ``finetune``).
     batch_size : int, default 32
         Images per AdaBN batch (the images are split into batches of near-equal size, since
         each batch weighs the same in the re-estimated statistics).
@@ -184,12 +190,7 @@ def adapt(
     card = source.read_card()
     config = source.read_config()
     _check_adaptable(source, target, card)
-    if batch_size < 1:
-        raise MedtuneError(f"batch_size must be at least 1, got {batch_size}")
-    if recalibrate not in LABEL_FREE_METHODS:
-        raise MedtuneError(
-            f"recalibrate {recalibrate!r} is unknown; use one of {', '.join(LABEL_FREE_METHODS)}"
-        )
+    _check_options(batch_size, recalibrate, finetune, labels)
     sample_set = _labelled_set(source, card, labels) if labels is not None else None
     model, card = source.load_model()
     paths = _site_images(data)
@@ -202,6 +203,11 @@ def adapt(
     outputs = None
     if label_free != "none" or suggest:
         outputs = new_site.site_outputs(model, card, images, batch_size)  # the adapted model
+    tuned = None
+    if finetune:
+        tuned = new_site.finetune_with_sample(
+            model, card, config, source, labels, target, batch_size=batch_size, progress=progress
+        )
     if sample_set is not None:
         sample = _sample_logits(model, card, sample_set, batch_size, progress)
         points = _move_points(card, source, sample, str(labels))
@@ -233,12 +239,34 @@ def adapt(
         **info,
         "operating_points": points,
         "batch_shift": shift,
+        "finetune": tuned,
         "operating_point_status": status,
         "suggested": None if suggested is None else RunFolder.SUGGESTED,
+        **_notes(labels),
+    }
+    target.write_adaptation(record)
+    _mark_metrics(target, record)
+    return AdaptResult(target.dir, record)
+
+
+def _check_options(batch_size: int, recalibrate: str, finetune: bool, labels: Any) -> None:
+    if batch_size < 1:
+        raise MedtuneError(f"batch_size must be at least 1, got {batch_size}")
+    if recalibrate not in LABEL_FREE_METHODS:
+        raise MedtuneError(
+            f"recalibrate {recalibrate!r} is unknown; use one of {', '.join(LABEL_FREE_METHODS)}"
+        )
+    if finetune and labels is None:
+        raise MedtuneError("finetune needs labels (--labels): a labelled sample of the new site")
+
+
+def _notes(labels: Any) -> dict[str, str]:
+    """What ``adaptation.json`` says about the copied files."""
+    return {
         "val_logits": (
             f"the labelled sample of the new site ({labels})"
             if labels is not None
-            else "the source run's validation logits (operating points kept)"
+            else "the source run's validation logits (without labels; model.json holds the points)"
         ),
         "metrics_json": "the SOURCE run's figures, before adaptation; evaluate this run",
         "site_shift": (
@@ -246,9 +274,6 @@ def adapt(
             "changed for the new site's images"
         ),
     }
-    target.write_adaptation(record)
-    _mark_metrics(target, record)
-    return AdaptResult(target.dir, record)
 
 
 def _check_adaptable(source: RunFolder, target: RunFolder, card: ModelCard) -> None:

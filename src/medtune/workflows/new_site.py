@@ -130,3 +130,64 @@ def write_suggestions(
         writer.writeheader()
         writer.writerows(rows)
     return rows
+
+
+#: Figures compared at home before and after ``--finetune`` (keys of ``metrics.json``).
+HOME_FIGURES = ("qwk", "auc", "referable_auc", "accuracy")
+
+
+def finetune_with_sample(
+    model: Any,
+    card: ModelCard,
+    config: Any,
+    source: RunFolder,
+    labels: str | Path,
+    target: RunFolder,
+    *,
+    batch_size: int,
+    progress: bool,
+) -> dict[str, Any]:
+    """Fine-tune the head and last stage on the labelled sample mixed with the source's training
+    images (:func:`medtune.engines.site_finetune.finetune_on_mix`), then measure the home site:
+    the source run's validation figures before and the fine-tuned model's after (no forgetting
+    at home is the point of the mix)."""
+    from medtune.data import Part
+    from medtune.engines.site_finetune import finetune_on_mix
+    from medtune.evaluation.inference import TorchScorer
+    from medtune.evaluation.metrics import compute_metrics
+    from medtune.runs.data import prepare_run_data, prepare_source
+
+    home = prepare_run_data(config, source.dir)  # the source's own splits.csv
+    cache = prepare_source(
+        str(labels), config, target.dir, classes=card.class_names, progress=progress
+    )
+
+    info = finetune_on_mix(
+        model,
+        home.train,
+        Part(cache, np.arange(len(cache))),
+        spec=card.input_spec,
+        ordinal=card.label_space.ordinal,
+        batch_size=min(batch_size, 16),
+        seed=config.seed,
+        progress=progress,
+    )
+    logits = TorchScorer(model, card).logits(home.val.images)
+    after = compute_metrics(
+        home.val.labels,
+        card.probabilities(logits),
+        card.label_space,
+        decoding=card.decoding,
+        n_boot=0,
+    )
+    before = source.read_metrics().get("val", {})
+    info["home"] = {
+        "images": f"the source run's {len(home.val)} validation images",
+        "before": {k: before.get(k) for k in HOME_FIGURES},
+        "after": {k: after.get(k) for k in HOME_FIGURES},
+    }
+    info["note"] = (
+        "the operating points are then moved on the same labelled sample the model was "
+        "fine-tuned on: their sample figures are optimistic"
+    )
+    return info
