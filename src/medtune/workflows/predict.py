@@ -7,8 +7,9 @@ of every grade, P(referable) and the referral flag at an operating point chosen 
 normalisation), temperature and decoding are applied; with an exported ``model.onnx`` the ONNX
 Runtime predictor is used instead (no PyTorch in the loop) and the rows are the same.
 
-:func:`predict_images` is the one place rows are made from decoded images; :func:`predict`
-(files) and the web page call it, and :func:`to_csv` is the one CSV writer.
+:func:`predict_images` makes rows (and Grad-CAM figures) from decoded images in memory: the web
+page calls it; :func:`predict` runs the same steps over files, and :func:`to_csv` is the one CSV
+writer.
 """
 
 from __future__ import annotations
@@ -340,14 +341,15 @@ def predict_images(
     predictor: Predictor,
     *,
     operating_point: str = DEFAULT_OPERATING_POINT,
-) -> list[PredictionRow]:
-    """Screening rows for decoded images (the web page's entry point; :func:`predict` uses the
-    same steps for files).
+    explain: bool = False,
+) -> tuple[list[PredictionRow], list[bytes]]:
+    """Screening rows for decoded images, in memory (the web page's entry point; :func:`predict`
+    uses the same steps for files).
 
     Parameters
     ----------
     names : sequence of str
-        One name per image (shown in the ``image`` column).
+        One name per image (shown in the ``image`` column and the Grad-CAM title).
     images : sequence of PIL.Image.Image
         Decoded images, e.g. ``medtune.data.preprocess.decode_source(path)`` or an upload
         opened with Pillow.
@@ -355,16 +357,28 @@ def predict_images(
         From :func:`load_predictor`.
     operating_point : {"sens90", "sens97.5", "youden"}, default "sens90"
         The validated threshold the ``refer`` flag uses.
+    explain : bool, default False
+        Also make each image's captioned Grad-CAM figure (Selvaraju et al. 2017, ``grad-cam``
+        package; a run's PyTorch model only).
 
     Returns
     -------
-    list of PredictionRow
+    rows : list of PredictionRow
         In input order.
+    gradcam : list of bytes
+        One PNG per row with ``explain``, else empty.
+
+    Raises
+    ------
+    MedtuneError
+        For an unknown operating point, or ``explain`` with an ONNX model.
     """
-    rows, _, _ = _predict_batch(
-        prepare_batch(names, images, predictor), predictor, predictor.referral(operating_point)
-    )
-    return rows
+    if explain and predictor.torch_model is None:
+        raise MedtuneError("explain needs run (Grad-CAM needs the PyTorch model, not model.onnx)")
+    batch = prepare_batch(names, images, predictor)
+    rows, _, labels = _predict_batch(batch, predictor, predictor.referral(operating_point))
+    pngs = _gradcam_pngs(predictor, batch, rows, labels) if explain and rows else []
+    return rows, pngs
 
 
 def prediction_meta(predictor: Predictor, operating_point: str) -> dict[str, Any]:
@@ -633,6 +647,27 @@ def _prefetched(chunks: Iterable[list[Path]], load):  # noqa: ANN001, ANN202
             yield pending.result()
 
 
+def _gradcam_pngs(
+    predictor: Predictor, batch: PreparedBatch, rows: list[PredictionRow], labels: np.ndarray
+) -> list[bytes]:
+    """One captioned Grad-CAM figure (PNG bytes) per image of ``batch``."""
+    from medtune.evaluation.gradcam import gradcam_maps
+    from medtune.evaluation.plots import GradcamExample, gradcam_png, prediction_caption
+    from medtune.workflows.evaluate import target_layer
+
+    model, spec = predictor.torch_model, predictor.card.input_spec
+    maps = gradcam_maps(model, target_layer(model), batch.images, spec, [int(k) for k in labels])
+    pngs = []
+    for name, image, cam, row in zip(batch.names, batch.images, maps, rows, strict=True):
+        caption = prediction_caption(row.grade_name, row.probabilities[row.grade_name])
+        if row.p_referable is not None:
+            caption += f"\nP(referable) = {row.p_referable:.2f}" + (
+                f", refer: {row.refer}" if row.refer else ""
+            )
+        pngs.append(gradcam_png([GradcamExample(image, cam, caption)], title=Path(name).name))
+    return pngs
+
+
 def _write_gradcam(
     predictor: Predictor,
     batch: PreparedBatch,
@@ -642,19 +677,8 @@ def _write_gradcam(
     written: set,
 ) -> None:
     """One captioned Grad-CAM figure per image, named after the image, always inside ``folder``."""
-    from medtune.evaluation.gradcam import gradcam_maps
-    from medtune.evaluation.plots import GradcamExample, gradcam_png, prediction_caption
-    from medtune.workflows.evaluate import target_layer
-
-    model, spec = predictor.torch_model, predictor.card.input_spec
-    maps = gradcam_maps(model, target_layer(model), batch.images, spec, [int(k) for k in labels])
-    for name, image, cam, row in zip(batch.names, batch.images, maps, rows, strict=True):
-        caption = prediction_caption(row.grade_name, row.probabilities[row.grade_name])
-        if row.p_referable is not None:
-            caption += f"\nP(referable) = {row.p_referable:.2f}" + (
-                f", refer: {row.refer}" if row.refer else ""
-            )
-        png = gradcam_png([GradcamExample(image, cam, caption)], title=Path(name).name)
+    pngs = _gradcam_pngs(predictor, batch, rows, labels)
+    for name, png in zip(batch.names, pngs, strict=True):
         target = safe_output_path(folder, f"{Path(name).stem}_gradcam.png")
         n = 1
         while target.exists() and target.name in written:  # a/x.png and b/x.png: x_gradcam_2
