@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from medtune.data.laterality import parse_file_name
-from medtune.data.preprocess import DECODE_SIDE_FACTOR, decode_source
+from medtune.data.preprocess import decode_source
 from medtune.errors import BadImageError, MedtuneError
 from medtune.evaluation.patients import (
     DEFAULT_PATIENT_RULE,
@@ -300,7 +300,7 @@ class Screener:
     def _decode_all(self, names: list[str], contents: list[bytes]) -> tuple[list, list]:
         """``[(upload index, PIL image, type)]`` of the readable uploads and the skipped list."""
         decoded, skipped = [], []
-        side = DECODE_SIDE_FACTOR * self.predictor.image_size
+        side = self.predictor.image_size  # decoded as predict decodes files (prepare_image)
         work = Path(tempfile.mkdtemp(dir=self.temp_root))
         try:
             for i, (name, data) in enumerate(zip(names, contents, strict=True)):
@@ -311,7 +311,7 @@ class Screener:
                 path = work / f"{i}{_SUFFIX[kind]}"  # never the uploaded name: no traversal
                 path.write_bytes(data)
                 try:
-                    decoded.append((i, decode_source(str(path), side), kind))
+                    decoded.append((i, decode_source(str(path), min_side=side), kind))
                 except BadImageError as err:
                     skipped.append(_skip(name, f"cannot read image ({err.reason})"))
                 finally:
