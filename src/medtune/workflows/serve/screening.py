@@ -300,7 +300,7 @@ class Screener:
     def _decode_all(self, names: list[str], contents: list[bytes]) -> tuple[list, list]:
         """``[(upload index, PIL image, type)]`` of the readable uploads and the skipped list."""
         decoded, skipped = [], []
-        side = self.predictor.image_size  # decoded as predict decodes files (prepare_image)
+        side = self.predictor.image_size  # decoded no smaller than the network needs, as predict
         work = Path(tempfile.mkdtemp(dir=self.temp_root))
         try:
             for i, (name, data) in enumerate(zip(names, contents, strict=True)):
