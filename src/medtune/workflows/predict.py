@@ -523,8 +523,7 @@ def predict(
             write_text(
                 Path(out).with_suffix(".skipped.csv"), _csv_text(["image", "reason"], skipped)
             )
-        for name, items in _patient_sections(grouped).items():
-            write_text(Path(out).with_suffix(f".{name}.csv"), to_csv(items))
+        _write_patient_files(Path(out), grouped)
     if json_path:
         write_text(json_path, to_json(rows, meta, _patient_sections(grouped)))
     journal.close()
@@ -613,6 +612,18 @@ def to_json(
     fields as the CSV and its ``.meta.json``; ``sections`` e.g. ``eyes`` and ``patients``)."""
     doc = {"meta": meta, "predictions": [_as_dict(r) for r in rows], **(sections or {})}
     return json.dumps(doc, indent=2) + "\n"
+
+
+def _write_patient_files(out: Path, grouped: PatientScreening | None) -> None:
+    """``OUT.eyes.csv`` and ``OUT.patients.csv``; without patients, earlier ones are removed so
+    they never sit beside predictions they do not describe."""
+    sections = _patient_sections(grouped)
+    for name in ("eyes", "patients"):
+        target = out.with_suffix(f".{name}.csv")
+        if name in sections:
+            write_text(target, to_csv(sections[name]))
+        else:
+            target.unlink(missing_ok=True)
 
 
 def _patient_sections(grouped: PatientScreening | None) -> dict[str, list[dict[str, Any]]]:
