@@ -54,6 +54,7 @@ from medtune.data import fundus
 __all__ = [
     "QUALITY_CODES",
     "COARSE_SIDE",
+    "MIN_WORKING_SIDE",
     "SHARPNESS_SIDE",
     "WORK_MAX_SIDE",
     "QualityThresholds",
@@ -61,11 +62,17 @@ __all__ = [
     "assess_quality",
     "quality_measures",
     "working_array",
+    "working_side",
 ]
 
 WORK_MAX_SIDE = 256
 """Every measure is taken on the working-size image (the network input, 224-260 px); a larger
 input is first reduced by area averaging to this long side."""
+
+MIN_WORKING_SIDE = 224
+"""The thresholds hold for network inputs of at least this size (they were derived on 224 px
+ones): for a model with a smaller input, judge the photograph prepared at this size instead
+(:func:`working_side`)."""
 
 COARSE_SIDE = 112
 """Field of view, shape, exposure and colour are measured on a copy of the working image reduced
@@ -203,6 +210,24 @@ class QualityVerdict:
 #
 # Every measure is a histogram, a masked mean or an OpenCV filter on the working-size image, so
 # the gate costs well under a millisecond: no sort, no scipy filter, no skimage region analysis.
+
+
+def working_side(image_size: int) -> int:
+    """The size to prepare a photograph at for the gate, given the model's input size.
+
+    Parameters
+    ----------
+    image_size : int
+        The network's input size in pixels.
+
+    Returns
+    -------
+    int
+        ``image_size`` when it is at least :data:`MIN_WORKING_SIDE` (the gate then judges the
+        network input itself), else :data:`MIN_WORKING_SIDE` (a 48 px input has too little
+        detail left to judge focus).
+    """
+    return max(int(image_size), MIN_WORKING_SIDE)
 
 
 def working_array(image: Image.Image | np.ndarray) -> np.ndarray:
