@@ -1,7 +1,7 @@
 """Cross-site benchmark: train on APTOS 2019, score at home and at a second site (EyePACS).
 
     python benchmarks/sites.py [--shared PATH] [--recipes a,b] [--work DIR] [--quick]
-    make bench-sites
+    python benchmarks/sites.py --loso ...   # leave-one-site-out (make bench-sites): sites_loso.py
 
 Every recipe is trained by ``medtune.train`` on ``aptos2019-224`` with its own group-aware split
 (70/15/15; APTOS duplicate groups stay on one side), then ``medtune.evaluate`` scores it on the
@@ -152,8 +152,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--recipes",
-        default=",".join(RECIPES),
-        help=f"comma-separated subset of {', '.join(RECIPES)} (default: all)",
+        default=None,
+        help=f"comma-separated subset of {', '.join(RECIPES)} (default: all); with --loso, "
+        "of default, site-balance, linear-probe (default: default)",
     )
     p.add_argument(
         "--work",
@@ -170,6 +171,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         f"recipes {', '.join(QUICK_RECIPES)}; the document is not rewritten",
     )
     p.add_argument("--out", type=Path, default=DOC, help="document to rewrite")
+    from sites_loso import add_arguments  # leave-one-site-out (make bench-sites)
+
+    add_arguments(p)
     p.add_argument(
         "--table",
         default=TABLE,
@@ -206,11 +210,19 @@ def quick_subset(src: Path, dst: Path, n: int, seed: int) -> Path:
         chosen += np.flatnonzero(keys == key).tolist()
         if len(chosen) >= n:
             break
-    subset = labels.iloc[sorted(chosen)]
+    return copy_subset(src, dst, labels["image"].iloc[sorted(chosen)].tolist())
+
+
+def copy_subset(src: Path, dst: Path, names: list[str]) -> Path:
+    """Copy the images ``names`` of ``src`` (an ``images/`` + ``labels.csv`` set) to ``dst``
+    with their rows of ``labels.csv`` and ``metadata.csv``."""
+    labels = pd.read_csv(src / "labels.csv")
+    subset = labels[labels["image"].isin(set(names))]
     (dst / "images").mkdir(parents=True, exist_ok=True)
     for name in subset["image"]:
         shutil.copy2(src / "images" / name, dst / "images" / name)
-    if meta is not None:
+    if (src / "metadata.csv").is_file():
+        meta = pd.read_csv(src / "metadata.csv")
         meta[meta["image"].isin(subset["image"])].to_csv(dst / "metadata.csv", index=False)
     subset.to_csv(dst / "labels.csv", index=False)
     return dst
@@ -284,7 +296,8 @@ def score(run: str, data: Path | None, tta: str, name: str, args: argparse.Names
 def run_benchmark(args: argparse.Namespace) -> dict:
     home, abroad = args.shared / HOME, args.shared / ABROAD
     work = args.work / ("quick" if args.quick else "full")
-    names = QUICK_RECIPES if args.quick else [n.strip() for n in args.recipes.split(",")]
+    chosen = args.recipes or ",".join(RECIPES)
+    names = QUICK_RECIPES if args.quick else [n.strip() for n in chosen.split(",")]
     unknown = [n for n in names if n not in RECIPES]
     if unknown:
         raise SystemExit(f"unknown recipe(s) {unknown}; choose from {', '.join(RECIPES)}")
@@ -397,8 +410,31 @@ def write_report(path: Path, block: str, table: str = TABLE) -> None:
     rewrite_block(path, *markers(table), block, "# Generalisation to a new site")
 
 
+def main_loso(args: argparse.Namespace) -> int:
+    """``--loso``: the leave-one-site-out benchmark (:mod:`sites_loso`)."""
+    import sites_loso
+
+    missing = sites_loso.missing(args.shared)
+    if missing:
+        print(f"benchmarks/sites.py --loso needs {', '.join(sites_loso.SITES)} under "
+              f"{args.shared}; missing: {', '.join(missing)}. Pass --shared PATH.",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    result = sites_loso.run_loso(args)
+    if args.quick:
+        say("--quick: SMOKE TEST ONLY; figures are meaningless and the document is unchanged")
+        result["note"] = "smoke test (--quick): not a measurement"
+    else:
+        write_report(args.out, sites_loso.report_md(result), sites_loso.TABLE)
+        say(f"wrote {args.out}")
+    print(json.dumps(result, indent=1))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.loso:
+        return main_loso(args)
     missing = missing_data(args.shared)
     if missing:
         print(

@@ -119,8 +119,9 @@ def test_thresholds_move_only_with_labels_and_evaluate_uses_the_moved_ones(
     assert 0.0 <= sens90["sensitivity_ci95"][0] <= sens90["sensitivity"]
     assert "specificity_ci95" in sens90
     assert "using 24 labelled images (12 positives)" in result.summary
-    meta = RunFolder(out).read_meta()
-    assert meta.temperature == pytest.approx(points["temperature"]["to"])
+    card = RunFolder(out).read_card()
+    assert card.temperature == pytest.approx(points["temperature"]["to"])
+    assert card.site_shift is None and card.provenance.adapted_from == str(source_run.resolve())
     val = RunFolder(out).read_val_logits()
     assert len(val["labels"]) == 24 and {"logits_none", "logits_rot90"} <= set(val)
     # evaluate chooses its operating points from val_logits.npz: the moved thresholds
@@ -180,16 +181,17 @@ def test_label_free_recalibration_suggestions_and_the_batch_verdict(source_run: 
     assert record["operating_point_status"]["validated"] is False
     assert "not validated here" in result.summary
     # model.json carries the moved thresholds and their status to predict and evaluate
-    ops = RunFolder(out).read_meta().operating_points
-    assert ops["label_free"] == "quantile" and ops["status"].startswith(NOT_VALIDATED)
-    moved = ops["points"]["none"]["sens90"]
-    assert moved["threshold"] != pytest.approx(moved["validated_threshold"], abs=1e-9)
+    ops = RunFolder(out).read_card().operating_points
+    assert ops.label_free == "quantile" and ops.status.startswith(NOT_VALIDATED)
+    assert ops.validated is False
+    moved = ops.at("none", "sens90")
+    assert moved.threshold != pytest.approx(moved.validated_threshold, abs=1e-9)
     rows = predict([str(site_b)], run=out)
     assert len(rows) == 24  # predict reads the moved points
     labelled = _site_b(tmp_path / "b-labelled", seed=5)
     scored = evaluate(out, str(labelled), gradcam=False, n_boot=0, progress=False)
     assert scored.metrics["label_free_operating_points"]["sens90"]["threshold"] == pytest.approx(
-        moved["threshold"]
+        moved.threshold
     )
     # the suggestions: 7 distinct images of the site, the most uncertain first
     suggested = pd.read_csv(out / "suggested.csv")
@@ -199,3 +201,34 @@ def test_label_free_recalibration_suggestions_and_the_batch_verdict(source_run: 
     assert all(Path(p).parent == site_b for p in suggested["image"])
     with pytest.raises(MedtuneError, match="recalibrate 'median' is unknown"):
         adapt(source_run, site_b, tmp_path / "c", recalibrate="median", progress=False)
+
+
+def test_finetune_on_the_sample_keeps_the_home_figures(source_run: Path, tmp_path):
+    from medtune.runs import RunFolder as Folder
+
+    site_b = _site_b(tmp_path / "site-b", labelled=False)
+    sample = _site_b(tmp_path / "sample", n_per_class=12, seed=9)
+    with pytest.raises(MedtuneError, match="finetune needs labels"):
+        adapt(source_run, site_b, tmp_path / "x", finetune=True, progress=False)
+    out = tmp_path / "tuned"
+    result = adapt(
+        source_run, site_b, out, labels=sample, finetune=True, batch_size=8, progress=False
+    )
+    tuned = result.record["finetune"]
+    assert tuned["n_sample"] == 24 and tuned["images_drawn"] == 3 * 4 * 24
+    home = tuned["home"]
+    assert home["before"]["accuracy"] == pytest.approx(
+        Folder(source_run).read_metrics()["val"]["accuracy"]
+    )
+    # no forgetting at home on this easy two-class set: accuracy and AUC stay within 0.15
+    for key in ("accuracy", "auc"):
+        assert home["after"][key] >= home["before"][key] - 0.15, (key, home)
+    # only the head and the last stage trained: an early stage's weights are the source's
+    src_model, _ = Folder(source_run).load_model()
+    new_model, _ = Folder(out).load_model()
+    first = [p for n, p in src_model.named_parameters() if "blocks.0" in n][0]
+    first_new = [p for n, p in new_model.named_parameters() if "blocks.0" in n][0]
+    assert torch.equal(first, first_new)
+    head = dict(src_model.named_parameters())
+    changed = [n for n, p in new_model.named_parameters() if not torch.equal(p, head[n])]
+    assert changed and all("blocks.0" not in n for n in changed)

@@ -8,6 +8,13 @@ from pathlib import Path
 from typing import Any
 
 from medtune.cli.settings import FUNDUS_HELP, add_setting_flags, flag_settings, fundus_options
+from medtune.cli.worklist_commands import (
+    add_db_flags,
+    add_users,
+    add_worklist,
+    run_users,
+    run_worklist,
+)
 from medtune.config import DEFAULT_OPERATING_POINT, OPERATING_POINTS, TTA_MODES
 
 
@@ -160,10 +167,12 @@ def add_evaluate(p: argparse.ArgumentParser) -> None:
 
 
 def _add_patient_rule(p: argparse.ArgumentParser) -> None:
+    from medtune.evaluation.patients import DEFAULT_PATIENT_RULE, PATIENT_RULES  # numpy only
+
     p.add_argument(
         "--patient-rule",
-        choices=["either-eye", "both-eyes"],
-        default="either-eye",
+        choices=tuple(PATIENT_RULES),
+        default=DEFAULT_PATIENT_RULE,
         help="per-patient answer: refer when either eye is referable; insufficient quality "
         "when no eye (either-eye, default) or not both eyes (both-eyes) could be graded",
     )
@@ -245,6 +254,12 @@ def add_predict(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images")
     p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue a killed predict (the same command with --resume): batches it finished, "
+        "kept in OUT.journal.jsonl, are not predicted again",
+    )
+    p.add_argument(
         "--manifest",
         metavar="CSV",
         help="image,patient_id,eye per image (default: DICOM PatientID + ImageLaterality, or "
@@ -274,6 +289,7 @@ def run_predict(args: argparse.Namespace) -> None:
             operating_point=args.operating_point,
             tta=args.tta,
             skip_bad=args.skip_bad,
+            resume=args.resume,
             manifest=args.manifest,
             patient_rule=args.patient_rule,
         )
@@ -320,14 +336,56 @@ def add_adapt(p: argparse.ArgumentParser) -> None:
         help="a small labelled sample of the new site: refits the temperature and moves the "
         "operating points so the validated sensitivity holds there (needs 10+ positives)",
     )
+    p.add_argument(
+        "--recalibrate",
+        choices=["none", "quantile", "em-quantile"],
+        default="none",
+        help="without --labels: move the operating points onto the site's unlabelled scores "
+        "(quantile mapping at the validation prevalence, or at one estimated by EM); marked "
+        "'operating point not validated here' (default none)",
+    )
+    p.add_argument(
+        "--suggest",
+        type=int,
+        default=0,
+        metavar="N",
+        help="write the N images a grader should label first to OUT/suggested.csv "
+        "(uncertain and diverse)",
+    )
+    p.add_argument(
+        "--finetune",
+        action="store_true",
+        help="with --labels: also fine-tune the head and last stage on the sample mixed with "
+        "the source's training images (home figures before/after in adaptation.json)",
+    )
     p.add_argument("--batch-size", type=int, default=32, help="images per AdaBN batch")
 
 
 def run_adapt(args: argparse.Namespace) -> None:
     from medtune.workflows.adapt import adapt
 
-    result = adapt(args.run, args.data, args.out, labels=args.labels, batch_size=args.batch_size)
+    result = adapt(
+        args.run,
+        args.data,
+        args.out,
+        labels=args.labels,
+        recalibrate=args.recalibrate,
+        suggest=args.suggest,
+        finetune=args.finetune,
+        batch_size=args.batch_size,
+    )
     print(result.summary)
+    tuned = result.record.get("finetune")
+    if tuned:
+        home = tuned["home"]
+        pairs = [
+            f"{k} {home['before'][k]:.3f} -> {home['after'][k]:.3f}"
+            for k in home["after"]
+            if home["before"].get(k) is not None and home["after"][k] is not None
+        ]
+        print(f"home site after fine-tuning ({home['images']}): {', '.join(pairs)}")
+    if result.record.get("suggested"):
+        print(f"images to label first: {result.dir / result.record['suggested']}")
     print(f"run folder: {result.dir}")
 
 
@@ -357,7 +415,8 @@ def add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--host",
         default="127.0.0.1",
-        help="address to bind (default 127.0.0.1: this computer only; the page has no login)",
+        help="address to bind (default 127.0.0.1: this computer only; any other address needs "
+        "a user, see medtune users add, and TLS in front)",
     )
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument(
@@ -375,6 +434,13 @@ def add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, help="batches predicted at once (default 1 run, 2 ONNX)")
     p.add_argument("--max-files", type=int, default=50, help="images per request")
     p.add_argument("--max-file-mb", type=float, default=25.0, help="MiB per image")
+    add_db_flags(p)
+    p.add_argument(
+        "--keep-images",
+        action="store_true",
+        help="keep screened photographs in DATA_DIR/images (content-addressed) so reviewed ones "
+        "can be exported for training (medtune worklist export --reviewed)",
+    )
     # keep the examples' line breaks, and the defaults the parser's own formatter adds
     p.formatter_class = type(
         "ServeHelpFormatter", (argparse.RawDescriptionHelpFormatter, p.formatter_class), {}
@@ -383,7 +449,9 @@ def add_serve(p: argparse.ArgumentParser) -> None:
         "examples:\n"
         "  medtune serve --model runs/dr/export/model.onnx   # then open http://127.0.0.1:8000/\n"
         "  medtune serve --run runs/dr --port 8080            # PyTorch, with Grad-CAM\n"
-        "  curl -F files=@eye1.jpg -F files=@eye2.png http://127.0.0.1:8000/api/predict\n"
+        "  medtune users add ann --role admin                 # then log in on the page\n"
+        "  curl -H 'Authorization: Bearer TOKEN' -F patient=P17 -F files=@p17_left.jpg \\\n"
+        "       http://127.0.0.1:8000/api/predict          # TOKEN: medtune users token ann\n"
         "docs/screening.md describes the page, the JSON endpoint and the limits."
     )
 
@@ -405,6 +473,9 @@ def run_serve(args: argparse.Namespace) -> None:
         operating_point=args.operating_point,
         limits=limits,
         workers=args.workers,
+        db=args.db,
+        folder=args.data_dir,
+        keep_images=args.keep_images,
         log_level="info" if args.verbose else "warning",
     )
 
@@ -438,8 +509,15 @@ COMMANDS: dict[
     ),
     "advise": ("measure a data set and recommend a transfer scenario", add_advise, run_advise),
     "serve": (
-        "a web page and JSON endpoint for screening photographs (loopback by default)",
+        "a web page and JSON endpoint for screening patients, with a worklist and logins "
+        "(loopback by default)",
         add_serve,
         run_serve,
+    ),
+    "users": ("add, delete and list the users of serve; API tokens", add_users, run_users),
+    "worklist": (
+        "export serve's worklist (CSV, or the graders' grades as a labelled set)",
+        add_worklist,
+        run_worklist,
     ),
 }

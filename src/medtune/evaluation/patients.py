@@ -50,7 +50,10 @@ from typing import Any
 
 import numpy as np
 
+from medtune.config import DEFAULT_OPERATING_POINT
 from medtune.errors import MedtuneError
+from medtune.evaluation.labels import LabelSpace
+from medtune.evaluation.referral import UNGRADABLE
 
 __all__ = [
     "DEFAULT_PATIENT_RULE",
@@ -72,7 +75,6 @@ __all__ = [
 INSUFFICIENT = "insufficient quality"
 #: An eye whose laterality is unknown (its images still belong to the patient).
 UNKNOWN_EYE = "unknown"
-UNGRADABLE = "ungradable"
 GRADED = "graded"
 _EYE_ORDER = ("right", "left", UNKNOWN_EYE)
 
@@ -322,7 +324,7 @@ def _reason(eyes: Sequence[EyeResult], refer: str | None) -> str:
         bad = [f"{e.eye} eye ungradable" for e in eyes if not e.graded]
         return "; ".join(bad + [f"no {s} eye photograph" for s in missing]) or INSUFFICIENT
     graded = [f"{e.eye} eye" for e in eyes if e.graded]
-    return "graded: " + ", ".join(graded) if graded else ""
+    return f"not referable ({' and '.join(graded)} graded)" if graded else ""
 
 
 def aggregate_patient(eyes: Sequence[EyeResult], rule: str = DEFAULT_PATIENT_RULE) -> PatientResult:
@@ -482,7 +484,7 @@ def patient_metrics(
     *,
     grades: Any = None,
     rule: str = DEFAULT_PATIENT_RULE,
-    headline: str = "sens90",
+    headline: str = DEFAULT_OPERATING_POINT,
 ) -> dict[str, Any] | None:
     """Patient-level sensitivity, specificity and imageability with 95% Wilson intervals.
 
@@ -511,7 +513,7 @@ def patient_metrics(
     grades : array-like of int, shape (N,), optional
         Decoded grades (for the eyes' grades; default 0).
     rule : {"either-eye", "both-eyes"}, default "either-eye"
-    headline : str, default "sens90"
+    headline : str, default ``config.DEFAULT_OPERATING_POINT`` ("sens90")
         The operating point whose figures are also given at the top level (``medtune
         predict``'s default point); the first point when absent.
 
@@ -578,11 +580,9 @@ def evaluation_patients(
     probs: Any,
     metrics: Mapping[str, Any],
     *,
-    class_names: Sequence[str],
-    ordinal: bool,
+    label_space: LabelSpace,
     gradable: Any = None,
     decoding: Mapping[str, Any] | None = None,
-    positive_class: str | None = None,
     rule: str = DEFAULT_PATIENT_RULE,
 ) -> dict[str, Any] | None:
     """:func:`patient_metrics` at the operating points an image-level evaluation chose.
@@ -598,7 +598,9 @@ def evaluation_patients(
     metrics : mapping
         The image-level :func:`medtune.evaluation.metrics.compute_metrics` result: its
         ``operating_points`` thresholds (chosen on validation) are applied per image.
-    class_names, ordinal, decoding, positive_class
+    label_space : LabelSpace
+        The model's classes (its referral task is what patients are referred for).
+    decoding : mapping, optional
         As for :func:`~medtune.evaluation.metrics.compute_metrics`.
     gradable : array-like of bool, shape (N,), optional
         The quality gate's verdicts (default: every image gradable).
@@ -614,9 +616,8 @@ def evaluation_patients(
     from collections import Counter
 
     from medtune.evaluation.decoding import decode
-    from medtune.evaluation.metrics import binary_task
 
-    task = binary_task(list(class_names), ordinal, positive_class)
+    task = label_space.binary_task
     points = metrics.get("operating_points") or {}
     if task is None or not points:
         return None
