@@ -117,7 +117,7 @@ def test_evaluate_reports_patient_level_figures(
     import medtune.evaluation.quality as quality_module
 
     def gate(img: Image.Image) -> QualityVerdict:
-        ok, reason = _gate(img)
+        ok, reason = _gate(np.asarray(img))
         return QualityVerdict(ok, reason, "ok" if ok else "blur")
 
     monkeypatch.setattr(quality_module, "assess_quality", gate)

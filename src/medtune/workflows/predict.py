@@ -35,6 +35,7 @@ from medtune.data.preprocess import decode_source, prepare_image
 from medtune.errors import BadImageError, MedtuneError
 from medtune.evaluation.card import ModelCard, OperatingPoints
 from medtune.evaluation.patients import DEFAULT_PATIENT_RULE, PatientScreening, screen_patients
+from medtune.evaluation.quality import working_side
 from medtune.evaluation.referral import (
     DEFAULT_OPERATING_POINT,
     PredictionRow,
@@ -296,7 +297,13 @@ def prepare_batch(
     """
     spec = predictor.card.input_spec
     arrays = [prepare_image(img, spec.image_size, spec.fundus) for img in images]
-    quality = [assess_image_quality(arr) for arr in arrays]
+    side = working_side(spec.image_size)  # the model's input, or 224 px for a smaller one
+    judged = (
+        arrays
+        if side == spec.image_size
+        else [prepare_image(img, side, spec.fundus) for img in images]
+    )
+    quality = [assess_image_quality(arr) for arr in judged]
     if predictor.quality_model is not None and images:
         quality = _learned_quality(images, predictor.quality_model, quality)
     size = spec.image_size
@@ -553,7 +560,7 @@ def _prepare_files(
     names, images = [], []
     for path in paths:
         try:  # only as large as the network input needs (JPEG DCT scaling)
-            images.append(decode_source(str(path), min_side=predictor.image_size))
+            images.append(decode_source(str(path), min_side=working_side(predictor.image_size)))
             names.append(str(path))
         except BadImageError as err:
             if not skip_bad:
