@@ -161,16 +161,23 @@ def shift_detection(run: str, held: Path, args: argparse.Namespace) -> dict[str,
         sites = np.asarray(home.sites or [""] * len(home), dtype=str)
         for site in sorted(set(sites.tolist())):
             rows = sites == site
-            batches[f"{site} (held-out test images)"] = (feats[rows], probs[rows])
+            batches[f"{site or 'home'} (held-out test images)"] = (feats[rows], probs[rows])
     rng = np.random.default_rng(args.seed)
     out = {}
     for name, (feats, probs) in batches.items():
         n = min(args.shift_n, len(feats))
-        flagged = []
-        for _ in range(args.shift_draws):
-            rows = rng.choice(len(feats), size=n, replace=False)
-            flagged.append(test.test(feats[rows], probs[rows])["shifted"])
-        out[name] = {"n": n, "draws": args.shift_draws, "share_flagged": float(np.mean(flagged))}
+        verdicts = [
+            test.test(feats[rows], probs[rows])
+            for rows in (
+                rng.choice(len(feats), size=n, replace=False) for _ in range(args.shift_draws)
+            )
+        ]
+        out[name] = {
+            "n": n,
+            "draws": args.shift_draws,
+            "share_flagged": float(np.mean([v["shifted"] for v in verdicts])),
+            "median_p": float(np.median([v["p_value"] for v in verdicts])),
+        }
     return out
 
 
