@@ -84,15 +84,36 @@ def setting(
 
 
 def field_default(f: Field[Any]) -> Any:
-    """The default value of a dataclass field (a fresh one for a ``default_factory``)."""
+    """The default value of a dataclass field.
+
+    Parameters
+    ----------
+    f : dataclasses.Field
+
+    Returns
+    -------
+    object
+        Its ``default``, a fresh value of its ``default_factory``, or None if it has neither.
+    """
     if f.default_factory is not MISSING:
         return f.default_factory()
     return None if f.default is MISSING else f.default
 
 
 def default_words(f: Field[Any]) -> str:
-    """A settings field's default as the docs show it: its ``shown`` words, else the value
-    (``none`` for None, ``true``/``false``, a list or mapping in YAML flow style)."""
+    """A settings field's default as the docs and ``--help`` show it.
+
+    Parameters
+    ----------
+    f : dataclasses.Field
+        A field declared with :func:`setting`.
+
+    Returns
+    -------
+    str
+        Its ``shown`` words, else the value as YAML writes it (``none``, ``true``/``false``,
+        lists and mappings in flow style).
+    """
     if f.metadata.get("shown"):
         return f.metadata["shown"]
     return _yaml_words(field_default(f))
@@ -666,11 +687,34 @@ class Unset:
 
 
 def unset_defaults(cls: type = TrainConfig) -> Any:
-    """One :class:`Unset` per field of ``cls``, as attributes: ``unset_defaults().lr``."""
+    """One :class:`Unset` per field of ``cls``, as attributes (``unset_defaults().lr``).
+
+    Parameters
+    ----------
+    cls : dataclass type, default TrainConfig
+
+    Returns
+    -------
+    object
+        An object whose attribute ``NAME`` is ``Unset(default of NAME)``: the keyword defaults
+        of :func:`medtune.train`.
+    """
     return type("UnsetDefaults", (), {f.name: Unset(field_default(f)) for f in fields(cls)})()
 
 
 def given_settings(values: dict[str, Any]) -> dict[str, Any]:
-    """The :class:`TrainConfig` settings among ``values`` that were given (not :class:`Unset`)."""
+    """The :class:`TrainConfig` settings among ``values`` that were given.
+
+    Parameters
+    ----------
+    values : dict
+        Keyword arguments by name (e.g. a function's ``locals()``); other names are ignored.
+
+    Returns
+    -------
+    dict
+        The settings whose value is not an :class:`Unset`, whatever the value (None, the
+        default, ...).
+    """
     names = {f.name for f in fields(TrainConfig)}
     return {k: v for k, v in values.items() if k in names and not isinstance(v, Unset)}

@@ -24,12 +24,24 @@ from typing import Any
 
 import yaml
 
-from medtune.errors import MedtuneError
+from medtune.errors import MedtuneError, offer
 
 NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
 NOT_WRITABLE = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
 LOW_SPACE_BYTES = 64 << 20  # a failed write with less free space than this is reported as disk full
 _TEMP = re.compile(r"^\..+\.(\d+)@([A-Za-z0-9._-]+)\.tmp$")
+# Advice for a full or unwritable disk; every command shows only the options it has
+# (:func:`medtune.errors.offer`): predict has --out and --resume, evaluate neither.
+_WHERE = offer("{}", "--out", "--cache-dir", otherwise="output folder") + offer(
+    " (or MEDTUNE_CACHE)", "--cache-dir"
+)
+_RERUN_ADVICE = (
+    "free some space"
+    + offer(" or choose another {}", "--out", "--cache-dir")
+    + ", then rerun the same command"
+    + offer(" (with {})", "--resume")
+    + " to continue"
+)
 
 
 @contextlib.contextmanager
@@ -79,18 +91,14 @@ def storage_error(path: str | os.PathLike[str], err: OSError) -> MedtuneError | 
     """A one-line error for a full disk or an unwritable location, or ``None`` for other errors."""
     reason = err.strerror or errno.errorcode.get(err.errno or 0, type(err).__name__)
     if err.errno in NO_SPACE:
-        return MedtuneError(
-            f"{path}: {reason} ({_free_text(path)}); free some space or choose another "
-            "--out / --cache-dir, then rerun the same command (or --resume) to continue"
-        )
+        return MedtuneError(f"{path}: {reason} ({_free_text(path)}); {_RERUN_ADVICE}")
     if err.errno == errno.EROFS:
-        return MedtuneError(
-            f"{path}: {reason}; choose a writable --out / --cache-dir (or MEDTUNE_CACHE)"
-        )
+        return MedtuneError(f"{path}: {reason}; choose a writable {_WHERE}")
     if err.errno in NOT_WRITABLE:  # EACCES/EPERM: reading an input can fail like this too
         return MedtuneError(
-            f"{path}: {reason}; give this user access to it, or write outputs elsewhere "
-            "with --out / --cache-dir (or MEDTUNE_CACHE)"
+            f"{path}: {reason}; give this user access to it, or write the outputs elsewhere"
+            + offer(" with {}", "--out", "--cache-dir")
+            + offer(" (or MEDTUNE_CACHE)", "--cache-dir")
         )
     return None
 
@@ -107,8 +115,7 @@ def _write_error(target: Path, tmp: Path, err: Exception) -> MedtuneError | None
         detail = " ".join(str(err).split())[:160] or type(err).__name__
         return MedtuneError(
             f"{target}: writing failed with the disk nearly full ({_free_text(target)}; "
-            f"{type(err).__name__}: {detail}); free some space or choose another --out / "
-            "--cache-dir, then rerun the same command (or --resume) to continue"
+            f"{type(err).__name__}: {detail}); {_RERUN_ADVICE}"
         )
     return None
 

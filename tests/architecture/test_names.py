@@ -1,5 +1,6 @@
-"""Issue 20 item 4: the names of operating points, TTA modes, optimisers and schedules are written
-once, in their home; no other module spells out a list of them (they import it instead)."""
+"""Issue 20 item 4: the names of operating points, TTA modes, optimisers and schedules (and of
+the patient rules) are written once, in their home; no other module spells out a list of them
+(they import it instead)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import ast
 from pathlib import Path
 
 from medtune import config
+from medtune.evaluation import patients
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "medtune"
 #: Each group of names, and the one module that lists them.
@@ -15,6 +17,7 @@ HOMES = {
     "TTA modes": (set(config.TTA_MODES), "config.py"),
     "optimisers": (set(config.OPTIMIZERS), "config.py"),
     "schedules": (set(config.SCHEDULES), "config.py"),
+    "patient rules": (set(patients.PATIENT_RULES), "evaluation/patients.py"),
 }
 
 

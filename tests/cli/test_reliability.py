@@ -428,7 +428,10 @@ def test_predict_writes_only_inside_its_output_folder(probe_run: Path, tmp_path:
     after = _files(tmp_path, explain)
     assert victim.read_bytes() == b"precious"
     changed = {p for p in after if before.get(p) != after[p]}
-    assert changed <= {str(out), str(out.with_suffix(".meta.json"))}, changed
+    # the outputs beside --out: the CSV, its sidecar, and the journal a refused run leaves for
+    # --resume (issue 23.7)
+    beside = {str(out.with_suffix(s)) for s in (".csv", ".meta.json", ".journal.jsonl")}
+    assert changed <= beside, changed
     assert all(
         p.resolve().parent == explain.resolve() for p in explain.iterdir() if not p.is_symlink()
     )

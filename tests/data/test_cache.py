@@ -76,7 +76,7 @@ def test_reuse_does_not_decode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
         raise AssertionError("decoded again")
 
     monkeypatch.setattr(cache_mod, "_process_chunk", boom)
-    monkeypatch.setattr(cache_mod, "decode_source", boom)
+    monkeypatch.setattr(cache_mod, "prepare_image", boom)
     second = prepare(load_imageset(tmp_path / "data"), 16, NO_CROP, tmp_path / "cache")
     assert second.key == first.key and second.dir == first.dir
 

@@ -101,21 +101,81 @@ def test_exif_orientation_applied(tmp_path: Path, orientation: int) -> None:
         assert out.shape[:2] == (32, 16)
 
 
-def test_draft_mode_decodes_large_jpeg_reduced(tmp_path: Path, monkeypatch) -> None:
-    path = tmp_path / "big.jpg"
-    Image.new("RGB", (4000, 3000), (120, 60, 30)).save(path, quality=80)
-    decoded: list[tuple[int, int]] = []
+@pytest.fixture
+def decoded(monkeypatch) -> list[tuple[int, int]]:
+    """The sizes the JPEG decoder actually produced, recorded as files are loaded."""
+    sizes: list[tuple[int, int]] = []
     original = JpegImageFile.load
 
-    def spy(self):  # record the size the JPEG decoder actually produced
-        decoded.append(self.size)
+    def spy(self):
+        sizes.append(self.size)
         return original(self)
 
     monkeypatch.setattr(JpegImageFile, "load", spy)
+    return sizes
+
+
+def test_draft_mode_decodes_large_jpeg_reduced(tmp_path: Path, decoded) -> None:
+    path = tmp_path / "big.jpg"
+    Image.new("RGB", (4000, 3000), (120, 60, 30)).save(path, quality=80)
     img = load_rgb(path, max_side=256)
     assert max(img.size) <= 256 and img.size == (256, 192)
     assert decoded and decoded[0][0] < 4000 and decoded[0][1] < 3000
     assert np.abs(np.asarray(img)[96, 128].astype(int) - [120, 60, 30]).max() <= 6
+
+
+def _camera_jpeg(path: Path, orientation: int, size: tuple[int, int] = (3008, 2000)) -> np.ndarray:
+    """A camera-size fundus-like JPEG stored sideways, with an EXIF Orientation tag; returns the
+    upright pixels it shows (full decode + ``ImageOps.exif_transpose``)."""
+    from medtune.data.synthetic import synthesize_image
+
+    w, h = size
+    disc = Image.fromarray(synthesize_image(2, 512, seed=1).image).resize((h, h))
+    frame = Image.new("RGB", size, (0, 0, 0))
+    frame.paste(disc, ((w - h) // 2, 0))
+    frame.paste((250, 250, 0), (0, 0, w // 10, h // 10))  # a yellow patch marks stored top-left
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    frame.save(path, exif=exif, quality=92)
+    return np.asarray(ImageOps.exif_transpose(Image.open(path).convert("RGB")))
+
+
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_min_side_decodes_a_camera_jpeg_reduced_and_upright(
+    tmp_path: Path, decoded, orientation: int
+) -> None:
+    path = tmp_path / "camera.jpg"
+    upright = _camera_jpeg(path, orientation)
+    decoded.clear()
+    img = load_rgb(path, min_side=224)
+    assert set(decoded) == {(376, 250)}  # 1/8 DCT scale: shorter side 250 >= 224; never full
+    assert img.size == ((376, 250) if orientation == 1 else (250, 376))  # turned upright
+    small = np.asarray(Image.fromarray(upright).resize(img.size, Image.Resampling.BOX))
+    diff = np.abs(np.asarray(img).astype(int) - small)
+    assert diff.mean() < 3 and np.median(diff) <= 2  # the same picture, the same way up
+    marker = np.asarray(img)[:10, :10] if orientation == 1 else np.asarray(img)[:10, -10:]
+    assert marker[..., 0].min() > 200 and marker[..., 2].max() < 60
+
+
+def test_prepare_image_from_a_reduced_decode_stays_close_to_the_full_decode(tmp_path) -> None:
+    from medtune.data.fundus import preprocess
+    from medtune.data.preprocess import prepare_image
+
+    path = tmp_path / "camera.jpg"
+    upright = _camera_jpeg(path, 6)
+    fast = prepare_image(path, 224).astype(int)
+    full = preprocess(Image.fromarray(upright), 224).astype(int)
+    assert fast.shape == full.shape == (224, 224, 3)
+    diff = np.abs(fast - full)  # 1/8 DCT scale (8 x 8 block means) + Lanczos vs Lanczos alone
+    assert diff.mean() < 3.0 and np.median(diff) <= 1  # turned or cropped wrongly: ~40
+
+
+def test_min_side_reduces_other_formats_by_a_whole_factor(tmp_path: Path) -> None:
+    path = tmp_path / "big.png"
+    Image.new("RGB", (1000, 700), (120, 60, 30)).save(path)
+    assert load_rgb(path, min_side=224).size == (334, 234)  # 700 // 224 = 3
+    assert load_rgb(path, min_side=400).size == (1000, 700)  # no whole factor keeps 400
+    assert load_rgb(path, max_side=100, min_side=224).size == (100, 70)  # max_side wins
 
 
 def test_very_large_image_loads_without_bomb_warning(tmp_path: Path) -> None:

@@ -81,3 +81,74 @@ def test_dataset_applies_site_augmentation_reproducibly(tmp_path) -> None:
     assert torch.equal(aug[0][2][0], aug[1][2][0])
     assert not torch.equal(aug[0][2][0], plain[2][0])
     assert aug[0][2][1] == plain[2][1] == 1
+
+
+def _cache(tmp_path, size: int = 64, junk: bool = False):
+    from PIL import Image
+
+    from medtune.data import load_imageset, prepare
+    from medtune.data.fundus import FundusOptions
+
+    for grade in (0, 1):
+        (tmp_path / "data" / str(grade)).mkdir(parents=True)
+        for name in "abc":
+            arr = synthesize_image(grade, size=size, seed=ord(name)).image.copy()
+            arr[: size // 3, : size // 2] = (
+                0  # a dark notch: no turn or flip maps the FOV to itself
+            )
+            Image.fromarray(arr).save(tmp_path / "data" / str(grade) / f"{name}.png")
+    if junk:  # an unreadable file between good ones: the cache is compacted after the build
+        (tmp_path / "data" / "0" / "b2.png").write_text("not an image")
+    return prepare(load_imageset(tmp_path / "data"), size, FundusOptions(crop=False),
+                   tmp_path / "cache", skip_bad=junk, progress=False)  # fmt: skip
+
+
+@pytest.mark.parametrize("junk", [False, True])
+def test_the_cache_stores_each_images_fov_mask_once(tmp_path, junk) -> None:
+    from medtune.data import open_cache
+
+    cache = _cache(tmp_path, junk=junk)
+    assert len(cache.skipped) == int(junk)
+    assert (cache.dir / "fov.npy").is_file() and cache.fov.shape == (6, 64, 8)
+    for row in range(len(cache)):
+        expected = field_of_view_mask(np.asarray(cache.images[row]))
+        assert np.array_equal(cache.fov_mask(row), expected)
+        assert 0.3 < expected.mean() < 0.95  # a real disc, not all or nothing
+    assert np.array_equal(open_cache(cache.dir).fov_mask(5), cache.fov_mask(5))
+
+
+@pytest.mark.parametrize("names", [SITE_AUGMENTATIONS, ("scale", "gamma"), ("blur", "jpeg")])
+def test_cached_fov_mask_gives_the_per_epoch_computation(tmp_path, monkeypatch, names) -> None:
+    """The dataset reads each mask from the cache (turned with the image) instead of detecting
+    it every epoch; for the same seed every augmented image equals detection on the fly."""
+    from medtune.data import CachedImageDataset
+    from medtune.data.fundus import field_of_view_mask as detect
+
+    cache = _cache(tmp_path)
+    kwargs = {"rot90": True, "hflip": True, "vflip": True, "site": names, "seed": 11}
+    cached, reference = CachedImageDataset(cache, **kwargs), CachedImageDataset(cache, **kwargs)
+    detections = []
+
+    def counting(arr):
+        detections.append(arr.shape)
+        return detect(arr)
+
+    import medtune.data.site_augment as site_module
+
+    monkeypatch.setattr(site_module, "field_of_view_mask", counting)
+    for epoch in range(2):
+        cached.set_epoch(epoch)
+        reference.set_epoch(epoch)
+        for i in range(len(cached)):
+            img, label = cached[i]
+            assert not detections  # no FOV detection on the training path
+            row = int(reference.indices[i])
+            k, h, v = reference._draws()
+            turned = torch.from_numpy(np.array(cache.images[row])).permute(2, 0, 1)
+            turned = torch.rot90(turned, k, dims=(1, 2))
+            turned = torch.flip(turned, dims=(2,)) if h else turned
+            turned = torch.flip(turned, dims=(1,)) if v else turned
+            expected = augment_site(turned, names, reference._generator())  # detects the FOV
+            assert len(detections) == 1
+            detections.clear()
+            assert torch.equal(img, expected) and label == int(cache.labels[row])

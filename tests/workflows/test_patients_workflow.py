@@ -38,9 +38,9 @@ def _clinic(folder: Path, n_patients: int = 6, seed: int = 1) -> dict[str, int]:
     return grades
 
 
-def _gate(img: Image.Image) -> tuple[bool, str | None]:
+def _gate(img: Image.Image | np.ndarray) -> tuple[bool, str | None]:
     """About half the made-up photographs ungradable (by a pixel), so every case occurs."""
-    odd = sum(img.getpixel((1, 1))) % 2 == 1
+    odd = int(np.asarray(img)[1, 1].astype(np.int64).sum()) % 2 == 1
     return (False, "made-up reason") if odd else (True, None)
 
 

@@ -160,10 +160,12 @@ def add_evaluate(p: argparse.ArgumentParser) -> None:
 
 
 def _add_patient_rule(p: argparse.ArgumentParser) -> None:
+    from medtune.evaluation.patients import DEFAULT_PATIENT_RULE, PATIENT_RULES  # numpy only
+
     p.add_argument(
         "--patient-rule",
-        choices=["either-eye", "both-eyes"],
-        default="either-eye",
+        choices=tuple(PATIENT_RULES),
+        default=DEFAULT_PATIENT_RULE,
         help="per-patient answer: refer when either eye is referable; insufficient quality "
         "when no eye (either-eye, default) or not both eyes (both-eyes) could be graded",
     )
@@ -245,6 +247,12 @@ def add_predict(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images")
     p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue a killed predict (the same command with --resume): batches it finished, "
+        "kept in OUT.journal.jsonl, are not predicted again",
+    )
+    p.add_argument(
         "--manifest",
         metavar="CSV",
         help="image,patient_id,eye per image (default: DICOM PatientID + ImageLaterality, or "
@@ -274,6 +282,7 @@ def run_predict(args: argparse.Namespace) -> None:
             operating_point=args.operating_point,
             tta=args.tta,
             skip_bad=args.skip_bad,
+            resume=args.resume,
             manifest=args.manifest,
             patient_rule=args.patient_rule,
         )

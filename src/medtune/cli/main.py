@@ -8,7 +8,13 @@ import sys
 from collections.abc import Sequence
 
 from medtune import logs
-from medtune.errors import MedtuneError, unpickling_detail
+from medtune.errors import (
+    MedtuneError,
+    offer,
+    render,
+    set_command_options,
+    unpickling_detail,
+)
 from medtune.version import __version__
 
 EXIT_USER_ERROR = 2
@@ -25,6 +31,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not hasattr(args, "handler"):
         parser.print_help()
         return EXIT_USER_ERROR
+    # error advice names this command's options only (popped: handlers never see it)
+    set_command_options(vars(args).pop("command_options", None))
     try:
         return args.handler(args) or 0
     except MedtuneError as err:
@@ -39,11 +47,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"medtune: error: {message}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print(
-            "medtune: interrupted; rerun the same command (or --resume) to continue",
-            file=sys.stderr,
-        )
+        advice = render("rerun the same command" + offer(" (with {})", "--resume"))
+        print(f"medtune: interrupted; {advice} to continue", file=sys.stderr)
         return 130
+    finally:
+        set_command_options(None)
 
 
 def _environment_error(err: BaseException) -> str | None:
@@ -122,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
             help=VERBOSE_HELP,
         )
         add_args(cmd)
-        cmd.set_defaults(handler=handler)
+        options = [o for action in cmd._actions for o in action.option_strings]
+        cmd.set_defaults(handler=handler, command_options=options)
     return parser
 
 

@@ -49,7 +49,23 @@ BEGIN, END = "<!-- settings:begin -->", "<!-- settings:end -->"
 
 
 def fundus_options(value: str) -> dict[str, Any]:
-    """``--fundus none|crop[,mask][,colour-std][,clahe][,ben-graham]`` -> FundusOptions fields."""
+    """``--fundus none|crop[,mask][,colour-std][,clahe][,ben-graham]`` -> FundusOptions fields.
+
+    Parameters
+    ----------
+    value : str
+        Comma-separated words of :data:`FUNDUS_WORDS` (``color`` spelling accepted), or ``none``.
+
+    Returns
+    -------
+    dict
+        Every :class:`medtune.data.fundus.FundusOptions` switch, True where named.
+
+    Raises
+    ------
+    argparse.ArgumentTypeError
+        For an unknown word (argparse prints it as a one-line usage error).
+    """
     parts = {p.strip().replace("color", "colour") for p in value.split(",") if p.strip()}
     allowed = {"none", *FUNDUS_WORDS}
     if not parts <= allowed:
@@ -60,7 +76,23 @@ def fundus_options(value: str) -> dict[str, Any]:
 
 
 def augment_names(value: str) -> list[str]:
-    """``--augment colour,blur`` -> the augmentation names it stands for."""
+    """``--augment colour,blur`` -> the augmentation names it stands for.
+
+    Parameters
+    ----------
+    value : str
+        Comma-separated names or groups of :mod:`medtune.data.site_augment`, or ``none``.
+
+    Returns
+    -------
+    list of str
+        The augmentations, in application order (empty for none).
+
+    Raises
+    ------
+    argparse.ArgumentTypeError
+        For an unknown name (the message lists the known ones).
+    """
     from medtune.data.site_augment import resolve_augment
     from medtune.errors import MedtuneError
 
@@ -100,7 +132,19 @@ def _is_switch(f: dataclasses.Field[Any]) -> bool:
 
 
 def flag_name(f: dataclasses.Field[Any]) -> str | None:
-    """The command-line flag of a setting (``None`` for one not on the command line)."""
+    """The command-line flag of a setting.
+
+    Parameters
+    ----------
+    f : dataclasses.Field
+        A :class:`TrainConfig` field.
+
+    Returns
+    -------
+    str or None
+        ``--name-with-dashes``, ``--no-NAME`` for a switch that is on by default, the spelling of
+        :data:`FLAG_NAMES`, or None for a setting of :data:`NOT_ON_COMMAND_LINE`.
+    """
     if f.name in NOT_ON_COMMAND_LINE:
         return None
     dashed = f.name.replace("_", "-")
@@ -108,7 +152,18 @@ def flag_name(f: dataclasses.Field[Any]) -> str | None:
 
 
 def flag_help(f: dataclasses.Field[Any]) -> str:
-    """The ``--help`` text of a setting's flag: its help, syntax and default, without Markdown."""
+    """The ``--help`` text of a setting's flag.
+
+    Parameters
+    ----------
+    f : dataclasses.Field
+        A :class:`TrainConfig` field.
+
+    Returns
+    -------
+    str
+        Its help, flag syntax and default, without Markdown backticks, ``%`` escaped for argparse.
+    """
     text = f.metadata["help"]
     if f.name in SYNTAX:
         text = f"{text}; as a flag: {SYNTAX[f.name]}"
@@ -143,10 +198,16 @@ def _flag_options(f: dataclasses.Field[Any], hint: Any) -> dict[str, Any]:
 
 
 def add_setting_flags(parser: argparse.ArgumentParser, names: Sequence[str] | None = None) -> None:
-    """Add the flags of TrainConfig settings (``names``, default: every one on the command line).
+    """Add the flags of TrainConfig settings to a parser.
 
     A flag left out does not appear in the parsed namespace at all (``argparse.SUPPRESS``), so
     :func:`flag_settings` tells a flag given with the default's value from one not given.
+
+    Parameters
+    ----------
+    parser : argparse.ArgumentParser
+    names : sequence of str, optional
+        The settings, in this order (default: every one not in :data:`NOT_ON_COMMAND_LINE`).
     """
     hints = typing.get_type_hints(TrainConfig)
     for f in _fields(names):
@@ -156,7 +217,18 @@ def add_setting_flags(parser: argparse.ArgumentParser, names: Sequence[str] | No
 
 
 def flag_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """The TrainConfig settings given on the command line, by name."""
+    """The TrainConfig settings given on the command line.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        Parsed by a parser with :func:`add_setting_flags`.
+
+    Returns
+    -------
+    dict
+        Setting name -> value, for the flags given only (whatever their value).
+    """
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     return {k: v for k, v in vars(args).items() if k in names}
 
@@ -176,7 +248,13 @@ def _flag_cell(name: str, flag: str | None) -> str:
 
 
 def settings_table() -> str:
-    """The Markdown table of every TrainConfig setting (``docs/configuration.md``)."""
+    """The Markdown table of every TrainConfig setting (``docs/configuration.md``).
+
+    Returns
+    -------
+    str
+        One row per field: name, flag, default, unit or allowed values, help.
+    """
     rows = [
         "| setting | flag | default | unit or values | meaning |",
         "| --- | --- | --- | --- | --- |",
@@ -197,7 +275,22 @@ def settings_table() -> str:
 
 
 def with_settings_table(document: str) -> str:
-    """``document`` with the text between its settings markers replaced by the current table."""
+    """``document`` with the text between its settings markers replaced by the current table.
+
+    Parameters
+    ----------
+    document : str
+        Markdown holding :data:`BEGIN` ... :data:`END`.
+
+    Returns
+    -------
+    str
+
+    Raises
+    ------
+    ValueError
+        When the markers are missing.
+    """
     block = (
         f"{BEGIN}\n<!-- generated from medtune.config.TrainConfig by `make docs`; edit the "
         f"fields, not this table -->\n{settings_table()}\n{END}"
@@ -209,7 +302,18 @@ def with_settings_table(document: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m medtune.cli.settings DOC.md [--check]``: rewrite (or check) DOC's table."""
+    """``python -m medtune.cli.settings DOC.md [--check]``: rewrite (or check) DOC's table.
+
+    Parameters
+    ----------
+    argv : sequence of str, optional
+        The arguments (default: ``sys.argv[1:]``).
+
+    Returns
+    -------
+    int
+        0, or 1 with ``--check`` when the table is out of date.
+    """
     parser = argparse.ArgumentParser(prog="python -m medtune.cli.settings")
     parser.add_argument("doc", type=Path, help="a Markdown file with the settings markers")
     parser.add_argument("--check", action="store_true", help="exit 1 if it is out of date")

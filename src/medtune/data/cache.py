@@ -1,7 +1,10 @@
 """The prepared image cache: every image decoded, fundus-preprocessed and resized exactly once.
 
 ``prepare`` writes ``out_dir/<key>/images.npy`` (uint8 ``N x S x S x 3``, read later as a
-read-only memmap), ``index.json`` (keys, labels, classes, groups, split, parameters, source
+read-only memmap), ``fov.npy`` (each image's field-of-view mask,
+:func:`medtune.data.fundus.field_of_view_mask`, bit-packed along rows: uint8
+``N x S x ceil(S / 8)``; site augmentation reads it instead of detecting the FOV every epoch),
+``index.json`` (keys, labels, classes, groups, split, parameters, source
 identities, skipped images) and, when images were skipped, ``skipped.csv``. ``<key>`` hashes the
 source identities (file size + mtime, or npz content hash), labels, the size, the fundus options
 and :data:`FORMAT_VERSION`; any change gives a new key and a rebuild.
@@ -37,18 +40,27 @@ import numpy as np
 import pandas as pd
 
 from medtune import io as mio
-from medtune.data.preprocess import DECODE_SIDE_FACTOR, decode_source
+from medtune.data.preprocess import prepare_image
 from medtune.data.sources import ImageSet
-from medtune.errors import BadImageError, MedtuneError
+from medtune.errors import BadImageError, MedtuneError, offer
 
 if TYPE_CHECKING:
     from medtune.data.fundus import FundusOptions
 
-__all__ = ["FORMAT_VERSION", "Part", "PreparedCache", "cache_key", "open_cache", "prepare"]
+__all__ = [
+    "FORMAT_VERSION",
+    "Part",
+    "PreparedCache",
+    "cache_key",
+    "open_cache",
+    "pack_mask",
+    "prepare",
+    "unpack_mask",
+]
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: fov.npy; JPEGs decoded only as large as the image size needs
 _FOREIGN_TMP_AGE_S = 24 * 3600  # other hosts' temp folders are removed only when this old
 _REASON = re.compile(r"cannot read image \((.*)\); replace or delete")
 
@@ -73,6 +85,7 @@ class PreparedCache:
     params: dict[str, Any] = field(default_factory=dict)
     sites: list[str] | None = None
     _images: np.ndarray | None = field(default=None, repr=False, compare=False)
+    _fov: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
     def images(self) -> np.ndarray:
@@ -81,18 +94,44 @@ class PreparedCache:
             self._images = np.load(self.dir / "images.npy", mmap_mode="r")
         return self._images
 
+    @property
+    def fov(self) -> np.ndarray:
+        """``N x S x ceil(S / 8)`` uint8: each image's FOV mask, bit-packed along rows (memmap).
+
+        Unpack one with :meth:`fov_mask`.
+        """
+        if self._fov is None:
+            self._fov = np.load(self.dir / "fov.npy", mmap_mode="r")
+        return self._fov
+
+    def fov_mask(self, row: int) -> np.ndarray:
+        """The field-of-view mask of image ``row`` (bool ``S x S``), as computed once by
+        :func:`prepare` with :func:`medtune.data.fundus.field_of_view_mask`."""
+        return unpack_mask(self.fov[row], self.size)
+
     def __len__(self) -> int:
         return len(self.keys)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_images"] = None  # each process (e.g. DataLoader worker) maps the file itself
+        state["_fov"] = None
         return state
 
     def index_of(self, keys: Iterable[str]) -> np.ndarray:
         """Row indices of the given image keys (``KeyError`` names the first unknown key)."""
         lookup = {k: i for i, k in enumerate(self.keys)}
         return np.asarray([lookup[k] for k in keys], dtype=np.int64)
+
+
+def pack_mask(mask: np.ndarray) -> np.ndarray:
+    """A bool ``S x S`` mask as uint8 ``S x ceil(S / 8)`` (``numpy.packbits`` along rows)."""
+    return np.packbits(mask, axis=-1)
+
+
+def unpack_mask(packed: np.ndarray, size: int) -> np.ndarray:
+    """Inverse of :func:`pack_mask`: bool ``S x S``."""
+    return np.unpackbits(np.asarray(packed), axis=-1, count=size).astype(bool)
 
 
 def open_cache(path: str | os.PathLike[str]) -> PreparedCache:
@@ -124,16 +163,22 @@ def open_cache(path: str | os.PathLike[str]) -> PreparedCache:
         params=dict(meta["params"]),
         sites=meta.get("sites"),
     )
-    expected = (len(cache.keys), cache.size, cache.size, 3)
+    n, size = len(cache.keys), cache.size
+    _check_array(path, "images.npy", lambda: cache.images.shape, (n, size, size, 3))
+    _check_array(path, "fov.npy", lambda: cache.fov.shape, (n, size, (size + 7) // 8))
+    return cache
+
+
+def _check_array(path: Path, name: str, shape_of: Any, expected: tuple[int, ...]) -> None:
+    """A one-line error naming the cache folder when one of its arrays is unreadable or wrong."""
     try:
-        shape = cache.images.shape
+        shape = shape_of()
     except (OSError, ValueError) as err:
-        raise MedtuneError(f"{path}: cannot open images.npy ({err}); delete the folder") from None
+        raise MedtuneError(f"{path}: cannot open {name} ({err}); delete the folder") from None
     if shape != expected:
         raise MedtuneError(
-            f"{path}: images.npy has shape {shape}, index.json says {expected}; delete the folder"
+            f"{path}: {name} has shape {shape}, index.json says {expected}; delete the folder"
         )
-    return cache
 
 
 # --------------------------------------------------------------------------- prepare
@@ -190,7 +235,7 @@ def _params(size: int, opts: Any, fundus: Any) -> dict[str, Any]:
         "size": size,
         "fundus": opts.to_dict(),
         "fundus_version": getattr(fundus, "VERSION", None),
-        "decode_side": DECODE_SIDE_FACTOR * size,
+        "decode": "min_side",  # decoded only as large as ``size`` needs (prepare_image)
     }
 
 
@@ -277,7 +322,10 @@ def _build(
         mm = np.lib.format.open_memmap(
             npy, mode="w+", dtype=np.uint8, shape=(len(imageset), size, size, 3)
         )
-        del mm
+        fov = np.lib.format.open_memmap(
+            tmp / "fov.npy", mode="w+", dtype=np.uint8, shape=(len(imageset), size, (size + 7) // 8)
+        )
+        del mm, fov
         _reserve_space(npy)
         failures = _fill(imageset, npy, params, skip_bad, num_workers, progress, key)
         good = [i for i in range(len(imageset)) if i not in failures]
@@ -289,7 +337,9 @@ def _build(
             )
         if failures:
             _compact(npy, good)
+            _compact(tmp / "fov.npy", good)
         _fsync_path(npy)
+        _fsync_path(tmp / "fov.npy")
         skipped = [
             {"key": imageset.keys[i], "path": imageset.display_path(i), "reason": failures[i]}
             for i in sorted(failures)
@@ -316,8 +366,8 @@ def _reserve_space(npy: Path) -> None:
             if err.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise MedtuneError(
                     f"{npy.parent.parent}: not enough disk space for the prepared images "
-                    f"({os.fstat(fh.fileno()).st_size / 2**20:.0f} MiB); free space or pass "
-                    "--cache-dir on a larger disk"
+                    f"({os.fstat(fh.fileno()).st_size / 2**20:.0f} MiB); free space"
+                    + offer(" or pass {} on a larger disk", "--cache-dir")
                 ) from None
             if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # fs without fallocate: go on
                 raise
@@ -397,7 +447,7 @@ def _fill(
 
     def task(rows: range) -> tuple[Any, ...]:
         items = [(i, imageset.source_of(i)) for i in rows]
-        return (str(npy), items, params["size"], params["fundus"], params["decode_side"])
+        return (str(npy), items, params["size"], params["fundus"])
 
     with bar:
         if num_workers <= 0:
@@ -436,18 +486,19 @@ def _process_chunk(
     items: list[tuple[int, str | np.ndarray]],
     size: int,
     fundus_opts: dict[str, Any],
-    decode_side: int,
 ) -> list[tuple[int, str]]:
-    """Decode + preprocess ``items`` into their rows of ``npy`` (runs in workers too)."""
+    """Prepare ``items`` into their rows of ``npy`` and their FOV masks into ``fov.npy`` beside
+    it (runs in workers too)."""
     from medtune.data import fundus
 
     opts = fundus.FundusOptions.from_dict(fundus_opts)
     mm = np.load(npy, mmap_mode="r+")
+    fov = np.load(Path(npy).with_name("fov.npy"), mmap_mode="r+")
     failures: list[tuple[int, str]] = []
     try:
         for row, src in items:
             try:
-                arr = fundus.preprocess(decode_source(src, decode_side), size, opts)
+                arr = prepare_image(src, size, opts)
             except BadImageError as err:
                 match = _REASON.search(str(err))
                 failures.append((row, match.group(1) if match else str(err)))
@@ -455,16 +506,18 @@ def _process_chunk(
             if arr.shape != (size, size, 3) or arr.dtype != np.uint8:
                 raise RuntimeError(f"preprocess returned {arr.shape} {arr.dtype} for row {row}")
             mm[row] = arr
+            fov[row] = pack_mask(fundus.field_of_view_mask(arr))
         mm.flush()
+        fov.flush()
     finally:
-        del mm
+        del mm, fov
     return failures
 
 
 def _compact(npy: Path, good: list[int], block: int = 256) -> None:
     """Rewrite ``npy`` keeping only the rows in ``good`` (after skipping bad images)."""
     src = np.load(npy, mmap_mode="r")
-    tmp = npy.with_name("images.compact.npy")
+    tmp = npy.with_name(npy.stem + ".compact.npy")
     shape = (len(good), *src.shape[1:])
     dst = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
     for start in range(0, len(good), block):

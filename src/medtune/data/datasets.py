@@ -4,7 +4,8 @@ Items are ``(uint8 tensor C x H x W, int label)``; conversion to float and norma
 later on the whole batch (on the GPU). The default augmentation is exact: rotations by multiples of
 90 degrees and flips, which need no interpolation and suit fundus photos (no canonical
 orientation). Site augmentation (:mod:`medtune.data.site_augment`: brightness, contrast, gamma,
-colour temperature, blur, JPEG, scale, inside the field of view) is added on request.
+colour temperature, blur, JPEG, scale, inside the field of view) is added on request; its
+field-of-view mask comes from the cache (``fov.npy``, detected once per image by ``prepare``).
 """
 
 from __future__ import annotations
@@ -102,14 +103,23 @@ class CachedImageDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         row = int(self.indices[index])
         img = torch.from_numpy(self._array(row)).permute(2, 0, 1)
+        # the FOV mask stored by prepare (not detected every epoch), turned with the image
+        fov = torch.from_numpy(self.cache.fov_mask(row)).unsqueeze(0) if self.site else None
         if self.rot90 or self.hflip or self.vflip:
             k, h, v = self._draws()
-            if self.rot90 and k:
-                img = torch.rot90(img, k, dims=(1, 2))
-            if self.hflip and h:
-                img = torch.flip(img, dims=(2,))
-            if self.vflip and v:
-                img = torch.flip(img, dims=(1,))
+            img, fov = (self._turn(x, k, h, v) for x in (img, fov))
         if self.site:
-            img = augment_site(img, self.site, self._generator())
+            img = augment_site(img, self.site, self._generator(), fov=fov[0])
         return img.contiguous(), int(self.cache.labels[row])
+
+    def _turn(self, x: torch.Tensor | None, k: int, h: bool, v: bool) -> torch.Tensor | None:
+        """``x`` (C x H x W) rotated by ``k`` quarter turns and flipped as the flags say."""
+        if x is None:
+            return None
+        if self.rot90 and k:
+            x = torch.rot90(x, k, dims=(1, 2))
+        if self.hflip and h:
+            x = torch.flip(x, dims=(2,))
+        if self.vflip and v:
+            x = torch.flip(x, dims=(1,))
+        return x

@@ -67,6 +67,7 @@ __all__ = [
     "iter_image_files",
     "list_image_files",
     "load_rgb",
+    "reduce_to_min_side",
     "scale_to_uint8",
     "to_rgb8",
 ]
@@ -195,7 +196,12 @@ def iter_image_files(root: str | os.PathLike[str]) -> Iterator[Path]:
 # --------------------------------------------------------------------------- decoding
 
 
-def load_rgb(path: str | os.PathLike[str], max_side: int | None = None) -> Image.Image:
+def load_rgb(
+    path: str | os.PathLike[str],
+    max_side: int | None = None,
+    *,
+    min_side: int | None = None,
+) -> Image.Image:
     """Decode ``path`` fully into an 8-bit RGB image, EXIF orientation applied exactly once.
 
     Parameters
@@ -206,6 +212,13 @@ def load_rgb(path: str | os.PathLike[str], max_side: int | None = None) -> Image
         When given, the result's longer side is at most ``max_side`` pixels. JPEGs are then
         decoded with DCT scaling (``Image.draft``) so large photos are never decoded at full
         size; other formats are decoded and reduced.
+    min_side : int, optional
+        Decode only as large as a ``min_side`` px network input needs (ignored with
+        ``max_side``): JPEGs at the smallest DCT scale (1/2, 1/4 or 1/8, libjpeg's scaled
+        decoding through ``Image.draft``) whose shorter side is still at least ``min_side``;
+        other formats reduced by the largest whole factor that keeps it so (``Image.reduce``,
+        a box filter). Nothing else is resampled, so the field-of-view crop is found on the
+        decoded image and resized once.
 
     Returns
     -------
@@ -224,11 +237,11 @@ def load_rgb(path: str | os.PathLike[str], max_side: int | None = None) -> Image
     except OSError as err:
         raise BadImageError(path, f"cannot open: {err.strerror or err}") from None
     if dicom.is_dicom_path(path):
-        return dicom.read_dicom(path, max_side=max_side)
+        return reduce_to_min_side(dicom.read_dicom(path, max_side=max_side), min_side)
     img = None
     try:
         img = Image.open(path)
-        out = _decode(img, max_side, path)
+        out = _decode(img, max_side, path, None if max_side is not None else min_side)
         if out is not img:
             img.close()
         return out  # when ``out is img``, load() already closed the file of a single-frame image
@@ -251,21 +264,45 @@ def _reason(err: BaseException) -> str:
     return f"{type(err).__name__}: {text}" if not isinstance(err, OSError) else text
 
 
-def _decode(img: Image.Image, max_side: int | None, path: Path) -> Image.Image:
+def _decode(
+    img: Image.Image, max_side: int | None, path: Path, min_side: int | None = None
+) -> Image.Image:
     peak = _declared_peak(img, path)
     deep = _read_deep_colour(img, path)
     if deep is not None:  # 16-bit colour as stored: orientation still to apply
         orientation = _orientation(img)
         out = to_rgb8(Image.fromarray(_scale_colour(deep, peak, path)), max_side=max_side)
-        return _transpose(out, orientation)
-    if max_side is not None and img.format == "JPEG":
-        # choose the largest DCT scale that keeps both sides >= max_side; never full size
-        img.draft("RGB" if img.mode in ("RGB", "YCbCr") else img.mode, (max_side, max_side))
+        return _transpose(reduce_to_min_side(out, min_side), orientation)
+    request = max_side if max_side is not None else min_side
+    if request is not None and img.format == "JPEG":
+        # libjpeg's DCT scaling: the largest of 1/2, 1/4, 1/8 that keeps both sides >= request
+        img.draft("RGB" if img.mode in ("RGB", "YCbCr") else img.mode, (request, request))
     img.load()  # full decode here, so truncated files fail now and not later
     # read after load(): Pillow has already transposed TIFF and removed the tag; never twice
     orientation = _orientation(img)
     out = to_rgb8(img, max_side=max_side, peak=peak, name=str(path))
-    return _transpose(out, orientation)
+    return _transpose(reduce_to_min_side(out, min_side), orientation)
+
+
+def reduce_to_min_side(img: Image.Image, min_side: int | None) -> Image.Image:
+    """``img`` reduced by the largest whole factor that keeps its shorter side >= ``min_side``.
+
+    Parameters
+    ----------
+    img : PIL.Image.Image
+        Any size (a JPEG already DCT-scaled by ``draft`` is usually left as is).
+    min_side : int or None
+        ``None`` returns ``img``.
+
+    Returns
+    -------
+    PIL.Image.Image
+        ``Image.reduce`` (box filter over whole blocks) of ``img``, or ``img`` itself.
+    """
+    if min_side is None or min_side < 1:
+        return img
+    factor = min(img.size) // int(min_side)
+    return img.reduce(factor) if factor >= 2 else img
 
 
 _TRANSPOSE = {

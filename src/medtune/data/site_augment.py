@@ -4,7 +4,8 @@ Another clinic's photographs differ from the training site's in exposure, contra
 white balance, focus, compression and how large the field of view (FOV) sits in the frame.
 :func:`augment_site` draws one random change of each chosen kind for a training image, applies
 it, and keeps everything outside the image's FOV black, so the network never learns from a
-changed border.
+changed border. The FOV mask is detected once per image when the cache is prepared
+(``fov.npy``), not every epoch.
 
 Each name and its change, drawn per image:
 
@@ -92,7 +93,10 @@ def resolve_augment(names: Iterable[str] | str | None) -> tuple[str, ...]:
 
 
 def augment_site(
-    image: torch.Tensor, names: tuple[str, ...], rng: np.random.Generator
+    image: torch.Tensor,
+    names: tuple[str, ...],
+    rng: np.random.Generator,
+    fov: torch.Tensor | np.ndarray | None = None,
 ) -> torch.Tensor:
     """Apply one random draw of each named site augmentation inside the field of view.
 
@@ -104,26 +108,27 @@ def augment_site(
         Output of :func:`resolve_augment`; empty returns ``image`` unchanged.
     rng : numpy.random.Generator
         Source of every random draw (seeded by the dataset, so runs repeat).
+    fov : torch.Tensor or numpy.ndarray, optional
+        bool (H, W): ``image``'s field-of-view mask, e.g. stored once per image by the prepared
+        cache (:meth:`medtune.data.cache.PreparedCache.fov_mask`, turned with the image). When
+        omitted it is computed here with :func:`medtune.data.fundus.field_of_view_mask`; the
+        result is the same.
 
     Returns
     -------
     torch.Tensor
-        uint8, shape (3, H, W); pixels outside the (possibly rescaled) FOV are black.
+        uint8, shape (3, H, W); pixels outside the FOV are black (with ``scale``, the FOV zoomed
+        with the image: bilinear, threshold 0.5).
     """
     if not names:
         return image
+    if fov is None:
+        fov = field_of_view_mask(image.permute(1, 2, 0).numpy())
+    keep = torch.as_tensor(np.asarray(fov, dtype=np.uint8)).mul_(255).unsqueeze(0)
     img = image
     if "scale" in names:
         zoom = float(rng.uniform(0.9, 1.1))
-        img = TF.affine(
-            img,
-            angle=0.0,
-            translate=[0, 0],
-            scale=zoom,
-            shear=[0.0, 0.0],
-            interpolation=TF.InterpolationMode.BILINEAR,
-        )
-    fov = torch.from_numpy(field_of_view_mask(img.permute(1, 2, 0).numpy()))
+        img, keep = (_zoom(x, zoom) for x in (img, keep))
     if "brightness" in names:
         img = TF.adjust_brightness(img, float(rng.uniform(0.75, 1.25)))
     if "contrast" in names:
@@ -138,7 +143,19 @@ def augment_site(
         img = TF.gaussian_blur(img, [kernel, kernel], [sigma, sigma])
     if "jpeg" in names and rng.random() < 0.5:
         img = _jpeg(img, int(rng.integers(30, 96)))
-    return img * fov.to(img.dtype)
+    return img * (keep >= 128).to(img.dtype)
+
+
+def _zoom(img: torch.Tensor, zoom: float) -> torch.Tensor:
+    """Zoom about the centre (bilinear; outside the source is black)."""
+    return TF.affine(
+        img,
+        angle=0.0,
+        translate=[0, 0],
+        scale=zoom,
+        shear=[0.0, 0.0],
+        interpolation=TF.InterpolationMode.BILINEAR,
+    )
 
 
 def _jpeg(img: torch.Tensor, quality: int) -> torch.Tensor:

@@ -55,7 +55,7 @@ from medtune.data.images import (
     warn_ignored,
 )
 from medtune.data.preprocess import decode_source
-from medtune.errors import BadImageError, MedtuneError
+from medtune.errors import BadImageError, MedtuneError, offer
 
 __all__ = ["ImageSet", "load_imageset", "load_sites", "site_name", "SPLIT_NAMES"]
 
@@ -510,7 +510,7 @@ def _read_csv_source(
             continue
         keep.append(pos)
         rows.keys.append(found)
-    _report_missing(csv, root, missing, skip_bad, rows)
+    _report_missing(csv, index, missing, skip_bad, rows)
     _check_duplicates(csv, rows.keys, [row_numbers[p] for p in keep], resolved=True)
     rows.raw_labels = [frame[label_col].iat[p] for p in keep]
     rows.row_numbers = [row_numbers[p] for p in keep]
@@ -537,8 +537,9 @@ def _check_duplicates(
 
 
 def _report_missing(
-    csv: Path, root: Path, missing: list[tuple[int, str]], skip_bad: bool, rows: _Rows
+    csv: Path, index: _FileIndex, missing: list[tuple[int, str]], skip_bad: bool, rows: _Rows
 ) -> None:
+    root = index.root
     if not missing:
         return
     if skip_bad:
@@ -548,8 +549,20 @@ def _report_missing(
     more = f" (and {len(missing) - 1} more rows)" if len(missing) > 1 else ""
     raise MedtuneError(
         f"{csv}: row {row}: image file '{name}' not found in {root} or its images/ or train/ "
-        f"subfolder{more}; fix the CSV, add the file, or pass --skip-bad to skip missing images"
+        f"subfolder{more}{_other_extension(index, name)}; fix the CSV or add the file"
+        + offer(", or pass {} to skip missing images", "--skip-bad")
     )
+
+
+def _other_extension(index: _FileIndex, name: str) -> str:
+    """``" (there is 'eye0.jpg'; ...)"`` when a file named like ``name`` but with another
+    extension exists (a CSV naming ``eye0.png`` beside ``eye0.jpg``), else ``""``."""
+    stem = posixpath.splitext(name.replace("\\", "/"))[0]
+    for prefix in IMAGE_SUBDIRS:
+        hits = index.stems.get(_nfc(posixpath.normpath(prefix + stem)).casefold())
+        if hits:
+            return f" (there is '{hits[0]}': correct the extension in the CSV)"
+    return ""
 
 
 def _check_unlabelled(
@@ -567,8 +580,8 @@ def _check_unlabelled(
     folder = root / posixpath.dirname(extra[0])
     raise MedtuneError(
         f"{csv}: {len(extra)} image file(s) in {folder} have no label row, e.g. "
-        f"'{posixpath.basename(extra[0])}'; add them to {csv.name}, move them out, "
-        "or pass --skip-bad to skip them"
+        f"'{posixpath.basename(extra[0])}'; add them to {csv.name} or move them out"
+        + offer(", or pass {} to skip them", "--skip-bad")
     )
 
 

@@ -24,7 +24,7 @@ import pandas as pd
 
 from medtune import io as mio
 from medtune.data.sources import SPLIT_NAMES, read_table
-from medtune.errors import MedtuneError
+from medtune.errors import MedtuneError, offer
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,8 @@ def _check_held_out(
         if name == "val" and not any(per_site.values()):
             raise MedtuneError(
                 f"cannot hold out any validation images: {_too_few(labels, groups, site_of)}; "
-                "add a second image (of another patient) to a class, or give --val-data"
+                "add a second image (of another patient) to a class"
+                + offer(", or give {}", "--val-data")
             )
         for site, has in per_site.items():
             if not has:
@@ -220,10 +221,11 @@ def _hold_out(
     for c in rng.permutation(len(need)):  # every class that can spare a group shows up held out
         if not total[c] or (table.counts[held, c] > 0).any():
             continue
+        rest = table.rest_has(held)
         movable = [
             g
             for g in rng.permutation(np.flatnonzero(~held & (table.counts[:, c] > 0)))
-            if np.all(table.rest_has(held) - (table.counts[g] > 0) >= need)
+            if np.all(rest - (table.counts[g] > 0) >= need)
         ]
         if movable:
             held[min(movable, key=lambda g: table.counts[g].sum())] = True

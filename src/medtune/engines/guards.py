@@ -18,7 +18,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 
-from medtune.errors import MedtuneError
+from medtune.errors import MedtuneError, offer
 
 
 def _describe(value: float) -> str:
@@ -70,9 +70,12 @@ class NonFiniteLossGuard(L.Callback):
         else:
             kept = "no checkpoint was written before it"
         raise MedtuneError(
-            f"{trainer.default_root_dir}: {what} at epoch {epoch} step {step}; {kept}. "
-            "Lower --lr (or --backbone-lr-mult), or use --precision 32-true, and train again "
-            "into a new --out (--resume continues with the same settings)"
+            f"{trainer.default_root_dir}: {what} at epoch {epoch} step {step}; {kept}; train "
+            "again"
+            + offer(" into a new {}", "--out")
+            + offer(" with a lower {}", "--lr", "--backbone-lr-mult")
+            + offer(" or with {} 32-true", "--precision")
+            + offer(" ({} continues with the same settings)", "--resume")
         )
 
 

@@ -1,6 +1,7 @@
 """medtune.evaluation: the evaluation core. Clinical metrics with intervals, operating points,
 calibration, ordinal decoding, TTA inference, Grad-CAM, figures, the HTML report, and the
-image-quality gate (``assess_quality``).
+image-quality gate (``assess_quality``), and eyes and patients from image rows
+(``aggregate_eyes``, ``aggregate_patient``, ``screen_patients``).
 
 Names are imported lazily (PEP 562, through ``lazy_loader``): the torch-free ONNX predictor
 imports :mod:`medtune.evaluation.calibration` and :mod:`medtune.evaluation.decoding`
@@ -34,5 +35,13 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
         "gradcam": ["gradcam_overlays", "select_gradcam_examples"],
         "report": ["write_report"],
         "quality": ["QualityThresholds", "QualityVerdict", "assess_quality"],
+        "patients": [
+            "EyeResult",
+            "PatientResult",
+            "aggregate_eyes",
+            "aggregate_patient",
+            "aggregate_patients",
+            "screen_patients",
+        ],
     },
 )

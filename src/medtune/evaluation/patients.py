@@ -50,7 +50,9 @@ from typing import Any
 
 import numpy as np
 
+from medtune.config import DEFAULT_OPERATING_POINT
 from medtune.errors import MedtuneError
+from medtune.evaluation.referral import UNGRADABLE
 
 __all__ = [
     "DEFAULT_PATIENT_RULE",
@@ -72,7 +74,6 @@ __all__ = [
 INSUFFICIENT = "insufficient quality"
 #: An eye whose laterality is unknown (its images still belong to the patient).
 UNKNOWN_EYE = "unknown"
-UNGRADABLE = "ungradable"
 GRADED = "graded"
 _EYE_ORDER = ("right", "left", UNKNOWN_EYE)
 
@@ -322,7 +323,7 @@ def _reason(eyes: Sequence[EyeResult], refer: str | None) -> str:
         bad = [f"{e.eye} eye ungradable" for e in eyes if not e.graded]
         return "; ".join(bad + [f"no {s} eye photograph" for s in missing]) or INSUFFICIENT
     graded = [f"{e.eye} eye" for e in eyes if e.graded]
-    return "graded: " + ", ".join(graded) if graded else ""
+    return f"not referable ({' and '.join(graded)} graded)" if graded else ""
 
 
 def aggregate_patient(eyes: Sequence[EyeResult], rule: str = DEFAULT_PATIENT_RULE) -> PatientResult:
@@ -482,7 +483,7 @@ def patient_metrics(
     *,
     grades: Any = None,
     rule: str = DEFAULT_PATIENT_RULE,
-    headline: str = "sens90",
+    headline: str = DEFAULT_OPERATING_POINT,
 ) -> dict[str, Any] | None:
     """Patient-level sensitivity, specificity and imageability with 95% Wilson intervals.
 
@@ -511,7 +512,7 @@ def patient_metrics(
     grades : array-like of int, shape (N,), optional
         Decoded grades (for the eyes' grades; default 0).
     rule : {"either-eye", "both-eyes"}, default "either-eye"
-    headline : str, default "sens90"
+    headline : str, default ``config.DEFAULT_OPERATING_POINT`` ("sens90")
         The operating point whose figures are also given at the top level (``medtune
         predict``'s default point); the first point when absent.
 

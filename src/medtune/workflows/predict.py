@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from medtune.config import TTA_MODES
 from medtune.data.images import is_listed_image, iter_image_files
-from medtune.data.preprocess import DECODE_SIDE_FACTOR, decode_source, prepare_image
+from medtune.data.preprocess import decode_source, prepare_image
 from medtune.errors import BadImageError, MedtuneError
 from medtune.evaluation.decoding import decode
 from medtune.evaluation.grades import grade_names
@@ -46,6 +46,7 @@ from medtune.evaluation.referral import (
 )
 from medtune.io import write_json, write_text
 from medtune.runs import RunFolder
+from medtune.workflows.predict_journal import PredictJournal, fingerprint
 
 BATCH = 32
 QUALITY_RULE = (
@@ -467,6 +468,7 @@ def predict(
     progress: bool = True,
     predictor: Predictor | None = None,
     quality_model: str | Path | None = None,
+    resume: bool = False,
     manifest: str | Path | None = None,
     patient_rule: str = DEFAULT_PATIENT_RULE,
 ) -> list[dict[str, Any]]:
@@ -510,6 +512,10 @@ def predict(
     quality_model : str or pathlib.Path, optional
         A run trained on quality grades (Good/Usable/Reject): images it calls Reject are
         ungradable too (:func:`load_predictor`).
+    resume : bool, default False
+        Continue a killed call with the same images, model and settings: the batches it
+        finished (kept in ``<out stem>.journal.jsonl``, or beside ``json_path``) are not
+        predicted again, and the output has exactly the rows of an uninterrupted call.
     manifest : str or pathlib.Path, optional
         A CSV ``image,patient_id,eye`` naming each image's patient and eye; without it DICOM
         ``PatientID`` + ``ImageLaterality`` and file names such as ``17_left.jpeg`` or
@@ -549,21 +555,22 @@ def predict(
     if explain and predictor.torch_model is None:
         raise MedtuneError("explain needs run (Grad-CAM needs the PyTorch model, not model.onnx)")
     paths = expand_inputs([str(item) for item in inputs])
-    rows: list[PredictionRow] = []
     skipped: list[tuple[str, str]] = []
     written: set[str] = set()
+    meta = prediction_meta(predictor, operating_point)
+    journal = _journal(out or json_path, meta, predictor, paths, skip_bad, resume)
 
     def load(chunk: list[Path]) -> PreparedBatch:
         return _prepare_files(chunk, predictor, skip_bad, skipped)
 
-    for batch in _prefetched(_batches(paths, progress), load):
-        if not batch.names:
-            continue
-        new, probs, labels = _predict_batch(batch, predictor, rule)
-        rows += new
-        if explain:
-            _write_gradcam(predictor, batch, new, labels, Path(explain), written)
-    meta = prediction_meta(predictor, operating_point)
+    for batch in _prefetched(journal.pending(_batches(paths, progress)), load):
+        new: list[PredictionRow] = []
+        if batch.names:
+            new, probs, labels = _predict_batch(batch, predictor, rule)
+            if explain:
+                _write_gradcam(predictor, batch, new, labels, Path(explain), written)
+        journal.record(new, skipped)  # a killed run continues from here with --resume
+    rows, skipped = journal.results()
     grouped = screen_patients(rows, manifest=manifest, rule=patient_rule)
     if grouped is not None:
         meta["patients"] = grouped.meta()
@@ -578,7 +585,24 @@ def predict(
             write_text(Path(out).with_suffix(f".{name}.csv"), to_csv(items))
     if json_path:
         write_text(json_path, to_json(rows, meta, _patient_sections(grouped)))
-    return [row.as_dict() for row in rows]
+    journal.close()
+    return [_as_dict(row) for row in rows]
+
+
+def _journal(
+    output: str | Path | None,
+    meta: dict[str, Any],
+    predictor: Predictor,
+    paths: list[Path],
+    skip_bad: bool,
+    resume: bool,
+) -> PredictJournal:
+    """The journal of finished batches beside the output (:mod:`.predict_journal`)."""
+    quality = predictor.quality_model.source if predictor.quality_model else None
+    request = {"meta": {k: v for k, v in meta.items() if k != "created"}, "skip_bad": skip_bad}
+    models = [predictor.source] + ([quality] if quality else [])
+    key = fingerprint(request, [str(p) for p in paths], BATCH, models)
+    return PredictJournal.start(output, key, resume=resume)
 
 
 def _prepare_files(
@@ -586,10 +610,9 @@ def _prepare_files(
 ) -> PreparedBatch:
     """Decode each file once (as training did), skipping unreadable ones when asked."""
     names, images = [], []
-    side = DECODE_SIDE_FACTOR * predictor.image_size
     for path in paths:
-        try:
-            images.append(decode_source(str(path), side))
+        try:  # only as large as the network input needs (JPEG DCT scaling)
+            images.append(decode_source(str(path), min_side=predictor.image_size))
             names.append(str(path))
         except BadImageError as err:
             if not skip_bad:
