@@ -134,9 +134,9 @@ def _train(sites: list[Path], out: Path, name: str, args: argparse.Namespace) ->
     return str(out), round(time.perf_counter() - started, 1)
 
 
-def shift_detection(run: str, held: Path, args: argparse.Namespace) -> dict[str, Any]:
+def shift_detection(run: str, held: Path | list[Path], args: argparse.Namespace) -> dict[str, Any]:
     """Share of ``--shift-draws`` batches of ``--shift-n`` images flagged by the batch shift
-    test: from the held-out site, and from each training site's held-out test images."""
+    test: from the held-out site(s), and from each training site's held-out test images."""
     from medtune.data import Part
     from medtune.evaluation.scoring import score
     from medtune.runs import RunFolder
@@ -152,8 +152,11 @@ def shift_detection(run: str, held: Path, args: argparse.Namespace) -> dict[str,
         scored = score(scorer, part.images, features=True)
         return scored.features, card.probabilities(scored.plain)
 
-    cache = prepare_source(str(held), config, Path(run), classes=card.class_names, progress=False)
-    batches = {held.name: outputs(Part(cache, np.arange(len(cache))))}
+    batches = {}
+    for site in held if isinstance(held, list) else [held]:
+        cache = prepare_source(str(site), config, Path(run), classes=card.class_names,
+                               progress=False)  # fmt: skip
+        batches[site.name] = outputs(Part(cache, np.arange(len(cache))))
     home = prepare_run_data(config, Path(run)).test
     if home is not None:
         feats, probs = outputs(home)
