@@ -317,12 +317,9 @@ def _prepare_all(sources: list[Any], card: ModelCard, progress: bool) -> np.ndar
     from medtune.data.preprocess import prepare_image
 
     spec = card.input_spec
-    return np.stack(
-        [
-            prepare_image(src, spec.image_size, spec.fundus)
-            for src in tqdm(sources, desc="adapt", unit="image", disable=not progress)
-        ]
-    )
+    # closed on an unreadable image too, so the one-line error starts a line of its own
+    with tqdm(sources, desc="adapt", unit="image", disable=not progress) as bar:
+        return np.stack([prepare_image(src, spec.image_size, spec.fundus) for src in bar])
 
 
 def _adabn(
