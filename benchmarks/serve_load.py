@@ -1,25 +1,29 @@
-"""A bounded load check of ``medtune serve`` on loopback (a measurement, not a timed test).
+"""A bounded load check of ``medtune serve`` and its worklist on loopback (a measurement, not a
+timed test).
 
     python benchmarks/serve_load.py --model RUN/export/model.onnx [--images FOLDER]
-        [--clients 20] [--per-client 5] [--workers N] [--out docs/screening.md]
+        [--clients 20] [--patients 5] [--photos 4] [--workers N] [--db URL]
+        [--kill-after N] [--out docs/screening.md] [--no-doc]
 
-Starts ``medtune serve`` as a separate process on 127.0.0.1 (a free port), waits until it
-answers, then lets ``--clients`` threads upload ``--per-client`` photographs each, all at once
-(a barrier releases them together), in two modes:
+Makes a fresh data folder with one user per client, starts ``medtune serve`` as a separate
+process on 127.0.0.1 (a free port) and lets ``--clients`` threads log in and screen
+``--patients`` patients each, all at once (a barrier releases them together); a patient is
+``--photos`` photographs, half of them right eye, half left. Every answer is checked: status 200,
+one row per photograph, in order, with probabilities equal (to 1e-6) to :func:`medtune.predict`
+on the same files. Then the worklist database is read directly: every answered screening must be
+there EXACTLY once, with all its photographs and both eyes; any failure makes the exit status 1.
 
-* ``batch``: each client sends its photographs in ONE request (what the page does);
-* ``single``: each client sends them one request per photograph, one after the other.
+``--kill-after N`` kills the server with SIGKILL once N screenings were answered, restarts it on
+the same database, and checks that no answered (committed) screening was lost and that no stored
+screening is half-written (every one has all its photographs and eyes); the clients then carry on
+with the patients they had left (a patient whose request was cut off by the kill is screened
+again after the restart; if the kill fell between the commit and the answer, that patient is
+then stored twice, which is counted and reported as ``resent_twice``, not as a loss).
 
-Every answer is checked: status 200, one row per photograph, in order, with the upload's name,
-and probabilities equal (to 1e-6) to :func:`medtune.predict` on the same files in this process;
-any failure is counted as lost and makes the exit status 1. Latency per photograph is the
-request's wall time divided by the photographs it carried (``batch``), or the request's wall
-time (``single``), measured at the client, so it includes queueing behind the other clients.
-
-Prints the JSON result to stdout and rewrites the block between ``<!-- serve-load:begin -->``
-and ``<!-- serve-load:end -->`` in ``--out``. Photographs: ``--images`` (default the EyePACS
-development set in ``../shared/data/eyepacs-dev/images``, full-size clinic JPEGs, else
-scikit-image's retina photograph saved as JPEG).
+Prints the JSON result to stdout and, unless ``--no-doc``, rewrites the block between
+``<!-- serve-load:begin -->`` and ``<!-- serve-load:end -->`` in ``--out``. Photographs:
+``--images`` (default the EyePACS development set in ``../shared/data/eyepacs-dev/images``,
+full-size clinic JPEGs, else scikit-image's retina photograph saved as JPEG).
 """
 
 from __future__ import annotations
@@ -29,10 +33,11 @@ import datetime as dt
 import json
 import os
 import platform
+import signal
 import socket
-import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -43,6 +48,7 @@ from benchlib import REPO, rewrite_block
 
 DEFAULT_IMAGES = REPO.parent / "shared" / "data" / "eyepacs-dev" / "images"
 BEGIN, END = "<!-- serve-load:begin -->", "<!-- serve-load:end -->"
+PASSWORD = "load-test-password"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -50,9 +56,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", required=True, help="an exported model.onnx")
     p.add_argument("--images", default=str(DEFAULT_IMAGES), help="folder of photographs")
     p.add_argument("--clients", type=int, default=20)
-    p.add_argument("--per-client", type=int, default=5)
+    p.add_argument("--patients", type=int, default=5, help="patients per client")
+    p.add_argument("--photos", type=int, default=4, help="photographs per patient (even)")
     p.add_argument("--workers", type=int, help="medtune serve --workers (default its own)")
-    p.add_argument("--modes", default="batch,single", help="comma-separated: batch,single")
+    p.add_argument("--db", help="worklist database URL (default SQLite in a fresh data folder)")
+    p.add_argument("--kill-after", type=int, help="SIGKILL the server after N screenings")
     p.add_argument("--out", default=str(REPO / "docs" / "screening.md"))
     p.add_argument("--no-doc", action="store_true", help="print only; leave --out alone")
     return p.parse_args(argv)
@@ -82,11 +90,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(model: str, port: int, workers: int | None) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "medtune.cli.main", "serve", "--model", model]
-    cmd += ["--port", str(port), "--max-files", "50"]
-    if workers:
-        cmd += ["--workers", str(workers)]
+def medtune(*args: str, stdin: str | None = None) -> None:
+    cmd = [sys.executable, "-m", "medtune.cli.main", *args]
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    subprocess.run(cmd, env=env, input=stdin, text=True, check=True, capture_output=True)
+
+
+def start_server(args: argparse.Namespace, folder: Path, port: int) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "medtune.cli.main", "serve", "--model", args.model]
+    cmd += ["--port", str(port), "--max-files", "50", "--data-dir", str(folder)]
+    if args.workers:
+        cmd += ["--workers", str(args.workers)]
+    if args.db:
+        cmd += ["--db", args.db]
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
@@ -109,78 +125,177 @@ def expected_rows(model: str, paths: list[Path]) -> dict[str, dict[str, Any]]:
     return {Path(r["image"]).name: r for r in rows}
 
 
-def check(rows: list[dict], sent: list[Path], expected: dict[str, dict]) -> bool:
-    if [r["image"] for r in rows] != [p.name for p in sent]:
+def rows_match(rows: list[dict], sent: list[str], expected: dict[str, dict]) -> bool:
+    if [r["image"] for r in rows] != sent:
         return False
     for row in rows:
-        want = expected[row["image"]]
+        want = expected[row["image"].split("__", 1)[1]]
         for key, value in want.items():
             if isinstance(value, float) and abs(row[key] - value) > 1e-6:
                 return False
     return True
 
 
-def run_mode(
-    mode: str, url: str, assignments: list[list[Path]], expected: dict[str, dict]
-) -> dict[str, Any]:
-    barrier = threading.Barrier(len(assignments))
-    per_image: list[float] = []
-    per_request: list[float] = []
-    server_seconds: list[float] = []
-    lost = 0
-    lock = threading.Lock()
+class Load:
+    """The clients' shared record: answers, latencies, failures."""
 
-    def post(client: httpx.Client, paths: list[Path]) -> None:
-        nonlocal lost
-        files = [("files", (p.name, p.read_bytes(), "image/jpeg")) for p in paths]
+    def __init__(self, args: argparse.Namespace, url: str, paths: list[Path], expected: dict):
+        self.args, self.url, self.paths, self.expected = args, url, paths, expected
+        self.lock = threading.Lock()
+        self.answered: dict[str, str] = {}  # patient -> screening id
+        self.latency: list[float] = []
+        self.wrong = 0
+        self.cut_off: set[str] = set()
+        self.killed = threading.Event()
+
+    def patient(self, client: int, k: int) -> tuple[str, list[tuple], list[str]]:
+        n = self.args.photos
+        start = ((client * self.args.patients + k) * n) % len(self.paths)
+        chosen = [self.paths[(start + j) % len(self.paths)] for j in range(n)]
+        patient = f"LOAD-{client:02d}-{k:02d}"
+        files = [
+            ("files", (f"{patient}_{j}__{p.name}", p.read_bytes())) for j, p in enumerate(chosen)
+        ]
+        return patient, files, ["right" if j < n // 2 else "left" for j in range(n)]
+
+    def screen(self, http: httpx.Client, csrf: str, client: int, k: int) -> bool:
+        patient, files, sides = self.patient(client, k)
         started = time.perf_counter()
         try:
-            res = client.post(f"{url}/api/predict", files=files, timeout=300)
-            ok = res.status_code == 200 and check(res.json()["rows"], paths, expected)
+            res = http.post(
+                f"{self.url}/api/predict",
+                files=files,
+                data={"patient": patient, "eye": sides},
+                headers={"X-CSRF-Token": csrf},
+                timeout=600,
+            )
         except httpx.HTTPError:
-            ok, res = False, None
+            with self.lock:
+                self.cut_off.add(patient)
+            return False
         took = time.perf_counter() - started
-        with lock:
-            if not ok:
-                lost += len(paths)
-                return
-            per_request.append(took)
-            per_image.extend([took / len(paths)] * len(paths))
-            server_seconds.append(res.json()["seconds"])
+        sent = [f[1][0] for f in files]
+        with self.lock:
+            if res.status_code != 200 or not rows_match(res.json()["rows"], sent, self.expected):
+                self.wrong += 1
+                return False
+            self.answered[patient] = res.json()["screening"]["id"]
+            self.latency.append(took)
+            done = len(self.answered)
+        if self.args.kill_after and done >= self.args.kill_after:
+            self.killed.set()
+        return True
 
-    def client_job(paths: list[Path]) -> None:
-        with httpx.Client() as client:
-            barrier.wait()
-            if mode == "batch":
-                post(client, paths)
-            else:
-                for path in paths:
-                    post(client, [path])
 
-    threads = [threading.Thread(target=client_job, args=(a,)) for a in assignments]
+def client_job(load: Load, client: int, barrier: threading.Barrier, resume: threading.Event):
+    with httpx.Client() as http:
+        csrf = login(http, load.url, client)
+        barrier.wait()
+        k = 0
+        while k < load.args.patients:
+            if load.screen(http, csrf, client, k):
+                k += 1
+                continue
+            if not load.args.kill_after or not resume.wait(timeout=300):
+                k += 1  # counted as wrong or cut off; go on
+                continue
+            csrf = login(http, load.url, client)  # the same session works; a fresh one is simpler
+
+
+def login(http: httpx.Client, url: str, client: int) -> str:
+    for _ in range(100):
+        try:
+            res = http.post(
+                f"{url}/api/login", json={"username": f"load{client:02d}", "password": PASSWORD}
+            )
+            res.raise_for_status()
+            return res.json()["csrf"]
+        except httpx.HTTPError:
+            time.sleep(0.5)  # the server is restarting
+    raise SystemExit("could not log in")
+
+
+def check_database(url: str | None, folder: Path, photos: int) -> dict[str, Any]:
+    """Screenings per patient, and the ones missing photographs or an eye (half-written)."""
+    from sqlalchemy import func, select
+
+    from medtune.worklist.db import open_database
+    from medtune.worklist.models import Eye, ImageRecord, Screening
+
+    db = open_database(url, folder=folder)
+    try:
+        with db.session() as s:
+            per_patient = dict(
+                s.execute(select(Screening.patient, func.count()).group_by(Screening.patient)).all()
+            )
+            images = dict(
+                s.execute(
+                    select(ImageRecord.screening_id, func.count()).group_by(
+                        ImageRecord.screening_id
+                    )
+                ).all()
+            )
+            eyes = dict(
+                s.execute(select(Eye.screening_id, func.count()).group_by(Eye.screening_id)).all()
+            )
+            ids = list(s.scalars(select(Screening.id)))
+    finally:
+        db.close()
+    torn = [i for i in ids if images.get(i) != photos or eyes.get(i) != 2]
+    return {"per_patient": per_patient, "ids": set(ids), "torn": torn}
+
+
+def run(args: argparse.Namespace, paths: list[Path], expected: dict, folder: Path) -> dict:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = start_server(args, folder, port)
+    load = Load(args, url, paths, expected)
+    barrier, resume = threading.Barrier(args.clients), threading.Event()
+    threads = [
+        threading.Thread(target=client_job, args=(load, c, barrier, resume))
+        for c in range(args.clients)
+    ]
     started = time.perf_counter()
     for t in threads:
         t.start()
-    for t in threads:
-        t.join()
+    kill = {}
+    try:
+        if args.kill_after:
+            load.killed.wait()
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            with load.lock:
+                answered_before = dict(load.answered)
+            kill = check_database(args.db, folder, args.photos)
+            kill = {
+                "answered_before_kill": len(answered_before),
+                "lost": sorted(set(answered_before.values()) - kill["ids"]),
+                "torn": kill["torn"],
+            }
+            proc = start_server(args, folder, port)
+            resume.set()
+        for t in threads:
+            t.join()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
     wall = time.perf_counter() - started
-    sent = sum(len(a) for a in assignments)
+    final = check_database(args.db, folder, args.photos)
+    expected_patients = args.clients * args.patients
+    counts = final["per_patient"]
     return {
-        "mode": mode,
-        "images": sent,
-        "answered": sent - lost,
-        "lost": lost,
-        "requests": len(per_request),
+        "patients": expected_patients,
+        "answered": len(load.answered),
+        "wrong_answers": load.wrong,
+        "stored_once": sum(1 for p in load.answered if counts.get(p) == 1),
+        "missing": sorted(p for p, i in load.answered.items() if i not in final["ids"]),
+        "resent_twice": sorted(p for p, n in counts.items() if n > 1),
+        "torn": final["torn"],
+        "kill": kill,
         "wall_s": round(wall, 3),
-        "images_per_s": round((sent - lost) / wall, 2),
-        "per_image_p50_s": round(quantile(per_image, 0.50), 3),
-        "per_image_p95_s": round(quantile(per_image, 0.95), 3),
-        "per_image_max_s": round(max(per_image, default=float("nan")), 3),
-        "request_p50_s": round(quantile(per_request, 0.50), 3),
-        "request_p95_s": round(quantile(per_request, 0.95), 3),
-        "server_predict_mean_s": round(statistics.fmean(server_seconds), 3)
-        if server_seconds
-        else None,
+        "patients_per_s": round(len(load.answered) / wall, 3),
+        "request_p50_s": round(quantile(load.latency, 0.50), 3),
+        "request_p95_s": round(quantile(load.latency, 0.95), 3),
     }
 
 
@@ -191,84 +306,70 @@ def quantile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def load_average() -> str:
-    try:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
-
-
 def markdown(result: dict[str, Any]) -> str:
+    r = result["run"]
+    kill = r["kill"]
     lines = [
         BEGIN,
         f"Generated by `python benchmarks/serve_load.py` on {result['when']} "
-        f"({result['cpus']} CPU cores, {result['machine']}; load average before: "
-        f"{result['load_before']}). Model: `{result['model_name']}` "
-        f"({result['backbone']}, {result['image_size']} px, ONNX Runtime), "
-        f"`--workers {result['workers']}`; photographs: {result['images_desc']}. "
-        f"{result['clients']} clients x {result['per_client']} photographs, released together.",
+        f"({result['cpus']} CPU cores, {result['machine']}). Model: `{result['model_name']}` "
+        f"({result['backbone']}, {result['image_size']} px, ONNX Runtime); {result['clients']} "
+        f"logged-in clients x {result['patients']} patients x {result['photos']} photographs, "
+        f"released together; worklist: {result['db']}.",
         "",
-        "| mode | photographs | answered | lost | wall (s) | photographs/s | per photograph "
-        "p50 (s) | per photograph p95 (s) | request p50 (s) | request p95 (s) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| patients | answered | stored exactly once | missing | half-written | wall (s) | "
+        "patients/s | request p50 (s) | request p95 (s) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| {r['patients']} | {r['answered']} | {r['stored_once']} | {len(r['missing'])} | "
+        f"{len(r['torn'])} | {r['wall_s']} | {r['patients_per_s']} | {r['request_p50_s']} | "
+        f"{r['request_p95_s']} |",
     ]
-    for m in result["modes"]:
-        lines.append(
-            f"| {m['mode']} | {m['images']} | {m['answered']} | {m['lost']} | {m['wall_s']} | "
-            f"{m['images_per_s']} | {m['per_image_p50_s']} | {m['per_image_p95_s']} | "
-            f"{m['request_p50_s']} | {m['request_p95_s']} |"
-        )
+    if kill:
+        lines += [
+            "",
+            f"SIGKILL after {kill['answered_before_kill']} answered screenings: "
+            f"{len(kill['lost'])} of them lost, {len(kill['torn'])} half-written.",
+        ]
     lines.append(END)
     return "\n".join(lines)
-
-
-def write_report(path: Path, block: str) -> None:
-    rewrite_block(path, BEGIN, END, block, "# Screening")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     sys.path.insert(0, str(REPO / "src"))
-    n = args.clients * args.per_client
-    paths = photographs(Path(args.images), n, Path("/tmp") / f"serve-load-{os.getpid()}")
+    work = Path(tempfile.mkdtemp(prefix="serve-load-"))
+    folder = work / "data"
+    n = max(args.photos, min(100, args.clients * args.patients * args.photos))
+    paths = photographs(Path(args.images), n, work / "photos")
     expected = expected_rows(args.model, paths)
-    sidecar = json.loads((Path(args.model).parent / "model.json").read_text())
-    load_before = load_average()
-    port = free_port()
-    proc = start_server(args.model, port, args.workers)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        warm = [("files", (paths[0].name, paths[0].read_bytes(), "image/jpeg"))]
-        httpx.post(f"{url}/api/predict", files=warm, timeout=120).raise_for_status()
-        assignments = [
-            paths[i * args.per_client : (i + 1) * args.per_client] for i in range(args.clients)
-        ]
-        modes = [run_mode(m, url, assignments, expected) for m in args.modes.split(",")]
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    for c in range(args.clients):
+        where = ["--data-dir", str(folder)] + (["--db", args.db] if args.db else [])
+        medtune("users", "add", f"load{c:02d}", "--password-stdin", *where, stdin=PASSWORD + "\n")
+    from medtune.evaluation.card import read_card
+
+    card = read_card(Path(args.model).parent / "model.json")
     result = {
         "when": dt.date.today().isoformat(),
         "cpus": os.cpu_count(),
         "machine": platform.machine(),
-        "load_before": load_before,
         "model_name": Path(args.model).name,
-        "backbone": sidecar.get("backbone"),
-        "image_size": sidecar.get("image_size"),
+        "backbone": card.backbone,
+        "image_size": card.input_spec.image_size,
         "workers": args.workers or 2,
         "clients": args.clients,
-        "per_client": args.per_client,
-        "images_desc": (
-            f"{n} files from `{Path(args.images).parent.name}/{Path(args.images).name}`"
-            if Path(args.images).is_dir()
-            else f"{n} rotated copies of scikit-image's retina"
-        ),
-        "modes": modes,
+        "patients": args.patients,
+        "photos": args.photos,
+        "db": "PostgreSQL" if args.db else "SQLite",
+        "run": run(args, paths, expected, folder),
     }
-    print(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1, default=list))
     if not args.no_doc:
-        write_report(Path(args.out), markdown(result))
-    return 1 if any(m["lost"] for m in modes) else 0
+        rewrite_block(Path(args.out), BEGIN, END, markdown(result), "# Screening")
+    r = result["run"]
+    bad = r["wrong_answers"] or r["missing"] or r["torn"]
+    bad = bad or (r["kill"] and (r["kill"]["lost"] or r["kill"]["torn"]))
+    bad = bad or (not args.kill_after and r["stored_once"] != r["patients"])
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

@@ -138,22 +138,21 @@ def shift_detection(run: str, held: Path, args: argparse.Namespace) -> dict[str,
     """Share of ``--shift-draws`` batches of ``--shift-n`` images flagged by the batch shift
     test: from the held-out site, and from each training site's held-out test images."""
     from medtune.data import Part
-    from medtune.engines.finalize import ImageEvaluator
-    from medtune.evaluation.calibration import apply_temperature
+    from medtune.evaluation.scoring import score
     from medtune.runs import RunFolder
     from medtune.runs.data import prepare_run_data, prepare_source
 
     folder = RunFolder(run)
     test = folder.read_batch_shift()
-    model, meta = folder.load_model()
+    scorer = folder.load_scorer()
+    card = scorer.card
     config = folder.read_config()
-    evaluator = ImageEvaluator(model, meta.mean, meta.std, progress=False)
 
     def outputs(part: Part) -> tuple[np.ndarray, np.ndarray]:
-        logits, feats = evaluator.logits_and_features(part)
-        return feats, apply_temperature(logits, meta.temperature)
+        scored = score(scorer, part.images, features=True)
+        return scored.features, card.probabilities(scored.plain)
 
-    cache = prepare_source(str(held), config, Path(run), classes=meta.class_names, progress=False)
+    cache = prepare_source(str(held), config, Path(run), classes=card.class_names, progress=False)
     batches = {held.name: outputs(Part(cache, np.arange(len(cache))))}
     home = prepare_run_data(config, Path(run)).test
     if home is not None:

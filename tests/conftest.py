@@ -81,6 +81,7 @@ def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Prepared caches go to the test's own folder, never to ~/.cache."""
     cache = tmp_path / "medtune-cache"
     monkeypatch.setenv("MEDTUNE_CACHE", str(cache))
+    monkeypatch.setenv("MEDTUNE_DATA", str(tmp_path / "medtune-data"))  # serve's worklist
     return cache
 
 
@@ -158,3 +159,40 @@ def imagenet_probs(backbone, image: np.ndarray):
     x = imagenet_input(image, backbone.image_size, backbone.mean, backbone.std)
     with torch.no_grad():
         return backbone.imagenet_logits(x).softmax(-1)[0]
+
+
+@pytest.fixture(scope="session")
+def served_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A linear probe on made-up graded images (grades 0-4: a DR model with a referral rule,
+    64 px, no pretrained weights) and its ONNX export in ``RUN/../export``; shared by the tests
+    of ``medtune serve``. 64 px: the image-quality gate judges the network input, and below
+    64 px it finds even a sharp fundus photograph out of focus."""
+    from medtune.cli.main import main
+
+    root = tmp_path_factory.mktemp("served")
+    data = write_graded_images(root / "data", classes=5)
+    run = root / "run"
+    args = ["train", "--data", str(data), "--out", str(run), "--strategy", "linear-probe"]
+    assert main([*args, "--cache-dir", str(root / "cache"), *tiny_flags(image_size=64)]) == 0
+    assert main(["export", "--run", str(run), "--out", str(root / "export")]) == 0
+    return run
+
+
+def patient_photographs(folder: Path) -> dict[str, Path]:
+    """One patient's four fundus photographs, two per eye, named as cameras do
+    (``..._right_1.jpg``): scikit-image's retina, turned a little for the second photograph of
+    each eye, and the left eye's second one blurred until the quality gate rejects it."""
+    from PIL import ImageFilter
+    from skimage import data as skdata
+
+    folder.mkdir(parents=True, exist_ok=True)
+    retina = Image.fromarray(skdata.retina()).resize((448, 448))
+    photos = {
+        "p17_right_1.jpg": retina,
+        "p17_right_2.jpg": retina.rotate(8),
+        "p17_left_1.jpg": retina.transpose(Image.Transpose.FLIP_LEFT_RIGHT),
+        "p17_left_2.jpg": retina.filter(ImageFilter.GaussianBlur(12)),
+    }
+    for name, img in photos.items():
+        img.save(folder / name, quality=92)
+    return {name: folder / name for name in photos}

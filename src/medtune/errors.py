@@ -93,6 +93,7 @@ class BadImageError(MedtuneError):
             self.path = str(path).split(": cannot read image", 1)[0]
             return
         self.path = str(path)
+        self.reason = reason
         super().__init__(
             f"{path}: cannot read image ({reason}); replace or delete the file"
             + offer(", or pass {} to skip unreadable images", "--skip-bad")

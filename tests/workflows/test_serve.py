@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import tiny_flags, write_graded_images
 from PIL import Image, ImageFilter
 
 from medtune.cli.main import main
@@ -35,15 +34,9 @@ BASE = "http://127.0.0.1"  # the server answers loopback Host names only
 
 # ------------------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory) -> Path:
-    """A linear probe on made-up graded images (48 px, no pretrained weights) and its ONNX."""
-    root = tmp_path_factory.mktemp("serve")
-    data = write_graded_images(root / "data", classes=5)  # grades 0-4: a DR model, referral
-    run = root / "run"
-    args = ["train", "--data", str(data), "--out", str(run), "--strategy", "linear-probe"]
-    assert main([*args, "--cache-dir", str(root / "cache"), *tiny_flags(image_size=48)]) == 0
-    assert main(["export", "--run", str(run), "--out", str(root / "export")]) == 0
-    return run
+def tiny_run(served_run: Path) -> Path:
+    """A linear probe on made-up graded images (64 px, no pretrained weights) and its ONNX."""
+    return served_run
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +108,31 @@ def test_model_card_reads_the_run_and_says_research_use(tiny_run: Path) -> None:
     assert card["training"]["data"] == "data" and card["training"]["strategy"] == "linear-probe"
     values = card["metrics"]["values"]
     assert "accuracy" in values and 0 <= values["accuracy"]["value"] <= 1
+
+
+def test_model_card_of_an_export_shows_its_run_metrics_with_their_intervals(
+    tiny_run: Path, onnx_model: Path, tmp_path: Path
+) -> None:
+    """The card reads ``<name>_ci`` as compute_metrics writes it; an export inside its run folder
+    shows the run's metrics, and one moved away shows none (model.json holds no metrics)."""
+    import json
+
+    test = json.loads((tiny_run / "metrics.json").read_text())["test"]
+    with TestClient(create_app(run=tiny_run), base_url=BASE) as client:
+        run_card = client.get("/api/model").json()
+    assert run_card["metrics"]["values"]["accuracy"]["ci95"] == test["accuracy_ci"]
+    assert run_card["metrics"]["values"]["accuracy"]["ci95"] is not None
+    inside = tiny_run / "export"
+    shutil.copytree(onnx_model.parent, inside, dirs_exist_ok=True)
+    moved = shutil.copytree(onnx_model.parent, tmp_path / "moved")
+    with TestClient(create_app(model_path=inside / "model.onnx"), base_url=BASE) as client:
+        export_card = client.get("/api/model").json()
+    with TestClient(create_app(model_path=moved / "model.onnx"), base_url=BASE) as client:
+        moved_card = client.get("/api/model").json()
+    assert export_card["metrics"]["values"] == run_card["metrics"]["values"]
+    assert export_card["training"]["strategy"] == "linear-probe"
+    assert "metrics" not in moved_card and moved_card["training"] == {"synthetic": False}
+    assert len(export_card["model"]["id"]) == 16 and "medtune" in export_card["model"]["version"]
 
 
 def test_unreadable_image_is_listed_by_its_upload_name_not_a_temp_path(
@@ -234,17 +252,19 @@ def test_page_loads_nothing_remote(onnx_model: Path) -> None:
 def test_no_file_left_in_the_temp_folder_and_the_folder_removed_at_stop(
     onnx_model: Path, images: list[Path], tmp_path: Path
 ) -> None:
-    screener = Screener(model_path=onnx_model, temp_dir=tmp_path)
-    before = set(tmp_path.rglob("*"))
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    screener = Screener(model_path=onnx_model, temp_dir=temp)
+    before = set(temp.rglob("*"))
     with TestClient(create_app(screener), base_url=BASE) as client:
         assert client.post("/api/predict", files=upload(images)).status_code == 200
         broken = [("files", ("x.png", b"\x89PNG\r\n\x1a\n" + b"\0" * 200, "image/png"))]
-        assert client.post("/api/predict", files=broken).status_code == 200
+        assert client.post("/api/predict", files=broken).status_code == 415  # none readable
         assert client.post("/api/predict", files=upload([images[0]]) * 99).status_code == 413
         assert list(screener.temp_root.iterdir()) == []
     screener.close()
     assert not screener.temp_root.exists()
-    assert set(tmp_path.rglob("*")) - before == set()
+    assert set(temp.rglob("*")) - before == set()
 
 
 # ------------------------------------------------------------------------------ DICOM
@@ -288,10 +308,10 @@ def free_port() -> int:
 class LiveServer:
     """uvicorn serving the app on 127.0.0.1 in a thread, stopped on exit."""
 
-    def __init__(self, app) -> None:  # noqa: ANN001
+    def __init__(self, app, port: int | None = None) -> None:  # noqa: ANN001
         import uvicorn
 
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
         self.server = uvicorn.Server(config)
@@ -369,10 +389,14 @@ def test_page_end_to_end_in_headless_chromium(tiny_run: Path, tmp_path: Path) ->
     )
     photos = browser_photographs(tmp_path / "photos")
     gate = importlib.util.find_spec("medtune.evaluation.quality") is not None
-    if gate:  # the three photographs are what they claim to be
+    if gate:  # the three photographs are what they claim to be, judged as predict judges them
+        from medtune.data.preprocess import prepare_image  # on the network's input
         from medtune.evaluation.quality import assess_quality
+        from medtune.runs import RunFolder
 
-        verdicts = [assess_quality(Image.open(p)) for p in photos]
+        spec = RunFolder(tiny_run).read_card().input_spec
+        inputs = [prepare_image(Image.open(p), spec.image_size, spec.fundus) for p in photos]
+        verdicts = [assess_quality(x) for x in inputs]
         assert [(v.gradable, v.code) for v in verdicts] == [
             (True, "ok"),
             (False, "blur"),
@@ -394,7 +418,7 @@ def test_page_end_to_end_in_headless_chromium(tiny_run: Path, tmp_path: Path) ->
         page.set_input_files("#files", [str(p) for p in photos])
         page.click("#screen")
         page.wait_for_selector("#batch:not([hidden])", timeout=60_000)
-        cards = page.locator("article.eye")
+        cards = page.locator("article.photo")
         assert cards.count() == 3
         shown = {cards.nth(i).get_attribute("data-image"): cards.nth(i) for i in range(3)}
         assert set(shown) == {p.name for p in photos}
@@ -420,7 +444,8 @@ def test_page_end_to_end_in_headless_chromium(tiny_run: Path, tmp_path: Path) ->
             assert decision["cat.png"].get_attribute("data-refer") == "ungradable"
             good = decision["good_fundus.jpg"]  # refer or not, at the validated threshold
             assert good.get_attribute("data-refer") in ("yes", "no")
-            assert "sensitivity" in good.inner_text() and "specificity" in good.inner_text()
+            rule = page.inner_text("#patient-result")  # the threshold with its validation
+            assert "sensitivity" in rule and "specificity" in rule
         else:  # no gate, no verdict: the page may not invent one
             assert page.locator(".badge").count() == 0
         with page.expect_download() as download_info:

@@ -8,6 +8,13 @@ from pathlib import Path
 from typing import Any
 
 from medtune.cli.settings import FUNDUS_HELP, add_setting_flags, flag_settings, fundus_options
+from medtune.cli.worklist_commands import (
+    add_db_flags,
+    add_users,
+    add_worklist,
+    run_users,
+    run_worklist,
+)
 from medtune.config import DEFAULT_OPERATING_POINT, OPERATING_POINTS, TTA_MODES
 
 
@@ -417,7 +424,8 @@ def add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--host",
         default="127.0.0.1",
-        help="address to bind (default 127.0.0.1: this computer only; the page has no login)",
+        help="address to bind (default 127.0.0.1: this computer only; any other address needs "
+        "a user, see medtune users add, and TLS in front)",
     )
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     _add_tta(p)
@@ -427,6 +435,13 @@ def add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, help="batches predicted at once (default 1 run, 2 ONNX)")
     p.add_argument("--max-files", type=int, default=50, help="images per request")
     p.add_argument("--max-file-mb", type=float, default=25.0, help="MiB per image")
+    add_db_flags(p)
+    p.add_argument(
+        "--keep-images",
+        action="store_true",
+        help="keep screened photographs in DATA_DIR/images (content-addressed) so reviewed ones "
+        "can be exported for training (medtune worklist export --reviewed)",
+    )
     # keep the examples' line breaks, and the defaults the parser's own formatter adds
     p.formatter_class = type(
         "ServeHelpFormatter", (argparse.RawDescriptionHelpFormatter, p.formatter_class), {}
@@ -435,7 +450,9 @@ def add_serve(p: argparse.ArgumentParser) -> None:
         "examples:\n"
         "  medtune serve --model runs/dr/export/model.onnx   # then open http://127.0.0.1:8000/\n"
         "  medtune serve --run runs/dr --port 8080            # PyTorch, with Grad-CAM\n"
-        "  curl -F files=@eye1.jpg -F files=@eye2.png http://127.0.0.1:8000/api/predict\n"
+        "  medtune users add ann --role admin                 # then log in on the page\n"
+        "  curl -H 'Authorization: Bearer TOKEN' -F patient=P17 -F files=@p17_left.jpg \\\n"
+        "       http://127.0.0.1:8000/api/predict          # TOKEN: medtune users token ann\n"
         "docs/screening.md describes the page, the JSON endpoint and the limits."
     )
 
@@ -457,6 +474,9 @@ def run_serve(args: argparse.Namespace) -> None:
         operating_point=args.operating_point,
         limits=limits,
         workers=args.workers,
+        db=args.db,
+        folder=args.data_dir,
+        keep_images=args.keep_images,
         log_level="info" if args.verbose else "warning",
     )
 
@@ -490,8 +510,15 @@ COMMANDS: dict[
     ),
     "advise": ("measure a data set and recommend a transfer scenario", add_advise, run_advise),
     "serve": (
-        "a web page and JSON endpoint for screening photographs (loopback by default)",
+        "a web page and JSON endpoint for screening patients, with a worklist and logins "
+        "(loopback by default)",
         add_serve,
         run_serve,
+    ),
+    "users": ("add, delete and list the users of serve; API tokens", add_users, run_users),
+    "worklist": (
+        "export serve's worklist (CSV, or the graders' grades as a labelled set)",
+        add_worklist,
+        run_worklist,
     ),
 }

@@ -7,8 +7,9 @@ of every grade, P(referable) and the referral flag at an operating point chosen 
 normalisation), temperature and decoding are applied; with an exported ``model.onnx`` the ONNX
 Runtime predictor is used instead (no PyTorch in the loop) and the rows are the same.
 
-:func:`predict_images` is the one place rows are made from decoded images; :func:`predict`
-(files) and the web page call it, and :func:`to_csv` is the one CSV writer.
+:func:`predict_images` makes rows (and Grad-CAM figures) from decoded images in memory: the web
+page calls it; :func:`predict` runs the same steps over files, and :func:`to_csv` is the one CSV
+writer.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import io
 import json
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,8 +33,7 @@ from medtune.config import TTA_MODES
 from medtune.data.images import is_listed_image, iter_image_files
 from medtune.data.preprocess import decode_source, prepare_image
 from medtune.errors import BadImageError, MedtuneError
-from medtune.evaluation.decoding import decode
-from medtune.evaluation.grades import grade_names
+from medtune.evaluation.card import ModelCard, OperatingPoints
 from medtune.evaluation.patients import DEFAULT_PATIENT_RULE, PatientScreening, screen_patients
 from medtune.evaluation.referral import (
     DEFAULT_OPERATING_POINT,
@@ -44,6 +44,7 @@ from medtune.evaluation.referral import (
     predictions_meta,
     referral_rule,
 )
+from medtune.evaluation.scoring import Scorer, score
 from medtune.io import write_json, write_text
 from medtune.runs import RunFolder
 from medtune.workflows.predict_journal import PredictJournal, fingerprint
@@ -82,72 +83,80 @@ def expand_inputs(inputs: Sequence[str]) -> list[Path]:
 
 @dataclass
 class Predictor:
-    """A loaded model (a PyTorch run or an ONNX export) and what reading its outputs needs.
+    """A loaded model (a PyTorch run or an ONNX export) and its description.
 
-    Make one with :func:`load_predictor`; pass it to :func:`predict_images`.
+    Make one with :func:`load_predictor`; pass it to :func:`predict_images`. The model is used
+    through the scorer protocol only (:mod:`medtune.evaluation.scoring`), and every fact about
+    feeding and reading it comes from its card (``scorer.card``).
 
     Attributes
     ----------
     source : str
         The run folder or ``model.onnx``.
-    class_names : list of str
-        Class names in logit order.
-    ordinal : bool
-        Graded labels.
-    decoding : dict
-        How probabilities become a grade (:func:`medtune.evaluation.decoding.decode`).
-    operating_points : dict or None
-        Validated referral thresholds (``ModelMeta.operating_points``).
-    image_size : int
-        Network input side, pixels.
-    fundus : dict
-        Fundus preprocessing options.
+    scorer : Scorer
+        :class:`~medtune.evaluation.inference.TorchScorer` (a run) or
+        :class:`~medtune.deploy.onnx_predictor.OnnxPredictor` (an export).
     tta : str
         Test-time augmentation.
-    backbone : str or None
-        The network.
-    positive_class : str or None
-        The positive class of a two-class model.
+    operating_points : OperatingPoints or None
+        Validated referral thresholds: the card's, or for a run trained before they were
+        stored, chosen again from its ``val_logits.npz``.
+    quality_model : Predictor or None
+        A learned image-quality model (a run trained on quality grades) judged beside the gate.
     """
 
     source: str
-    class_names: list[str]
-    ordinal: bool
-    decoding: dict[str, Any]
-    operating_points: dict[str, Any] | None
-    image_size: int
-    fundus: dict[str, Any]
-    tta: str
-    backbone: str | None
-    positive_class: str | None
-    #: prepared uint8 images (N, S, S, 3) -> calibrated probabilities (N, K) and, for a run
-    #: with a site-shift model, the images' site-shift scores (N,) (else None)
-    infer: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]] = field(repr=False)
-    #: site-shift score above which an image is outside the training distribution
-    shift_threshold: float | None = None
-    #: a learned image-quality model (a run trained on quality grades) judged beside the gate
+    scorer: Scorer = field(repr=False)
+    tta: str = "none"
+    operating_points: OperatingPoints | None = None
     quality_model: Predictor | None = field(default=None, repr=False)
-    torch_model: Any = field(default=None, repr=False)
-    torch_meta: Any = field(default=None, repr=False)
 
-    def probs(self, images: np.ndarray) -> np.ndarray:
-        """Calibrated probabilities (N, K) of prepared uint8 images (N, S, S, 3)."""
-        return self.infer(images)[0]
+    # views of the card (the web page shows them)
+    @property
+    def card(self) -> ModelCard:
+        """How the model is fed and read."""
+        return self.scorer.card
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.card.class_names
 
     @property
     def grade_names(self) -> list[str]:
         """Display names of the grades (DR grade names for a 5-grade DR model)."""
-        return grade_names(self.class_names, self.ordinal)
+        return self.card.label_space.grade_names
+
+    @property
+    def backbone(self) -> str | None:
+        return self.card.backbone
+
+    @property
+    def image_size(self) -> int:
+        return self.card.input_spec.image_size
+
+    @property
+    def decoding(self) -> dict[str, Any]:
+        return dict(self.card.decoding)
+
+    @property
+    def shift_threshold(self) -> float | None:
+        """Site-shift score above which an image is outside the training distribution."""
+        shift = self.scorer.site_shift
+        return None if shift is None else float(shift.threshold)
+
+    @property
+    def torch_model(self) -> Any:
+        """The PyTorch model of a run (Grad-CAM needs it); ``None`` for an ONNX export."""
+        return getattr(self.scorer, "model", None)
+
+    def probs(self, images: np.ndarray) -> np.ndarray:
+        """Calibrated probabilities (N, K) of prepared uint8 images (N, S, S, 3)."""
+        return self.card.probabilities(score(self.scorer, images, self.tta).logits)
 
     def referral(self, operating_point: str = DEFAULT_OPERATING_POINT) -> ReferralRule | None:
         """The referral rule at ``operating_point`` (None: the model has no referral task)."""
         return referral_rule(
-            self.class_names,
-            self.ordinal,
-            self.operating_points,
-            operating_point,
-            self.tta,
-            self.positive_class,
+            self.card.label_space, self.operating_points, operating_point, self.tta
         )
 
 
@@ -192,7 +201,10 @@ def load_predictor(
     if tta not in TTA_MODES:
         raise MedtuneError(f"tta {tta!r} is unknown; use one of {', '.join(TTA_MODES)}")
     if model_path is not None:
-        predictor = _onnx_predictor(Path(model_path), tta, num_threads)
+        from medtune.deploy.onnx_predictor import OnnxPredictor
+
+        onnx = OnnxPredictor(Path(model_path), num_threads=num_threads)
+        predictor = Predictor(str(model_path), onnx, tta, onnx.card.operating_points)
     else:
         predictor = _run_predictor(Path(run), tta)
     if quality_model is not None:
@@ -222,101 +234,25 @@ def reject_class(class_names: Sequence[str], source: object = "quality model") -
     )
 
 
-def _onnx_predictor(model_path: Path, tta: str, num_threads: int | None = None) -> Predictor:
-    from medtune.deploy.onnx_predictor import OnnxPredictor
-    from medtune.evaluation.calibration import apply_temperature
-
-    onnx = OnnxPredictor(model_path, num_threads=num_threads)
-    sidecar = onnx.sidecar
-
-    def infer(images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """Scores from the plain images' features, as for a run (the site-shift fit had no TTA)."""
-        logits, scores = onnx.site_shift_scores(images)
-        if tta != "none":
-            logits = onnx.logits(images, tta=tta)
-        return apply_temperature(logits, onnx.temperature), scores
-
-    return Predictor(
-        source=str(model_path),
-        class_names=onnx.class_names,
-        ordinal=bool(sidecar.get("ordinal", False)),
-        decoding=onnx.decoding,
-        operating_points=sidecar.get("operating_points"),
-        image_size=onnx.image_size,
-        fundus=sidecar.get("fundus") or {"crop": False},
-        tta=tta,
-        backbone=sidecar.get("backbone"),
-        positive_class=sidecar.get("positive_class"),
-        infer=infer,
-        shift_threshold=None if onnx.site_shift is None else float(onnx.site_shift.threshold),
-    )
-
-
 def _run_predictor(run: Path, tta: str) -> Predictor:
-    import torch
-
-    from medtune.evaluation.calibration import apply_temperature
-    from medtune.evaluation.inference import predict_logits, predict_logits_and_features
-
+    """A run's model (fp32: the same probabilities as the exported ONNX model)."""
     folder = RunFolder(run)
-    model, meta = folder.load_model()
-
-    shift_model = folder.read_site_shift()
-    norm = {"mean": meta.mean, "std": meta.std}
-
-    def infer(images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """fp32: the same probabilities as the exported ONNX model."""
-        batch = torch.from_numpy(images).permute(0, 3, 1, 2)
-        scores = None
-        if shift_model is None or tta != "none":
-            logits = predict_logits(model, [batch], tta=tta, **norm)
-        if shift_model is not None:  # the features the site-shift model was fitted on (no TTA)
-            plain, feats = predict_logits_and_features(model, [batch], **norm)
-            logits = plain if tta == "none" else logits
-            scores = shift_model.score(feats)
-        return apply_temperature(logits, meta.temperature), scores
-
-    return Predictor(
-        source=str(run),
-        class_names=list(meta.class_names),
-        ordinal=meta.ordinal,
-        decoding=dict(meta.decoding),
-        operating_points=meta.operating_points or _points_from_val_logits(folder, meta),
-        image_size=meta.image_size,
-        fundus=dict(meta.fundus),
-        tta=tta,
-        backbone=meta.backbone,
-        positive_class=meta.positive_class,
-        infer=infer,
-        shift_threshold=None if shift_model is None else float(shift_model.threshold),
-        torch_model=model,
-        torch_meta=meta,
-    )
+    scorer = folder.load_scorer(batch_size=BATCH)
+    points = scorer.card.operating_points or _points_from_val_logits(folder, scorer.card)
+    return Predictor(str(run), scorer, tta, points)
 
 
-def _points_from_val_logits(folder: RunFolder, meta: Any) -> dict[str, Any] | None:
-    """Runs trained before ``ModelMeta.operating_points``: choose them from ``val_logits.npz``
-    exactly as training now does."""
-    from medtune.engines.finalize import validated_operating_points
-    from medtune.evaluation.calibration import apply_temperature
-    from medtune.evaluation.metrics import compute_metrics
+def _points_from_val_logits(folder: RunFolder, card: ModelCard) -> OperatingPoints | None:
+    """Runs trained before the card stored operating points: choose them from
+    ``val_logits.npz`` exactly as training now does."""
+    from medtune.engines.finalize import operating_points
 
     try:
         val = folder.read_val_logits()
     except MedtuneError:
         return None
     logits = {k[len("logits_") :]: v for k, v in val.items() if k.startswith("logits_")}
-    common = {
-        "class_names": meta.class_names,
-        "ordinal": meta.ordinal,
-        "decoding": meta.decoding,
-        "positive_class": meta.positive_class,
-    }
-    probs = apply_temperature(logits["none"], meta.temperature)
-    metrics = compute_metrics(val["labels"], probs, **common)
-    return validated_operating_points(
-        val["labels"], logits, meta.temperature, metrics, None, common
-    )
+    return operating_points(val["labels"], logits, card.temperature, card.label_space, None)
 
 
 # ---------------------------------------------------------------------------- rows
@@ -358,11 +294,12 @@ def prepare_batch(
     -------
     PreparedBatch
     """
-    arrays = [prepare_image(img, predictor.image_size, predictor.fundus) for img in images]
+    spec = predictor.card.input_spec
+    arrays = [prepare_image(img, spec.image_size, spec.fundus) for img in images]
     quality = [assess_image_quality(arr) for arr in arrays]
     if predictor.quality_model is not None and images:
         quality = _learned_quality(images, predictor.quality_model, quality)
-    size = predictor.image_size
+    size = spec.image_size
     stacked = np.stack(arrays) if arrays else np.zeros((0, size, size, 3), np.uint8)
     return PreparedBatch(list(names), stacked, quality)
 
@@ -372,7 +309,8 @@ def _learned_quality(
 ) -> list[tuple[bool, str | None]]:
     """The gate's verdicts, with images the learned quality model rejects made ungradable."""
     reject = reject_class(model.class_names, model.source)
-    arrays = np.stack([prepare_image(img, model.image_size, model.fundus) for img in images])
+    spec = model.card.input_spec
+    arrays = np.stack([prepare_image(img, spec.image_size, spec.fundus) for img in images])
     probs = model.probs(arrays)
     out = []
     for (ok, reason), p in zip(gate, probs, strict=True):
@@ -386,19 +324,13 @@ def _learned_quality(
 def _predict_batch(
     batch: PreparedBatch, predictor: Predictor, rule: ReferralRule | None
 ) -> tuple[list[PredictionRow], np.ndarray, np.ndarray]:
-    probs, scores = predictor.infer(batch.images)
-    labels = decode(probs, predictor.decoding)
+    scored = score(predictor.scorer, batch.images, predictor.tta)
+    card, scores = predictor.card, scored.shift_scores
+    probs = card.probabilities(scored.logits)
+    labels = card.decode(probs)
     shift = None if scores is None else (scores, float(predictor.shift_threshold))
     rows = build_rows(
-        batch.names,
-        probs,
-        labels,
-        predictor.class_names,
-        predictor.ordinal,
-        predictor.decoding,
-        rule,
-        batch.quality,
-        shift,
+        batch.names, probs, labels, card.label_space, card.decoding, rule, batch.quality, shift
     )
     return rows, probs, labels
 
@@ -409,14 +341,15 @@ def predict_images(
     predictor: Predictor,
     *,
     operating_point: str = DEFAULT_OPERATING_POINT,
-) -> list[PredictionRow]:
-    """Screening rows for decoded images (the web page's entry point; :func:`predict` uses the
-    same steps for files).
+    explain: bool = False,
+) -> tuple[list[PredictionRow], list[bytes]]:
+    """Screening rows for decoded images, in memory (the web page's entry point; :func:`predict`
+    uses the same steps for files).
 
     Parameters
     ----------
     names : sequence of str
-        One name per image (shown in the ``image`` column).
+        One name per image (shown in the ``image`` column and the Grad-CAM title).
     images : sequence of PIL.Image.Image
         Decoded images, e.g. ``medtune.data.preprocess.decode_source(path)`` or an upload
         opened with Pillow.
@@ -424,30 +357,39 @@ def predict_images(
         From :func:`load_predictor`.
     operating_point : {"sens90", "sens97.5", "youden"}, default "sens90"
         The validated threshold the ``refer`` flag uses.
+    explain : bool, default False
+        Also make each image's captioned Grad-CAM figure (Selvaraju et al. 2017, ``grad-cam``
+        package; a run's PyTorch model only).
 
     Returns
     -------
-    list of PredictionRow
+    rows : list of PredictionRow
         In input order.
+    gradcam : list of bytes
+        One PNG per row with ``explain``, else empty.
+
+    Raises
+    ------
+    MedtuneError
+        For an unknown operating point, or ``explain`` with an ONNX model.
     """
-    rows, _, _ = _predict_batch(
-        prepare_batch(names, images, predictor), predictor, predictor.referral(operating_point)
-    )
-    return rows
+    if explain and predictor.torch_model is None:
+        raise MedtuneError("explain needs run (Grad-CAM needs the PyTorch model, not model.onnx)")
+    batch = prepare_batch(names, images, predictor)
+    rows, _, labels = _predict_batch(batch, predictor, predictor.referral(operating_point))
+    pngs = _gradcam_pngs(predictor, batch, rows, labels) if explain and rows else []
+    return rows, pngs
 
 
 def prediction_meta(predictor: Predictor, operating_point: str) -> dict[str, Any]:
     """The sidecar that explains a predictions file (:func:`predictions_meta`)."""
+    card = predictor.card.replace(operating_points=predictor.operating_points)
     return predictions_meta(
         model=predictor.source,
-        class_names=predictor.class_names,
-        ordinal=predictor.ordinal,
-        decoding=predictor.decoding,
+        card=card,
         rule=predictor.referral(operating_point),
-        operating_points=predictor.operating_points,
         tta=predictor.tta,
         quality=QUALITY_RULE,
-        backbone=predictor.backbone,
     )
 
 
@@ -705,6 +647,27 @@ def _prefetched(chunks: Iterable[list[Path]], load):  # noqa: ANN001, ANN202
             yield pending.result()
 
 
+def _gradcam_pngs(
+    predictor: Predictor, batch: PreparedBatch, rows: list[PredictionRow], labels: np.ndarray
+) -> list[bytes]:
+    """One captioned Grad-CAM figure (PNG bytes) per image of ``batch``."""
+    from medtune.evaluation.gradcam import gradcam_maps
+    from medtune.evaluation.plots import GradcamExample, gradcam_png, prediction_caption
+    from medtune.workflows.evaluate import target_layer
+
+    model, spec = predictor.torch_model, predictor.card.input_spec
+    maps = gradcam_maps(model, target_layer(model), batch.images, spec, [int(k) for k in labels])
+    pngs = []
+    for name, image, cam, row in zip(batch.names, batch.images, maps, rows, strict=True):
+        caption = prediction_caption(row.grade_name, row.probabilities[row.grade_name])
+        if row.p_referable is not None:
+            caption += f"\nP(referable) = {row.p_referable:.2f}" + (
+                f", refer: {row.refer}" if row.refer else ""
+            )
+        pngs.append(gradcam_png([GradcamExample(image, cam, caption)], title=Path(name).name))
+    return pngs
+
+
 def _write_gradcam(
     predictor: Predictor,
     batch: PreparedBatch,
@@ -714,21 +677,8 @@ def _write_gradcam(
     written: set,
 ) -> None:
     """One captioned Grad-CAM figure per image, named after the image, always inside ``folder``."""
-    from medtune.evaluation.gradcam import gradcam_maps
-    from medtune.evaluation.plots import GradcamExample, gradcam_png, prediction_caption
-    from medtune.workflows.evaluate import target_layer
-
-    model, meta = predictor.torch_model, predictor.torch_meta
-    maps = gradcam_maps(
-        model, target_layer(model), batch.images, meta.mean, meta.std, [int(k) for k in labels]
-    )
-    for name, image, cam, row in zip(batch.names, batch.images, maps, rows, strict=True):
-        caption = prediction_caption(row.grade_name, row.probabilities[row.grade_name])
-        if row.p_referable is not None:
-            caption += f"\nP(referable) = {row.p_referable:.2f}" + (
-                f", refer: {row.refer}" if row.refer else ""
-            )
-        png = gradcam_png([GradcamExample(image, cam, caption)], title=Path(name).name)
+    pngs = _gradcam_pngs(predictor, batch, rows, labels)
+    for name, png in zip(batch.names, pngs, strict=True):
         target = safe_output_path(folder, f"{Path(name).stem}_gradcam.png")
         n = 1
         while target.exists() and target.name in written:  # a/x.png and b/x.png: x_gradcam_2

@@ -28,9 +28,10 @@ from medtune.config import (
 )
 from medtune.data.site_augment import resolve_augment
 from medtune.errors import MedtuneError
-from medtune.evaluation.metrics import binary_task, is_ordinal
+from medtune.evaluation.card import ModelCard
+from medtune.evaluation.labels import LabelSpace
 from medtune.models import Backbone, create_backbone
-from medtune.runs import ModelMeta, RunData, RunFolder, prepare_lock, prepare_run_data
+from medtune.runs import RunData, RunFolder, prepare_lock, prepare_run_data
 
 log = logging.getLogger("medtune")
 
@@ -289,7 +290,7 @@ def run_training(config: TrainConfig, *, resume: bool = False) -> RunResult:
             config = _apply_advice(config, backbone, data, run.dir)
         if global_rank() == 0:
             run.write_config(config)
-    meta = _meta(config, data)
+    card = _card(config, data)
 
     if config.strategy in PROBE_STRATEGIES:
         from medtune.engines.probe import run_probe
@@ -309,7 +310,7 @@ def run_training(config: TrainConfig, *, resume: bool = False) -> RunResult:
 
     metrics = finalize_run(
         model,
-        meta,
+        card,
         data,
         run,
         config.strategy,
@@ -409,30 +410,19 @@ def _epochs_done(folder: RunFolder) -> int:
     return int(state.get("epoch", -1)) + 1
 
 
-def _meta(config: TrainConfig, data: RunData) -> ModelMeta:
+def _card(config: TrainConfig, data: RunData) -> ModelCard:
+    """The new model's card before finalisation: network, input spec and label space (the
+    positive class of a two-class task checked against the classes)."""
     probe = config.strategy in PROBE_STRATEGIES
-    return ModelMeta(
+    return ModelCard(
+        label_space=LabelSpace.of(data.class_names, positive_class=config.positive_class),
+        input_spec=config.input_spec,
         backbone=config.backbone,
         kind="probe" if probe else "finetune",
-        class_names=data.class_names,
-        image_size=config.image_size,
-        mean=config.mean,
-        std=config.std,
-        fundus=dict(config.fundus),
         stage=None,
         dropout=0.0 if probe else config.dropout,
-        ordinal=is_ordinal(data.class_names),
         synthetic=config.synthetic,
-        positive_class=_positive_class(config, data),
     )
-
-
-def _positive_class(config: TrainConfig, data: RunData) -> str | None:
-    """The two-class task's positive class, checked against the classes (None otherwise)."""
-    task = binary_task(data.class_names, is_ordinal(data.class_names), config.positive_class)
-    if task is None or task.prefix:
-        return None
-    return data.class_names[task.positive[0]]
 
 
 def _apply_advice(config: TrainConfig, backbone: Backbone, data: RunData, run_dir: Path):
