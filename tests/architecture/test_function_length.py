@@ -11,7 +11,6 @@ SRC = Path(__file__).resolve().parents[2] / "src" / "medtune"
 KNOWN = {
     "evaluation/metrics.py:compute_metrics",
     "evaluation/report.py:_html",
-    "workflows/serve.py:create_app",
 }
 
 

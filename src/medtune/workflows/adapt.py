@@ -317,12 +317,9 @@ def _prepare_all(sources: list[Any], card: ModelCard, progress: bool) -> np.ndar
     from medtune.data.preprocess import prepare_image
 
     spec = card.input_spec
-    return np.stack(
-        [
-            prepare_image(src, spec.image_size, spec.fundus)
-            for src in tqdm(sources, desc="adapt", unit="image", disable=not progress)
-        ]
-    )
+    # closed before an unreadable image's error is printed, so that the error has its own line
+    with tqdm(sources, desc="adapt", unit="image", disable=not progress) as bar:
+        return np.stack([prepare_image(src, spec.image_size, spec.fundus) for src in bar])
 
 
 def _adabn(
