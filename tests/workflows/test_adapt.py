@@ -5,7 +5,6 @@ when given labels of the new site."""
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
@@ -87,9 +86,8 @@ def test_adapt_changes_only_the_fine_tuned_batchnorm_statistics(source_run: Path
     assert new_meta.temperature == meta.temperature
     # without labels the validated points stay: the source's validation logits are kept
     assert (out / "val_logits.npz").read_bytes() == (source_run / "val_logits.npz").read_bytes()
-    assert json.loads((out / "adaptation.json").read_text())["source_run"] == str(
-        source_run.resolve()
-    )
+    assert RunFolder(out).read_adaptation()["source_run"] == str(source_run.resolve())
+    assert RunFolder(source_run).read_adaptation() is None
     assert "kept" in result.summary and "adapted 7 BatchNorm layers on 24 images" in result.summary
 
     # a usable run: evaluate (its home test split), predict and export

@@ -40,8 +40,8 @@ import numpy as np
 import pandas as pd
 
 from medtune import io as mio
+from medtune.data.imageset import ImageSet
 from medtune.data.preprocess import prepare_image
-from medtune.data.sources import ImageSet
 from medtune.errors import BadImageError, MedtuneError, offer
 
 if TYPE_CHECKING:
