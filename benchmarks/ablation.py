@@ -295,6 +295,7 @@ def predict_pass(
     bench: Bench, model: nn.Module, batches, *, bf16: bool, cl: bool, tta: str = "none"
 ) -> tuple[Callable[[], None], dict[str, np.ndarray]]:  # noqa: ANN001
     """One pass of medtune's ``predict_logits`` over ``batches``; its logits land in the dict."""
+    from medtune.config import InputSpec
     from medtune.evaluation.inference import predict_logits
 
     out: dict[str, np.ndarray] = {}
@@ -303,8 +304,7 @@ def predict_pass(
         out["z"] = predict_logits(
             model,
             batches,
-            mean=bench.backbone.mean,
-            std=bench.backbone.std,
+            InputSpec(bench.backbone.image_size, bench.backbone.mean, bench.backbone.std),
             bf16=bf16,
             channels_last=cl,
             tta=tta,
@@ -447,10 +447,11 @@ def tta_levers(bench: Bench, model: nn.Module, batches) -> list[Row]:  # noqa: A
     """rot90 TTA three ways, round-robin: medtune's ``predict_logits`` (views made at once, run
     one caller-sized batch at a time), all 4 views in ONE forward (a 4x batch), and a separate
     ``predict_logits`` pass per rotation."""
+    from medtune.config import InputSpec
     from medtune.evaluation.inference import predict_logits, tta_views
 
     n = sum(len(b) for b in batches)
-    mean, std = bench.backbone.mean, bench.backbone.std
+    spec = InputSpec(bench.backbone.image_size, bench.backbone.mean, bench.backbone.std)
     medtune, _ = predict_pass(bench, copy.deepcopy(model), batches, bf16=True, cl=True, tta="rot90")
     big = copy.deepcopy(model).eval().to(memory_format=torch.channels_last)
     per_view = copy.deepcopy(model)
@@ -463,7 +464,7 @@ def tta_levers(bench: Bench, model: nn.Module, batches) -> list[Row]:  # noqa: A
     def per_rotation() -> None:
         for k in range(4):
             views = [torch.rot90(b, k, dims=(2, 3)).contiguous() for b in batches]
-            predict_logits(per_view, views, mean=mean, std=std, bf16=True)
+            predict_logits(per_view, views, spec, bf16=True)
 
     say("TTA: three ways, round-robin")
     seconds = interleaved({"medtune": medtune, "one": one_forward, "per": per_rotation}, rounds=3)

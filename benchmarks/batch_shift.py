@@ -48,9 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         medtune.train(str(home), out=str(run), strategy=args.strategy, seed=args.seed,
                       cache_dir=str(args.work / "cache"), progress=False)  # fmt: skip
     result = {"run": str(run), "train_seconds": round(time.perf_counter() - started, 1)}
-    for site in SITES[1:]:
-        say(f"batches of {args.shift_n} from {site} and from APTOS's held-out test images")
-        result.update(shift_detection(str(run), args.shared / site, args))
+    say(f"batches of {args.shift_n} from {', '.join(SITES[1:])} and APTOS's held-out test images")
+    result.update(shift_detection(str(run), [args.shared / s for s in SITES[1:]], args))
     print(json.dumps(result, indent=1))
     return 0
 

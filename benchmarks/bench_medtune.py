@@ -152,12 +152,12 @@ def infer(spec: Spec) -> dict[str, Any]:
         lambda: predict([spec.val_dir], run=run, progress=False), spec.repeats
     )
     labels = [int(Path(r["image"]).parent.name) for r in rows]
-    model, meta = RunFolder(run).load_model()
+    model, card = RunFolder(run).load_model()
 
     def logits() -> np.ndarray:  # the model as predict runs a bf16 run, on prepared images
         starts = range(0, n, spec.batch_size)
         batches = (torch_from(cache.images[i : i + spec.batch_size]) for i in starts)
-        return predict_logits(model, batches, mean=meta.mean, std=meta.std, bf16=True)
+        return predict_logits(model, batches, card.input_spec, bf16=True)
 
     model_s, out = median_time(logits, spec.repeats)
     return {

@@ -345,14 +345,17 @@ def main(argv: list[str] | None = None) -> int:
     for c in range(args.clients):
         where = ["--data-dir", str(folder)] + (["--db", args.db] if args.db else [])
         medtune("users", "add", f"load{c:02d}", "--password-stdin", *where, stdin=PASSWORD + "\n")
-    sidecar = json.loads((Path(args.model).parent / "model.json").read_text())
+    from medtune.evaluation.card import read_card
+
+    card = read_card(Path(args.model).parent / "model.json")
     result = {
         "when": dt.date.today().isoformat(),
         "cpus": os.cpu_count(),
         "machine": platform.machine(),
         "model_name": Path(args.model).name,
-        "backbone": sidecar.get("backbone"),
-        "image_size": sidecar.get("image_size"),
+        "backbone": card.backbone,
+        "image_size": card.input_spec.image_size,
+        "workers": args.workers or 2,
         "clients": args.clients,
         "patients": args.patients,
         "photos": args.photos,

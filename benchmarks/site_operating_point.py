@@ -44,9 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     from medtune.data.splits import make_splits
     from medtune.errors import MedtuneError
     from medtune.evaluation.calibration import apply_temperature, fit_temperature
+    from medtune.evaluation.labels import LabelSpace
     from medtune.evaluation.metrics import (
         apply_operating_point,
-        binary_task,
         choose_operating_points,
         move_operating_point,
     )
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     groups = np.asarray(eyepacs_cache.groups)
     train, val = split == "train", split == "val"
     probe = fit_probe(aptos[train], y_aptos[train], aptos[val], y_aptos[val], ordinal=True)
-    task = binary_task([str(c) for c in range(5)], ordinal=True)
+    task = LabelSpace.of([str(c) for c in range(5)], ordinal=True).binary_task
     val_logits = probe.decision_function(aptos[val])
     temperature = fit_temperature(val_logits, y_aptos[val])
     val_score = task.score(apply_temperature(val_logits, temperature))

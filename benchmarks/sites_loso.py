@@ -134,43 +134,52 @@ def _train(sites: list[Path], out: Path, name: str, args: argparse.Namespace) ->
     return str(out), round(time.perf_counter() - started, 1)
 
 
-def shift_detection(run: str, held: Path, args: argparse.Namespace) -> dict[str, Any]:
+def shift_detection(run: str, held: Path | list[Path], args: argparse.Namespace) -> dict[str, Any]:
     """Share of ``--shift-draws`` batches of ``--shift-n`` images flagged by the batch shift
-    test: from the held-out site, and from each training site's held-out test images."""
+    test: from the held-out site(s), and from each training site's held-out test images."""
     from medtune.data import Part
-    from medtune.engines.finalize import ImageEvaluator
-    from medtune.evaluation.calibration import apply_temperature
+    from medtune.evaluation.scoring import score
     from medtune.runs import RunFolder
     from medtune.runs.data import prepare_run_data, prepare_source
 
     folder = RunFolder(run)
     test = folder.read_batch_shift()
-    model, meta = folder.load_model()
+    scorer = folder.load_scorer()
+    card = scorer.card
     config = folder.read_config()
-    evaluator = ImageEvaluator(model, meta.mean, meta.std, progress=False)
 
     def outputs(part: Part) -> tuple[np.ndarray, np.ndarray]:
-        logits, feats = evaluator.logits_and_features(part)
-        return feats, apply_temperature(logits, meta.temperature)
+        scored = score(scorer, part.images, features=True)
+        return scored.features, card.probabilities(scored.plain)
 
-    cache = prepare_source(str(held), config, Path(run), classes=meta.class_names, progress=False)
-    batches = {held.name: outputs(Part(cache, np.arange(len(cache))))}
+    batches = {}
+    for site in held if isinstance(held, list) else [held]:
+        cache = prepare_source(str(site), config, Path(run), classes=card.class_names,
+                               progress=False)  # fmt: skip
+        batches[site.name] = outputs(Part(cache, np.arange(len(cache))))
     home = prepare_run_data(config, Path(run)).test
     if home is not None:
         feats, probs = outputs(home)
         sites = np.asarray(home.sites or [""] * len(home), dtype=str)
         for site in sorted(set(sites.tolist())):
             rows = sites == site
-            batches[f"{site} (held-out test images)"] = (feats[rows], probs[rows])
+            batches[f"{site or 'home'} (held-out test images)"] = (feats[rows], probs[rows])
     rng = np.random.default_rng(args.seed)
     out = {}
     for name, (feats, probs) in batches.items():
         n = min(args.shift_n, len(feats))
-        flagged = []
-        for _ in range(args.shift_draws):
-            rows = rng.choice(len(feats), size=n, replace=False)
-            flagged.append(test.test(feats[rows], probs[rows])["shifted"])
-        out[name] = {"n": n, "draws": args.shift_draws, "share_flagged": float(np.mean(flagged))}
+        verdicts = [
+            test.test(feats[rows], probs[rows])
+            for rows in (
+                rng.choice(len(feats), size=n, replace=False) for _ in range(args.shift_draws)
+            )
+        ]
+        out[name] = {
+            "n": n,
+            "draws": args.shift_draws,
+            "share_flagged": float(np.mean([v["shifted"] for v in verdicts])),
+            "median_p": float(np.median([v["p_value"] for v in verdicts])),
+        }
     return out
 
 

@@ -67,3 +67,16 @@ def test_resume_with_epochs_still_extends_and_other_flags_are_refused(finished_r
     assert main(["train", "--resume", str(finished_run), "--lr", "0.1"]) == 2
     err = capsys.readouterr().err.strip()
     assert "--lr" in err and len(err.splitlines()) == 1
+
+
+def test_a_config_edited_to_more_epochs_is_not_finished(finished_run: Path, capsys):
+    """Editing RUN/config.yaml to more epochs and resuming trains them (not "nothing to do")."""
+    import yaml
+
+    config = yaml.safe_load((finished_run / "config.yaml").read_text())
+    config["epochs"] = 2
+    (finished_run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    assert main(["train", "--resume", str(finished_run)]) == 0
+    assert "nothing left to do" not in capsys.readouterr().err
+    last = torch.load(finished_run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["epoch"] == 1

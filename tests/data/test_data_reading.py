@@ -296,7 +296,7 @@ def _duplicated_set(root: Path, n: int = 10) -> None:
 
 def test_identical_files_never_cross_splits(tmp_path: Path, caplog) -> None:
     _duplicated_set(tmp_path, 20)
-    with caplog.at_level(logging.INFO, logger="medtune.data.sources"):
+    with caplog.at_level(logging.INFO, logger="medtune.data.grouping"):
         s = load_imageset(tmp_path)
     assert "20 groups of byte-identical files (40 files)" in caplog.text
     for seed in range(3):

@@ -15,12 +15,16 @@ import torch
 from PIL import Image
 from torch import nn
 
+from medtune.config import InputSpec
 from medtune.data.normalise import normalise_images
 from medtune.deploy import OnnxPredictor, export_model
 from medtune.deploy import exporter as exporter_mod
 from medtune.errors import MedtuneError
 from medtune.evaluation.calibration import apply_temperature as softmax
+from medtune.evaluation.card import ModelCard
 from medtune.evaluation.decoding import decode, expected_grade
+from medtune.evaluation.labels import LabelSpace
+from medtune.evaluation.scoring import score
 
 SIZE = 32
 MEAN = (0.485, 0.456, 0.406)
@@ -101,17 +105,26 @@ def torch_probs(model: nn.Module, images: np.ndarray, temperature: float) -> np.
     return softmax(logits, temperature)
 
 
-def do_export(model: nn.Module, out: Path, fmt: str = "onnx", size: int = SIZE, **sidecar):
-    meta = {"class_names": GRADES, "temperature": 1.5, **sidecar}
+def make_card(
+    size: int = SIZE,
+    *,
+    class_names: list[str] = GRADES,
+    temperature: float = 1.5,
+    decoding: dict | None = None,
+    fundus: dict | None = None,
+) -> ModelCard:
+    """A bare module's card: ungraded classes, no fundus preprocessing unless asked."""
+    return ModelCard(
+        LabelSpace.of(class_names, ordinal=False),
+        InputSpec(size, MEAN, STD, fundus or {"crop": False}),
+        temperature=temperature,
+        decoding=decoding or {"method": "argmax"},
+    )
+
+
+def do_export(model: nn.Module, out: Path, fmt: str = "onnx", size: int = SIZE, **card):
     return export_model(
-        model,
-        out,
-        fmt=fmt,
-        image_size=size,
-        sidecar=meta,
-        parity_inputs=real_like_images(4, size),
-        mean=MEAN,
-        std=STD,
+        model, out, make_card(size, **card), fmt=fmt, parity_inputs=real_like_images(4, size)
     )
 
 
@@ -168,25 +181,21 @@ def test_torchscript_export_parity(tiny: TinyNet, tmp_path: Path) -> None:
     loaded = torch.jit.load(str(tmp_path / "model.ts"))
     imgs = real_like_images(3, SIZE, seed=3)
     assert np.abs(torch_probs(loaded, imgs, 1.5) - torch_probs(tiny, imgs, 1.5)).max() <= 1e-6
-    assert json.loads((tmp_path / "model.json").read_text())["format"] == "torchscript"
+    assert json.loads((tmp_path / "model.json").read_text())["export"]["format"] == "torchscript"
 
 
 def test_onnx_dynamo_exporter(tiny: TinyNet, tmp_path: Path) -> None:
     pytest.importorskip("onnxscript")
-    meta = {"class_names": GRADES, "temperature": 1.5}
     res = export_model(
         tiny,
         tmp_path,
-        image_size=SIZE,
-        sidecar=meta,
+        make_card(),
         parity_inputs=real_like_images(4, SIZE),
-        mean=MEAN,
-        std=STD,
         onnx_exporter="dynamo",
     )
     print(f"TinyNet ONNX (dynamo exporter) parity: max_abs_diff={res.max_abs_diff:.3g}")
-    assert res.max_abs_diff <= 1e-4 and res.sidecar["onnx_exporter"] == "dynamo"
-    assert res.sidecar["opset"] >= 18
+    assert res.max_abs_diff <= 1e-4 and res.card.export.onnx_exporter == "dynamo"
+    assert res.card.export.opset >= 18
     imgs = real_like_images(3, SIZE, seed=8)
     got = OnnxPredictor(tmp_path, num_threads=1).predict_proba(imgs)
     assert np.abs(got - torch_probs(tiny, imgs, 1.5)).max() <= 1e-4
@@ -205,18 +214,21 @@ def test_sidecar_fields(onnx_dir: Path) -> None:
     meta = json.loads((onnx_dir / "model.json").read_text())
     from medtune import __version__
 
+    assert meta["format_version"] == 3
     assert meta["image_size"] == SIZE
     assert meta["mean"] == pytest.approx(MEAN) and meta["std"] == pytest.approx(STD)
     assert meta["class_names"] == GRADES
     assert meta["temperature"] == 1.5
     assert meta["decoding"] == {"method": "argmax"}
-    assert meta["input_layout"] == "NCHW float32 RGB normalised"
-    assert meta["input_name"] == "image" and meta["output_name"] == "logits"
-    assert meta["format"] == "onnx" and meta["model_file"] == "model.onnx"
-    assert meta["medtune_version"] == __version__
-    assert meta["opset"] >= 17 and meta["onnx_exporter"] in ("legacy", "dynamo")
-    assert meta["parity"]["max_abs_diff"] <= 1e-4 and meta["parity"]["n_images"] == 4
-    assert "fundus" in meta  # caller keys are kept
+    assert meta["fundus"] == {"crop": False}
+    export = meta["export"]  # the export-only facts, nested
+    assert export["input_layout"] == "NCHW float32 RGB normalised"
+    assert export["input_name"] == "image" and export["output_name"] == "logits"
+    assert export["format"] == "onnx" and export["model_file"] == "model.onnx"
+    assert export["medtune_version"] == __version__
+    assert export["opset"] >= 17 and export["onnx_exporter"] in ("legacy", "dynamo")
+    assert export["parity"]["max_abs_diff"] <= 1e-4 and export["parity"]["n_images"] == 4
+    assert export["features_name"] is None and meta["site_shift"] is None
 
 
 def _perturbed(fn):
@@ -251,17 +263,15 @@ def test_parity_failure_raises(
 
 def test_bad_arguments_raise(tiny: TinyNet, tmp_path: Path) -> None:
     imgs = real_like_images(2, SIZE)
-    kw = dict(image_size=SIZE, parity_inputs=imgs, mean=MEAN, std=STD)
     with pytest.raises(MedtuneError, match="format"):
-        export_model(tiny, tmp_path, fmt="tflite", sidecar={"class_names": GRADES}, **kw)
+        export_model(tiny, tmp_path, make_card(), fmt="tflite", parity_inputs=imgs)
     with pytest.raises(MedtuneError, match="class names"):
-        export_model(tiny, tmp_path, sidecar={"class_names": ["a", "b"]}, **kw)
+        export_model(tiny, tmp_path, make_card(class_names=["a", "b"]), parity_inputs=imgs)
     with pytest.raises(MedtuneError, match="thresholds"):
         dec = {"method": "expected_grade", "thresholds": [0.5, 1.5]}
-        export_model(tiny, tmp_path, sidecar={"class_names": GRADES, "decoding": dec}, **kw)
+        export_model(tiny, tmp_path, make_card(decoding=dec), parity_inputs=imgs)
     with pytest.raises(MedtuneError, match="parity inputs"):
-        kw["parity_inputs"] = imgs.astype(np.float32)
-        export_model(tiny, tmp_path, sidecar={"class_names": GRADES}, **kw)
+        export_model(tiny, tmp_path, make_card(), parity_inputs=imgs.astype(np.float32))
     assert list(tmp_path.iterdir()) == []
 
 
@@ -323,7 +333,7 @@ def test_expected_grade_decoding_in_predictor(tmp_path: Path) -> None:
     model = FixedLogits(np.log(probs).tolist())
     do_export(model, tmp_path, temperature=1.0, decoding=dec)
     pred = OnnxPredictor(tmp_path, num_threads=1)
-    assert pred.decoding == dec
+    assert pred.card.decoding == dec
     out = pred.predict(real_like_images(2, SIZE))
     assert np.allclose(out.probs, probs[None].repeat(2, 0), atol=1e-6)
     assert expected_grade(out.probs) == pytest.approx([1.97, 1.97])
@@ -380,18 +390,19 @@ def test_onnx_export_with_site_shift_scores_images_without_torch(tiny: TinyNet, 
     shift = SiteShiftModel.fit(feats[:30], feats[30:])
     out = tmp_path / "export"
     result = export_model(
-        tiny, out, fmt="onnx", image_size=SIZE, sidecar={"class_names": GRADES},
-        parity_inputs=fit_images[:4], mean=MEAN, std=STD, site_shift=shift,
-    )  # fmt: skip
+        tiny, out, make_card(), fmt="onnx", parity_inputs=fit_images[:4], site_shift=shift
+    )
     assert result.site_shift_path == out / "site_shift.npz"
-    assert result.sidecar["site_shift"]["file"] == "site_shift.npz"
+    assert result.card.site_shift.file == "site_shift.npz"
+    assert result.card.export.features_name == "features"
     cat = np.full((1, SIZE, SIZE, 3), (40, 200, 230), np.uint8)  # a flat blue-green frame
     np.save(tmp_path / "imgs.npy", np.concatenate([fit_images[30:33], cat]))
     code = (
         "import json, sys, numpy as np\n"
         "from medtune.deploy import OnnxPredictor\n"
+        "from medtune.evaluation.scoring import score\n"
         f"p = OnnxPredictor({str(out)!r}, num_threads=1)\n"
-        f"logits, scores = p.site_shift_scores(np.load({str(tmp_path / 'imgs.npy')!r}))\n"
+        f"scores = score(p, np.load({str(tmp_path / 'imgs.npy')!r})).shift_scores\n"
         "assert not {'torch', 'sklearn'} & set(sys.modules), 'torch or sklearn was imported'\n"
         "print(json.dumps(scores.tolist()))\n"
     )
@@ -403,8 +414,9 @@ def test_onnx_export_with_site_shift_scores_images_without_torch(tiny: TinyNet, 
 
 def test_export_without_site_shift_has_no_features_output(onnx_dir: Path) -> None:
     pred = OnnxPredictor(onnx_dir, num_threads=1)
-    assert pred.site_shift is None and "site_shift" not in pred.sidecar
-    logits, scores = pred.site_shift_scores(real_like_images(2, SIZE))
+    assert pred.site_shift is None and pred.card.site_shift is None
+    scored = score(pred, real_like_images(2, SIZE))
+    logits, scores = scored.logits, scored.shift_scores
     assert logits.shape == (2, 5) and scores is None
     with pytest.raises(MedtuneError, match="no 'features' output; re-export"):
         pred.logits_and_features(real_like_images(1, SIZE))

@@ -29,7 +29,7 @@ def test_predict_run_and_onnx_agree(tmp_path, strategy):
     assert np.abs(a - b).max() < 1e-4
     assert [r["grade"] for r in by_run] == [r["grade"] for r in by_onnx]
     # the export carries the run's site-shift model: the same score for every image
-    assert onnx.site_shift_path is not None and onnx.sidecar["site_shift"]["threshold"] > 0
+    assert onnx.site_shift_path is not None and onnx.card.site_shift.threshold > 0
     shift = np.array([[r["site_shift"] for r in rows] for rows in (by_run, by_onnx)])
     assert np.allclose(shift[0], shift[1], rtol=1e-3)
     assert [r["outside_training"] for r in by_run] == [r["outside_training"] for r in by_onnx]

@@ -24,7 +24,7 @@ import yaml
 from conftest import write_graded_images
 from safetensors.torch import load_file
 
-from medtune.config import FinetuneRecipe
+from medtune.config import FinetuneRecipe, InputSpec
 from medtune.data import Part
 from medtune.engines.datamodule import CacheDataModule
 from medtune.engines.lightning_module import FinetuneModule
@@ -182,7 +182,9 @@ def lite0():
 
 def make_module(backbone, **recipe) -> FinetuneModule:
     return FinetuneModule(
-        TransferModel(backbone, 3), FinetuneRecipe(**recipe), mean=[0.5] * 3, std=[0.25] * 3
+        TransferModel(backbone, 3),
+        FinetuneRecipe(**recipe),
+        spec=InputSpec(32, (0.5,) * 3, (0.25,) * 3),
     )
 
 

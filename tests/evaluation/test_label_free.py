@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from scipy.special import expit
 
+from medtune.evaluation.card import OperatingPoints
 from medtune.evaluation.label_free import (
     NOT_VALIDATED,
     estimate_prevalence,
@@ -85,11 +86,12 @@ def test_label_free_points_are_scored_by_evaluate_and_others_are_not():
         "status": NOT_VALIDATED,
         "points": {"none": {"sens90": {"threshold": 0.4}}},
     }
-    scored = score_label_free_points(y, p, ops)
+    scored = score_label_free_points(y, p, OperatingPoints.from_dict(ops))
     sens, spec = _sens_spec(y, p[:, 1], 0.4)
     assert scored["sens90"]["sensitivity"] == pytest.approx(sens)
     assert scored["sens90"]["specificity"] == pytest.approx(spec)
     lo, hi = scored["sens90"]["sensitivity_ci"]
     assert lo < sens < hi and scored["status"] == NOT_VALIDATED
-    assert score_label_free_points(y, p, {**ops, "label_free": None}) is None
-    assert score_label_free_points(y, p, ops, tta="rot90") is None
+    plain = OperatingPoints.from_dict({**ops, "label_free": None})
+    assert score_label_free_points(y, p, plain) is None
+    assert score_label_free_points(y, p, OperatingPoints.from_dict(ops), tta="rot90") is None

@@ -19,6 +19,7 @@ from sklearn.metrics import (
 
 from medtune.evaluation import metrics as M
 from medtune.evaluation.decoding import decode
+from medtune.evaluation.labels import LabelSpace
 from medtune.evaluation.metrics import (
     bootstrap_weights,
     choose_operating_points,
@@ -88,10 +89,13 @@ def test_qwk_and_ordinal_autodetect() -> None:
     assert m["ordinal"] is True and m["task"] == "dr_grading"
     pred = probs.argmax(1)
     assert m["qwk"] == pytest.approx(cohen_kappa_score(y, pred, weights="quadratic"))
-    assert compute_metrics(y, probs, DR, ordinal=False, n_boot=0)["qwk"] is None
+    assert compute_metrics(y, probs, LabelSpace.of(DR, ordinal=False), n_boot=0)["qwk"] is None
     names = ["none", "mild", "moderate", "severe", "proliferative"]
     assert compute_metrics(y, probs, names, n_boot=0)["ordinal"] is False
-    assert compute_metrics(y, probs, names, ordinal=True, n_boot=0)["task"] == "dr_grading"
+    assert (
+        compute_metrics(y, probs, LabelSpace.of(names, ordinal=True), n_boot=0)["task"]
+        == "dr_grading"
+    )
 
 
 def test_absent_class_auc_is_null_with_note() -> None:

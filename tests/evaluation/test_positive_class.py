@@ -9,7 +9,8 @@ from conftest import TINY_SETTINGS
 from PIL import Image
 
 from medtune.errors import MedtuneError
-from medtune.evaluation.metrics import compute_metrics, default_positive_class
+from medtune.evaluation.labels import LabelSpace, default_positive_class
+from medtune.evaluation.metrics import compute_metrics
 from medtune.evaluation.tables import metrics_table
 from medtune.runs import RunFolder
 from medtune.workflows.train import train
@@ -39,12 +40,14 @@ def test_metrics_are_computed_for_the_positive_class_and_name_it():
     m = compute_metrics(y, probs, ["DR", "No_DR"], n_boot=0)
     assert m["positive"] == "positive class DR"
     assert m["auc"] > 0.9  # AUC of P(DR) for DR, not of P(No_DR)
-    flipped = compute_metrics(y, probs, ["DR", "No_DR"], n_boot=0, positive_class="No_DR")
+    flipped = compute_metrics(
+        y, probs, LabelSpace.of(["DR", "No_DR"], positive_class="No_DR"), n_boot=0
+    )
     assert flipped["auc"] == pytest.approx(m["auc"])  # same ranking, other class
     assert flipped["positive"] == "positive class No_DR"
     assert "for the positive class DR" in metrics_table({"val": m})
     with pytest.raises(MedtuneError, match="'Glaucoma' is not one of the classes"):
-        compute_metrics(y, probs, ["DR", "No_DR"], n_boot=0, positive_class="Glaucoma")
+        LabelSpace.of(["DR", "No_DR"], positive_class="Glaucoma")
 
 
 def _two_class_folders(root):
@@ -62,11 +65,11 @@ def test_the_positive_class_is_stored_with_the_model(tmp_path):
     data = _two_class_folders(tmp_path / "data")
     settings = {**TINY_SETTINGS, "strategy": "linear-probe", "probe_rotations": False}
     run = train(data, out=str(tmp_path / "run"), progress=False, **settings)
-    assert RunFolder(run.dir).read_meta().positive_class == "DR"
+    assert RunFolder(run.dir).read_card().label_space.positive_class == "DR"
     assert run.metrics["val"]["positive"] == "positive class DR"
     other = train(
         data, out=str(tmp_path / "run2"), progress=False, positive_class="No_DR", **settings
     )
-    assert RunFolder(other.dir).read_meta().positive_class == "No_DR"
+    assert RunFolder(other.dir).read_card().label_space.positive_class == "No_DR"
     with pytest.raises(MedtuneError, match="not one of the classes"):
         train(data, out=str(tmp_path / "bad"), progress=False, positive_class="x", **settings)

@@ -256,3 +256,14 @@ def test_gate_is_exported_lazily_from_the_evaluation_package() -> None:
 
     assert evaluation.assess_quality is assess_quality
     assert "QualityThresholds" in evaluation.__all__
+
+
+def test_models_smaller_than_224_px_are_judged_at_224() -> None:
+    from medtune.data.preprocess import prepare_image
+    from medtune.evaluation.quality import MIN_WORKING_SIDE, working_side
+
+    assert working_side(48) == MIN_WORKING_SIDE == 224 and working_side(260) == 260
+    sharp = retina()
+    assert assess_quality(prepare_image(sharp, 48)).code == "blur"  # too few pixels to judge
+    assert assess_quality(prepare_image(sharp, working_side(48))).code == "ok"
+    assert assess_quality(prepare_image(blurred(sharp), working_side(48))).code == "blur"

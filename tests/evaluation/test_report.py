@@ -12,13 +12,14 @@ import torch
 from scipy.special import softmax
 from torch import nn
 
+from medtune.config import InputSpec
 from medtune.evaluation.gradcam import gradcam_overlays, select_gradcam_examples
 from medtune.evaluation.inference import predict_logits
 from medtune.evaluation.metrics import compute_metrics
 from medtune.evaluation.plots import GradcamExample
 from medtune.evaluation.report import FIGURE_IDS, write_report
 
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+SPEC = InputSpec(32, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 DR = ["0", "1", "2", "3", "4"]
 
 
@@ -56,8 +57,8 @@ def test_tta_on_symmetric_images_equals_no_tta() -> None:
     sym = (sum(views) // 8).to(torch.uint8)  # invariant under all 8 symmetries of the square
     assert torch.equal(sym, torch.rot90(sym, 1, dims=(2, 3))) and torch.equal(sym, sym.flip(3))
     model = _pooled_cnn()
-    plain = predict_logits(model, [sym], mean=MEAN, std=STD)
-    got = predict_logits(model, [sym], mean=MEAN, std=STD, tta="rot90")
+    plain = predict_logits(model, [sym], SPEC)
+    got = predict_logits(model, [sym], SPEC, tta="rot90")
     np.testing.assert_allclose(got, plain, rtol=1e-5, atol=1e-5)
 
 
@@ -65,11 +66,8 @@ def test_tta_equals_mean_of_manual_rotations() -> None:
     model = _position_sensitive()
     x = _images(3, seed=1)
     batches = [(x[:2], torch.tensor([0, 1])), (x[2:], torch.tensor([2]))]  # (images, labels)
-    got = predict_logits(model, batches, mean=MEAN, std=STD, tta="rot90")
-    manual = [
-        predict_logits(model, [torch.rot90(x, k, dims=(2, 3))], mean=MEAN, std=STD)
-        for k in range(4)
-    ]
+    got = predict_logits(model, batches, SPEC, tta="rot90")
+    manual = [predict_logits(model, [torch.rot90(x, k, dims=(2, 3))], SPEC) for k in range(4)]
     np.testing.assert_allclose(got, np.mean(manual, axis=0), rtol=1e-5, atol=1e-5)
     assert not np.allclose(got, manual[0], atol=1e-3)  # the model is not rotation invariant
     assert got.shape == (3, 5) and got.dtype == np.float32
@@ -78,16 +76,16 @@ def test_tta_equals_mean_of_manual_rotations() -> None:
 def test_predict_logits_options_and_validation() -> None:
     model = _pooled_cnn().train()
     x = _images(4, seed=2)
-    a = predict_logits(model, [x], mean=MEAN, std=STD, channels_last=False)
-    b = predict_logits(model, [x[:1], x[1:]], mean=MEAN, std=STD, channels_last=True)
+    a = predict_logits(model, [x], SPEC, channels_last=False)
+    b = predict_logits(model, [x[:1], x[1:]], SPEC, channels_last=True)
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     assert model.training  # mode restored
-    c = predict_logits(model, [x], mean=MEAN, std=STD, bf16=True)
+    c = predict_logits(model, [x], SPEC, bf16=True)
     np.testing.assert_allclose(c, a, atol=0.1)
     with pytest.raises(ValueError, match="uint8"):
-        predict_logits(model, [x.float()], mean=MEAN, std=STD)
+        predict_logits(model, [x.float()], SPEC)
     with pytest.raises(ValueError, match="tta"):
-        predict_logits(model, [x], mean=MEAN, std=STD, tta="rot45")
+        predict_logits(model, [x], SPEC, tta="rot45")
 
 
 # ---------------------------------------------------------------- Grad-CAM
@@ -99,11 +97,11 @@ def test_gradcam_overlay_shapes_even_with_frozen_weights() -> None:
     for p in model.parameters():
         p.requires_grad_(False)  # a linear probe freezes everything before the head
     images = _images(3, size=32, seed=3).permute(0, 2, 3, 1).numpy()
-    overlays = gradcam_overlays(model, model[2], images, MEAN, STD, batch_size=2)
+    overlays = gradcam_overlays(model, model[2], images, SPEC, batch_size=2)
     assert len(overlays) == 3
     for o in overlays:
         assert o.shape == (32, 32, 3) and o.dtype == np.uint8
-    targeted = gradcam_overlays(model, model[2], images, MEAN, STD, targets=[0, 1, 2])
+    targeted = gradcam_overlays(model, model[2], images, SPEC, targets=[0, 1, 2])
     assert [o.shape for o in targeted] == [(32, 32, 3)] * 3
 
 

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from medtune.evaluation.calibration import apply_temperature
+from medtune.evaluation.labels import LabelSpace
 from medtune.evaluation.metrics import (
     apply_operating_point,
-    binary_task,
     choose_operating_points,
     compute_metrics,
     move_operating_point,
@@ -26,7 +26,8 @@ from medtune.evaluation.referral import ReferralRule, build_rows, format_figure
 from medtune.workflows.predict import to_csv
 
 NEARLY_ONE = 0.99999999999998  # what a saturated new positive scores in float64
-REFERABLE = binary_task([str(g) for g in range(5)], ordinal=True)
+DR = LabelSpace.of([str(g) for g in range(5)], ordinal=True)
+REFERABLE = DR.binary_task
 
 
 def _saturated(n_neg: int, n_pos: int, top_negative: float) -> tuple[np.ndarray, np.ndarray]:
@@ -86,8 +87,7 @@ def test_sharp_temperature_on_a_separable_probe_still_refers_new_positives():
 
     new = np.tile([1e-14, 1e-14, 1 - 4e-14, 1e-14, 0.0], (4, 1))  # P(referable) = 1 - 2e-14
     rule = ReferralRule("referable DR", REFERABLE.positive, "sens90", point["threshold"])
-    rows = build_rows([f"eye{i}.png" for i in range(4)], new, np.full(4, 2), list("01234"),
-                      True, None, rule)  # fmt: skip
+    rows = build_rows([f"eye{i}.png" for i in range(4)], new, np.full(4, 2), DR, None, rule)
     assert [r.refer for r in rows] == ["yes"] * 4
     parsed = list(csv.DictReader(io.StringIO(to_csv(rows))))
     assert all(float(r["p_referable"]) < 1.0 for r in parsed)

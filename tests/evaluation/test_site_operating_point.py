@@ -7,14 +7,14 @@ import pytest
 
 from medtune.errors import MedtuneError
 from medtune.evaluation.calibration import apply_temperature, fit_temperature
+from medtune.evaluation.labels import LabelSpace
 from medtune.evaluation.metrics import (
     apply_operating_point,
-    binary_task,
     choose_operating_points,
     move_operating_point,
 )
 
-REFERABLE = binary_task([str(g) for g in range(5)], ordinal=True)
+REFERABLE = LabelSpace.of([str(g) for g in range(5)], ordinal=True).binary_task
 
 
 def _logits(n: int, seed: int, shift: float = 0.0, scale: float = 1.0) -> tuple[np.ndarray, ...]:

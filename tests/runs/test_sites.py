@@ -8,14 +8,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from conftest import TINY_SETTINGS
 from PIL import Image
 
 from medtune.config import TrainConfig
 from medtune.data import load_imageset, make_splits
 from medtune.data.preprocess import prepare_image
-from medtune.evaluation.inference import predict_logits_and_features
+from medtune.evaluation.scoring import score
 from medtune.runs import RunFolder
 from medtune.workflows.evaluate import evaluate
 from medtune.workflows.train import train
@@ -150,18 +149,19 @@ def test_site_shift_scores_out_of_distribution_images_above_held_out_ones(shift_
     shift = folder.read_site_shift()
     assert shift is not None and shift.n_train >= 2 and shift.n_features == 1280
     assert json.loads((out / "metrics.json").read_text())["model"]["site_shift"]["threshold"] > 0
-    model, meta = folder.load_model()
+    scorer = folder.load_scorer()
+    assert scorer.card.site_shift.file == "site_shift.npz"  # the card names it
+    assert scorer.card.site_shift.threshold == pytest.approx(shift.threshold)
+    spec = scorer.card.input_spec
     splits = pd.read_csv(out / "splits.csv")
     held_out = splits.loc[splits["split"] == "test", "image"]
-    images = [prepare_image(data / k, meta.image_size, meta.fundus) for k in held_out]
-    size = meta.image_size
+    images = [prepare_image(data / k, spec.image_size, spec.fundus) for k in held_out]
+    size = spec.image_size
     odd = [
-        prepare_image(chelsea(), size, meta.fundus),  # a cat
+        prepare_image(chelsea(), size, spec.fundus),  # a cat
         np.zeros((size, size, 3), np.uint8),  # a blank frame
     ]
-    batch = torch.from_numpy(np.stack(images + odd)).permute(0, 3, 1, 2)
-    _, features = predict_logits_and_features(model, [batch], mean=meta.mean, std=meta.std)
-    scores = shift.score(features)
+    scores = score(scorer, np.stack(images + odd)).shift_scores
     inside, outside = scores[: len(images)], scores[len(images) :]
     assert outside.min() > 1.2 * inside.max()
     assert (outside > shift.threshold).all()

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from medtune.config import FinetuneRecipe
+from medtune.config import FinetuneRecipe, InputSpec
 from medtune.engines.lightning_module import FinetuneModule
 from medtune.models import TransferModel, create_backbone
 from medtune.transfer.recipe import lr_lambda, stage_lr_multipliers
@@ -23,8 +23,7 @@ def make_module(backbone, **recipe) -> FinetuneModule:
     return FinetuneModule(
         model,
         FinetuneRecipe(**recipe),
-        mean=[0.5] * 3,
-        std=[0.25] * 3,
+        spec=InputSpec(32, (0.5,) * 3, (0.25,) * 3),
         steps_per_epoch=4,
         epochs=3,
     )

@@ -5,7 +5,6 @@ when given labels of the new site."""
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
@@ -87,9 +86,8 @@ def test_adapt_changes_only_the_fine_tuned_batchnorm_statistics(source_run: Path
     assert new_meta.temperature == meta.temperature
     # without labels the validated points stay: the source's validation logits are kept
     assert (out / "val_logits.npz").read_bytes() == (source_run / "val_logits.npz").read_bytes()
-    assert json.loads((out / "adaptation.json").read_text())["source_run"] == str(
-        source_run.resolve()
-    )
+    assert RunFolder(out).read_adaptation()["source_run"] == str(source_run.resolve())
+    assert RunFolder(source_run).read_adaptation() is None
     assert "kept" in result.summary and "adapted 7 BatchNorm layers on 24 images" in result.summary
 
     # a usable run: evaluate (its home test split), predict and export
@@ -119,8 +117,9 @@ def test_thresholds_move_only_with_labels_and_evaluate_uses_the_moved_ones(
     assert 0.0 <= sens90["sensitivity_ci95"][0] <= sens90["sensitivity"]
     assert "specificity_ci95" in sens90
     assert "using 24 labelled images (12 positives)" in result.summary
-    meta = RunFolder(out).read_meta()
-    assert meta.temperature == pytest.approx(points["temperature"]["to"])
+    card = RunFolder(out).read_card()
+    assert card.temperature == pytest.approx(points["temperature"]["to"])
+    assert card.site_shift is None and card.provenance.adapted_from == str(source_run.resolve())
     val = RunFolder(out).read_val_logits()
     assert len(val["labels"]) == 24 and {"logits_none", "logits_rot90"} <= set(val)
     # evaluate chooses its operating points from val_logits.npz: the moved thresholds
@@ -180,16 +179,17 @@ def test_label_free_recalibration_suggestions_and_the_batch_verdict(source_run: 
     assert record["operating_point_status"]["validated"] is False
     assert "not validated here" in result.summary
     # model.json carries the moved thresholds and their status to predict and evaluate
-    ops = RunFolder(out).read_meta().operating_points
-    assert ops["label_free"] == "quantile" and ops["status"].startswith(NOT_VALIDATED)
-    moved = ops["points"]["none"]["sens90"]
-    assert moved["threshold"] != pytest.approx(moved["validated_threshold"], abs=1e-9)
+    ops = RunFolder(out).read_card().operating_points
+    assert ops.label_free == "quantile" and ops.status.startswith(NOT_VALIDATED)
+    assert ops.validated is False
+    moved = ops.at("none", "sens90")
+    assert moved.threshold != pytest.approx(moved.validated_threshold, abs=1e-9)
     rows = predict([str(site_b)], run=out)
     assert len(rows) == 24  # predict reads the moved points
     labelled = _site_b(tmp_path / "b-labelled", seed=5)
     scored = evaluate(out, str(labelled), gradcam=False, n_boot=0, progress=False)
     assert scored.metrics["label_free_operating_points"]["sens90"]["threshold"] == pytest.approx(
-        moved["threshold"]
+        moved.threshold
     )
     # the suggestions: 7 distinct images of the site, the most uncertain first
     suggested = pd.read_csv(out / "suggested.csv")

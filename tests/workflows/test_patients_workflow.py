@@ -104,10 +104,11 @@ def test_predict_manifest_names_patients_and_unnamed_images_stay_ungrouped(
     assert [e["eye"] for e in _read(out.with_suffix(".eyes.csv"))] == ["right", "left"]
     meta = json.loads(out.with_suffix(".meta.json").read_text())["patients"]
     assert meta["n_images_without_patient"] == 1  # c.png
-    # without any patient, no patient files
-    plain = tmp_path / "plain.csv"
-    assert main(["predict", str(folder / "c.png"), "--run", str(dr_run), "--out", str(plain)]) == 0
-    assert not plain.with_suffix(".patients.csv").exists()
+    # without any patient, no patient files: earlier ones at the same place are removed
+    assert main(["predict", str(folder / "c.png"), "--run", str(dr_run), "--out", str(out)]) == 0
+    assert not out.with_suffix(".patients.csv").exists()
+    assert not out.with_suffix(".eyes.csv").exists()
+    assert "patients" not in json.loads(out.with_suffix(".meta.json").read_text())
 
 
 def test_evaluate_reports_patient_level_figures(
@@ -116,7 +117,7 @@ def test_evaluate_reports_patient_level_figures(
     import medtune.evaluation.quality as quality_module
 
     def gate(img: Image.Image) -> QualityVerdict:
-        ok, reason = _gate(img)
+        ok, reason = _gate(np.asarray(img))
         return QualityVerdict(ok, reason, "ok" if ok else "blur")
 
     monkeypatch.setattr(quality_module, "assess_quality", gate)

@@ -18,7 +18,8 @@ from PIL import Image
 from scipy.special import softmax
 
 from medtune.cli.main import main
-from medtune.evaluation.grades import DR_GRADE_NAMES, grade_names
+from medtune.evaluation.card import OperatingPoints
+from medtune.evaluation.labels import DR_GRADE_NAMES, LabelSpace
 from medtune.evaluation.metrics import compute_metrics
 from medtune.evaluation.plots import GradcamExample
 from medtune.evaluation.referral import build_rows, referral_rule
@@ -32,9 +33,14 @@ def _probs(n: int, k: int, seed: int) -> np.ndarray:
     return softmax(np.random.default_rng(seed).normal(size=(n, k)) * 2, axis=1)
 
 
-def _points(threshold: float) -> dict:
+def _points(threshold: float) -> OperatingPoints:
     point = {"threshold": threshold, "rule": "r", "sensitivity": 0.9, "specificity": 0.7}
-    return {"n_val": 50, "n_val_positive": 20, "points": {"none": {"sens90": point}}}
+    return OperatingPoints.from_dict(
+        {"n_val": 50, "n_val_positive": 20, "points": {"none": {"sens90": point}}}
+    )
+
+
+SPACE_DR = LabelSpace.of(DR)
 
 
 # ---------------------------------------------------------------- rows and CSV
@@ -43,10 +49,9 @@ def _points(threshold: float) -> dict:
 def test_csv_quotes_any_class_name_and_round_trips():
     names = ['a, "odd" one', "plain"]
     probs = _probs(3, 2, 0)
-    rule = referral_rule(names, False, _points(0.5))
-    rows = build_rows(
-        ["x,1.png", "y.png", "z.png"], probs, probs.argmax(1), names, False, None, rule
-    )
+    space = LabelSpace.of(names)
+    rule = referral_rule(space, _points(0.5))
+    rows = build_rows(["x,1.png", "y.png", "z.png"], probs, probs.argmax(1), space, None, rule)
     parsed = list(csv.reader(io.StringIO(to_csv(rows))))
     assert parsed[0] == [
         "image",
@@ -69,9 +74,9 @@ def test_csv_quotes_any_class_name_and_round_trips():
 def test_p_referable_is_the_sum_of_grades_2_to_4_and_refer_follows_the_threshold():
     probs = _probs(40, 5, 1)
     labels = probs.argmax(1)
-    rule = referral_rule(DR, True, _points(0.55))
+    rule = referral_rule(SPACE_DR, _points(0.55))
     quality = [(i % 7 != 0, "too dark" if i % 7 == 0 else None) for i in range(40)]
-    rows = build_rows([f"{i}.png" for i in range(40)], probs, labels, DR, True, None, rule, quality)
+    rows = build_rows([f"{i}.png" for i in range(40)], probs, labels, SPACE_DR, None, rule, quality)
     ref = probs[:, 2:].sum(1)
     assert [r.p_referable for r in rows] == pytest.approx(ref)
     for r, p, (ok, _) in zip(rows, ref, quality, strict=True):
@@ -82,10 +87,11 @@ def test_p_referable_is_the_sum_of_grades_2_to_4_and_refer_follows_the_threshold
     assert list(rows[0].probabilities) == list(DR_GRADE_NAMES)
     assert {r.refer for r in rows} == {"yes", "no", "ungradable"}
     # grade names: DR names only for 5 ordinal grades
-    assert grade_names(DR, False) == DR and grade_names(["a", "b", "c"], True) == ["a", "b", "c"]
+    assert LabelSpace.of(DR, ordinal=False).grade_names == DR
+    assert LabelSpace.of(["a", "b", "c"], ordinal=True).grade_names == ["a", "b", "c"]
     # no referral for a 3-class model; no validated threshold leaves refer empty
-    assert referral_rule(["a", "b", "c"], False, None) is None
-    bare = build_rows(["a"], probs[:1], labels[:1], DR, True, None, referral_rule(DR, True, None))
+    assert referral_rule(LabelSpace.of(["a", "b", "c"]), None) is None
+    bare = build_rows(["a"], probs[:1], labels[:1], SPACE_DR, None, referral_rule(SPACE_DR, None))
     assert bare[0].refer == "" and bare[0].p_referable == pytest.approx(ref[0])
 
 

@@ -394,8 +394,8 @@ def test_page_end_to_end_in_headless_chromium(tiny_run: Path, tmp_path: Path) ->
         from medtune.evaluation.quality import assess_quality
         from medtune.runs import RunFolder
 
-        meta = RunFolder(tiny_run).read_meta()
-        inputs = [prepare_image(Image.open(p), meta.image_size, meta.fundus) for p in photos]
+        spec = RunFolder(tiny_run).read_card().input_spec
+        inputs = [prepare_image(Image.open(p), spec.image_size, spec.fundus) for p in photos]
         verdicts = [assess_quality(x) for x in inputs]
         assert [(v.gradable, v.code) for v in verdicts] == [
             (True, "ok"),

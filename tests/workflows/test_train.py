@@ -47,8 +47,8 @@ def test_linear_probe_run_folder_and_model_match_the_features(graded_folder: Pat
         assert {"n", "accuracy", "balanced_accuracy", "qwk", "macro_auc"} <= set(metrics[split])
     assert metrics["val"]["n"] + metrics["test"]["n"] < 24
     # the saved image-level model gives the same logits as the probe on cached features
-    model, meta = RunFolder(out).load_model()
-    assert meta.kind == "probe" and meta.class_names == ["0", "1", "2"]
+    model, card = RunFolder(out).load_model()
+    assert card.kind == "probe" and card.class_names == ["0", "1", "2"]
     saved = np.load(out / "val_logits.npz")
     splits = (out / "splits.csv").read_text().splitlines()[1:]
     val_keys = [line.rsplit(",", 1)[0] for line in splits if line.endswith(",val")]
@@ -61,7 +61,8 @@ def test_linear_probe_run_folder_and_model_match_the_features(graded_folder: Pat
         [preprocess(imageset.load(index[k]), 48, FundusOptions(crop=False)) for k in val_keys]
     )
     x = torch.from_numpy(batch).permute(0, 3, 1, 2).float() / 255
-    x = (x - torch.tensor(meta.mean).view(1, 3, 1, 1)) / torch.tensor(meta.std).view(1, 3, 1, 1)
+    spec = card.input_spec
+    x = (x - torch.tensor(spec.mean).view(1, 3, 1, 1)) / torch.tensor(spec.std).view(1, 3, 1, 1)
     with torch.no_grad():
         logits = model(x).numpy()
     np.testing.assert_allclose(logits, saved["logits_none"], atol=1e-3, rtol=1e-4)

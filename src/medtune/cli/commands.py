@@ -147,12 +147,7 @@ def run_demo(args: argparse.Namespace) -> None:
 def add_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", required=True, help="a run folder made by medtune train")
     p.add_argument("--data", help="labelled test images (default: the run's own test split)")
-    p.add_argument(
-        "--tta",
-        choices=TTA_MODES,
-        default="none",
-        help="test-time augmentation: rot90 averages the four rotations",
-    )
+    _add_tta(p)
     p.add_argument("--name", help="output name under RUN/eval/ (default from the data)")
     p.add_argument(
         "--bootstrap",
@@ -164,6 +159,31 @@ def add_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-gradcam", action="store_true", help="leave Grad-CAM out of the report")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images")
     _add_patient_rule(p)
+
+
+def _add_tta(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--tta",
+        choices=TTA_MODES,
+        default="none",
+        help="test-time augmentation: rot90 averages the four rotations",
+    )
+
+
+def _add_model_source(p: argparse.ArgumentParser, run_note: str, model_note: str) -> None:
+    """``--run RUN`` or ``--model model.onnx``, exactly one (``predict``, ``serve``)."""
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", help=f"a run folder {run_note}")
+    source.add_argument("--model", help=f"an exported model.onnx {model_note}")
+
+
+def _add_operating_point(p: argparse.ArgumentParser, text: str) -> None:
+    p.add_argument(
+        "--operating-point",
+        choices=tuple(OPERATING_POINTS),
+        default=DEFAULT_OPERATING_POINT,
+        help=text,
+    )
 
 
 def _add_patient_rule(p: argparse.ArgumentParser) -> None:
@@ -219,9 +239,7 @@ def _patients_line(pm: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------------- predict
 def add_predict(p: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", nargs="+", metavar="PATH", help="image files, folders or globs")
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--run", help="a run folder (PyTorch model)")
-    source.add_argument("--model", help="an exported model.onnx (ONNX Runtime, no PyTorch)")
+    _add_model_source(p, "(PyTorch model)", "(ONNX Runtime, no PyTorch)")
     p.add_argument(
         "--out", help="write predictions to this CSV, and what they mean to OUT.meta.json"
     )
@@ -232,11 +250,9 @@ def add_predict(p: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help="write the predictions and their meaning as JSON to PATH (no PATH: print them)",
     )
-    p.add_argument(
-        "--operating-point",
-        choices=tuple(OPERATING_POINTS),
-        default=DEFAULT_OPERATING_POINT,
-        help="validated threshold for the refer column (default: sens90, the most specific "
+    _add_operating_point(
+        p,
+        "validated threshold for the refer column (default: sens90, the most specific "
         "threshold with >= 90%% sensitivity for referable disease on validation: screening)",
     )
     p.add_argument("--explain", metavar="DIR", help="write Grad-CAM figures into DIR")
@@ -246,12 +262,7 @@ def add_predict(p: argparse.ArgumentParser) -> None:
         help="a run trained on image-quality grades (e.g. Good/Usable/Reject folders): images "
         "it calls Reject are ungradable too, beside the rule-based quality gate",
     )
-    p.add_argument(
-        "--tta",
-        choices=TTA_MODES,
-        default="none",
-        help="test-time augmentation: rot90 averages the four rotations",
-    )
+    _add_tta(p)
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images")
     p.add_argument(
         "--resume",
@@ -409,9 +420,7 @@ def run_advise(args: argparse.Namespace) -> None:
 
 # ----------------------------------------------------------------------------------- serve
 def add_serve(p: argparse.ArgumentParser) -> None:
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--run", help="a run folder (PyTorch model; the page shows Grad-CAM)")
-    source.add_argument("--model", help="an exported model.onnx (ONNX Runtime, faster)")
+    _add_model_source(p, "(PyTorch model; the page shows Grad-CAM)", "(ONNX Runtime, faster)")
     p.add_argument(
         "--host",
         default="127.0.0.1",
@@ -419,17 +428,9 @@ def add_serve(p: argparse.ArgumentParser) -> None:
         "a user, see medtune users add, and TLS in front)",
     )
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument(
-        "--tta",
-        choices=TTA_MODES,
-        default="none",
-        help="test-time augmentation: rot90 averages the four rotations",
-    )
-    p.add_argument(
-        "--operating-point",
-        choices=tuple(OPERATING_POINTS),
-        default=DEFAULT_OPERATING_POINT,
-        help="validated threshold that sets the referral flag (default sens90, as predict)",
+    _add_tta(p)
+    _add_operating_point(
+        p, "validated threshold that sets the referral flag (default sens90, as predict)"
     )
     p.add_argument("--workers", type=int, help="batches predicted at once (default 1 run, 2 ONNX)")
     p.add_argument("--max-files", type=int, default=50, help="images per request")

@@ -38,20 +38,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MedtuneError as err:
         if args.debug:
             raise
+        _end_progress_bars()
         print(f"medtune: error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
     except (OSError, pickle.UnpicklingError) as err:
         message = _environment_error(err)
         if message is None or args.debug:
             raise
+        _end_progress_bars()
         print(f"medtune: error: {message}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
+        _end_progress_bars()
         advice = render("rerun the same command" + offer(" (with {})", "--resume"))
         print(f"medtune: interrupted; {advice} to continue", file=sys.stderr)
         return 130
     finally:
         set_command_options(None)
+
+
+def _end_progress_bars() -> None:
+    """Close the progress bars an error interrupted, so that the error is a line of its own and
+    the last one (an open bar would be redrawn after it, or the error printed into its line)."""
+    from tqdm import tqdm  # tqdm.auto's bars are instances of this class too
+
+    for bar in list(getattr(tqdm, "_instances", [])):
+        bar.close()
 
 
 def _environment_error(err: BaseException) -> str | None:

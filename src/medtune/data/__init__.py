@@ -16,8 +16,9 @@ if TYPE_CHECKING:
     from medtune.data.cache import Part, PreparedCache, open_cache, prepare  # noqa: F401
     from medtune.data.datasets import CachedImageDataset  # noqa: F401
     from medtune.data.images import load_rgb  # noqa: F401
+    from medtune.data.imageset import ImageSet  # noqa: F401
     from medtune.data.preprocess import prepare_image  # noqa: F401
-    from medtune.data.sources import ImageSet, load_imageset  # noqa: F401
+    from medtune.data.sources import load_imageset  # noqa: F401
     from medtune.data.splits import make_splits, read_splits, write_splits  # noqa: F401
 
 __getattr__, __dir__, __all__ = lazy_loader.attach(
@@ -27,7 +28,8 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
         "datasets": ["CachedImageDataset"],
         "images": ["load_rgb"],
         "preprocess": ["prepare_image"],
-        "sources": ["ImageSet", "load_imageset"],
+        "imageset": ["ImageSet"],
+        "sources": ["load_imageset"],
         "splits": ["make_splits", "read_splits", "write_splits"],
     },
 )

@@ -40,8 +40,8 @@ import numpy as np
 import pandas as pd
 
 from medtune import io as mio
+from medtune.data.imageset import ImageSet
 from medtune.data.preprocess import prepare_image
-from medtune.data.sources import ImageSet
 from medtune.errors import BadImageError, MedtuneError, offer
 
 if TYPE_CHECKING:
@@ -550,6 +550,11 @@ class Part:
         return len(self.indices)
 
     @property
+    def images(self) -> PartImages:
+        """The part's prepared images, read when sliced (``part.images[a:b]``)."""
+        return PartImages(self.cache, self.indices)
+
+    @property
     def groups(self) -> list[str] | None:
         """Patient/group id of each row, or ``None`` when the data has none."""
         groups = self.cache.groups
@@ -560,3 +565,19 @@ class Part:
         """Site of each row (several ``data`` sources or a ``site`` column), else ``None``."""
         sites = self.cache.sites
         return None if sites is None else [sites[i] for i in self.indices]
+
+
+@dataclass(frozen=True)
+class PartImages:
+    """Some rows of a prepared cache as a sliceable sequence of images: ``view[a:b]`` reads rows
+    ``a..b`` into a uint8 (b - a, S, S, 3) array, so a scorer
+    (:class:`medtune.evaluation.scoring.Scorer`) reads a whole split batch by batch."""
+
+    cache: PreparedCache
+    indices: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        return np.array(self.cache.images[self.indices[rows]])

@@ -9,7 +9,7 @@ by words becomes five unordered classes sorted alphabetically. :func:`resolve_gr
 them as the grades they are, says so in one warning, and refuses a word it cannot read among
 numeric grades. No library spells these variants out, hence the table below.
 
-Standard library only (imported by :mod:`medtune.data.sources`).
+Standard library only (imported by :mod:`medtune.data.classes` and :mod:`medtune.data.sources`).
 """
 
 from __future__ import annotations

@@ -62,7 +62,6 @@ EYES = (RIGHT, LEFT)
 #: Manifest columns naming the patient and the eye (first present wins).
 PATIENT_COLUMNS = ("patient_id", "patient")
 EYE_COLUMNS = ("eye", "laterality", "image_laterality", "side")
-_IMAGE_COLUMNS = ("image", "id_code", "filename", "file", "path")  # as data.sources reads them
 
 # Eye words, compared casefolded: English, clinical Latin abbreviations, DICOM codes.
 _EYE_WORDS = {
@@ -236,10 +235,6 @@ class Manifest:
         return None
 
 
-def _column(columns: Sequence[str], names: Sequence[str]) -> str | None:
-    return next((n for n in names if n in columns), None)
-
-
 def read_manifest(path: str | os.PathLike[str], *, required: bool = True) -> Manifest | None:
     """Read ``image,patient_id,eye`` rows.
 
@@ -247,7 +242,7 @@ def read_manifest(path: str | os.PathLike[str], *, required: bool = True) -> Man
     ----------
     path : str or path-like
         A CSV (UTF-8; ``,``, ``;`` or tab separated; read by
-        :func:`medtune.data.sources.read_table`) with an image column and a patient column
+        :func:`medtune.data.tables.read_table`) with an image column and a patient column
         (:data:`PATIENT_COLUMNS`), an eye column (:data:`EYE_COLUMNS`), or both. Empty cells
         leave that field to DICOM tags or the file name.
     required : bool, default True
@@ -264,15 +259,16 @@ def read_manifest(path: str | os.PathLike[str], *, required: bool = True) -> Man
         For a missing file, no image column, neither a patient nor an eye column (when
         ``required``), or an eye value that names no eye (naming the row).
     """
-    from medtune.data.sources import read_table
+    # pandas only when a manifest is read (``normalise_eye`` is imported by light modules)
+    from medtune.data.tables import IMAGE_COLUMNS, pick_column, read_table
 
     path = Path(path)
     if not path.is_file():
         raise MedtuneError(f"{path}: manifest not found; give a CSV with image,patient_id,eye")
     frame = read_table(path)
-    image_col = _column(frame.columns, _IMAGE_COLUMNS)
-    patient_col = _column(frame.columns, PATIENT_COLUMNS)
-    eye_col = _column(frame.columns, EYE_COLUMNS)
+    image_col = pick_column(frame, IMAGE_COLUMNS)
+    patient_col = pick_column(frame, PATIENT_COLUMNS)
+    eye_col = pick_column(frame, EYE_COLUMNS)
     if image_col is None or (patient_col is None and eye_col is None):
         if not required:
             return None
@@ -361,7 +357,7 @@ def image_eyes(
 
 
 def imageset_eyes(imageset: Any) -> list[ImageEye]:
-    """:func:`image_eyes` of a labelled :class:`~medtune.data.sources.ImageSet`, with its labels
+    """:func:`image_eyes` of a labelled :class:`~medtune.data.imageset.ImageSet`, with its labels
     CSV as the manifest when it has a patient or eye column (:func:`source_manifest`); images of
     an ``.npz`` set have no patient."""
     if imageset.paths is None:

@@ -23,7 +23,8 @@ import numpy as np
 import pandas as pd
 
 from medtune import io as mio
-from medtune.data.sources import SPLIT_NAMES, read_table
+from medtune.data.imageset import SPLIT_NAMES
+from medtune.data.tables import read_table
 from medtune.errors import MedtuneError, offer
 
 log = logging.getLogger(__name__)

@@ -6,8 +6,10 @@ an ONNX export also returns ``features`` (the pooled features the head sees) and
 as ``predict --run``. The export is written to a temp name, checked (``onnx.checker`` for ONNX)
 and compared with PyTorch on the caller's real images;
 only when the probabilities agree within ``tolerance`` is it renamed to ``model.onnx`` /
-``model.ts`` and ``model.json`` written. A failed check raises :class:`MedtuneError` and leaves
-no model file behind.
+``model.ts`` and the model card ``model.json`` written: the run's
+:class:`~medtune.evaluation.card.ModelCard` with its export-only facts (format, file, graph
+names, opset, exporter, parity) in its ``export`` block (:func:`export_card`). A failed check
+raises :class:`MedtuneError` and leaves no model file behind.
 
 ONNX export uses the TorchScript-based exporter (``dynamo=False``: no extra packages, dynamic
 batch via ``dynamic_axes``) and falls back to the dynamo exporter (needs ``onnxscript``) when the
@@ -18,13 +20,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import importlib.util
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -39,13 +41,13 @@ from medtune.deploy.onnx_predictor import (
     SIDECAR_NAME,
     SITE_SHIFT_NAME,
     OnnxPredictor,
-    validate_sidecar,
 )
 from medtune.errors import MedtuneError
 from medtune.evaluation.calibration import apply_temperature
+from medtune.evaluation.card import ExportInfo, ModelCard, SiteShiftRef, write_card
 from medtune.evaluation.inference import head_input
 from medtune.evaluation.shift import SiteShiftModel
-from medtune.io import atomic_path, write_json
+from medtune.io import atomic_path
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.ts"}
 ONNX_EXPORTERS = ("auto", "legacy", "dynamo")
@@ -63,20 +65,17 @@ class ExportResult:
     max_abs_diff: float  # max |p_torch - p_export| over parity images and classes
     max_abs_logit_diff: float
     n_parity_images: int
-    sidecar: dict[str, Any]
+    card: ModelCard
     site_shift_path: Path | None = None
 
 
 def export_model(
     model: nn.Module,
     out_dir: str | os.PathLike[str],
+    card: ModelCard,
     *,
     fmt: str = "onnx",
-    image_size: int,
-    sidecar: dict[str, Any],
     parity_inputs: np.ndarray | torch.Tensor,
-    mean: Sequence[float],
-    std: Sequence[float],
     tolerance: float = 1e-4,
     opset: int = MIN_OPSET,
     onnx_exporter: str = "auto",
@@ -84,13 +83,36 @@ def export_model(
 ) -> ExportResult:
     """Export ``model`` to ``out_dir`` (``model.onnx`` or ``model.ts`` + ``model.json``).
 
-    ``parity_inputs`` are real uint8 images, N x image_size x image_size x 3 RGB; the exported
-    model's ``softmax(logits / temperature)`` must match PyTorch's within ``tolerance``.
-    ``sidecar`` holds at least ``class_names``; ``temperature`` (default 1) and ``decoding``
-    (default argmax) are optional and any other keys (e.g. ``fundus``) are kept.
-    ``site_shift`` (ONNX only; the model needs a ``head``): the graph gets a second output
-    ``features`` (checked against PyTorch too), ``site_shift.npz`` is written beside it and the
-    sidecar's ``site_shift`` names it with its threshold.
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The trained model (exported from an eval-mode CPU copy; its mode is restored).
+    out_dir : str or os.PathLike
+        Receives the model file, its card ``model.json`` and, with ``site_shift``,
+        ``site_shift.npz``.
+    card : ModelCard
+        The model's description (input spec, label space, temperature, decoding, operating
+        points); the export adds its ``export`` block and, with ``site_shift``, the reference.
+    fmt : {"onnx", "torchscript"}, default "onnx"
+    parity_inputs : ndarray or Tensor, uint8, N x S x S x 3
+        Real RGB images at the card's image size: the exported model's
+        ``softmax(logits / temperature)`` must match PyTorch's within ``tolerance``.
+    tolerance : float, default 1e-4
+    opset : int, default 17
+    onnx_exporter : {"auto", "legacy", "dynamo"}, default "auto"
+    site_shift : SiteShiftModel, optional
+        ONNX only; the model needs a ``head``: the graph gets a second output ``features``
+        (checked against PyTorch too) and ``site_shift.npz`` is written beside it.
+
+    Returns
+    -------
+    ExportResult
+
+    Raises
+    ------
+    MedtuneError
+        For an unknown format, exporter or old opset, a card whose classes do not match the
+        model's outputs, bad parity inputs, or a failed check (nothing is left behind).
     """
     if fmt not in FORMATS:
         raise MedtuneError(f"unknown export format {fmt!r}; use one of {sorted(FORMATS)}")
@@ -99,53 +121,81 @@ def export_model(
     if opset < MIN_OPSET:
         raise MedtuneError(f"ONNX opset {opset} is too old; use {MIN_OPSET} or newer")
     with_features = site_shift is not None and fmt == "onnx"
-    if with_features:
-        sidecar = {**sidecar, "site_shift": _site_shift_entry(site_shift)}
-    meta = build_sidecar(sidecar, fmt=fmt, image_size=image_size, mean=mean, std=std)
-    images = _as_uint8_images(parity_inputs, image_size)
-    x = normalise_images(images, meta["mean"], meta["std"])
+    card = export_card(card, fmt, site_shift if with_features else None)
+    spec = card.input_spec
+    images = _as_uint8_images(parity_inputs, spec.image_size)
+    x = normalise_images(images, spec.mean, spec.std)
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model_path = out / FORMATS[fmt]
     with _cpu_eval_copy(model) as net:
         ref_logits = _torch_logits(net, x)
-        if ref_logits.shape[1] != len(meta["class_names"]):
+        if ref_logits.shape[1] != card.num_classes:
             raise MedtuneError(
-                f"model has {ref_logits.shape[1]} outputs but the sidecar lists "
-                f"{len(meta['class_names'])} class names; pass matching class_names"
+                f"model has {ref_logits.shape[1]} outputs but the card lists "
+                f"{card.num_classes} class names; pass matching class_names"
             )
         with atomic_path(model_path) as tmp:
             if fmt == "onnx":
                 graph = LogitsAndFeatures(net).eval() if with_features else net
                 used = _export_onnx(graph, tmp, _example_batch(x), opset, onnx_exporter)
-                meta["opset"] = _check_onnx(tmp, opset, with_features)
-                meta["onnx_exporter"] = used
-                exp_logits = _onnx_logits(tmp, meta, images)
+                info = {"opset": _check_onnx(tmp, opset, with_features), "onnx_exporter": used}
+                card = card.replace(export=dataclasses.replace(card.export, **info))
+                exp_logits = _onnx_logits(tmp, card, images)
                 if with_features:
-                    _check_features(graph, tmp, meta, images, x)
+                    _check_features(graph, tmp, card, images, x)
             else:
                 _export_torchscript(net, tmp, _example_batch(x))
                 exp_logits = _torchscript_logits(tmp, x)
-            diff, logit_diff = _parity(ref_logits, exp_logits, meta["temperature"])
+            diff, logit_diff = _parity(ref_logits, exp_logits, card.temperature)
             if not diff <= tolerance:
                 raise MedtuneError(
                     f"{model_path}: parity check failed: {fmt} probabilities differ from PyTorch "
                     f"by {diff:.3g} (max abs, tolerance {tolerance:g}) on {len(images)} images; "
                     "nothing was written; check for unsupported layers or retry another format"
                 )
-    meta["parity"] = {
+    parity = {
         "max_abs_diff": diff,
         "max_abs_logit_diff": logit_diff,
         "n_images": len(images),
         "tolerance": tolerance,
     }
+    card = card.replace(export=dataclasses.replace(card.export, parity=parity))
     shift_path = site_shift.save(out / SITE_SHIFT_NAME) if with_features else None
-    sidecar_path = out / SIDECAR_NAME
-    write_json(sidecar_path, meta)
+    sidecar_path = write_card(out / SIDECAR_NAME, card)
     return ExportResult(
-        model_path, sidecar_path, fmt, diff, logit_diff, len(images), meta, shift_path
+        model_path, sidecar_path, fmt, diff, logit_diff, len(images), card, shift_path
     )
+
+
+def export_card(card: ModelCard, fmt: str, site_shift: SiteShiftModel | None) -> ModelCard:
+    """The card of an export: ``card`` checked (read back from its JSON form), with the export
+    block (format, file, graph I/O names, medtune version) and the site-shift reference.
+
+    Raises
+    ------
+    MedtuneError
+        For an invalid card (e.g. wrong decoding thresholds) or an unknown format.
+    """
+    from medtune.version import __version__
+
+    if fmt not in FORMATS:
+        raise MedtuneError(f"unknown export format {fmt!r}; use one of {sorted(FORMATS)}")
+    checked = card.checked()
+    export = ExportInfo(
+        format=fmt,
+        model_file=FORMATS[fmt],
+        input_name=INPUT_NAME,
+        output_name=OUTPUT_NAME,
+        features_name=FEATURES_NAME if site_shift is not None else None,
+        input_layout=INPUT_LAYOUT,
+        medtune_version=__version__,
+    )
+    ref = None
+    if site_shift is not None:
+        ref = SiteShiftRef(SITE_SHIFT_NAME, site_shift.to_dict(arrays=False))
+    return checked.replace(export=export, site_shift=ref)
 
 
 class LogitsAndFeatures(nn.Module):
@@ -167,13 +217,8 @@ class LogitsAndFeatures(nn.Module):
         return logits, captured[0].flatten(1)
 
 
-def _site_shift_entry(model: SiteShiftModel) -> dict[str, Any]:
-    """The sidecar's ``site_shift``: where the arrays are, and the scalars a reader needs."""
-    return {"file": SITE_SHIFT_NAME, **model.to_dict(arrays=False)}
-
-
 def _check_features(
-    graph: nn.Module, path: Path, meta: dict[str, Any], images: np.ndarray, x: np.ndarray
+    graph: nn.Module, path: Path, card: ModelCard, images: np.ndarray, x: np.ndarray
 ) -> None:
     """The exported ``features`` output must match PyTorch's (what the site shift scores)."""
     with torch.no_grad():
@@ -183,7 +228,7 @@ def _check_features(
                 for i in range(0, len(x), PARITY_BATCH)
             ]
         ).numpy()
-    got = OnnxPredictor(path, sidecar=meta, batch_size=PARITY_BATCH).logits_and_features(images)[1]
+    got = OnnxPredictor(path, card=card, batch_size=PARITY_BATCH).logits_and_features(images)[1]
     gap = float(np.abs(ref - got).max())
     if not gap <= 1e-3 * max(1.0, float(np.abs(ref).max())):
         raise MedtuneError(
@@ -193,40 +238,8 @@ def _check_features(
 
 
 # ---------------------------------------------------------------------------------------------
-# sidecar and inputs
+# inputs
 # ---------------------------------------------------------------------------------------------
-
-_OWNED_KEYS = ("format", "model_file", "image_size", "mean", "std", "input_layout")
-
-
-def build_sidecar(
-    sidecar: dict[str, Any],
-    *,
-    fmt: str,
-    image_size: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-) -> dict[str, Any]:
-    """Caller's sidecar plus the fields export owns; raises on a conflicting caller value."""
-    from medtune.version import __version__
-
-    owned: dict[str, Any] = {
-        "format": fmt,
-        "model_file": FORMATS[fmt],
-        "image_size": int(image_size),
-        "mean": [float(v) for v in mean],
-        "std": [float(v) for v in std],
-        "input_layout": INPUT_LAYOUT,
-    }
-    for key in _OWNED_KEYS:
-        if key in sidecar and sidecar[key] != owned[key]:
-            raise MedtuneError(
-                f"sidecar field {key!r}={sidecar[key]!r} conflicts with the export argument "
-                f"{owned[key]!r}; drop it from the sidecar dict"
-            )
-    meta = {**dict(sidecar), **owned}
-    meta.update(input_name=INPUT_NAME, output_name=OUTPUT_NAME, medtune_version=__version__)
-    return validate_sidecar(meta, "export sidecar")
 
 
 def _as_uint8_images(inputs: np.ndarray | torch.Tensor, size: int) -> np.ndarray:
@@ -379,12 +392,12 @@ def _torch_logits(net: nn.Module, x: np.ndarray) -> np.ndarray:
     return torch.cat(outs).float().numpy()
 
 
-def _onnx_logits(path: Path, meta: dict[str, Any], images: np.ndarray) -> np.ndarray:
+def _onnx_logits(path: Path, card: ModelCard, images: np.ndarray) -> np.ndarray:
     """Run the exported file through the deployment predictor (same preprocessing code).
 
     Also runs the first image alone, so a batch size other than the traced one is exercised.
     """
-    pred = OnnxPredictor(path, sidecar=meta, batch_size=PARITY_BATCH)
+    pred = OnnxPredictor(path, card=card, batch_size=PARITY_BATCH)
     batch = pred.logits(images)
     single = pred.logits(images[:1])
     if not np.allclose(single, batch[:1], rtol=0, atol=1e-4):

@@ -35,7 +35,7 @@ from medtune.engines.datamodule import CacheDataModule, class_weights
 from medtune.engines.guards import NonFiniteLossGuard
 from medtune.engines.lightning_module import FinetuneModule
 from medtune.errors import MedtuneError, unpickling_detail
-from medtune.evaluation.metrics import is_ordinal
+from medtune.evaluation.labels import is_ordinal
 from medtune.io import atomic_path
 from medtune.logs import route_library_logs
 from medtune.models import Backbone, TransferModel
@@ -181,8 +181,7 @@ def run_finetune(
     module = FinetuneModule(
         model,
         config.recipe,
-        mean=config.mean,
-        std=config.std,
+        spec=config.input_spec,
         optimizer=config.optimizer,
         momentum=config.momentum,
         class_weights=_class_weights(config, data.train, num_classes),

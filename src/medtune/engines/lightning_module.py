@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medtune.config import FinetuneRecipe
+from medtune.config import FinetuneRecipe, InputSpec
 from medtune.data.normalise import normalise_batch
 from medtune.evaluation.metrics import quick_metrics
 from medtune.models.stages import param_stage_index
@@ -60,8 +60,7 @@ class FinetuneModule(L.LightningModule):
         model: nn.Module,
         recipe: FinetuneRecipe,
         *,
-        mean: list[float],
-        std: list[float],
+        spec: InputSpec,
         optimizer: str = "adamw",
         momentum: float = 0.9,
         class_weights: list[float] | None = None,
@@ -79,8 +78,9 @@ class FinetuneModule(L.LightningModule):
         self.channels_last = channels_last
         self.steps_per_epoch = steps_per_epoch
         self.epochs = epochs
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        # the input spec's normalisation as buffers: they move to the device with the module
+        self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
         weights = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
         self.register_buffer("class_weights", weights, persistent=False)
 

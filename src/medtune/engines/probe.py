@@ -10,7 +10,7 @@ import numpy as np
 from medtune.config import ProbeSettings
 from medtune.data import Part
 from medtune.errors import MedtuneError
-from medtune.evaluation.metrics import is_ordinal
+from medtune.evaluation.labels import is_ordinal
 from medtune.models import Backbone
 from medtune.models.stage_classifier import StageProbeClassifier
 from medtune.runs import RunData, RunFolder

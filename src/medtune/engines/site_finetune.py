@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, WeightedRandomSampler
 
-from medtune.config import FinetuneRecipe
+from medtune.config import FinetuneRecipe, InputSpec
 from medtune.data import CachedImageDataset, Part
 from medtune.engines.datamodule import WithPosition, sampling_weights
 from medtune.engines.lightning_module import FinetuneModule
@@ -31,8 +31,7 @@ def finetune_on_mix(
     source: Part,
     sample: Part,
     *,
-    mean: list[float],
-    std: list[float],
+    spec: InputSpec,
     ordinal: bool,
     epochs: int = 3,
     lr: float = 1e-3,
@@ -50,8 +49,8 @@ def finetune_on_mix(
         The source run's training images.
     sample : Part
         The new site's labelled sample.
-    mean, std : list of float
-        The model's input normalisation.
+    spec : InputSpec
+        How the model is fed (its input normalisation).
     ordinal : bool
         Graded labels (the training loss and monitoring follow the run's).
     epochs : int, default 3
@@ -97,7 +96,7 @@ def finetune_on_mix(
         dataset, batch_size=batch_size, sampler=sampler, drop_last=draws > batch_size
     )
     module = FinetuneModule(
-        model, recipe, mean=mean, std=std, ordinal=ordinal, channels_last=False, epochs=epochs
+        model, recipe, spec=spec, ordinal=ordinal, channels_last=False, epochs=epochs
     )
     trainer = L.Trainer(
         max_epochs=epochs,

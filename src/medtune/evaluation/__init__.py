@@ -1,4 +1,5 @@
-"""medtune.evaluation: the evaluation core. Clinical metrics with intervals, operating points,
+"""medtune.evaluation: the evaluation core. The label space and the model card (how a trained
+model is fed and read), the scorer protocol, clinical metrics with intervals, operating points,
 calibration, ordinal decoding, TTA inference, Grad-CAM, figures, the HTML report, and the
 image-quality gate (``assess_quality``), and eyes and patients from image rows
 (``aggregate_eyes``, ``aggregate_patient``, ``screen_patients``).
@@ -26,12 +27,14 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
             "bootstrap_weights",
             "choose_operating_points",
             "compute_metrics",
-            "is_ordinal",
             "quick_metrics",
         ],
+        "labels": ["LabelSpace", "is_ordinal"],
+        "card": ["ModelCard", "read_card", "write_card"],
+        "scoring": ["Scorer", "score"],
         "decoding": ["choose_decoding", "decode", "expected_grade", "fit_qwk_thresholds"],
         "scores": ["balanced_accuracy", "qwk"],
-        "inference": ["predict_logits", "softmax"],
+        "inference": ["TorchScorer", "predict_logits"],
         "gradcam": ["gradcam_overlays", "select_gradcam_examples"],
         "report": ["write_report"],
         "quality": ["QualityThresholds", "QualityVerdict", "assess_quality"],

@@ -28,6 +28,7 @@ __all__ = [
     "decode_scores",
     "expected_grade",
     "fit_qwk_thresholds",
+    "validate_decoding",
 ]
 
 METHODS = ("argmax", "expected_grade")
@@ -123,6 +124,46 @@ def decode(probs: np.ndarray, decoding: dict[str, Any] | None) -> np.ndarray:
             )
         return decode_scores(expected_grade(probs), thresholds)
     raise MedtuneError(f"unknown decoding method {method!r}; use one of {', '.join(METHODS)}")
+
+
+def validate_decoding(spec: Any, n_classes: int, source: object = "decoding") -> dict[str, Any]:
+    """A stored decoding checked for ``n_classes`` classes (``None`` or empty means argmax).
+
+    Parameters
+    ----------
+    spec : mapping or None
+        ``{"method": "argmax"}`` or ``{"method": "expected_grade", "thresholds": [...]}``.
+    n_classes : int
+        K; expected-grade decoding needs K - 1 non-decreasing thresholds.
+    source : object, default "decoding"
+        Named in error messages (the file it came from).
+
+    Returns
+    -------
+    dict
+        A copy with the thresholds as floats.
+
+    Raises
+    ------
+    MedtuneError
+        For an unknown method or wrong thresholds.
+    """
+    spec = dict(spec) if spec else {"method": "argmax"}
+    method = spec.get("method")
+    if method not in METHODS:
+        raise MedtuneError(f"{source}: decoding method {method!r} is unknown; use one of {METHODS}")
+    if method == "expected_grade":
+        th = spec.get("thresholds")
+        if th is None or len(th) != n_classes - 1:
+            raise MedtuneError(
+                f"{source}: expected_grade decoding needs {n_classes - 1} thresholds "
+                f"(one per boundary between {n_classes} grades)"
+            )
+        th = [float(t) for t in th]
+        if any(b < a for a, b in zip(th, th[1:], strict=False)):
+            raise MedtuneError(f"{source}: expected_grade thresholds must be non-decreasing")
+        spec["thresholds"] = th
+    return spec
 
 
 def _folds(y: np.ndarray, n_folds: int, seed: int):

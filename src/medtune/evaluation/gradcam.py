@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from medtune.config import InputSpec
 from medtune.data.normalise import normalise_batch
 from medtune.evaluation.inference import model_device
 
@@ -31,13 +32,14 @@ def gradcam_maps(
     model: nn.Module,
     target_layer: nn.Module,
     images_uint8: np.ndarray,
-    mean: Sequence[float],
-    std: Sequence[float],
+    spec: InputSpec,
     targets: Sequence[int] | None = None,
     *,
     batch_size: int = 16,
 ) -> np.ndarray:
-    """Grad-CAM maps (N, H, W) in [0, 1] for ``targets`` (class indices; None: predicted class)."""
+    """Grad-CAM maps (N, H, W) in [0, 1] for ``targets`` (class indices; None: predicted class).
+
+    ``images_uint8`` (N, H, W, 3) are fed as ``spec`` says (its normalisation)."""
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
@@ -55,7 +57,7 @@ def gradcam_maps(
         ):
             for start in range(0, len(images), batch_size):
                 chunk = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size]))
-                x = normalise_batch(chunk.to(dev).permute(0, 3, 1, 2), mean, std)
+                x = normalise_batch(chunk.to(dev).permute(0, 3, 1, 2), spec.mean, spec.std)
                 x = x.requires_grad_(True)
                 tg = None
                 if targets is not None:
@@ -70,8 +72,7 @@ def gradcam_overlays(
     model: nn.Module,
     target_layer: nn.Module,
     images_uint8: np.ndarray,
-    mean: Sequence[float],
-    std: Sequence[float],
+    spec: InputSpec,
     targets: Sequence[int] | None = None,
     *,
     image_weight: float = 0.5,
@@ -79,13 +80,13 @@ def gradcam_overlays(
 ) -> list[np.ndarray]:
     """Heatmap overlays: one uint8 (H, W, 3) RGB image per input image (N, H, W, 3) uint8.
 
-    ``mean``/``std`` are the model's normalisation in [0, 1] units; ``targets`` are the class
-    indices to explain (None: each image's predicted class).
+    ``spec`` is how the model is fed (its normalisation); ``targets`` are the class indices to
+    explain (None: each image's predicted class).
     """
     from pytorch_grad_cam.utils.image import show_cam_on_image
 
     images = _check_images(images_uint8)
-    maps = gradcam_maps(model, target_layer, images, mean, std, targets, batch_size=batch_size)
+    maps = gradcam_maps(model, target_layer, images, spec, targets, batch_size=batch_size)
     return [
         show_cam_on_image(
             img.astype(np.float32) / 255.0, cam, use_rgb=True, image_weight=image_weight

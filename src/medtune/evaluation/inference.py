@@ -14,33 +14,29 @@ probabilities. Fundus photographs have no canonical orientation, so rotations ar
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from scipy.special import softmax as _softmax
 from torch import nn
 from tqdm.auto import tqdm
 
-from medtune.config import TTA_MODES
+from medtune.config import TTA_MODES, InputSpec
 from medtune.data.normalise import normalise_batch
+
+if TYPE_CHECKING:
+    from medtune.evaluation.card import ModelCard
+    from medtune.evaluation.shift import SiteShiftModel
 
 __all__ = [
     "TTA_MODES",
+    "TorchScorer",
     "head_input",
     "predict_logits",
     "predict_logits_and_features",
-    "softmax",
     "tta_views",
 ]
-
-
-def softmax(logits: np.ndarray, T: float = 1.0) -> np.ndarray:
-    """Row-wise ``softmax(logits / T)`` as float64 numpy."""
-    if not T > 0:
-        raise ValueError(f"temperature must be > 0, got {T}")
-    return _softmax(np.asarray(logits, dtype=np.float64) / float(T), axis=1)
 
 
 def tta_views(x: torch.Tensor, tta: str) -> torch.Tensor:
@@ -90,9 +86,8 @@ def head_input(model: nn.Module) -> nn.Module:
 def predict_logits(
     model: nn.Module,
     batches: Iterable[Any],
+    spec: InputSpec,
     *,
-    mean: Sequence[float],
-    std: Sequence[float],
     tta: str = "none",
     bf16: bool = False,
     channels_last: bool = True,
@@ -102,13 +97,14 @@ def predict_logits(
     """Logits (N, K) float32 for uint8 batches (B, 3, H, W) or ``(images, labels)`` tuples.
 
     Each batch is moved to the model's device as uint8, scaled to [0, 1] and normalised with
-    ``mean``/``std`` (in [0, 1] units, as timm's data config gives them). The model runs in eval
+    ``spec.mean``/``spec.std`` (:class:`~medtune.config.InputSpec`, in [0, 1] units, as timm's
+    data config gives them). The model runs in eval
     mode under ``torch.inference_mode()`` (its training flag is restored afterwards); ``bf16``
     enables bfloat16 autocast; ``channels_last`` converts the model and inputs to that memory
     format (the caller's model is converted in place). TTA logits are averaged (module doc).
     """
     logits, _ = _run(
-        model, batches, mean, std, tta, bf16, channels_last, progress, device, features=False
+        model, batches, spec, tta, bf16, channels_last, progress, device, features=False
     )
     return logits
 
@@ -116,9 +112,8 @@ def predict_logits(
 def predict_logits_and_features(
     model: nn.Module,
     batches: Iterable[Any],
+    spec: InputSpec,
     *,
-    mean: Sequence[float],
-    std: Sequence[float],
     tta: str = "none",
     channels_last: bool = True,
     progress: bool = False,
@@ -139,8 +134,8 @@ def predict_logits_and_features(
         A trained image-level model with a ``head``.
     batches : iterable of uint8 Tensor (B, 3, H, W) or ``(images, labels)`` tuples
         Prepared images (:func:`medtune.data.prepare_image` or a prepared cache).
-    mean, std : sequence of 3 floats
-        RGB normalisation on the 0-1 scale (``ModelMeta.mean``/``std``).
+    spec : InputSpec
+        How the model is fed (its RGB normalisation, ``ModelCard.input_spec``).
     tta : {"none", "rot90"}, default "none"
         Test-time augmentation (module doc).
     channels_last : bool, default True
@@ -163,13 +158,13 @@ def predict_logits_and_features(
         without a head.
     """
     logits, feats = _run(
-        model, batches, mean, std, tta, False, channels_last, progress, device, features=True
+        model, batches, spec, tta, False, channels_last, progress, device, features=True
     )
     assert feats is not None
     return logits, feats
 
 
-def _run(model, batches, mean, std, tta, bf16, channels_last, progress, device, *, features):
+def _run(model, batches, spec, tta, bf16, channels_last, progress, device, *, features):
     if tta not in TTA_MODES:
         raise ValueError(f"tta must be one of {TTA_MODES}, got {tta!r}")
     captured: list[torch.Tensor] = []
@@ -192,7 +187,7 @@ def _run(model, batches, mean, std, tta, bf16, channels_last, progress, device, 
                 b = x.shape[0]
                 views = []
                 for view in tta_views(x, tta).split(b):  # uint8 views, normalised one at a time
-                    view = normalise_batch(view, mean, std, channels_last=channels_last)
+                    view = normalise_batch(view, spec.mean, spec.std, channels_last=channels_last)
                     with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=bf16):
                         views.append(model(view))
                 z = torch.stack(views).float().mean(dim=0)  # (views, b, K) -> (b, K)
@@ -208,3 +203,56 @@ def _run(model, batches, mean, std, tta, bf16, channels_last, progress, device, 
         raise ValueError("predict_logits: no batches")
     logits = np.concatenate(outs).astype(np.float32, copy=False)
     return logits, (np.concatenate(feats).astype(np.float32, copy=False) if features else None)
+
+
+def uint8_batches(images: Any, batch_size: int) -> Iterator[torch.Tensor]:
+    """uint8 (B, 3, S, S) tensors of ``images`` (an (N, S, S, 3) array, or a sliceable view
+    such as :attr:`medtune.data.Part.images`), ``batch_size`` rows at a time, in order."""
+    for start in range(0, len(images), batch_size):
+        batch = np.asarray(images[start : start + batch_size])
+        yield torch.from_numpy(np.array(batch)).permute(0, 3, 1, 2)
+
+
+class TorchScorer:
+    """A PyTorch model as a :class:`~medtune.evaluation.scoring.Scorer`: fp32 (the deployment
+    precision: ``predict --run`` and the exported ONNX model compute the same logits), eval
+    mode, ``batch_size`` images per forward pass.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A trained image-level model with a ``head`` (put in eval mode).
+    card : ModelCard
+        Its description (the input spec feeds it).
+    site_shift : SiteShiftModel, optional
+        The run's site-shift model.
+    batch_size : int, default 32
+    progress : bool, default False
+        Show a progress bar per pass.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        card: ModelCard,
+        site_shift: SiteShiftModel | None = None,
+        *,
+        batch_size: int = 32,
+        progress: bool = False,
+    ) -> None:
+        self.model = model.eval()
+        self.card = card
+        self.site_shift = site_shift
+        self.batch_size, self.progress = int(batch_size), bool(progress)
+
+    def logits(self, images: Any, tta: str = "none") -> np.ndarray:
+        """Logits (N, K) float32 of uint8 images (N, S, S, 3), with ``tta``."""
+        batches = uint8_batches(images, self.batch_size)
+        spec = self.card.input_spec
+        return predict_logits(self.model, batches, spec, tta=tta, progress=self.progress)
+
+    def logits_and_features(self, images: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Logits (N, K) and the head's input features (N, D) of the plain images."""
+        batches = uint8_batches(images, self.batch_size)
+        spec = self.card.input_spec
+        return predict_logits_and_features(self.model, batches, spec, progress=self.progress)

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from medtune.errors import MedtuneError
+from medtune.evaluation.card import OperatingPoints
 
 __all__ = [
     "LABEL_FREE_METHODS",
@@ -159,7 +160,7 @@ def operating_point_status(
 def score_label_free_points(
     y: np.ndarray,
     probs: np.ndarray,
-    operating_points: dict[str, Any] | None,
+    operating_points: OperatingPoints | None,
     tta: str = "none",
     groups: Any = None,
 ) -> dict[str, Any] | None:
@@ -172,8 +173,8 @@ def score_label_free_points(
         Class labels of the evaluated images.
     probs : ndarray, shape (N, K)
         Their calibrated probabilities.
-    operating_points : dict or None
-        ``ModelMeta.operating_points``; only points marked ``label_free`` are scored.
+    operating_points : OperatingPoints or None
+        ``ModelCard.operating_points``; only points marked ``label_free`` are scored.
     tta : str, default "none"
         Which TTA mode's points.
     groups : sequence, optional
@@ -186,21 +187,22 @@ def score_label_free_points(
         "specificity_ci", "tp", "fp", "tn", "fn", ...}}`` plus ``method`` and ``status``;
         ``None`` when the points were not moved without labels.
     """
-    from medtune.evaluation.metrics import BinaryTask, apply_operating_point, proportion_ci
+    from medtune.evaluation.labels import BinaryTask
+    from medtune.evaluation.metrics import apply_operating_point, proportion_ci
 
-    ops = operating_points or {}
-    points = (ops.get("points") or {}).get(tta)
-    if not ops.get("label_free") or not points:
+    ops = operating_points
+    points = None if ops is None else ops.points.get(tta)
+    if ops is None or not ops.label_free or not points:
         return None
-    task = BinaryTask(str(ops["name"]), tuple(int(k) for k in ops["positive_classes"]), "")
+    task = BinaryTask(ops.name, ops.positive_classes, "")
     y_bin, score = task.labels(y) == 1, task.score(probs)
     g = None if groups is None else np.asarray([str(x) for x in groups])
-    out: dict[str, Any] = {"method": ops["label_free"], "status": ops.get("status")}
+    out: dict[str, Any] = {"method": ops.label_free, "status": ops.status}
     for name, point in points.items():
-        hit = score >= float(point["threshold"])
+        hit = score >= float(point.threshold)
         out[name] = {
-            "threshold": float(point["threshold"]),
-            **apply_operating_point(y_bin.astype(int), score, float(point["threshold"])),
+            "threshold": float(point.threshold),
+            **apply_operating_point(y_bin.astype(int), score, float(point.threshold)),
             "sensitivity_ci": proportion_ci(hit[y_bin], None if g is None else g[y_bin]),
             "specificity_ci": proportion_ci(~hit[~y_bin], None if g is None else g[~y_bin]),
         }

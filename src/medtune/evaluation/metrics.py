@@ -43,8 +43,9 @@ from medtune.evaluation.calibration import (
     expected_calibration_error,
     fit_temperature,
 )
+from medtune.evaluation.card import OperatingPoint
 from medtune.evaluation.decoding import decode
-from medtune.evaluation.grades import is_dr_grading, referral_classes, referral_name
+from medtune.evaluation.labels import BinaryTask, LabelSpace
 from medtune.evaluation.scores import (
     balanced_accuracy,
     balanced_accuracy_from_confusion,
@@ -54,23 +55,21 @@ from medtune.evaluation.scores import (
 from medtune.evaluation.site_points import MIN_SITE_POSITIVES, site_rates, worst_site_threshold
 
 __all__ = [
-    "BinaryTask",
     "HEADLINE",
     "HEADLINE_METRICS",
     "HeadlineMetric",
     "MIN_SITE_POSITIVES",
     "OPERATING_POINTS",
     "apply_operating_point",
-    "binary_task",
     "bootstrap_weights",
     "choose_operating_points",
     "compute_metrics",
     "effective_sample_size",
     "gap_threshold",
-    "is_ordinal",
     "move_operating_point",
     "proportion_ci",
     "quick_metrics",
+    "validated_operating_points",
 ]
 
 HEADLINE_POINT = "youden"
@@ -112,113 +111,6 @@ HEADLINE = tuple(m.key for m in HEADLINE_METRICS if m.key not in ("macro_f1", "e
 SAME_DATA = "same data (optimistic)"
 LEVEL = 0.95  # coverage of every interval
 SMALL_N = 30  # a figure resting on fewer cases than this is flagged in ``warnings``
-
-
-@dataclass(frozen=True)
-class BinaryTask:
-    """A binary view of the labels: positives are ``positive`` class indices, the score is the
-    summed probability of those classes. ``prefix`` is ``"referable_"`` for DR, ``""`` for K==2."""
-
-    name: str
-    positive: tuple[int, ...]
-    prefix: str
-
-    def labels(self, y: np.ndarray) -> np.ndarray:
-        return np.isin(np.asarray(y), self.positive).astype(np.int64)
-
-    def score(self, probs: np.ndarray) -> np.ndarray:
-        return np.asarray(probs, dtype=np.float64)[:, list(self.positive)].sum(axis=1)
-
-
-def is_ordinal(class_names: Sequence[Any]) -> bool:
-    """Whether the labels are grades (e.g. DR grades "0".."4"): more than two classes named by
-    consecutive increasing integers. Graded labels are judged and selected by QWK; two classes
-    are a binary task, judged by balanced accuracy and AUC.
-
-    Parameters
-    ----------
-    class_names : sequence
-        Class names in label order.
-
-    Returns
-    -------
-    bool
-    """
-    try:
-        vals = [int(str(c).strip()) for c in class_names]
-    except ValueError:
-        return False
-    return len(vals) > 2 and all(b - a == 1 for a, b in zip(vals[:-1], vals[1:], strict=True))
-
-
-#: Class names that mean "no finding" (compared lowercased, after removing - _ and spaces):
-#: never the default positive class of a binary task.
-NEGATIVE_NAMES = frozenset(
-    {"0", "no", "none", "normal", "negative", "neg", "healthy", "benign", "absent", "control",
-     "nodr", "nodisease", "nofinding", "nonreferable", "false", "n"}
-)  # fmt: skip
-
-
-def default_positive_class(class_names: Sequence[Any]) -> str:
-    """The positive class of a two-class task when none is given: the class NOT named like a
-    negative finding (:data:`NEGATIVE_NAMES`, also with a ``no``/``non`` prefix); when that does
-    not single one out, the second class.
-
-    Parameters
-    ----------
-    class_names : sequence of 2 names
-
-    Returns
-    -------
-    str
-    """
-    names = [str(c) for c in class_names]
-
-    def negative(name: str) -> bool:
-        flat = "".join(ch for ch in name.lower() if ch.isalnum())
-        return flat in NEGATIVE_NAMES or flat.startswith(("no", "non")) and len(flat) > 3
-
-    marked = [negative(n) for n in names]
-    if marked.count(True) == 1:
-        return names[marked.index(False)]
-    return names[1]
-
-
-def binary_task(
-    class_names: Sequence[Any], ordinal: bool, positive_class: str | None = None
-) -> BinaryTask | None:
-    """The binary question behind the headline sensitivity, specificity and AUC.
-
-    Parameters
-    ----------
-    class_names : sequence
-    ordinal : bool
-    positive_class : str, optional
-        For two classes, the positive one (default :func:`default_positive_class`).
-
-    Returns
-    -------
-    BinaryTask or None
-        Referable DR (grades >= 2) for 5 DR grades, the positive class for 2 classes, else None.
-
-    Raises
-    ------
-    MedtuneError
-        When ``positive_class`` is not one of the two classes.
-    """
-    names = [str(c) for c in class_names]
-    if is_dr_grading(names, ordinal):  # one definition: medtune.evaluation.grades
-        return BinaryTask(
-            str(referral_name(names, ordinal)), referral_classes(names, ordinal), "referable_"
-        )
-    if len(names) != 2:
-        return None
-    positive = default_positive_class(names) if positive_class is None else str(positive_class)
-    if positive not in names:
-        raise MedtuneError(
-            f"positive class {positive!r} is not one of the classes {names}; pick one of them"
-        )
-    return BinaryTask(f"positive class {positive}", (names.index(positive),), "")
 
 
 # ---------------------------------------------------------------- operating points
@@ -763,21 +655,20 @@ def _f(v: float | None) -> float | None:
 def compute_metrics(
     y_true: Any,
     probs: Any,
-    class_names: Sequence[Any],
+    labels: LabelSpace | Sequence[Any],
     *,
     groups: Sequence[Any] | None = None,
-    ordinal: bool | None = None,
     val: tuple[Any, Any] | None = None,
     decoding: dict[str, Any] | None = None,
     n_boot: int = 1000,
     seed: int = 0,
-    positive_class: str | None = None,
     val_sites: Sequence[Any] | None = None,
 ) -> dict[str, Any]:
     """All evaluation metrics of ``probs`` (N, K) against ``y_true``; see ``docs/metrics.md``.
 
-    ``positive_class`` names the positive class of a two-class task (default: the class not
-    named like a negative finding, see :func:`default_positive_class`).
+    ``labels`` is the model's :class:`~medtune.evaluation.labels.LabelSpace` (graded or not, the
+    positive class of a two-class task), or bare class names, read with its defaults
+    (:meth:`LabelSpace.of`).
 
     ``val=(y_val, probs_val)`` supplies the data on which operating-point thresholds are chosen
     (without it they are chosen on this data and flagged optimistic). ``groups`` (one id per image,
@@ -785,17 +676,18 @@ def compute_metrics(
     each image thresholds are chosen on) makes the sensitivity points hold at the worst
     validation site (:func:`choose_operating_points`). JSON-serialisable output.
     """
-    class_names = [str(c) for c in class_names]
+    space = labels if isinstance(labels, LabelSpace) else LabelSpace.of(labels)
+    class_names = list(space.class_names)
     K = len(class_names)
     y, p = _as_inputs(y_true, probs, K, "compute_metrics")
     if len(y) == 0:
         raise ValueError("compute_metrics: no samples")
     if groups is not None and len(groups) != len(y):
         raise ValueError(f"groups has {len(groups)} entries for {len(y)} samples")
-    ordinal = is_ordinal(class_names) if ordinal is None else bool(ordinal)
+    ordinal = space.ordinal
     pred = np.asarray(decode(p, decoding)).astype(np.int64)
     notes: list[str] = []
-    task = binary_task(class_names, ordinal, positive_class)
+    task = space.binary_task
 
     # operating points: chosen on validation, applied unchanged
     points: dict[str, dict[str, Any]] = {}
@@ -938,14 +830,25 @@ def _proportion_cis(
     groups: np.ndarray | None,
 ) -> dict[str, list[float] | None]:
     """Wilson intervals of accuracy and of sensitivity, specificity, PPV and NPV at each point."""
+    cis = {"accuracy": proportion_ci(y == pred, groups)}
+    if task is None:
+        return cis
+    cis.update(_point_cis(task.labels(y) == 1, task.score(p), points, groups))
+    return cis
+
+
+def _point_cis(
+    y_bin: np.ndarray,
+    score: np.ndarray,
+    points: dict[str, dict[str, Any]],
+    groups: np.ndarray | None,
+) -> dict[str, list[float] | None]:
+    """Wilson intervals of sensitivity, specificity, PPV and NPV at each point's threshold."""
 
     def sub(mask: np.ndarray) -> np.ndarray | None:
         return None if groups is None else groups[mask]
 
-    cis = {"accuracy": proportion_ci(y == pred, groups)}
-    if task is None:
-        return cis
-    y_bin, score = task.labels(y) == 1, task.score(p)
+    cis: dict[str, list[float] | None] = {}
     for op, d in points.items():
         hit = score >= d["threshold"]
         cis[f"op:{op}:sensitivity"] = proportion_ci(hit[y_bin], sub(y_bin))
@@ -953,6 +856,56 @@ def _proportion_cis(
         cis[f"op:{op}:ppv"] = proportion_ci(y_bin[hit], sub(hit))
         cis[f"op:{op}:npv"] = proportion_ci(~y_bin[~hit], sub(~hit))
     return cis
+
+
+def validated_operating_points(
+    y: Any,
+    probs: Any,
+    task: BinaryTask,
+    groups: Sequence[Any] | None = None,
+    sites: Sequence[Any] | None = None,
+) -> dict[str, OperatingPoint]:
+    """The operating points chosen on validation, with their figures on the same images.
+
+    Parameters
+    ----------
+    y : array-like of int, shape (N,)
+        Validation labels.
+    probs : array-like, shape (N, K)
+        Calibrated validation probabilities.
+    task : BinaryTask
+        The referral task (:attr:`medtune.evaluation.labels.LabelSpace.binary_task`).
+    groups : sequence, shape (N,), optional
+        Patient ids: the intervals use the effective sample size of the clustered data.
+    sites : sequence, shape (N,), optional
+        The site of each validation image: sensitivity points hold at the worst site too
+        (:func:`choose_operating_points`), and each point records its per-site figures.
+
+    Returns
+    -------
+    dict of str to OperatingPoint
+        ``sens90``, ``sens97.5`` and ``youden`` (:func:`choose_operating_points`) with the
+        in-sample sensitivity and specificity and their 95% Wilson intervals; empty when
+        validation lacks positives or negatives.
+    """
+    y_bin = task.labels(np.asarray(y).astype(np.int64).ravel())
+    score = task.score(probs)
+    chosen = choose_operating_points(y_bin, score, sites)
+    g = None if groups is None else np.asarray([str(x) for x in groups])
+    cis = _point_cis(y_bin == 1, score, chosen, g)
+    out = {}
+    for name, d in chosen.items():
+        applied = apply_operating_point(y_bin, score, d["threshold"])
+        out[name] = OperatingPoint(
+            threshold=d["threshold"],
+            rule=d["rule"],
+            sensitivity=_f(applied["sensitivity"]),
+            sensitivity_ci=cis[f"op:{name}:sensitivity"],
+            specificity=_f(applied["specificity"]),
+            specificity_ci=cis[f"op:{name}:specificity"],
+            val_sites=d.get("sites"),
+        )
+    return out
 
 
 def _case_counts(
@@ -1025,7 +978,7 @@ def _binary_block(
     out["binary_task"] = {
         "name": task.name,
         "positive_class_indices": list(task.positive),
-        "score": f"sum of probabilities of classes {list(task.positive)}",
+        "score": task.score_name,
         "prevalence": float(y_bin.mean()),
         "n_positive": int(y_bin.sum()),
     }

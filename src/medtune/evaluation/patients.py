@@ -52,6 +52,7 @@ import numpy as np
 
 from medtune.config import DEFAULT_OPERATING_POINT
 from medtune.errors import MedtuneError
+from medtune.evaluation.labels import LabelSpace
 from medtune.evaluation.referral import UNGRADABLE
 
 __all__ = [
@@ -579,11 +580,9 @@ def evaluation_patients(
     probs: Any,
     metrics: Mapping[str, Any],
     *,
-    class_names: Sequence[str],
-    ordinal: bool,
+    label_space: LabelSpace,
     gradable: Any = None,
     decoding: Mapping[str, Any] | None = None,
-    positive_class: str | None = None,
     rule: str = DEFAULT_PATIENT_RULE,
 ) -> dict[str, Any] | None:
     """:func:`patient_metrics` at the operating points an image-level evaluation chose.
@@ -599,7 +598,9 @@ def evaluation_patients(
     metrics : mapping
         The image-level :func:`medtune.evaluation.metrics.compute_metrics` result: its
         ``operating_points`` thresholds (chosen on validation) are applied per image.
-    class_names, ordinal, decoding, positive_class
+    label_space : LabelSpace
+        The model's classes (its referral task is what patients are referred for).
+    decoding : mapping, optional
         As for :func:`~medtune.evaluation.metrics.compute_metrics`.
     gradable : array-like of bool, shape (N,), optional
         The quality gate's verdicts (default: every image gradable).
@@ -615,9 +616,8 @@ def evaluation_patients(
     from collections import Counter
 
     from medtune.evaluation.decoding import decode
-    from medtune.evaluation.metrics import binary_task
 
-    task = binary_task(list(class_names), ordinal, positive_class)
+    task = label_space.binary_task
     points = metrics.get("operating_points") or {}
     if task is None or not points:
         return None

@@ -28,7 +28,6 @@ __all__ = [
     "GradcamExample",
     "class_balance_png",
     "confusion_png",
-    "gradcam_grid_png",
     "gradcam_png",
     "prediction_caption",
     "reliability_png",
@@ -382,19 +381,4 @@ def gradcam_png(
         fontsize=8,
         color="#444444",
     )
-    return _png(fig)
-
-
-def gradcam_grid_png(examples: Sequence[tuple[np.ndarray, str]], ncols: int = 4) -> bytes:
-    """Grid of ready-made overlays (uint8 H x W x 3) with captions (no map, no colour bar);
-    prefer :func:`gradcam_png`."""
-    n = max(len(examples), 1)
-    ncols = min(ncols, n)
-    nrows = math.ceil(n / ncols)
-    fig = Figure(figsize=(3.0 * ncols, 3.3 * nrows))
-    for i, (img, caption) in enumerate(examples):
-        ax = fig.add_subplot(nrows, ncols, i + 1)
-        ax.imshow(np.asarray(img))
-        ax.set_title(str(caption), fontsize=8)
-        ax.axis("off")
     return _png(fig)

@@ -17,8 +17,9 @@ import numpy as np
 
 from medtune.config import DEFAULT_OPERATING_POINT, OPERATING_POINTS
 from medtune.errors import MedtuneError
+from medtune.evaluation.card import ModelCard, OperatingPoints
 from medtune.evaluation.decoding import expected_grade
-from medtune.evaluation.grades import grade_names, referral_classes, referral_name
+from medtune.evaluation.labels import LabelSpace
 
 __all__ = [
     "DEFAULT_OPERATING_POINT",
@@ -68,35 +69,29 @@ class ReferralRule:
 
 
 def referral_rule(
-    class_names: Sequence[str],
-    ordinal: bool,
-    operating_points: Mapping[str, Any] | None,
+    label_space: LabelSpace,
+    operating_points: OperatingPoints | None,
     operating_point: str = DEFAULT_OPERATING_POINT,
     tta: str = "none",
-    positive_class: str | None = None,
 ) -> ReferralRule | None:
     """The referral rule of a model at ``operating_point``.
 
     Parameters
     ----------
-    class_names : sequence of str
-        Class names in logit order.
-    ordinal : bool
-        Whether the labels are grades.
-    operating_points : mapping or None
-        ``ModelMeta.operating_points`` (``model.json`` or the export sidecar).
+    label_space : LabelSpace
+        The model's classes (which ones are referable: :attr:`LabelSpace.referral_classes`).
+    operating_points : OperatingPoints or None
+        ``ModelCard.operating_points`` (``model.json`` or the export's card).
     operating_point : {"sens90", "sens97.5", "youden"}, default "sens90"
         Which validated threshold to refer at.
     tta : {"none", "rot90"}, default "none"
         The test-time augmentation predictions use (its own validated thresholds).
-    positive_class : str, optional
-        The positive class of a two-class model (``ModelMeta.positive_class``); the classes
-        stored with the thresholds take precedence.
 
     Returns
     -------
     ReferralRule or None
-        ``None`` when the model has no referral task (not DR grades, not binary).
+        ``None`` when the model has no referral task (not DR grades, not binary). The classes
+        stored with the thresholds take precedence over the label space's.
 
     Raises
     ------
@@ -108,18 +103,18 @@ def referral_rule(
             f"operating point {operating_point!r} is unknown; use one of "
             f"{', '.join(OPERATING_POINT_CHOICES)}"
         )
-    ops = operating_points or {}
-    positive = referral_classes(class_names, ordinal, positive_class)
+    positive = label_space.referral_classes
     if positive is None:
         return None
-    if ops.get("positive_classes"):  # what the thresholds were chosen for
-        positive = tuple(int(k) for k in ops["positive_classes"])
-    name = str(ops.get("name") or referral_name(class_names, ordinal, positive_class))
-    stored = (ops.get("points") or {}).get(tta) or {}
-    point = stored.get(operating_point)
+    name = str(label_space.referral_name)
+    point = None
+    if operating_points is not None:
+        positive = operating_points.positive_classes or positive  # what they were chosen for
+        name = operating_points.name or name
+        point = operating_points.at(tta, operating_point)
     if point is None:
         return ReferralRule(name, positive, operating_point, None, {})
-    return ReferralRule(name, positive, operating_point, float(point["threshold"]), dict(point))
+    return ReferralRule(name, positive, operating_point, float(point.threshold), point.to_dict())
 
 
 @dataclass(frozen=True)
@@ -135,7 +130,7 @@ class PredictionRow:
     quality_reason : str
         Why an image is ungradable (empty when gradable).
     grade : int
-        The decoded class index (``ModelMeta.decoding``: argmax or expected-grade thresholds).
+        The decoded class index (``ModelCard.decoding``: argmax or expected-grade thresholds).
     grade_name : str
         Its name (DR grade names for 5-grade DR models, else the class name).
     probabilities : dict of str to float
@@ -243,8 +238,7 @@ def build_rows(
     images: Sequence[str],
     probs: np.ndarray,
     labels: np.ndarray,
-    class_names: Sequence[str],
-    ordinal: bool,
+    label_space: LabelSpace,
     decoding: Mapping[str, Any] | None,
     rule: ReferralRule | None,
     quality: Sequence[tuple[bool, str | None] | None] | None = None,
@@ -260,10 +254,8 @@ def build_rows(
         Calibrated probabilities.
     labels : ndarray of int, shape (N,)
         Decoded grades (:func:`medtune.evaluation.decoding.decode`).
-    class_names : sequence of str
-        Class names in logit order, length K.
-    ordinal : bool
-        Whether the labels are grades.
+    label_space : LabelSpace
+        The model's K classes (their display names head the probability columns).
     decoding : mapping or None
         The decoding used (an ``expected_grade`` decoding adds the ``expected_grade`` column).
     rule : ReferralRule or None
@@ -280,7 +272,7 @@ def build_rows(
     list of PredictionRow
     """
     probs = np.asarray(probs, dtype=np.float64)
-    names = grade_names(class_names, ordinal)
+    names = label_space.grade_names
     eg = (decoding or {}).get("method") == "expected_grade"
     scores = expected_grade(probs) if eg else None
     rows = []
@@ -325,14 +317,10 @@ def decoding_rule(decoding: Mapping[str, Any] | None, names: Sequence[str]) -> s
 def predictions_meta(
     *,
     model: str,
-    class_names: Sequence[str],
-    ordinal: bool,
-    decoding: Mapping[str, Any] | None,
+    card: ModelCard,
     rule: ReferralRule | None,
-    operating_points: Mapping[str, Any] | None,
     tta: str,
     quality: str,
-    backbone: str | None = None,
 ) -> dict[str, Any]:
     """What the columns of a predictions file mean (the ``<out>.meta.json`` sidecar).
 
@@ -340,18 +328,14 @@ def predictions_meta(
     ----------
     model : str
         The run folder or ``model.onnx`` used.
-    class_names, ordinal, decoding
-        As in :func:`build_rows`.
+    card : ModelCard
+        The model's description (classes, decoding, validation sample size, backbone).
     rule : ReferralRule or None
         The referral rule used.
-    operating_points : mapping or None
-        ``ModelMeta.operating_points`` (for the validation sample size).
     tta : str
         Test-time augmentation used.
     quality : str
         How image quality was judged (a sentence).
-    backbone : str, optional
-        The network.
 
     Returns
     -------
@@ -364,10 +348,11 @@ def predictions_meta(
     """
     from medtune.version import __version__
 
-    names = grade_names(class_names, ordinal)
+    names = card.label_space.grade_names
+    decoding = card.decoding
+    ops = card.operating_points
     referral = None
     if rule is not None:
-        ops = operating_points or {}
         v = rule.validated
         referral = {
             "name": rule.name,
@@ -380,8 +365,8 @@ def predictions_meta(
             "validation_sensitivity_ci": v.get("sensitivity_ci"),
             "validation_specificity": v.get("specificity"),
             "validation_specificity_ci": v.get("specificity_ci"),
-            "validation_images": ops.get("n_val"),
-            "validation_positives": ops.get("n_val_positive"),
+            "validation_images": None if ops is None else ops.n_val,
+            "validation_positives": None if ops is None else ops.n_val_positive,
             "note": (
                 "thresholds and their sensitivity/specificity come from the validation split "
                 "they were chosen on; ungradable images are flagged 'ungradable' (refer for "
@@ -411,7 +396,7 @@ def predictions_meta(
         "medtune_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "model": model,
-        "backbone": backbone,
+        "backbone": card.backbone,
         "tta": tta,
         "grades": dict(enumerate(names)),
         "decoding": {

@@ -22,7 +22,7 @@ import yaml
 from medtune import io
 from medtune.evaluation import plots
 from medtune.evaluation.calibration import reliability_curve
-from medtune.evaluation.grades import grade_names
+from medtune.evaluation.labels import LabelSpace
 from medtune.evaluation.metrics import HEADLINE_METRICS, SMALL_N
 from medtune.evaluation.referral import decoding_rule
 
@@ -211,8 +211,8 @@ def _op_rows(m: Mapping[str, Any]) -> list[list[str]]:
 
 
 def _names(m: Mapping[str, Any]) -> list[str]:
-    """Grade names of the metrics' classes (one table: :mod:`medtune.evaluation.grades`)."""
-    return grade_names(m["class_names"], bool(m.get("ordinal")))
+    """Grade names of the metrics' classes (one table: ``LabelSpace.grade_names``)."""
+    return LabelSpace(tuple(m["class_names"]), bool(m.get("ordinal"))).grade_names
 
 
 def _per_class_rows(m: Mapping[str, Any]) -> list[list[str]]:
@@ -773,7 +773,7 @@ def write_report(
     ``report.html`` reads top-down for a clinician: header facts, headline metrics and operating
     points, per-site figures, image quality, site shift, then the data, per-grade tables,
     figures, and the configuration folded away at the end (:data:`SECTION_IDS`). Grades are
-    named throughout (:func:`medtune.evaluation.grades.grade_names`).
+    named throughout (:attr:`medtune.evaluation.labels.LabelSpace.grade_names`).
 
     Parameters
     ----------

@@ -281,8 +281,9 @@ def _fit_pca(train: np.ndarray, n_components: int | None) -> tuple[np.ndarray, n
     return pca.mean_.astype(np.float64), pca.components_.astype(np.float64)
 
 
-def _project(x: np.ndarray, mean: np.ndarray, components: np.ndarray) -> np.ndarray:
-    return x if components.size == 0 else (x - mean) @ components.T
+def _project(x: np.ndarray, centre: np.ndarray, components: np.ndarray) -> np.ndarray:
+    """``x`` on the PCA components (centred on the training features' mean), or unchanged."""
+    return x if components.size == 0 else (x - centre) @ components.T
 
 
 def _pct(share: float) -> str:

@@ -638,22 +638,16 @@ def create_backbone(
     *,
     weights: str | Path | None = "default",
     aux_logits: bool = False,
-    num_classes: int | None = None,
-    image_size: int | None = None,
-    mean: tuple[float, float, float] | None = None,
-    std: tuple[float, float, float] | None = None,
 ) -> Backbone:
     """Build a headless ImageNet backbone.
 
     ``weights``: ``"default"`` (the packaged Lite weights, or the library's download), ``None``
     / ``"none"`` (random init), or a path to a state dict (``.pt``/``.pth`` read with
     ``weights_only=True``, or ``.safetensors``). ``aux_logits`` keeps GoogLeNet's auxiliary
-    classifiers for training. ``num_classes`` is accepted for the documented contract only: the
-    K-class head lives in :class:`~medtune.models.TransferModel`. ``image_size``/``mean``/``std``
-    override the values from the model's pretrained configuration.
+    classifiers for training. The K-class head lives in :class:`~medtune.models.TransferModel`;
+    the image size, mean and std are the model's pretrained configuration (a run overrides
+    them in its :class:`~medtune.config.InputSpec`, ``TrainConfig.resolve_input``).
     """
-    if num_classes is not None and num_classes < 1:
-        raise MedtuneError(f"num_classes must be at least 1, got {num_classes}")
     library, arch = resolve_name(name)
     if aux_logits and arch != "googlenet":
         raise MedtuneError(f"aux_logits is only available for googlenet, not {name}")
@@ -672,14 +666,14 @@ def create_backbone(
         aux = {}
         head, width = _detach_timm_head(net)
     model = FeatureExtractor(net, width).eval()
-    size = int(image_size or cfg["image_size"])
+    size = int(cfg["image_size"])
     return Backbone(
         model=model,
         name=arch,
         stages=stage_map(model, image_size=size),
         image_size=size,
-        mean=tuple(mean or cfg["mean"]),
-        std=tuple(std or cfg["std"]),
+        mean=tuple(cfg["mean"]),
+        std=tuple(cfg["std"]),
         num_features=width,
         imagenet_head=head if (head_loaded and head is not None) else None,
         aux_heads=aux,

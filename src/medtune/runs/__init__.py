@@ -5,11 +5,10 @@ evaluation, and is imported by the engines and the workflows.
 """
 
 from medtune.runs.data import RunData, prepare_lock, prepare_run_data, prepare_source
-from medtune.runs.folder import FORMAT_VERSION, ModelMeta, RunFolder
+from medtune.runs.folder import FORMAT_VERSION, RunFolder
 
 __all__ = [
     "FORMAT_VERSION",
-    "ModelMeta",
     "RunData",
     "RunFolder",
     "prepare_lock",

@@ -1,13 +1,14 @@
 """The run folder: the one module that knows every file of a run, reads it and writes it.
 
-Layout (``FORMAT_VERSION`` 2)::
+Layout (``FORMAT_VERSION`` 3: the model card of format version 3)::
 
     RUN/config.yaml          fully resolved settings (``medtune train --config RUN/config.yaml``)
     RUN/splits.csv           image,split (train/val/test), reused by every later command
     RUN/checkpoints/         best.ckpt and last.ckpt (fine-tuning; Lightning format)
     RUN/logs/                metrics.csv (Lightning CSV log) and tensorboard/ (fine-tuning)
     RUN/model.safetensors    the deployable model's weights (tensors only: loading runs no code)
-    RUN/model.json           how to rebuild, feed and read it (:class:`ModelMeta`)
+    RUN/model.json           how to rebuild, feed and read it: the model card
+                             (:class:`medtune.evaluation.card.ModelCard`)
     RUN/metrics.json         {"val": {...}, "test": {...}, "model": {...}}
     RUN/val_logits.npz       validation labels and logits (plain and per TTA mode)
     RUN/probe.json           the probe's stage and L2 choice (scenarios 1 and 3)
@@ -19,8 +20,9 @@ Layout (``FORMAT_VERSION`` 2)::
     RUN/adaptation.json      what ``medtune adapt`` changed (a run adapted to a new site)
     RUN/eval/<name>/         one ``medtune evaluate`` each: metrics.json, report.html, ...
 
-Version 1 folders (medtune 0.1) wrote the image size as ``input_size`` in ``model.json``; they
-are read unchanged.
+``model.json`` is read and written by :mod:`medtune.evaluation.card` only (the same format as an
+export's card, format version 3); version 1 (``input_size``, medtune 0.1) and version 2 (flat
+``ModelMeta``) files are read unchanged.
 """
 
 from __future__ import annotations
@@ -28,22 +30,24 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from medtune.config import InputSpec, TrainConfig
+from medtune.config import TrainConfig
 from medtune.errors import MedtuneError
+from medtune.evaluation.card import CARD_FILE, ModelCard, read_card, write_card
 from medtune.io import atomic_path, write_json, write_yaml
 
 if TYPE_CHECKING:
     from torch import nn
 
+    from medtune.evaluation.inference import TorchScorer
     from medtune.evaluation.shift import BatchShiftTest, SiteShiftModel
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 #: Settings added after runs were first written, with the value those older runs trained with
 #: (their ``config.yaml`` lacks the key): resuming or re-reading them must not change them.
 SETTINGS_BEFORE_THEY_EXISTED: dict[str, Any] = {"augment": [], "ema": None}
@@ -58,98 +62,6 @@ def _paths(config: TrainConfig) -> dict[str, str | list[str]]:
 def _each(value: str | list[str], fn: Any) -> str | list[str]:
     """``fn`` applied to a path or to every path of a list."""
     return [fn(v) for v in value] if isinstance(value, list) else fn(value)
-
-
-@dataclass
-class ModelMeta:
-    """What is needed to rebuild, feed and read a trained model (``model.json``).
-
-    Attributes
-    ----------
-    backbone : str
-        Backbone name as :func:`medtune.models.create_backbone` takes it.
-    kind : {"finetune", "probe"}
-        A :class:`~medtune.models.TransferModel` or a
-        :class:`~medtune.models.stage_classifier.StageProbeClassifier`.
-    class_names : list of str
-        Class names in logit order.
-    image_size : int
-        Side of the square network input, in pixels.
-    mean, std : list of 3 floats
-        RGB normalisation on the 0-1 scale.
-    fundus : dict
-        :class:`~medtune.data.fundus.FundusOptions` fields.
-    stage : str or None
-        The probed stage of a layer probe (``None``: top features).
-    dropout : float
-        Dropout before the head (rebuilds the same module tree).
-    temperature : float
-        Temperature fitted on validation logits (Guo et al. 2017).
-    decoding : dict
-        How probabilities become a class (:func:`medtune.evaluation.decoding.decode`).
-    ordinal : bool
-        Graded labels (QWK is the selection metric).
-    synthetic : bool
-        Trained on medtune's synthetic demo set.
-    positive_class : str or None
-        The positive class of a two-class model (headline sensitivity, specificity, AUC).
-    operating_points : dict or None
-        Referral thresholds chosen on VALIDATION (``None``: no referral task, or a run from
-        before medtune 0.2): ``{"name", "positive_classes", "score", "n_val", "n_val_positive",
-        "points": {tta: {point: {"threshold", "rule", "sensitivity", "sensitivity_ci",
-        "specificity", "specificity_ci"}}}}`` with points ``sens90``, ``sens97.5`` and
-        ``youden`` (:func:`medtune.evaluation.metrics.choose_operating_points`), so ``predict``
-        and an exported model refer without the validation logits.
-    """
-
-    backbone: str
-    kind: str
-    class_names: list[str]
-    image_size: int
-    mean: list[float]
-    std: list[float]
-    fundus: dict[str, Any]
-    stage: str | None = None
-    dropout: float = 0.0
-    temperature: float = 1.0
-    decoding: dict[str, Any] = field(default_factory=lambda: {"method": "argmax"})
-    ordinal: bool = False
-    synthetic: bool = False
-    positive_class: str | None = None
-    operating_points: dict[str, Any] | None = None
-    format_version: int = FORMAT_VERSION
-
-    @property
-    def num_classes(self) -> int:
-        """Number of classes, K."""
-        return len(self.class_names)
-
-    @property
-    def input_spec(self) -> InputSpec:
-        """How images are fed to this model."""
-        return InputSpec(self.image_size, tuple(self.mean), tuple(self.std), dict(self.fundus))
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any], source: object = "model.json") -> ModelMeta:
-        """Read a ``model.json`` mapping of any format version.
-
-        Raises
-        ------
-        MedtuneError
-            When required fields are missing or unknown ones present.
-        """
-        values = dict(values)
-        if "input_size" in values:  # format version 1
-            values["image_size"] = values.pop("input_size")
-            values.setdefault("format_version", 1)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise MedtuneError(f"{source}: unknown field(s) {', '.join(unknown)}; is it newer?")
-        try:
-            return cls(**values)
-        except TypeError as err:
-            raise MedtuneError(f"{source}: incomplete model description ({err})") from None
 
 
 @dataclass(frozen=True)
@@ -167,7 +79,7 @@ class RunFolder:
     CONFIG = "config.yaml"
     SPLITS = "splits.csv"
     MODEL_WEIGHTS = "model.safetensors"
-    MODEL_META = "model.json"
+    MODEL_META = CARD_FILE
     METRICS = "metrics.json"
     VAL_LOGITS = "val_logits.npz"
     PROBE = "probe.json"
@@ -264,7 +176,7 @@ class RunFolder:
         return candidate if os.path.exists(candidate) else path
 
     # ------------------------------------------------------------------ model
-    def read_meta(self) -> ModelMeta:
+    def read_card(self) -> ModelCard:
         """The deployable model's description (``model.json``).
 
         Raises
@@ -272,23 +184,21 @@ class RunFolder:
         MedtuneError
             When there is no trained model in the folder.
         """
-        path = self.dir / self.MODEL_META
-        if not path.is_file():
-            raise MedtuneError(
-                f"{path}: no trained model here; give a run folder written by medtune train"
-            )
-        return ModelMeta.from_dict(json.loads(path.read_text(encoding="utf-8")), source=path)
+        return read_card(
+            self.dir / self.MODEL_META,
+            missing="no trained model here; give a run folder written by medtune train",
+        )
 
-    def write_meta(self, meta: ModelMeta) -> None:
-        write_json(self.dir / self.MODEL_META, asdict(meta))
+    def write_card(self, card: ModelCard) -> None:
+        write_card(self.dir / self.MODEL_META, card)
 
-    def update_meta(self, **changes: Any) -> ModelMeta:
+    def update_card(self, **changes: Any) -> ModelCard:
         """Rewrite ``model.json`` with some fields changed; return the new description."""
-        meta = dataclasses.replace(self.read_meta(), **changes)
-        self.write_meta(meta)
-        return meta
+        card = self.read_card().replace(**changes)
+        self.write_card(card)
+        return card
 
-    def write_model(self, model: nn.Module, meta: ModelMeta) -> None:
+    def write_model(self, model: nn.Module, card: ModelCard) -> None:
         """Write ``model.safetensors`` then ``model.json``, each atomically."""
         from safetensors.torch import save_file
 
@@ -300,16 +210,16 @@ class RunFolder:
         }
         with atomic_path(self.dir / self.MODEL_WEIGHTS) as tmp:
             save_file(state, str(tmp))
-        self.write_meta(meta)
+        self.write_card(card)
 
-    def load_model(self) -> tuple[nn.Module, ModelMeta]:
+    def load_model(self) -> tuple[nn.Module, ModelCard]:
         """Rebuild the trained model in eval mode (no pretrained download needed).
 
         Returns
         -------
         model : torch.nn.Module
             A :class:`~medtune.models.TransferModel` or a ``StageProbeClassifier``.
-        meta : ModelMeta
+        card : ModelCard
 
         Raises
         ------
@@ -320,16 +230,36 @@ class RunFolder:
 
         from medtune.models import build_model
 
-        meta = self.read_meta()
+        card = self.read_card()
+        if card.backbone is None or card.kind is None:
+            raise MedtuneError(
+                f"{self.dir / self.MODEL_META}: names no backbone or model kind; it is an "
+                "export's card, not a run's: give the run folder"
+            )
         model = build_model(
-            meta.backbone,
-            meta.kind,
-            meta.num_classes,
-            stage=meta.stage,
-            dropout=meta.dropout,
+            card.backbone,
+            card.kind,
+            card.num_classes,
+            stage=card.stage,
+            dropout=card.dropout,
         )
         model.load_state_dict(load_file(str(self.dir / self.MODEL_WEIGHTS)))
-        return model.eval(), meta
+        return model.eval(), card
+
+    def load_scorer(self, *, batch_size: int = 32, progress: bool = False) -> TorchScorer:
+        """The trained model with its card and site-shift model, as a
+        :class:`~medtune.evaluation.scoring.Scorer` (fp32, eval mode).
+
+        Raises
+        ------
+        MedtuneError
+            When the folder holds no trained model.
+        """
+        from medtune.evaluation.inference import TorchScorer
+
+        model, card = self.load_model()
+        shift = self.read_site_shift()
+        return TorchScorer(model, card, shift, batch_size=batch_size, progress=progress)
 
     # ------------------------------------------------------------------ results
     def write_metrics(self, metrics: dict[str, Any]) -> None:

@@ -43,17 +43,17 @@ import numpy as np
 
 from medtune.config import TTA_MODES
 from medtune.errors import MedtuneError
+from medtune.evaluation.card import ModelCard, OperatingPoints, Provenance
 from medtune.evaluation.label_free import LABEL_FREE_METHODS, operating_point_status
+from medtune.evaluation.labels import BinaryTask
 from medtune.evaluation.metrics import (
     MIN_SITE_POSITIVES,
     OPERATING_POINTS,
-    BinaryTask,
     apply_operating_point,
-    binary_task,
     choose_operating_points,
     move_operating_point,
 )
-from medtune.runs import ModelMeta, RunFolder
+from medtune.runs import RunFolder
 from medtune.workflows import new_site
 
 log = logging.getLogger("medtune")
@@ -187,42 +187,39 @@ def adapt(
     """
     source = RunFolder(Path(run))
     target = RunFolder(Path(out))
-    meta = source.read_meta()
+    card = source.read_card()
     config = source.read_config()
-    _check_adaptable(source, target, meta)
+    _check_adaptable(source, target, card)
     _check_options(batch_size, recalibrate, finetune, labels)
-    sample_set = _labelled_set(source, meta, labels) if labels is not None else None
-    model, meta = source.load_model()
+    sample_set = _labelled_set(source, card, labels) if labels is not None else None
+    model, card = source.load_model()
     paths = _site_images(data)
-    images = _prepare_all(paths, meta, progress)
-    shift = new_site.batch_verdict(source, new_site.site_outputs(model, meta, images, batch_size))
-    info = _adabn(model, meta, images, config.freeze, batch_size)
+    images = _prepare_all(paths, card, progress)
+    shift = new_site.batch_verdict(source, new_site.site_outputs(model, card, images, batch_size))
+    info = _adabn(model, card, images, config.freeze, batch_size)
     points: dict[str, Any] = {"moved": False, "rule": "validated operating points kept"}
-    sample = None
+    sample, moved = None, None
     label_free = recalibrate if sample_set is None else "none"
     outputs = None
     if label_free != "none" or suggest:
-        outputs = new_site.site_outputs(model, meta, images, batch_size)  # the adapted model
+        outputs = new_site.site_outputs(model, card, images, batch_size)  # the adapted model
     tuned = None
     if finetune:
         tuned = new_site.finetune_with_sample(
-            model, meta, config, source, labels, target, batch_size=batch_size, progress=progress
+            model, card, config, source, labels, target, batch_size=batch_size, progress=progress
         )
     if sample_set is not None:
-        sample = _sample_logits(model, meta, sample_set, batch_size, progress)
-        points = _move_points(meta, source, sample, str(labels))
-        meta = _with_temperature(meta, points["temperature"]["to"])
+        sample = _sample_logits(model, card, sample_set, batch_size, progress)
+        points = _move_points(card, source, sample, str(labels))
     elif label_free != "none":
-        moved = new_site.label_free_points(meta, source, outputs["probs"], label_free)
-        points = {"moved": True, "rule": f"moved without labels ({label_free})", **moved}
-        meta = dataclasses.replace(meta, operating_points=moved)
+        moved = new_site.label_free_points(card, source, outputs["probs"], label_free)
+        points = {"moved": True, "rule": f"moved without labels ({label_free})", **moved.to_dict()}
     status = operating_point_status(
         None if shift is None else shift["shifted"],
         labelled=0 if sample is None else len(sample["labels"]),
         method=label_free,
     )
-    if meta.operating_points:
-        meta = dataclasses.replace(meta, operating_points={**meta.operating_points, **status})
+    card = _adapted_card(card, source, points, moved, status)
     # everything is computed: only now is the new folder written
     target.dir.mkdir(parents=True, exist_ok=True)
     target.write_config(config)
@@ -231,10 +228,10 @@ def adapt(
             shutil.copy2(source.path(name), target.path(name))
     if sample is not None:
         target.write_val_logits(sample["labels"], sample["logits"])
-    target.write_model(model, meta)
+    target.write_model(model, card)
     suggested = None
     if suggest:
-        task = binary_task(meta.class_names, meta.ordinal, meta.positive_class)
+        task = card.label_space.binary_task
         suggested = new_site.write_suggestions(target, paths, outputs, task, suggest)
     record = {
         "source_run": str(source.dir.resolve()),
@@ -279,8 +276,8 @@ def _notes(labels: Any) -> dict[str, str]:
     }
 
 
-def _check_adaptable(source: RunFolder, target: RunFolder, meta: ModelMeta) -> None:
-    if meta.kind == "probe":
+def _check_adaptable(source: RunFolder, target: RunFolder, card: ModelCard) -> None:
+    if card.kind == "probe":
         raise MedtuneError(
             f"{source.dir}: a probe run cannot be adapted by AdaBN: its linear layer was fitted "
             "on features computed with ImageNet BatchNorm statistics, and new statistics put "
@@ -312,45 +309,44 @@ def _site_images(data: str | Path) -> list[Any]:
     return found
 
 
-def _prepare_all(sources: list[Any], meta: ModelMeta, progress: bool) -> np.ndarray:
+def _prepare_all(sources: list[Any], card: ModelCard, progress: bool) -> np.ndarray:
     """The images as uint8 (N, S, S, 3), prepared like the training cache
     (:func:`medtune.data.prepare_image`), decoded once for every pass."""
     from tqdm.auto import tqdm
 
     from medtune.data.preprocess import prepare_image
 
-    return np.stack(
-        [
-            prepare_image(src, meta.image_size, meta.fundus)
-            for src in tqdm(sources, desc="adapt", unit="image", disable=not progress)
-        ]
-    )
+    spec = card.input_spec
+    # closed on an unreadable image too, so the one-line error starts a line of its own
+    with tqdm(sources, desc="adapt", unit="image", disable=not progress) as bar:
+        return np.stack([prepare_image(src, spec.image_size, spec.fundus) for src in bar])
 
 
 def _adabn(
-    model: Any, meta: ModelMeta, images: np.ndarray, freeze: int, batch_size: int
+    model: Any, card: ModelCard, images: np.ndarray, freeze: int, batch_size: int
 ) -> dict[str, Any]:
     from medtune.data.normalise import normalise_batch
     from medtune.transfer.adabn import adabn
 
+    spec = card.input_spec
     normalised = (
-        normalise_batch(x, meta.mean, meta.std) for x in new_site.batches(images, batch_size)
+        normalise_batch(x, spec.mean, spec.std) for x in new_site.batches(images, batch_size)
     )
     return adabn(model, normalised, freeze)
 
 
-def _labelled_set(source: RunFolder, meta: ModelMeta, labels: str | Path) -> Any:
+def _labelled_set(source: RunFolder, card: ModelCard, labels: str | Path) -> Any:
     """The labelled sample, checked before any work: a binary task and enough positives."""
     from medtune.data import load_imageset
 
-    task = binary_task(meta.class_names, meta.ordinal, meta.positive_class)
+    task = card.label_space.binary_task
     if task is None:
         raise MedtuneError(
-            f"{source.dir}: the model's {meta.num_classes} classes define no binary task "
+            f"{source.dir}: the model's {card.num_classes} classes define no binary task "
             "(referable DR or a positive class), so it has no operating point to move; "
             "adapt without labels"
         )
-    imageset = load_imageset(labels, classes=meta.class_names)
+    imageset = load_imageset(labels, classes=card.class_names)
     n_pos = int(task.labels(imageset.labels).sum())
     n_neg = len(imageset) - n_pos
     if n_pos < MIN_SITE_POSITIVES or n_neg < 1:
@@ -363,32 +359,32 @@ def _labelled_set(source: RunFolder, meta: ModelMeta, labels: str | Path) -> Any
 
 
 def _sample_logits(
-    model: Any, meta: ModelMeta, imageset: Any, batch_size: int, progress: bool
+    model: Any, card: ModelCard, imageset: Any, batch_size: int, progress: bool
 ) -> dict[str, Any]:
-    """Labels (N,) and logits per TTA mode of the labelled sample, from the adapted model."""
-    from medtune.evaluation.inference import predict_logits
+    """Labels (N,) and logits per TTA mode of the labelled sample, from the adapted model (the
+    scorer protocol, :class:`~medtune.evaluation.inference.TorchScorer`)."""
+    from medtune.evaluation.inference import TorchScorer
 
+    scorer = TorchScorer(model, card, batch_size=batch_size)
     sources = [imageset.source_of(i) for i in range(len(imageset))]
-    batches = new_site.batches(_prepare_all(sources, meta, progress), batch_size)
-    logits = {}
-    for tta in TTA_MODES:
-        logits[tta] = predict_logits(model, batches, mean=meta.mean, std=meta.std, tta=tta)
+    images = _prepare_all(sources, card, progress)
+    logits = {tta: scorer.logits(images, tta) for tta in TTA_MODES}
     return {"labels": np.asarray(imageset.labels), "logits": logits}
 
 
 def _move_points(
-    meta: ModelMeta, source: RunFolder, sample: dict[str, Any], labels: str
+    card: ModelCard, source: RunFolder, sample: dict[str, Any], labels: str
 ) -> dict[str, Any]:
     """The moved operating points, as recorded in ``adaptation.json``."""
     from medtune.evaluation.calibration import apply_temperature, fit_temperature
 
-    task = binary_task(meta.class_names, meta.ordinal, meta.positive_class)
+    task = card.label_space.binary_task
     assert task is not None  # checked by _labelled_set
     y, logits = sample["labels"], sample["logits"]["none"]
     val = source.read_val_logits()
     old = choose_operating_points(
         task.labels(val["labels"]),
-        task.score(apply_temperature(val["logits_none"], meta.temperature)),
+        task.score(apply_temperature(val["logits_none"], card.temperature)),
         val.get("sites"),
     )
     if not old:
@@ -407,7 +403,7 @@ def _move_points(
             task,
             validated_threshold=old[name]["threshold"],
             target_sensitivity=target,
-            temperature=meta.temperature,
+            temperature=card.temperature,
         )
         points[name] = _point(name, old[name]["threshold"], moved, task, y, logits)
     new = choose_operating_points(task.labels(y), task.score(apply_temperature(logits, new_t)))
@@ -422,7 +418,7 @@ def _move_points(
         "n_images": len(y),
         "n_positives": int(y_bin.sum()),
         "n_negatives": int(len(y_bin) - y_bin.sum()),
-        "temperature": {"from": float(meta.temperature), "to": float(new_t)},
+        "temperature": {"from": float(card.temperature), "to": float(new_t)},
         "points": points,
         "note": (
             "sensitivity and specificity are on the labelled sample the thresholds were chosen "
@@ -466,14 +462,33 @@ def _point(
     }
 
 
-def _with_temperature(meta: ModelMeta, temperature: float) -> ModelMeta:
-    changes: dict[str, Any] = {"temperature": float(temperature)}
-    # Where model.json stores validated operating points (branch screening), those are the
-    # source's and no longer hold: clear them so readers choose them again from val_logits.npz,
-    # which now holds the labelled sample (the moved points).
-    if "operating_points" in {f.name for f in dataclasses.fields(ModelMeta)}:
-        changes["operating_points"] = None
-    return dataclasses.replace(meta, **changes)
+def _adapted_card(
+    card: ModelCard,
+    source: RunFolder,
+    points: dict[str, Any],
+    label_free: OperatingPoints | None,
+    status: dict[str, Any],
+) -> ModelCard:
+    """The adapted model's card: no site-shift model (not carried over) and its source run.
+
+    Points moved on labels: the refitted temperature and no stored operating points (the
+    source's no longer hold: readers choose them again from ``val_logits.npz``, which then holds
+    the labelled sample, i.e. the moved points). Points moved without labels replace the stored
+    ones. Stored points carry their ``status`` at the new site
+    (:func:`medtune.evaluation.label_free.operating_point_status`)."""
+    ops = card.operating_points
+    changes: dict[str, Any] = {
+        "site_shift": None,
+        "provenance": Provenance(adapted_from=str(source.dir.resolve())),
+    }
+    if label_free is not None:
+        ops = label_free
+    elif points["moved"]:
+        changes["temperature"] = float(points["temperature"]["to"])
+        ops = None
+    if ops is not None:
+        ops = dataclasses.replace(ops, validated=status["validated"], status=status["status"])
+    return card.replace(operating_points=ops, **changes)
 
 
 def _mark_metrics(target: RunFolder, record: dict[str, Any]) -> None:

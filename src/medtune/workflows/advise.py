@@ -155,7 +155,7 @@ def measure_backbone(
 ) -> BackboneReport:
     """Features of every stage once, then similarity, LogME and probe scores, then the advice."""
     started = time.perf_counter()
-    from medtune.evaluation.metrics import is_ordinal
+    from medtune.evaluation.labels import is_ordinal
 
     names = [s.name for s in backbone.stages]
     feats = extract_features(

@@ -1,7 +1,9 @@
 """``medtune evaluate``: metrics with intervals, operating points from validation, and the report.
 
 Thresholds, the temperature and the decoding all come from the run's VALIDATION data and are
-applied unchanged to the evaluated data.
+applied unchanged to the evaluated data. The model is scored through the scorer protocol
+(:func:`medtune.evaluation.scoring.score` with the run's
+:class:`~medtune.evaluation.inference.TorchScorer`).
 """
 
 from __future__ import annotations
@@ -17,16 +19,16 @@ from torch import nn
 
 from medtune.config import TTA_MODES, TrainConfig
 from medtune.data import Part
-from medtune.engines.finalize import ImageEvaluator, per_site_metrics
+from medtune.engines.finalize import per_site_metrics
 from medtune.errors import MedtuneError
-from medtune.evaluation.calibration import apply_temperature
-from medtune.evaluation.decoding import decode
+from medtune.evaluation.card import ModelCard
 from medtune.evaluation.label_free import score_label_free_points
 from medtune.evaluation.metrics import compute_metrics
 from medtune.evaluation.patients import DEFAULT_PATIENT_RULE, evaluation_patients
+from medtune.evaluation.scoring import Scorer, score
 from medtune.io import write_json
 from medtune.models.stage_classifier import StageProbeClassifier
-from medtune.runs import ModelMeta, RunFolder, prepare_run_data, prepare_source
+from medtune.runs import RunFolder, prepare_run_data, prepare_source
 from medtune.runs.data import part_eyes
 
 GRADCAM_PER_CLASS = 1
@@ -104,23 +106,21 @@ def evaluate(
     folder = RunFolder(Path(run))
     if tta not in TTA_MODES:
         raise MedtuneError(f"tta {tta!r} is unknown; use one of {', '.join(TTA_MODES)}")
-    model, meta = folder.load_model()
+    # fp32, the precision the temperature, decoding and operating points were fitted in
+    scorer = folder.load_scorer(progress=progress)
+    card = scorer.card
     config = dataclasses.replace(folder.read_config(), skip_bad=skip_bad, progress=progress)
     run = folder.dir
-    part = _evaluation_part(config, run, data, meta.class_names)
-    # fp32, the precision the temperature, decoding and operating points were fitted in
-    evaluator = ImageEvaluator(model, meta.mean, meta.std, progress=progress)
-    logits, site_shift = _logits_and_site_shift(evaluator, part, tta, folder, meta.temperature)
-    probs = apply_temperature(logits, meta.temperature)
+    part = _evaluation_part(config, run, data, card.class_names)
+    logits, site_shift = _logits_and_site_shift(scorer, part, tta, folder)
+    probs = card.probabilities(logits)
     val = folder.read_val_logits()
-    val_probs = apply_temperature(val[f"logits_{tta}"], meta.temperature)
+    val_probs = card.probabilities(val[f"logits_{tta}"])
     settings = {
-        "class_names": meta.class_names,
-        "ordinal": meta.ordinal,
+        "labels": card.label_space,
         "val": (val["labels"], val_probs),
-        "decoding": meta.decoding,
+        "decoding": card.decoding,
         "n_boot": n_boot,
-        "positive_class": meta.positive_class,
         "val_sites": val.get("sites"),  # the worst-site rule, as at training
     }
     metrics = compute_metrics(part.labels, probs, groups=part.groups, **settings)
@@ -130,10 +130,10 @@ def evaluate(
     if site_shift is not None:
         metrics["site_shift"] = site_shift
     verdicts = _verdicts(part) if quality else None
-    patients = _patients(data, config, part, probs, metrics, verdicts, settings, patient_rule)
+    patients = _patients(data, config, part, probs, metrics, verdicts, card, patient_rule)
     if patients is not None:
         metrics["patients"] = patients
-    moved = score_label_free_points(part.labels, probs, meta.operating_points, tta, part.groups)
+    moved = score_label_free_points(part.labels, probs, card.operating_points, tta, part.groups)
     if moved is not None:  # a run adapted without labels (medtune adapt --recalibrate)
         metrics["label_free_operating_points"] = moved
     metrics["tta"] = tta
@@ -143,8 +143,8 @@ def evaluate(
     summary = _quality_summary(part, probs, settings, verdicts) if quality else None
     if summary is not None:
         write_json(out / "quality.json", summary)
-    examples = _gradcam_examples(model, meta, part, probs) if gradcam else None
-    report = _write_report(out, folder, meta, config, metrics, part, probs, examples, summary)
+    examples = _gradcam_examples(scorer.model, card, part, probs) if gradcam else None
+    report = _write_report(out, folder, card, config, metrics, part, probs, examples, summary)
     return EvalResult(out, metrics, report)
 
 
@@ -159,20 +159,20 @@ def _verdicts(part: Part) -> list[Any]:
 
 def _patients(
     data: str | None, config: TrainConfig, part: Part, probs: np.ndarray, metrics: dict,
-    verdicts: list[Any] | None, settings: dict[str, Any], rule: str,
+    verdicts: list[Any] | None, card: ModelCard, rule: str,
 ) -> dict[str, Any] | None:  # fmt: skip
     """Patient-level figures (:func:`evaluation_patients`) when the data names patients."""
     source = data or config.test_data or config.data
-    eyes = part_eyes(source, config, part, settings["class_names"])
-    keys = ("class_names", "ordinal", "decoding", "positive_class")
+    eyes = part_eyes(source, config, part, card.class_names)
     return evaluation_patients(
         eyes,
         part.labels,
         probs,
         metrics,
+        label_space=card.label_space,
         gradable=None if verdicts is None else [v.gradable for v in verdicts],
+        decoding=card.decoding,
         rule=rule,
-        **{k: settings[k] for k in keys},
     )
 
 
@@ -207,28 +207,27 @@ def _images(part: Part, batch: int = 64):
 
 
 def _logits_and_site_shift(
-    evaluator: ImageEvaluator, part: Part, tta: str, folder: RunFolder, temperature: float
+    scorer: Scorer, part: Part, tta: str, folder: RunFolder
 ) -> tuple[np.ndarray, dict[str, Any] | None]:
     """The logits with ``tta``, and the share of images outside the training distribution
     (:func:`medtune.evaluation.shift.shift_summary`; ``None`` for a run without
     ``site_shift.npz``) with the batch shift test's verdict on the whole set (``batch``,
     :class:`medtune.evaluation.shift.BatchShiftTest`). Both were fitted on plain (no TTA)
-    features."""
+    features (:func:`medtune.evaluation.scoring.score`)."""
     from medtune.evaluation.shift import shift_summary
 
-    shift, batch = folder.read_site_shift(), folder.read_batch_shift()
+    shift, batch = scorer.site_shift, folder.read_batch_shift()
+    scored = score(scorer, part.images, tta, features=batch is not None)
     if shift is None and batch is None:
-        return evaluator.logits(part, tta), None
-    plain, features = evaluator.logits_and_features(part)
-    logits = plain if tta == "none" else evaluator.logits(part, tta)
+        return scored.logits, None
     summary: dict[str, Any] = {}
     if shift is not None:
-        scores = shift.score(features)
+        scores = scored.shift_scores
         summary = shift_summary(scores > shift.threshold, shift.percentile)
         summary.update(threshold=shift.threshold, median_score=float(np.median(scores)))
     if batch is not None:
-        summary["batch"] = batch.test(features, apply_temperature(plain, temperature))
-    return logits, summary
+        summary["batch"] = batch.test(scored.features, scorer.card.probabilities(scored.plain))
+    return scored.logits, summary
 
 
 def _evaluation_part(
@@ -263,18 +262,17 @@ def target_layer(model: nn.Module) -> nn.Module:
     return model.backbone.get_submodule(model.stages[-1].tap)
 
 
-def _gradcam_examples(model: nn.Module, meta: ModelMeta, part: Any, probs: np.ndarray) -> list:
+def _gradcam_examples(model: nn.Module, card: ModelCard, part: Any, probs: np.ndarray) -> list:
     """The most confident right and wrong prediction per true grade, as captioned Grad-CAM
     panels (map, image, "predicted: ..., P = ...; true: ...")."""
     from medtune.evaluation.gradcam import gradcam_maps, select_gradcam_examples
-    from medtune.evaluation.grades import grade_names
     from medtune.evaluation.plots import GradcamExample
 
-    pred = decode(probs, meta.decoding)
+    pred = card.decode(probs)
     picks = select_gradcam_examples(
         part.labels,
         probs,
-        grade_names(meta.class_names, meta.ordinal),
+        card.label_space.grade_names,
         pred=pred,
         n_correct=GRADCAM_PER_CLASS,
         n_wrong=GRADCAM_PER_CLASS,
@@ -284,12 +282,7 @@ def _gradcam_examples(model: nn.Module, meta: ModelMeta, part: Any, probs: np.nd
     rows = [i for i, _ in picks]
     images = np.array(part.cache.images[part.indices[rows]])
     maps = gradcam_maps(
-        model,
-        target_layer(model),
-        images,
-        meta.mean,
-        meta.std,
-        targets=[int(pred[i]) for i in rows],
+        model, target_layer(model), images, card.input_spec, targets=[int(pred[i]) for i in rows]
     )
     return [
         GradcamExample(image, cam, caption)
@@ -297,20 +290,24 @@ def _gradcam_examples(model: nn.Module, meta: ModelMeta, part: Any, probs: np.nd
     ]
 
 
-def _header(folder: RunFolder, meta: ModelMeta, config: TrainConfig, data: str) -> dict:
+def _header(folder: RunFolder, card: ModelCard, config: TrainConfig, data: str) -> dict:
     """Header facts of the report: model, training data, evaluated data."""
-    kind = "linear probe" if meta.kind == "probe" else "fine-tuned"
-    stage = f", stage {meta.stage}" if meta.stage else ""
+    kind = "linear probe" if card.kind == "probe" else "fine-tuned"
+    stage = f", stage {card.stage}" if card.stage else ""
     return {
-        "Model": f"{meta.backbone} ({kind}{stage}), run folder {folder.dir.name}",
+        "Model": f"{card.backbone} ({kind}{stage}), run folder {folder.dir.name}",
         "Training data": str(config.data),
         "Evaluated data": data,
-        "Decoding": (meta.decoding or {}).get("method", "argmax"),
+        "Decoding": (card.decoding or {}).get("method", "argmax"),
     }
 
 
-def _curves_note(meta: ModelMeta) -> str:
-    if meta.kind == "probe":
+#: Card fields left out of the report's model details (long, or told elsewhere in the report).
+_NOT_IN_REPORT = ("operating_points", "site_shift", "export")
+
+
+def _curves_note(card: ModelCard) -> str:
+    if card.kind == "probe":
         return (
             "A linear probe is fitted on frozen features in one step, so it has no training "
             "epochs to plot; its layer and L2 choice are in probe.json."
@@ -319,7 +316,7 @@ def _curves_note(meta: ModelMeta) -> str:
 
 
 def _write_report(
-    out, folder: RunFolder, meta, config, metrics, part, probs, examples, quality
+    out, folder: RunFolder, card: ModelCard, config, metrics, part, probs, examples, quality
 ) -> Path:
     from medtune.evaluation.report import write_report
 
@@ -330,15 +327,15 @@ def _write_report(
         config=config.to_dict(),
         y_true=part.labels,
         probs=probs,
-        class_names=meta.class_names,
+        class_names=card.class_names,
         curves_csv=curves if curves.is_file() else None,
         gradcam_examples=examples,
         title=f"medtune evaluation: {folder.dir.name}",
-        synthetic=meta.synthetic,
+        synthetic=card.synthetic,
         split="test",
-        model_info={k: v for k, v in dataclasses.asdict(meta).items() if k != "operating_points"},
-        header=_header(folder, meta, config, str(metrics.get("data"))),
-        curves_note=_curves_note(meta),
+        model_info={k: v for k, v in card.to_dict().items() if k not in _NOT_IN_REPORT},
+        header=_header(folder, card, config, str(metrics.get("data"))),
+        curves_note=_curves_note(card),
         quality=quality,
         sites=metrics.get("per_site"),
         site_shift=metrics.get("site_shift"),

@@ -30,8 +30,9 @@ def export(run: str | Path, fmt: str = "onnx", out: str | Path | None = None) ->
     Returns
     -------
     ExportResult
-        The model file, the sidecar ``model.json`` (image size, normalisation, class names,
-        temperature, decoding, fundus options) and the parity figures. An ONNX export of a run
+        The model file, its card ``model.json`` (the run's
+        :class:`~medtune.evaluation.card.ModelCard` with an ``export`` block) and the parity
+        figures. An ONNX export of a run
         with a site-shift model (``RUN/site_shift.npz``) also outputs the head's features and
         carries ``site_shift.npz``, so ``predict --model`` and ``serve`` score site shift.
 
@@ -47,18 +48,14 @@ def export(run: str | Path, fmt: str = "onnx", out: str | Path | None = None) ->
     if fmt not in ("onnx", "torchscript"):
         raise MedtuneError(f"format {fmt!r} is unknown; use onnx or torchscript")
     folder = RunFolder(run)
-    model, meta = folder.load_model()
-    sidecar = {k: v for k, v in dataclasses.asdict(meta).items() if k not in ("mean", "std")}
-    sidecar["image_size"] = meta.image_size
+    model, card = folder.load_model()
+    spec = card.input_spec
     return export_model(
         model,
         Path(out) if out else run / "export",
+        card,
         fmt=fmt,
-        image_size=meta.image_size,
-        sidecar=sidecar,
-        parity_inputs=parity_images(run, meta.image_size, meta.fundus),
-        mean=meta.mean,
-        std=meta.std,
+        parity_inputs=parity_images(run, spec.image_size, spec.fundus),
         site_shift=folder.read_site_shift() if fmt == "onnx" else None,
     )
 

@@ -11,9 +11,10 @@ import numpy as np
 
 from medtune.errors import MedtuneError
 from medtune.evaluation.calibration import apply_temperature
-from medtune.evaluation.metrics import binary_task, choose_operating_points
+from medtune.evaluation.card import ModelCard, OperatingPoint, OperatingPoints
+from medtune.evaluation.metrics import choose_operating_points
 from medtune.io import atomic_path
-from medtune.runs import ModelMeta, RunFolder
+from medtune.runs import RunFolder
 
 
 def batches(images: np.ndarray, batch_size: int) -> list[Any]:
@@ -25,14 +26,15 @@ def batches(images: np.ndarray, batch_size: int) -> list[Any]:
     return [torch.from_numpy(images[c]).permute(0, 3, 1, 2) for c in chunks]
 
 
-def site_outputs(model: Any, meta: ModelMeta, images: np.ndarray, batch_size: int) -> dict:
-    """Calibrated probabilities (N, K) and pooled features (N, D) of the site's images."""
-    from medtune.evaluation.inference import predict_logits_and_features
+def site_outputs(model: Any, card: ModelCard, images: np.ndarray, batch_size: int) -> dict:
+    """Calibrated probabilities (N, K) and pooled features (N, D) of the site's images, through
+    the scorer protocol (:func:`medtune.evaluation.scoring.score` with a
+    :class:`~medtune.evaluation.inference.TorchScorer`)."""
+    from medtune.evaluation.inference import TorchScorer
+    from medtune.evaluation.scoring import score
 
-    logits, features = predict_logits_and_features(
-        model, batches(images, batch_size), mean=meta.mean, std=meta.std
-    )
-    return {"probs": apply_temperature(logits, meta.temperature), "features": features}
+    scored = score(TorchScorer(model, card, batch_size=batch_size), images, features=True)
+    return {"probs": card.probabilities(scored.plain), "features": scored.features}
 
 
 def batch_verdict(source: RunFolder, outputs: dict[str, np.ndarray]) -> dict[str, Any] | None:
@@ -43,14 +45,14 @@ def batch_verdict(source: RunFolder, outputs: dict[str, np.ndarray]) -> dict[str
     return None if test is None else test.test(outputs["features"], outputs["probs"])
 
 
-def validated_points(meta: ModelMeta, source: RunFolder) -> tuple[Any, dict, np.ndarray]:
+def validated_points(card: ModelCard, source: RunFolder) -> tuple[Any, dict, np.ndarray]:
     """The binary task, the operating points chosen on the source's validation logits (the
     worst-site rule included), and the validation labels."""
-    task = binary_task(meta.class_names, meta.ordinal, meta.positive_class)
+    task = card.label_space.binary_task
     val = source.read_val_logits()
     points = {}
     if task is not None:
-        score = task.score(apply_temperature(val["logits_none"], meta.temperature))
+        score = task.score(apply_temperature(val["logits_none"], card.temperature))
         points = choose_operating_points(task.labels(val["labels"]), score, val.get("sites"))
     if not points:
         raise MedtuneError(
@@ -61,45 +63,45 @@ def validated_points(meta: ModelMeta, source: RunFolder) -> tuple[Any, dict, np.
 
 
 def label_free_points(
-    meta: ModelMeta, source: RunFolder, probs: np.ndarray, method: str
-) -> dict[str, Any]:
-    """``ModelMeta.operating_points`` moved onto the site's unlabelled scores by ``method``
+    card: ModelCard, source: RunFolder, probs: np.ndarray, method: str
+) -> OperatingPoints:
+    """``ModelCard.operating_points`` moved onto the site's unlabelled scores by ``method``
     (:mod:`medtune.evaluation.label_free`), marked ``label_free`` and not validated."""
     from medtune.evaluation.label_free import estimate_prevalence, label_free_threshold
 
-    task, points, y_val = validated_points(meta, source)
+    task, points, y_val = validated_points(card, source)
     val_prev = float(task.labels(y_val).mean())
     prevalence, how = val_prev, f"the validation prevalence {val_prev:.2f}"
     if method == "em-quantile":
-        priors = np.bincount(y_val, minlength=meta.num_classes) / len(y_val)
+        priors = np.bincount(y_val, minlength=card.num_classes) / len(y_val)
         prevalence = float(estimate_prevalence(probs, priors)[list(task.positive)].sum())
         how = f"a prevalence of {prevalence:.2f} estimated by EM (Saerens et al. 2002)"
     score = task.score(probs)
     moved = {}
     for name, d in points.items():
         sens, spec = d["val_sensitivity"], d["val_specificity"]
-        moved[name] = {
-            "threshold": label_free_threshold(
+        moved[name] = OperatingPoint(
+            threshold=label_free_threshold(
                 score, sensitivity=sens, specificity=spec, prevalence=prevalence
             ),
-            "validated_threshold": d["threshold"],
-            "rule": (
+            validated_threshold=d["threshold"],
+            rule=(
                 f"{method}: refers the share of this site's {len(score)} unlabelled images that "
                 f"the validated point ({d['rule']}) would at {how}; not validated here"
             ),
-            "sensitivity": sens,
-            "specificity": spec,
-        }
-    return {
-        "name": task.name,
-        "positive_classes": list(task.positive),
-        "score": f"sum of probabilities of classes {list(task.positive)}",
-        "n_val": int(len(y_val)),
-        "n_val_positive": int(task.labels(y_val).sum()),
-        "label_free": method,
-        "prevalence": prevalence,
-        "points": {"none": moved},  # rot90 TTA points would need the site's TTA scores
-    }
+            sensitivity=sens,
+            specificity=spec,
+        )
+    return OperatingPoints(
+        name=task.name,
+        positive_classes=task.positive,
+        score=task.score_name,
+        n_val=int(len(y_val)),
+        n_val_positive=int(task.labels(y_val).sum()),
+        points={"none": moved},  # rot90 TTA points would need the site's TTA scores
+        label_free=method,
+        prevalence=prevalence,
+    )
 
 
 def write_suggestions(
@@ -136,7 +138,7 @@ HOME_FIGURES = ("qwk", "auc", "referable_auc", "accuracy")
 
 def finetune_with_sample(
     model: Any,
-    meta: ModelMeta,
+    card: ModelCard,
     config: Any,
     source: RunFolder,
     labels: str | Path,
@@ -150,36 +152,33 @@ def finetune_with_sample(
     the source run's validation figures before and the fine-tuned model's after (no forgetting
     at home is the point of the mix)."""
     from medtune.data import Part
-    from medtune.engines.finalize import ImageEvaluator
     from medtune.engines.site_finetune import finetune_on_mix
+    from medtune.evaluation.inference import TorchScorer
     from medtune.evaluation.metrics import compute_metrics
     from medtune.runs.data import prepare_run_data, prepare_source
 
     home = prepare_run_data(config, source.dir)  # the source's own splits.csv
     cache = prepare_source(
-        str(labels), config, target.dir, classes=meta.class_names, progress=progress
+        str(labels), config, target.dir, classes=card.class_names, progress=progress
     )
 
     info = finetune_on_mix(
         model,
         home.train,
         Part(cache, np.arange(len(cache))),
-        mean=meta.mean,
-        std=meta.std,
-        ordinal=meta.ordinal,
+        spec=card.input_spec,
+        ordinal=card.label_space.ordinal,
         batch_size=min(batch_size, 16),
         seed=config.seed,
         progress=progress,
     )
-    logits = ImageEvaluator(model, meta.mean, meta.std, progress=False).logits(home.val)
+    logits = TorchScorer(model, card).logits(home.val.images)
     after = compute_metrics(
         home.val.labels,
-        apply_temperature(logits, meta.temperature),
-        meta.class_names,
-        ordinal=meta.ordinal,
-        decoding=meta.decoding,
+        card.probabilities(logits),
+        card.label_space,
+        decoding=card.decoding,
         n_boot=0,
-        positive_class=meta.positive_class,
     )
     before = source.read_metrics().get("val", {})
     info["home"] = {

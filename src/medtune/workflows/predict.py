@@ -20,7 +20,7 @@ import io
 import json
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,9 +33,9 @@ from medtune.config import TTA_MODES
 from medtune.data.images import is_listed_image, iter_image_files
 from medtune.data.preprocess import decode_source, prepare_image
 from medtune.errors import BadImageError, MedtuneError
-from medtune.evaluation.decoding import decode
-from medtune.evaluation.grades import grade_names
+from medtune.evaluation.card import ModelCard, OperatingPoints
 from medtune.evaluation.patients import DEFAULT_PATIENT_RULE, PatientScreening, screen_patients
+from medtune.evaluation.quality import working_side
 from medtune.evaluation.referral import (
     DEFAULT_OPERATING_POINT,
     PredictionRow,
@@ -45,6 +45,7 @@ from medtune.evaluation.referral import (
     predictions_meta,
     referral_rule,
 )
+from medtune.evaluation.scoring import Scorer, score
 from medtune.io import write_json, write_text
 from medtune.runs import RunFolder
 from medtune.workflows.predict_journal import PredictJournal, fingerprint
@@ -83,72 +84,80 @@ def expand_inputs(inputs: Sequence[str]) -> list[Path]:
 
 @dataclass
 class Predictor:
-    """A loaded model (a PyTorch run or an ONNX export) and what reading its outputs needs.
+    """A loaded model (a PyTorch run or an ONNX export) and its description.
 
-    Make one with :func:`load_predictor`; pass it to :func:`predict_images`.
+    Make one with :func:`load_predictor`; pass it to :func:`predict_images`. The model is used
+    through the scorer protocol only (:mod:`medtune.evaluation.scoring`), and every fact about
+    feeding and reading it comes from its card (``scorer.card``).
 
     Attributes
     ----------
     source : str
         The run folder or ``model.onnx``.
-    class_names : list of str
-        Class names in logit order.
-    ordinal : bool
-        Graded labels.
-    decoding : dict
-        How probabilities become a grade (:func:`medtune.evaluation.decoding.decode`).
-    operating_points : dict or None
-        Validated referral thresholds (``ModelMeta.operating_points``).
-    image_size : int
-        Network input side, pixels.
-    fundus : dict
-        Fundus preprocessing options.
+    scorer : Scorer
+        :class:`~medtune.evaluation.inference.TorchScorer` (a run) or
+        :class:`~medtune.deploy.onnx_predictor.OnnxPredictor` (an export).
     tta : str
         Test-time augmentation.
-    backbone : str or None
-        The network.
-    positive_class : str or None
-        The positive class of a two-class model.
+    operating_points : OperatingPoints or None
+        Validated referral thresholds: the card's, or for a run trained before they were
+        stored, chosen again from its ``val_logits.npz``.
+    quality_model : Predictor or None
+        A learned image-quality model (a run trained on quality grades) judged beside the gate.
     """
 
     source: str
-    class_names: list[str]
-    ordinal: bool
-    decoding: dict[str, Any]
-    operating_points: dict[str, Any] | None
-    image_size: int
-    fundus: dict[str, Any]
-    tta: str
-    backbone: str | None
-    positive_class: str | None
-    #: prepared uint8 images (N, S, S, 3) -> calibrated probabilities (N, K) and, for a run
-    #: with a site-shift model, the images' site-shift scores (N,) (else None)
-    infer: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]] = field(repr=False)
-    #: site-shift score above which an image is outside the training distribution
-    shift_threshold: float | None = None
-    #: a learned image-quality model (a run trained on quality grades) judged beside the gate
+    scorer: Scorer = field(repr=False)
+    tta: str = "none"
+    operating_points: OperatingPoints | None = None
     quality_model: Predictor | None = field(default=None, repr=False)
-    torch_model: Any = field(default=None, repr=False)
-    torch_meta: Any = field(default=None, repr=False)
 
-    def probs(self, images: np.ndarray) -> np.ndarray:
-        """Calibrated probabilities (N, K) of prepared uint8 images (N, S, S, 3)."""
-        return self.infer(images)[0]
+    # views of the card (the web page shows them)
+    @property
+    def card(self) -> ModelCard:
+        """How the model is fed and read."""
+        return self.scorer.card
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.card.class_names
 
     @property
     def grade_names(self) -> list[str]:
         """Display names of the grades (DR grade names for a 5-grade DR model)."""
-        return grade_names(self.class_names, self.ordinal)
+        return self.card.label_space.grade_names
+
+    @property
+    def backbone(self) -> str | None:
+        return self.card.backbone
+
+    @property
+    def image_size(self) -> int:
+        return self.card.input_spec.image_size
+
+    @property
+    def decoding(self) -> dict[str, Any]:
+        return dict(self.card.decoding)
+
+    @property
+    def shift_threshold(self) -> float | None:
+        """Site-shift score above which an image is outside the training distribution."""
+        shift = self.scorer.site_shift
+        return None if shift is None else float(shift.threshold)
+
+    @property
+    def torch_model(self) -> Any:
+        """The PyTorch model of a run (Grad-CAM needs it); ``None`` for an ONNX export."""
+        return getattr(self.scorer, "model", None)
+
+    def probs(self, images: np.ndarray) -> np.ndarray:
+        """Calibrated probabilities (N, K) of prepared uint8 images (N, S, S, 3)."""
+        return self.card.probabilities(score(self.scorer, images, self.tta).logits)
 
     def referral(self, operating_point: str = DEFAULT_OPERATING_POINT) -> ReferralRule | None:
         """The referral rule at ``operating_point`` (None: the model has no referral task)."""
         return referral_rule(
-            self.class_names,
-            self.ordinal,
-            self.operating_points,
-            operating_point,
-            self.tta,
-            self.positive_class,
+            self.card.label_space, self.operating_points, operating_point, self.tta
         )
 
 
@@ -193,7 +202,10 @@ def load_predictor(
     if tta not in TTA_MODES:
         raise MedtuneError(f"tta {tta!r} is unknown; use one of {', '.join(TTA_MODES)}")
     if model_path is not None:
-        predictor = _onnx_predictor(Path(model_path), tta, num_threads)
+        from medtune.deploy.onnx_predictor import OnnxPredictor
+
+        onnx = OnnxPredictor(Path(model_path), num_threads=num_threads)
+        predictor = Predictor(str(model_path), onnx, tta, onnx.card.operating_points)
     else:
         predictor = _run_predictor(Path(run), tta)
     if quality_model is not None:
@@ -223,101 +235,25 @@ def reject_class(class_names: Sequence[str], source: object = "quality model") -
     )
 
 
-def _onnx_predictor(model_path: Path, tta: str, num_threads: int | None = None) -> Predictor:
-    from medtune.deploy.onnx_predictor import OnnxPredictor
-    from medtune.evaluation.calibration import apply_temperature
-
-    onnx = OnnxPredictor(model_path, num_threads=num_threads)
-    sidecar = onnx.sidecar
-
-    def infer(images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """Scores from the plain images' features, as for a run (the site-shift fit had no TTA)."""
-        logits, scores = onnx.site_shift_scores(images)
-        if tta != "none":
-            logits = onnx.logits(images, tta=tta)
-        return apply_temperature(logits, onnx.temperature), scores
-
-    return Predictor(
-        source=str(model_path),
-        class_names=onnx.class_names,
-        ordinal=bool(sidecar.get("ordinal", False)),
-        decoding=onnx.decoding,
-        operating_points=sidecar.get("operating_points"),
-        image_size=onnx.image_size,
-        fundus=sidecar.get("fundus") or {"crop": False},
-        tta=tta,
-        backbone=sidecar.get("backbone"),
-        positive_class=sidecar.get("positive_class"),
-        infer=infer,
-        shift_threshold=None if onnx.site_shift is None else float(onnx.site_shift.threshold),
-    )
-
-
 def _run_predictor(run: Path, tta: str) -> Predictor:
-    import torch
-
-    from medtune.evaluation.calibration import apply_temperature
-    from medtune.evaluation.inference import predict_logits, predict_logits_and_features
-
+    """A run's model (fp32: the same probabilities as the exported ONNX model)."""
     folder = RunFolder(run)
-    model, meta = folder.load_model()
-
-    shift_model = folder.read_site_shift()
-    norm = {"mean": meta.mean, "std": meta.std}
-
-    def infer(images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """fp32: the same probabilities as the exported ONNX model."""
-        batch = torch.from_numpy(images).permute(0, 3, 1, 2)
-        scores = None
-        if shift_model is None or tta != "none":
-            logits = predict_logits(model, [batch], tta=tta, **norm)
-        if shift_model is not None:  # the features the site-shift model was fitted on (no TTA)
-            plain, feats = predict_logits_and_features(model, [batch], **norm)
-            logits = plain if tta == "none" else logits
-            scores = shift_model.score(feats)
-        return apply_temperature(logits, meta.temperature), scores
-
-    return Predictor(
-        source=str(run),
-        class_names=list(meta.class_names),
-        ordinal=meta.ordinal,
-        decoding=dict(meta.decoding),
-        operating_points=meta.operating_points or _points_from_val_logits(folder, meta),
-        image_size=meta.image_size,
-        fundus=dict(meta.fundus),
-        tta=tta,
-        backbone=meta.backbone,
-        positive_class=meta.positive_class,
-        infer=infer,
-        shift_threshold=None if shift_model is None else float(shift_model.threshold),
-        torch_model=model,
-        torch_meta=meta,
-    )
+    scorer = folder.load_scorer(batch_size=BATCH)
+    points = scorer.card.operating_points or _points_from_val_logits(folder, scorer.card)
+    return Predictor(str(run), scorer, tta, points)
 
 
-def _points_from_val_logits(folder: RunFolder, meta: Any) -> dict[str, Any] | None:
-    """Runs trained before ``ModelMeta.operating_points``: choose them from ``val_logits.npz``
-    exactly as training now does."""
-    from medtune.engines.finalize import validated_operating_points
-    from medtune.evaluation.calibration import apply_temperature
-    from medtune.evaluation.metrics import compute_metrics
+def _points_from_val_logits(folder: RunFolder, card: ModelCard) -> OperatingPoints | None:
+    """Runs trained before the card stored operating points: choose them from
+    ``val_logits.npz`` exactly as training now does."""
+    from medtune.engines.finalize import operating_points
 
     try:
         val = folder.read_val_logits()
     except MedtuneError:
         return None
     logits = {k[len("logits_") :]: v for k, v in val.items() if k.startswith("logits_")}
-    common = {
-        "class_names": meta.class_names,
-        "ordinal": meta.ordinal,
-        "decoding": meta.decoding,
-        "positive_class": meta.positive_class,
-    }
-    probs = apply_temperature(logits["none"], meta.temperature)
-    metrics = compute_metrics(val["labels"], probs, **common)
-    return validated_operating_points(
-        val["labels"], logits, meta.temperature, metrics, None, common
-    )
+    return operating_points(val["labels"], logits, card.temperature, card.label_space, None)
 
 
 # ---------------------------------------------------------------------------- rows
@@ -359,11 +295,18 @@ def prepare_batch(
     -------
     PreparedBatch
     """
-    arrays = [prepare_image(img, predictor.image_size, predictor.fundus) for img in images]
-    quality = [assess_image_quality(arr) for arr in arrays]
+    spec = predictor.card.input_spec
+    arrays = [prepare_image(img, spec.image_size, spec.fundus) for img in images]
+    side = working_side(spec.image_size)  # the model's input, or 224 px for a smaller one
+    judged = (
+        arrays
+        if side == spec.image_size
+        else [prepare_image(img, side, spec.fundus) for img in images]
+    )
+    quality = [assess_image_quality(arr) for arr in judged]
     if predictor.quality_model is not None and images:
         quality = _learned_quality(images, predictor.quality_model, quality)
-    size = predictor.image_size
+    size = spec.image_size
     stacked = np.stack(arrays) if arrays else np.zeros((0, size, size, 3), np.uint8)
     return PreparedBatch(list(names), stacked, quality)
 
@@ -373,7 +316,8 @@ def _learned_quality(
 ) -> list[tuple[bool, str | None]]:
     """The gate's verdicts, with images the learned quality model rejects made ungradable."""
     reject = reject_class(model.class_names, model.source)
-    arrays = np.stack([prepare_image(img, model.image_size, model.fundus) for img in images])
+    spec = model.card.input_spec
+    arrays = np.stack([prepare_image(img, spec.image_size, spec.fundus) for img in images])
     probs = model.probs(arrays)
     out = []
     for (ok, reason), p in zip(gate, probs, strict=True):
@@ -387,19 +331,13 @@ def _learned_quality(
 def _predict_batch(
     batch: PreparedBatch, predictor: Predictor, rule: ReferralRule | None
 ) -> tuple[list[PredictionRow], np.ndarray, np.ndarray]:
-    probs, scores = predictor.infer(batch.images)
-    labels = decode(probs, predictor.decoding)
+    scored = score(predictor.scorer, batch.images, predictor.tta)
+    card, scores = predictor.card, scored.shift_scores
+    probs = card.probabilities(scored.logits)
+    labels = card.decode(probs)
     shift = None if scores is None else (scores, float(predictor.shift_threshold))
     rows = build_rows(
-        batch.names,
-        probs,
-        labels,
-        predictor.class_names,
-        predictor.ordinal,
-        predictor.decoding,
-        rule,
-        batch.quality,
-        shift,
+        batch.names, probs, labels, card.label_space, card.decoding, rule, batch.quality, shift
     )
     return rows, probs, labels
 
@@ -452,16 +390,13 @@ def predict_images(
 
 def prediction_meta(predictor: Predictor, operating_point: str) -> dict[str, Any]:
     """The sidecar that explains a predictions file (:func:`predictions_meta`)."""
+    card = predictor.card.replace(operating_points=predictor.operating_points)
     return predictions_meta(
         model=predictor.source,
-        class_names=predictor.class_names,
-        ordinal=predictor.ordinal,
-        decoding=predictor.decoding,
+        card=card,
         rule=predictor.referral(operating_point),
-        operating_points=predictor.operating_points,
         tta=predictor.tta,
         quality=QUALITY_RULE,
-        backbone=predictor.backbone,
     )
 
 
@@ -595,8 +530,7 @@ def predict(
             write_text(
                 Path(out).with_suffix(".skipped.csv"), _csv_text(["image", "reason"], skipped)
             )
-        for name, items in _patient_sections(grouped).items():
-            write_text(Path(out).with_suffix(f".{name}.csv"), to_csv(items))
+        _write_patient_files(Path(out), grouped)
     if json_path:
         write_text(json_path, to_json(rows, meta, _patient_sections(grouped)))
     journal.close()
@@ -626,7 +560,7 @@ def _prepare_files(
     names, images = [], []
     for path in paths:
         try:  # only as large as the network input needs (JPEG DCT scaling)
-            images.append(decode_source(str(path), min_side=predictor.image_size))
+            images.append(decode_source(str(path), min_side=working_side(predictor.image_size)))
             names.append(str(path))
         except BadImageError as err:
             if not skip_bad:
@@ -687,6 +621,18 @@ def to_json(
     return json.dumps(doc, indent=2) + "\n"
 
 
+def _write_patient_files(out: Path, grouped: PatientScreening | None) -> None:
+    """``OUT.eyes.csv`` and ``OUT.patients.csv``; without patients, earlier ones are removed so
+    they never sit beside predictions they do not describe."""
+    sections = _patient_sections(grouped)
+    for name in ("eyes", "patients"):
+        target = out.with_suffix(f".{name}.csv")
+        if name in sections:
+            write_text(target, to_csv(sections[name]))
+        else:
+            target.unlink(missing_ok=True)
+
+
 def _patient_sections(grouped: PatientScreening | None) -> dict[str, list[dict[str, Any]]]:
     """The eye and patient rows (``.eyes.csv``, ``.patients.csv``), empty when ungrouped."""
     if grouped is None:
@@ -727,10 +673,8 @@ def _gradcam_pngs(
     from medtune.evaluation.plots import GradcamExample, gradcam_png, prediction_caption
     from medtune.workflows.evaluate import target_layer
 
-    model, meta = predictor.torch_model, predictor.torch_meta
-    maps = gradcam_maps(
-        model, target_layer(model), batch.images, meta.mean, meta.std, [int(k) for k in labels]
-    )
+    model, spec = predictor.torch_model, predictor.card.input_spec
+    maps = gradcam_maps(model, target_layer(model), batch.images, spec, [int(k) for k in labels])
     pngs = []
     for name, image, cam, row in zip(batch.names, batch.images, maps, rows, strict=True):
         caption = prediction_caption(row.grade_name, row.probabilities[row.grade_name])

@@ -28,9 +28,10 @@ from medtune.config import (
 )
 from medtune.data.site_augment import resolve_augment
 from medtune.errors import MedtuneError
-from medtune.evaluation.metrics import binary_task, is_ordinal
+from medtune.evaluation.card import ModelCard
+from medtune.evaluation.labels import LabelSpace
 from medtune.models import Backbone, create_backbone
-from medtune.runs import ModelMeta, RunData, RunFolder, prepare_lock, prepare_run_data
+from medtune.runs import RunData, RunFolder, prepare_lock, prepare_run_data
 
 log = logging.getLogger("medtune")
 
@@ -289,7 +290,7 @@ def run_training(config: TrainConfig, *, resume: bool = False) -> RunResult:
             config = _apply_advice(config, backbone, data, run.dir)
         if global_rank() == 0:
             run.write_config(config)
-    meta = _meta(config, data)
+    card = _card(config, data)
 
     if config.strategy in PROBE_STRATEGIES:
         from medtune.engines.probe import run_probe
@@ -309,7 +310,7 @@ def run_training(config: TrainConfig, *, resume: bool = False) -> RunResult:
 
     metrics = finalize_run(
         model,
-        meta,
+        card,
         data,
         run,
         config.strategy,
@@ -365,7 +366,7 @@ def resume(run: str | Path, *, epochs: int | None = None) -> RunResult:
     started = time.perf_counter()
     folder = RunFolder(Path(run))
     config = folder.read_config()
-    if _finished(folder) and epochs in (None, config.epochs):
+    if _finished(folder, config) and epochs in (None, config.epochs):
         log.warning(
             "%s: the run already finished; nothing left to do (--epochs N with N larger than "
             "%d trains it longer)",
@@ -388,51 +389,56 @@ def resume(run: str | Path, *, epochs: int | None = None) -> RunResult:
     return run_training(config, resume=True)  # after the last epoch: writes the results
 
 
-def _finished(folder: RunFolder) -> bool:
+def _finished(folder: RunFolder, config: TrainConfig) -> bool:
     """Whether the run wrote its results after its last checkpoint (``metrics.json`` is the
-    last file :func:`~medtune.engines.finalize.finalize_run` writes)."""
+    last file :func:`~medtune.engines.finalize.finalize_run` writes) and trained every epoch of
+    its ``config.yaml`` (or stopped early); a config edited to more epochs is not finished."""
     metrics = folder.path(RunFolder.METRICS)
     if not metrics.is_file():
         return False
     last = folder.last_checkpoint
-    return not last.is_file() or metrics.stat().st_mtime_ns >= last.stat().st_mtime_ns
+    if not last.is_file():
+        return True  # a probe run: fitted in one go
+    if metrics.stat().st_mtime_ns < last.stat().st_mtime_ns:
+        return False
+    state = _last_state(folder)
+    stopped = any(  # Lightning's EarlyStopping state records the epoch it stopped at
+        isinstance(v, dict) and int(v.get("stopped_epoch", 0) or 0) > 0
+        for k, v in state.get("callbacks", {}).items()
+        if str(k).startswith("EarlyStopping")
+    )
+    return stopped or int(state.get("epoch", -1)) + 1 >= config.epochs
 
 
-def _epochs_done(folder: RunFolder) -> int:
-    """Completed epochs of a run, from its last checkpoint (0 without one), read safely."""
+def _last_state(folder: RunFolder) -> dict[str, Any]:
+    """The last checkpoint's contents (``{}`` without one), read safely."""
     from medtune.engines.finetune import AtomicCheckpointIO
 
     last = folder.last_checkpoint
     if not last.is_file():
-        return 0
-    state = AtomicCheckpointIO().load_checkpoint(last, map_location="cpu")
-    return int(state.get("epoch", -1)) + 1
+        return {}
+    return AtomicCheckpointIO().load_checkpoint(last, map_location="cpu")
 
 
-def _meta(config: TrainConfig, data: RunData) -> ModelMeta:
+def _epochs_done(folder: RunFolder) -> int:
+    """Completed epochs of a run, from its last checkpoint (0 without one), read safely."""
+    state = _last_state(folder)
+    return int(state.get("epoch", -1)) + 1 if state else 0
+
+
+def _card(config: TrainConfig, data: RunData) -> ModelCard:
+    """The new model's card before finalisation: network, input spec and label space (the
+    positive class of a two-class task checked against the classes)."""
     probe = config.strategy in PROBE_STRATEGIES
-    return ModelMeta(
+    return ModelCard(
+        label_space=LabelSpace.of(data.class_names, positive_class=config.positive_class),
+        input_spec=config.input_spec,
         backbone=config.backbone,
         kind="probe" if probe else "finetune",
-        class_names=data.class_names,
-        image_size=config.image_size,
-        mean=config.mean,
-        std=config.std,
-        fundus=dict(config.fundus),
         stage=None,
         dropout=0.0 if probe else config.dropout,
-        ordinal=is_ordinal(data.class_names),
         synthetic=config.synthetic,
-        positive_class=_positive_class(config, data),
     )
-
-
-def _positive_class(config: TrainConfig, data: RunData) -> str | None:
-    """The two-class task's positive class, checked against the classes (None otherwise)."""
-    task = binary_task(data.class_names, is_ordinal(data.class_names), config.positive_class)
-    if task is None or task.prefix:
-        return None
-    return data.class_names[task.positive[0]]
 
 
 def _apply_advice(config: TrainConfig, backbone: Backbone, data: RunData, run_dir: Path):

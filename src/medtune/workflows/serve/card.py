@@ -100,7 +100,7 @@ def headline(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def _run_card(folder: RunFolder) -> dict[str, Any]:
-    training: dict[str, Any] = {"synthetic": folder.read_meta().synthetic}
+    training: dict[str, Any] = {"synthetic": folder.read_card().synthetic}
     if folder.has_config():
         config = folder.read_config()
         data = Path(str(config.data)).name if config.data else None
@@ -133,17 +133,20 @@ def _best_metrics(folder: RunFolder) -> tuple[str | None, dict[str, Any]]:
 
 
 def _export_card(model_path: Path) -> dict[str, Any]:
-    """``synthetic`` from the export's ``model.json`` (``ModelMeta``'s field, which export
-    copies); training details and metrics from the run folder the export still sits in."""
+    """``synthetic`` from the export's model card (``model.json``, the run's card copied by
+    export); training details and metrics from the run folder the export still sits in."""
+    from medtune.deploy.onnx_predictor import SIDECAR_NAME
+    from medtune.evaluation.card import read_card
+
     folder = model_path if model_path.is_dir() else model_path.parent
     try:
-        sidecar = json.loads((folder / "model.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        sidecar = {}
+        synthetic = read_card(folder / SIDECAR_NAME).synthetic
+    except MedtuneError:
+        synthetic = False
     run = folder.parent
     if (run / RunFolder.MODEL_META).is_file() and (run / RunFolder.METRICS).is_file():
         try:
             return _run_card(RunFolder(run))
         except (MedtuneError, OSError, ValueError):
             pass
-    return {"training": {"synthetic": bool(sidecar.get("synthetic"))}}
+    return {"training": {"synthetic": synthetic}}

@@ -36,6 +36,7 @@ from medtune.evaluation.patients import (
     aggregate_eyes,
     aggregate_patient,
 )
+from medtune.evaluation.quality import working_side
 from medtune.evaluation.referral import DEFAULT_OPERATING_POINT
 from medtune.workflows.predict import load_predictor, predict_images, prediction_meta, to_csv
 from medtune.workflows.serve import card as model_card
@@ -300,7 +301,7 @@ class Screener:
     def _decode_all(self, names: list[str], contents: list[bytes]) -> tuple[list, list]:
         """``[(upload index, PIL image, type)]`` of the readable uploads and the skipped list."""
         decoded, skipped = [], []
-        side = self.predictor.image_size  # decoded no smaller than the network needs, as predict
+        side = working_side(self.predictor.image_size)  # as predict decodes files
         work = Path(tempfile.mkdtemp(dir=self.temp_root))
         try:
             for i, (name, data) in enumerate(zip(names, contents, strict=True)):
