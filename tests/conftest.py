@@ -181,8 +181,9 @@ def served_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def patient_photographs(folder: Path) -> dict[str, Path]:
     """One patient's four fundus photographs, two per eye, named as cameras do
     (``..._right_1.jpg``): scikit-image's retina, turned a little for the second photograph of
-    each eye, and the left eye's second one blurred until the quality gate rejects it."""
-    from PIL import ImageFilter
+    each eye, and the left eye's second one darkened until the quality gate rejects it as
+    underexposed."""
+    from PIL import ImageEnhance
     from skimage import data as skdata
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -191,7 +192,7 @@ def patient_photographs(folder: Path) -> dict[str, Path]:
         "p17_right_1.jpg": retina,
         "p17_right_2.jpg": retina.rotate(8),
         "p17_left_1.jpg": retina.transpose(Image.Transpose.FLIP_LEFT_RIGHT),
-        "p17_left_2.jpg": retina.filter(ImageFilter.GaussianBlur(12)),
+        "p17_left_2.jpg": ImageEnhance.Brightness(retina).enhance(0.15),
     }
     for name, img in photos.items():
         img.save(folder / name, quality=92)
