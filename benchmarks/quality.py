@@ -63,6 +63,7 @@ THRESHOLD_MEASURE = {
     "min_red_blue": "red_blue",
     "min_red_green": "red_green",
     "min_sharpness": "sharpness",
+    "min_coarse_sharpness": "coarse_sharpness",
 }
 
 

@@ -30,6 +30,7 @@ ALL_MEASURES = {
     "red_blue",
     "red_green",
     "sharpness",
+    "coarse_sharpness",
 }
 
 
@@ -149,6 +150,22 @@ def test_verdict_and_sharpness_do_not_depend_on_pixel_size() -> None:
     assert max(sharp) - min(sharp) < 0.05, sharp
     bad = [assess_quality(blurred(retina(s))) for s in (224, 512, 1024)]
     assert [v.code for v in bad] == ["blur", "blur", "blur"]
+
+
+@pytest.mark.parametrize("source", ["retina", "synthetic"])
+def test_blur_verdict_is_monotonic_in_blur_radius(source: str) -> None:
+    # Heavy blur leaves both the finest and the next band to quantisation noise, whose ratio
+    # (``sharpness``) rises again (radius 20 px per 512 px passed as "ok" before the
+    # fine-to-coarse rule); once rejected, a harder blur must stay rejected.
+    img = retina() if source == "retina" else synthetic(2)
+    radii = (0, 1, 2, 3, 4, 5, 6, 8, 10, 12, 15, 20, 25, 30)
+    codes = [
+        assess_quality(img.filter(ImageFilter.GaussianBlur(r)) if r else img).code for r in radii
+    ]
+    assert codes[0] == "ok", codes
+    first = codes.index("blur")
+    assert set(codes[first:]) == {"blur"}, dict(zip(radii, codes, strict=True))
+    assert radii[first] <= 5, dict(zip(radii, codes, strict=True))
 
 
 def test_exposure_is_judged_before_blur_and_shape_before_exposure() -> None:
