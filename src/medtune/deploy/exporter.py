@@ -1,8 +1,9 @@
 """Export a trained classifier to ONNX or TorchScript with a JSON sidecar and a parity check.
 
-The model takes normalised float32 NCHW RGB and returns logits. Given the run's site-shift model,
-an ONNX export also returns ``features`` (the pooled features the head sees) and writes
-``site_shift.npz`` beside it, so deployed predictions carry the same per-image site-shift score
+The model takes normalised float32 NCHW RGB and returns logits. Given the run's site-shift model
+or its batch shift test, an ONNX export also returns ``features`` (the pooled features the head
+sees, checked against PyTorch's) and writes ``site_shift.npz`` and ``batch_shift.npz`` beside
+it, so deployed predictions carry the same per-image site-shift score and the same batch verdict
 as ``predict --run``. The export is written to a temp name, checked (``onnx.checker`` for ONNX)
 and compared with PyTorch on the caller's real images;
 only when the probabilities agree within ``tolerance`` is it renamed to ``model.onnx`` /
@@ -46,13 +47,16 @@ from medtune.errors import MedtuneError
 from medtune.evaluation.calibration import apply_temperature
 from medtune.evaluation.card import ExportInfo, ModelCard, SiteShiftRef, write_card
 from medtune.evaluation.inference import head_input
-from medtune.evaluation.shift import SiteShiftModel
+from medtune.evaluation.shift import BatchShiftTest, SiteShiftModel
 from medtune.io import atomic_path
+from medtune.runs.folder import RunFolder
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.ts"}
 ONNX_EXPORTERS = ("auto", "legacy", "dynamo")
 MIN_OPSET = 17
 PARITY_BATCH = 8
+#: The batch shift test's file beside an export (the run folder's name for it).
+BATCH_SHIFT_NAME = RunFolder.BATCH_SHIFT
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,7 @@ class ExportResult:
     n_parity_images: int
     card: ModelCard
     site_shift_path: Path | None = None
+    batch_shift_path: Path | None = None
 
 
 def export_model(
@@ -80,6 +85,7 @@ def export_model(
     opset: int = MIN_OPSET,
     onnx_exporter: str = "auto",
     site_shift: SiteShiftModel | None = None,
+    batch_shift: BatchShiftTest | None = None,
 ) -> ExportResult:
     """Export ``model`` to ``out_dir`` (``model.onnx`` or ``model.ts`` + ``model.json``).
 
@@ -103,6 +109,10 @@ def export_model(
     site_shift : SiteShiftModel, optional
         ONNX only; the model needs a ``head``: the graph gets a second output ``features``
         (checked against PyTorch too) and ``site_shift.npz`` is written beside it.
+    batch_shift : BatchShiftTest, optional
+        ONNX only; as ``site_shift`` (the test reads the same ``features`` output):
+        ``batch_shift.npz`` is written beside the model and named in the card's ``export``
+        block, so ``predict --model`` tests a batch as ``predict --run`` does.
 
     Returns
     -------
@@ -120,8 +130,13 @@ def export_model(
         raise MedtuneError(f"unknown ONNX exporter {onnx_exporter!r}; use {ONNX_EXPORTERS}")
     if opset < MIN_OPSET:
         raise MedtuneError(f"ONNX opset {opset} is too old; use {MIN_OPSET} or newer")
-    with_features = site_shift is not None and fmt == "onnx"
-    card = export_card(card, fmt, site_shift if with_features else None)
+    with_features = (site_shift is not None or batch_shift is not None) and fmt == "onnx"
+    card = export_card(
+        card,
+        fmt,
+        site_shift if fmt == "onnx" else None,
+        batch_shift=batch_shift is not None and fmt == "onnx",
+    )
     spec = card.input_spec
     images = _as_uint8_images(parity_inputs, spec.image_size)
     x = normalise_images(images, spec.mean, spec.std)
@@ -162,16 +177,24 @@ def export_model(
         "tolerance": tolerance,
     }
     card = card.replace(export=dataclasses.replace(card.export, parity=parity))
-    shift_path = site_shift.save(out / SITE_SHIFT_NAME) if with_features else None
+    shift_path = site_shift.save(out / SITE_SHIFT_NAME) if card.site_shift else None
+    batch_path = batch_shift.save(out / BATCH_SHIFT_NAME) if card.export.batch_shift else None
     sidecar_path = write_card(out / SIDECAR_NAME, card)
     return ExportResult(
-        model_path, sidecar_path, fmt, diff, logit_diff, len(images), card, shift_path
+        model_path, sidecar_path, fmt, diff, logit_diff, len(images), card, shift_path, batch_path
     )
 
 
-def export_card(card: ModelCard, fmt: str, site_shift: SiteShiftModel | None) -> ModelCard:
+def export_card(
+    card: ModelCard,
+    fmt: str,
+    site_shift: SiteShiftModel | None,
+    *,
+    batch_shift: bool = False,
+) -> ModelCard:
     """The card of an export: ``card`` checked (read back from its JSON form), with the export
-    block (format, file, graph I/O names, medtune version) and the site-shift reference.
+    block (format, file, graph I/O names, medtune version, the batch shift test's file when
+    ``batch_shift``) and the site-shift reference. Either needs the ``features`` output.
 
     Raises
     ------
@@ -188,9 +211,10 @@ def export_card(card: ModelCard, fmt: str, site_shift: SiteShiftModel | None) ->
         model_file=FORMATS[fmt],
         input_name=INPUT_NAME,
         output_name=OUTPUT_NAME,
-        features_name=FEATURES_NAME if site_shift is not None else None,
+        features_name=FEATURES_NAME if site_shift is not None or batch_shift else None,
         input_layout=INPUT_LAYOUT,
         medtune_version=__version__,
+        batch_shift=BATCH_SHIFT_NAME if batch_shift else None,
     )
     ref = None
     if site_shift is not None:

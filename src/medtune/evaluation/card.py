@@ -237,6 +237,10 @@ class ExportInfo:
     onnx_exporter : {"legacy", "dynamo"} or None
     parity : dict or None
         ``max_abs_diff`` (probabilities), ``max_abs_logit_diff``, ``n_images``, ``tolerance``.
+    batch_shift : str or None
+        The batch shift test's file beside the card
+        (:meth:`medtune.evaluation.shift.BatchShiftTest.save`; it reads the ``features``
+        output), ``None`` without one.
     """
 
     format: str
@@ -249,10 +253,16 @@ class ExportInfo:
     opset: int | None = None
     onnx_exporter: str | None = None
     parity: dict[str, Any] | None = None
+    batch_shift: str | None = None
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], source: object) -> ExportInfo:
         return _build(cls, values, source, "export block")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The block as JSON values; ``batch_shift`` only when the export carries the test (a
+        card without it reads as before)."""
+        return _without_unset(self, ("batch_shift",))
 
 
 @dataclass(frozen=True)

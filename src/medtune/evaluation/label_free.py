@@ -39,6 +39,7 @@ __all__ = [
     "estimate_prevalence",
     "label_free_threshold",
     "operating_point_status",
+    "referral_validation",
     "score_label_free_points",
 ]
 
@@ -108,13 +109,19 @@ def label_free_threshold(
     -------
     float
         ``t'``: refer when ``score >= t'``; about ``prevalence * sensitivity + (1 -
-        prevalence) * (1 - specificity)`` of ``new_scores`` lie at or above it.
+        prevalence) * (1 - specificity)`` of ``new_scores`` lie at or above it (more when
+        scores tie at the cut: tied images are all referred). Like every validated operating
+        point (:func:`medtune.evaluation.metrics.gap_threshold`), ``t'`` lies in the middle of
+        the gap between the lowest referred score and the next lower one; the lowest score
+        itself when every image is referred.
 
     Raises
     ------
     MedtuneError
         For no scores, or a rate outside [0, 1].
     """
+    from medtune.evaluation.metrics import gap_threshold  # scikit-learn: only when moving points
+
     scores = np.asarray(new_scores, dtype=np.float64).ravel()
     if scores.size == 0 or not np.isfinite(scores).all():
         raise MedtuneError("label-free threshold: need the new site's finite scores")
@@ -123,9 +130,12 @@ def label_free_threshold(
             raise MedtuneError(f"label-free threshold: {name} {v} is outside [0, 1]")
     pi = float(np.clip(prevalence, 0.0, 1.0))
     rate = pi * float(sensitivity) + (1.0 - pi) * (1.0 - float(specificity))
-    ordered = np.sort(scores)[::-1]
-    k = int(np.clip(np.ceil(rate * len(ordered) - 1e-9), 1, len(ordered)))
-    return float(ordered[k - 1])  # the k-th highest score: k images are referred
+    k = int(np.clip(np.ceil(rate * scores.size - 1e-9), 1, scores.size))
+    distinct = np.unique(scores)[::-1]  # decreasing, as roc_curve's thresholds
+    kth = np.sort(scores)[::-1][k - 1]  # the k-th highest score: at least k images referred
+    # the same rule as every validated point: the middle of the gap below the lowest score kept,
+    # so a new image scoring a hair under a saturated or tied score is referred too
+    return gap_threshold(distinct, int(np.flatnonzero(distinct == kth)[0]))
 
 
 def operating_point_status(
@@ -155,6 +165,70 @@ def operating_point_status(
         return {"validated": True, "status": "site consistent with validation"}
     how = "" if method == "none" else f" (moved without labels: {method})"
     return {"validated": False, "status": NOT_VALIDATED + how}
+
+
+def referral_validation(
+    points: OperatingPoints | None,
+    verdict: dict[str, Any] | None,
+    *,
+    n_images: int,
+    testable: bool,
+    min_batch: int,
+) -> dict[str, str] | None:
+    """Whether the referrals of one batch of images were made at an operating point validated
+    for where the batch comes from: the ``operating_point_validated`` and
+    ``operating_point_status`` columns of ``medtune predict`` and the page
+    (:func:`medtune.evaluation.referral.mark_referrals`).
+
+    The referral itself never changes (it still follows the threshold); a referral whose
+    validated sensitivity may not hold is marked, never silently kept.
+
+    Parameters
+    ----------
+    points : OperatingPoints or None
+        The operating points used (``ModelCard.operating_points``; their ``validated`` and
+        ``status`` say whether ``medtune adapt`` calibrated them at a site).
+    verdict : dict or None
+        :meth:`medtune.evaluation.shift.BatchShiftTest.test` of the batch, ``None`` when it was
+        not tested.
+    n_images : int
+        Images in the batch (named in the status of a tested batch).
+    testable : bool
+        Whether the model has a batch shift test (``batch_shift.npz``).
+    min_batch : int
+        The fewest images tested (:data:`medtune.evaluation.shift.MIN_BATCH`).
+
+    Returns
+    -------
+    dict or None
+        ``validated`` (``"yes"``, ``"no"`` or ``"unknown"``) and ``status`` (why, one line);
+        ``None`` when there is nothing to say (no operating points, or a model with neither a
+        status nor a batch test).
+
+    Notes
+    -----
+    In order: points marked not validated by ``adapt`` (moved without labels, or kept at a
+    shifted site) are ``no``; points moved on labels of the site are ``yes``; else the batch
+    test decides (``no`` when shifted: :data:`NOT_VALIDATED`); an untested batch is
+    ``unknown``.
+    """
+    if points is None:
+        return None
+    if points.validated is not None and points.status:
+        return {"validated": "yes" if points.validated else "no", "status": points.status}
+    if verdict is not None:
+        p = f"p = {verdict['p_value']:.2g}"
+        if verdict["shifted"]:
+            why = f"this batch of {n_images} images differs from every validation site, {p}"
+            return {"validated": "no", "status": f"{NOT_VALIDATED} ({why})"}
+        why = f"this batch of {n_images} images is consistent with {verdict['closest']}, {p}"
+        return {"validated": "yes", "status": why}
+    if not testable:
+        return None
+    return {  # the count is left out: every request of a growing running batch reads the same
+        "validated": "unknown",
+        "status": f"not tested: the batch shift test needs at least {min_batch} images",
+    }
 
 
 def score_label_free_points(

@@ -9,7 +9,7 @@ torch or scikit-learn).
 from __future__ import annotations
 
 import datetime as _dt
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +29,7 @@ __all__ = [
     "build_rows",
     "decoding_rule",
     "format_figure",
+    "mark_referrals",
     "predictions_meta",
     "referral_rule",
 ]
@@ -299,6 +300,59 @@ def build_rows(
             )
         )
     return rows
+
+
+#: The columns :func:`mark_referrals` adds after ``refer``, and what they mean.
+VALIDATION_COLUMNS = {
+    "operating_point_validated": (
+        "yes / no / unknown: whether the refer threshold is validated where this batch of "
+        "images comes from (the batch shift test against the validation images, or the site "
+        "calibration of medtune adapt); 'no' means the validated sensitivity may not hold here "
+        "(the referral still follows the threshold); empty for rows without a yes/no referral"
+    ),
+    "operating_point_status": "why (one line, the same for every row of the batch)",
+}
+
+
+def mark_referrals(
+    rows: Iterable[PredictionRow | Mapping[str, Any]], validation: Mapping[str, str] | None
+) -> list[dict[str, Any]]:
+    """The rows as dicts, each referral marked with whether its operating point is validated.
+
+    Parameters
+    ----------
+    rows : iterable of PredictionRow or mapping
+        Prediction rows of ONE batch (:func:`build_rows`, or their dicts).
+    validation : mapping or None
+        ``validated`` and ``status`` of the batch
+        (:func:`medtune.evaluation.label_free.referral_validation`); ``None`` leaves the rows
+        as they are.
+
+    Returns
+    -------
+    list of dict
+        Rows with ``operating_point_validated`` and ``operating_point_status`` right after
+        ``refer`` (:data:`VALIDATION_COLUMNS`), filled for rows referred ``yes`` or ``no`` and
+        empty for the others (ungradable, no threshold); rows without a ``refer`` column (no
+        referral task) are unchanged. The ``refer`` value itself is never changed.
+    """
+    out = []
+    for row in rows:
+        d = row.as_dict() if isinstance(row, PredictionRow) else dict(row)
+        if validation is None or "refer" not in d:
+            out.append(d)
+            continue
+        marked = d.get("refer") in ("yes", "no")
+        new: dict[str, Any] = {}
+        for key, value in d.items():
+            if key in VALIDATION_COLUMNS:
+                continue
+            new[key] = value
+            if key == "refer":
+                new["operating_point_validated"] = validation["validated"] if marked else ""
+                new["operating_point_status"] = validation["status"] if marked else ""
+        out.append(new)
+    return out
 
 
 def decoding_rule(decoding: Mapping[str, Any] | None, names: Sequence[str]) -> str:

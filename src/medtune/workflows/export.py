@@ -33,8 +33,10 @@ def export(run: str | Path, fmt: str = "onnx", out: str | Path | None = None) ->
         The model file, its card ``model.json`` (the run's
         :class:`~medtune.evaluation.card.ModelCard` with an ``export`` block) and the parity
         figures. An ONNX export of a run
-        with a site-shift model (``RUN/site_shift.npz``) also outputs the head's features and
-        carries ``site_shift.npz``, so ``predict --model`` and ``serve`` score site shift.
+        with a site-shift model (``RUN/site_shift.npz``) or a batch shift test
+        (``RUN/batch_shift.npz``) also outputs the head's features and carries those files,
+        so ``predict --model`` and ``serve`` score site shift and test batches as with the
+        run.
 
     Raises
     ------
@@ -57,6 +59,7 @@ def export(run: str | Path, fmt: str = "onnx", out: str | Path | None = None) ->
         fmt=fmt,
         parity_inputs=parity_images(run, spec.image_size, spec.fundus),
         site_shift=folder.read_site_shift() if fmt == "onnx" else None,
+        batch_shift=folder.read_batch_shift() if fmt == "onnx" else None,
     )
 
 

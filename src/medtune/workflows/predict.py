@@ -18,10 +18,11 @@ import csv
 import glob
 import io
 import json
+import logging
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +39,12 @@ from medtune.evaluation.patients import DEFAULT_PATIENT_RULE, PatientScreening, 
 from medtune.evaluation.quality import working_side
 from medtune.evaluation.referral import (
     DEFAULT_OPERATING_POINT,
+    VALIDATION_COLUMNS,
     PredictionRow,
     ReferralRule,
     build_rows,
     format_figure,
+    mark_referrals,
     predictions_meta,
     referral_rule,
 )
@@ -49,6 +52,8 @@ from medtune.evaluation.scoring import Scorer, score
 from medtune.io import write_json, write_text
 from medtune.runs import RunFolder
 from medtune.workflows.predict_journal import PredictJournal, fingerprint
+
+log = logging.getLogger("medtune")
 
 BATCH = 32
 QUALITY_RULE = (
@@ -104,6 +109,9 @@ class Predictor:
         stored, chosen again from its ``val_logits.npz``.
     quality_model : Predictor or None
         A learned image-quality model (a run trained on quality grades) judged beside the gate.
+    batch_shift : BatchShiftTest or None
+        The batch shift test (:class:`medtune.evaluation.shift.BatchShiftTest`: a run's
+        ``batch_shift.npz``, or the one an ONNX export carries), ``None`` without one.
     """
 
     source: str
@@ -111,6 +119,7 @@ class Predictor:
     tta: str = "none"
     operating_points: OperatingPoints | None = None
     quality_model: Predictor | None = field(default=None, repr=False)
+    batch_shift: Any = field(default=None, repr=False)
 
     # views of the card (the web page shows them)
     @property
@@ -206,6 +215,7 @@ def load_predictor(
 
         onnx = OnnxPredictor(Path(model_path), num_threads=num_threads)
         predictor = Predictor(str(model_path), onnx, tta, onnx.card.operating_points)
+        predictor.batch_shift = _export_batch_shift(onnx)
     else:
         predictor = _run_predictor(Path(run), tta)
     if quality_model is not None:
@@ -236,11 +246,35 @@ def reject_class(class_names: Sequence[str], source: object = "quality model") -
 
 
 def _run_predictor(run: Path, tta: str) -> Predictor:
-    """A run's model (fp32: the same probabilities as the exported ONNX model)."""
+    """A run's model (fp32: the same probabilities as the exported ONNX model) and its batch
+    shift test."""
     folder = RunFolder(run)
     scorer = folder.load_scorer(batch_size=BATCH)
     points = scorer.card.operating_points or _points_from_val_logits(folder, scorer.card)
-    return Predictor(str(run), scorer, tta, points)
+    return Predictor(str(run), scorer, tta, _with_site_status(folder, points), None,
+                     folder.read_batch_shift())  # fmt: skip
+
+
+def _with_site_status(folder: RunFolder, points: OperatingPoints | None) -> Any:
+    """Points chosen again from the labelled sample of ``medtune adapt --labels`` (the card
+    keeps none) carry the status ``adaptation.json`` recorded: calibrated at that site."""
+    record = folder.read_adaptation()
+    status = (record or {}).get("operating_point_status")
+    if points is None or points.status or not status:
+        return points
+    return replace(points, validated=bool(status["validated"]), status=str(status["status"]))
+
+
+def _export_batch_shift(onnx: Any) -> Any:
+    """The batch shift test an ONNX export carries beside ``model.onnx`` (named in its card's
+    ``export`` block, :func:`medtune.deploy.exporter.export_model`), else ``None``."""
+    export = onnx.card.export
+    name = None if export is None else export.batch_shift
+    if not name:
+        return None
+    from medtune.evaluation.shift import BatchShiftTest  # numpy and scipy only
+
+    return BatchShiftTest.load(Path(onnx.model_path).parent / name)
 
 
 def _points_from_val_logits(folder: RunFolder, card: ModelCard) -> OperatingPoints | None:
@@ -330,8 +364,11 @@ def _learned_quality(
 
 def _predict_batch(
     batch: PreparedBatch, predictor: Predictor, rule: ReferralRule | None
-) -> tuple[list[PredictionRow], np.ndarray, np.ndarray]:
-    scored = score(predictor.scorer, batch.images, predictor.tta)
+) -> tuple[list[PredictionRow], np.ndarray, np.ndarray, dict[str, np.ndarray] | None]:
+    """Rows, probabilities and grades of a batch, and what the batch shift test reads of it
+    (:func:`batch_evidence`)."""
+    test = predictor.batch_shift
+    scored = score(predictor.scorer, batch.images, predictor.tta, features=test is not None)
     card, scores = predictor.card, scored.shift_scores
     probs = card.probabilities(scored.logits)
     labels = card.decode(probs)
@@ -339,7 +376,63 @@ def _predict_batch(
     rows = build_rows(
         batch.names, probs, labels, card.label_space, card.decoding, rule, batch.quality, shift
     )
-    return rows, probs, labels
+    evidence = None
+    if test is not None and len(batch.names):
+        evidence = {
+            "features": test.project(scored.features),
+            "probs": card.probabilities(scored.plain),  # the test was fitted without TTA
+        }
+    return rows, probs, labels, evidence
+
+
+def batch_evidence(parts: Sequence[Mapping[str, Any] | None]) -> dict[str, np.ndarray] | None:
+    """The projected features and plain probabilities of several parts of one batch (parts of
+    several images, ``(n, d)``, or of one, ``(d,)``), stacked; ``None`` when a part lacks them
+    (e.g. a journal written before the test)."""
+    if not parts or any(p is None for p in parts):
+        return None
+    return {
+        key: np.vstack([np.asarray(p[key], dtype=np.float64) for p in parts])  # type: ignore[index]
+        for key in ("features", "probs")
+    }
+
+
+def batch_check(
+    predictor: Predictor, evidence: Mapping[str, np.ndarray] | None, n_images: int
+) -> tuple[dict[str, Any] | None, dict[str, str] | None]:
+    """The batch shift test's verdict on a batch (``None`` below
+    :data:`~medtune.evaluation.shift.MIN_BATCH` images or without a test), and whether its
+    referrals are at a validated operating point
+    (:func:`medtune.evaluation.label_free.referral_validation`).
+
+    Parameters
+    ----------
+    predictor : Predictor
+    evidence : mapping or None
+        :func:`batch_evidence` of the batch (``features`` (N, d), ``probs`` (N, K)).
+    n_images : int
+        Images in the batch.
+
+    Returns
+    -------
+    verdict : dict or None
+    validation : dict or None
+    """
+    from medtune.evaluation.label_free import referral_validation
+    from medtune.evaluation.shift import MIN_BATCH
+
+    test = predictor.batch_shift
+    verdict = None
+    if test is not None and evidence is not None and n_images >= MIN_BATCH:
+        verdict = test.test_projected(evidence["features"], evidence["probs"])
+    validation = referral_validation(
+        predictor.operating_points,
+        verdict,
+        n_images=n_images,
+        testable=test is not None and evidence is not None,
+        min_batch=MIN_BATCH,
+    )
+    return verdict, validation
 
 
 def predict_images(
@@ -349,6 +442,7 @@ def predict_images(
     *,
     operating_point: str = DEFAULT_OPERATING_POINT,
     explain: bool = False,
+    evidence_out: dict[str, np.ndarray] | None = None,
 ) -> tuple[list[PredictionRow], list[bytes]]:
     """Screening rows for decoded images, in memory (the web page's entry point; :func:`predict`
     uses the same steps for files).
@@ -367,6 +461,10 @@ def predict_images(
     explain : bool, default False
         Also make each image's captioned Grad-CAM figure (Selvaraju et al. 2017, ``grad-cam``
         package; a run's PyTorch model only).
+    evidence_out : dict, optional
+        Receives what the batch shift test reads of these images (``features``: (N, d)
+        projected features, ``probs``: (N, K) plain probabilities) when the model has a test;
+        the page gathers them into its running batch (:func:`batch_check`).
 
     Returns
     -------
@@ -383,8 +481,12 @@ def predict_images(
     if explain and predictor.torch_model is None:
         raise MedtuneError("explain needs run (Grad-CAM needs the PyTorch model, not model.onnx)")
     batch = prepare_batch(names, images, predictor)
-    rows, _, labels = _predict_batch(batch, predictor, predictor.referral(operating_point))
+    rows, _, labels, evidence = _predict_batch(
+        batch, predictor, predictor.referral(operating_point)
+    )
     pngs = _gradcam_pngs(predictor, batch, rows, labels) if explain and rows else []
+    if evidence_out is not None and evidence is not None:
+        evidence_out.update(evidence)
     return rows, pngs
 
 
@@ -514,12 +616,14 @@ def predict(
 
     for batch in _prefetched(journal.pending(_batches(paths, progress)), load):
         new: list[PredictionRow] = []
+        evidence = None
         if batch.names:
-            new, probs, labels = _predict_batch(batch, predictor, rule)
+            new, _, labels, evidence = _predict_batch(batch, predictor, rule)
             if explain:
                 _write_gradcam(predictor, batch, new, labels, Path(explain), written)
-        journal.record(new, skipped)  # a killed run continues from here with --resume
+        journal.record(new, skipped, evidence)  # a killed run continues from here with --resume
     rows, skipped = journal.results()
+    rows = _judge_batch(predictor, rows, journal.evidence(), meta)
     grouped = screen_patients(rows, manifest=manifest, rule=patient_rule)
     if grouped is not None:
         meta["patients"] = grouped.meta()
@@ -535,6 +639,24 @@ def predict(
         write_text(json_path, to_json(rows, meta, _patient_sections(grouped)))
     journal.close()
     return [_as_dict(row) for row in rows]
+
+
+def _judge_batch(
+    predictor: Predictor, rows: list[Any], parts: list[Any], meta: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """Test every image of the call as one batch (:func:`batch_check`): the verdict goes to the
+    sidecar (``batch_shift``), the referrals are marked (``operating_point_validated``), and a
+    shifted batch is said in one line on the terminal (a logged warning)."""
+    verdict, validation = batch_check(predictor, batch_evidence(parts), len(rows))
+    if verdict is not None:
+        meta["batch_shift"] = verdict
+        if verdict["shifted"]:
+            log.warning("%s", verdict["message"])
+    if validation is not None:
+        meta["operating_point_validated"] = validation
+        if meta.get("referral") is not None:
+            meta["columns"].update(VALIDATION_COLUMNS)
+    return mark_referrals(rows, validation)
 
 
 def _journal(

@@ -97,6 +97,7 @@ class PredictJournal:
         self.path = path
         self.key = key
         self.done: dict[int, tuple[list[Any], list[tuple[str, str]]]] = {}
+        self.extra: dict[int, Any] = {}  # each batch's batch-shift evidence (or None)
         self._queue: list[tuple[int, list[Path]]] = []
 
     @classmethod
@@ -161,13 +162,15 @@ class PredictJournal:
             if entry is not None:
                 skipped = [(str(a), str(b)) for a, b in entry["skipped"]]
                 self.done[int(entry["batch"])] = (list(entry["rows"]), skipped)
+                self.extra[int(entry["batch"])] = entry.get("evidence")
 
     def _rewrite(self) -> None:
         assert self.path is not None
         lines = [{"format": JOURNAL_FORMAT, "fingerprint": self.key}]
         for index in sorted(self.done):
             rows, skipped = self.done[index]
-            lines.append({"batch": index, "rows": rows, "skipped": skipped})
+            entry = {"batch": index, "rows": rows, "skipped": skipped}
+            lines.append({**entry, "evidence": self.extra.get(index)})
         write_text(self.path, "".join(json.dumps(line) + "\n" for line in lines))
 
     def pending(self, batches: Iterable[list[Path]]) -> Iterator[list[Path]]:
@@ -177,16 +180,26 @@ class PredictJournal:
                 self._queue.append((index, chunk))
                 yield chunk
 
-    def record(self, rows: Sequence[Any], skipped: Sequence[tuple[str, str]]) -> None:
-        """Keep the next pending batch's rows (:class:`PredictionRow` or dicts) and the skipped
-        images among ``skipped`` (all skipped so far may be given)."""
+    def record(
+        self,
+        rows: Sequence[Any],
+        skipped: Sequence[tuple[str, str]],
+        evidence: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Keep the next pending batch's rows (:class:`PredictionRow` or dicts), the skipped
+        images among ``skipped`` (all skipped so far may be given) and what the batch shift
+        test reads of its images (``evidence``: arrays, kept as JSON lists in full precision so
+        a resumed call reaches the verdict of an uninterrupted one)."""
         index, chunk = self._queue.pop(0)
         names = {str(p) for p in chunk}
         mine = [(str(a), str(b)) for a, b in skipped if str(a) in names]
         self.done[index] = (list(rows), mine)
+        kept = None if evidence is None else {k: _as_list(v) for k, v in evidence.items()}
+        self.extra[index] = kept
         if self.path is not None:
             as_dicts = [r.as_dict() if hasattr(r, "as_dict") else dict(r) for r in rows]
-            self._write_line({"batch": index, "rows": as_dicts, "skipped": mine}, mode="a")
+            line = {"batch": index, "rows": as_dicts, "skipped": mine, "evidence": kept}
+            self._write_line(line, mode="a")
 
     def results(self) -> tuple[list[Any], list[tuple[str, str]]]:
         """Every batch's rows and skipped images, in batch order."""
@@ -196,6 +209,12 @@ class PredictJournal:
             rows += self.done[index][0]
             skipped += self.done[index][1]
         return rows, skipped
+
+    def evidence(self) -> list[Any]:
+        """Each batch's evidence (:meth:`record`), in batch order, ``None`` for a batch without
+        any (no test, no readable image, or a journal written before the test); batches whose
+        images were all skipped are left out."""
+        return [self.extra.get(i) for i in sorted(self.done) if self.done[i][0]]
 
     def close(self) -> None:
         """Delete the journal (the output is written)."""
@@ -215,6 +234,10 @@ class PredictJournal:
             if translated is None:
                 raise
             raise translated from None
+
+
+def _as_list(value: Any) -> Any:
+    return value.tolist() if hasattr(value, "tolist") else value
 
 
 def _parse(line: str) -> dict[str, Any] | None:

@@ -95,6 +95,9 @@ class Screening(Base):
     #: ``{"classes": [...], "grades": [...]}``: the model's class names and their display names
     labels: Mapped[dict[str, Any]] = mapped_column(JSON)
     site_shift: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: the running batch's verdict when this screening was made (``verdict``, ``validation``,
+    #: ``n_images``; :meth:`medtune.workflows.serve.screening.Screener.judge`), or ``None``
+    batch_shift: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
     eyes: Mapped[list[Eye]] = relationship(
         back_populates="screening", order_by="Eye.id", cascade="all, delete-orphan"
     )
@@ -147,6 +150,9 @@ class ImageRecord(Base):
     refer: Mapped[str | None] = mapped_column(String(16), default=None)
     site_shift: Mapped[float | None] = mapped_column(Float, default=None)
     outside_training: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: what the batch shift test reads of it: ``features`` (its projected features) and
+    #: ``probs`` (plain probabilities); ``None`` when the model has no batch shift test
+    batch_evidence: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
     screening: Mapped[Screening] = relationship(back_populates="images")
 
 

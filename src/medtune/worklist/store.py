@@ -47,6 +47,9 @@ class NewImage:
     kind : {"JPEG", "PNG", "TIFF", "DICOM"}
     row : dict
         The model's row (:meth:`medtune.evaluation.referral.PredictionRow.as_dict` fields).
+    evidence : dict or None
+        What the batch shift test reads of it (``features``, ``probs``: lists of floats), kept
+        for the running batch (:meth:`Worklist.recent_evidence`).
     """
 
     side: str
@@ -54,6 +57,7 @@ class NewImage:
     data: bytes
     kind: str
     row: dict[str, Any]
+    evidence: dict[str, Any] | None = None
 
 
 @dataclass
@@ -73,6 +77,7 @@ class NewScreening:
     grade_names: list[str]
     site_shift: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    batch_shift: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -137,6 +142,7 @@ class Worklist:
             model_version=new.model_version[:64],
             labels={"classes": list(new.class_names), "grades": list(new.grade_names)},
             site_shift=new.site_shift,
+            batch_shift=new.batch_shift,
         )
         record.eyes = [_eye(e) for e in new.eyes]
         record.images = [
@@ -185,6 +191,36 @@ class Worklist:
             s.add(_audit(username, action, target, detail))
 
     # ------------------------------------------------------------------ reading
+    def recent_evidence(self, model_id: str, model_version: str, limit: int) -> list[dict]:
+        """The batch-shift evidence of the ``limit`` photographs screened last with this model
+        (the running batch of the page: the same model id and version, newest first).
+
+        Parameters
+        ----------
+        model_id, model_version : str
+            The model (:func:`medtune.workflows.serve.card.identity`).
+        limit : int
+            Photographs at most.
+
+        Returns
+        -------
+        list of dict
+            ``{"features": [...], "probs": [...]}`` per photograph, newest first.
+        """
+        query = (
+            select(ImageRecord.batch_evidence)
+            .join(Screening, ImageRecord.screening_id == Screening.id)
+            .where(
+                Screening.model_id == model_id[:64],
+                Screening.model_version == model_version[:64],
+                ImageRecord.batch_evidence.is_not(None),
+            )
+            .order_by(Screening.created_at.desc(), ImageRecord.position.desc())
+            .limit(max(0, int(limit)))
+        )
+        with self.db.session() as s:
+            return [e for e in s.scalars(query) if e]
+
     def get(self, screening_id: str) -> dict[str, Any]:
         """One screening with its eyes (and their reviews) and images, JSON-ready.
 
@@ -325,6 +361,7 @@ EXPORT_COLUMNS = (
     "model_id",
     "model_version",
     "site_shift",
+    "operating_point_validated",
 )
 
 
@@ -364,6 +401,7 @@ def _export_values(screening: Screening, eye: Eye, review: Review | None) -> lis
         screening.model_id,
         screening.model_version,
         "yes" if screening.site_shift else "no",
+        ((screening.batch_shift or {}).get("validation") or {}).get("validated", ""),
     ]
 
 
@@ -416,6 +454,7 @@ def _image(position: int, image: NewImage, sha: str, stored: bool) -> ImageRecor
         refer=row.get("refer"),
         site_shift=row.get("site_shift"),
         outside_training=row.get("outside_training") == "yes",
+        batch_evidence=image.evidence,
     )
 
 
@@ -448,12 +487,14 @@ def screening_json(s: Screening, *, full: bool) -> dict[str, Any]:
         "threshold": s.threshold,
         "model": {"id": s.model_id, "version": s.model_version},
         "site_shift": s.site_shift,
+        "batch_shift": s.batch_shift,
         "grades": list(_grade_names(s)),
         "eyes": [_eye_json(e, full) for e in s.eyes],
         "n_images": len(s.images),
     }
     if full:
-        out["images"] = [_image_json(i) for i in s.images]
+        validation = (s.batch_shift or {}).get("validation")
+        out["images"] = [_image_json(i, validation) for i in s.images]
     return out
 
 
@@ -482,7 +523,10 @@ def _review_json(r: Review) -> dict[str, Any]:
     }
 
 
-def _image_json(i: ImageRecord) -> dict[str, Any]:
+def _image_json(i: ImageRecord, validation: dict[str, str] | None) -> dict[str, Any]:
+    """A stored photograph; a yes/no referral carries its batch's validation (the
+    ``operating_point_validated`` / ``operating_point_status`` columns of its row)."""
+    marked = validation is not None and i.refer in ("yes", "no")
     return {
         "position": i.position,
         "side": i.side,
@@ -498,4 +542,6 @@ def _image_json(i: ImageRecord) -> dict[str, Any]:
         "refer": i.refer,
         "site_shift": i.site_shift,
         "outside_training": i.outside_training,
+        "operating_point_validated": validation["validated"] if marked else "",  # type: ignore[index]
+        "operating_point_status": validation["status"] if marked else "",  # type: ignore[index]
     }

@@ -24,6 +24,7 @@ from medtune.workflows.serve import page
 from medtune.workflows.serve.auth import check_origin, require_admin, require_user
 from medtune.workflows.serve.screening import (
     ACCEPTED_TYPES,
+    RUNNING_BATCH,
     ScreeningResult,
     UploadLimits,
     UploadRefused,
@@ -166,7 +167,13 @@ async def _screen(request: Request, who: Identity) -> tuple[ScreeningResult, dic
 
 
 def _screen_and_store(state: Any, form: dict[str, Any], who: Identity) -> tuple:
-    result = state.screener.screen(form["files"], explain=form["explain"])
+    screener = state.screener
+    result = screener.screen(form["files"], explain=form["explain"])
+    if result.evidence is not None:  # the running batch: this model's last photographs
+        history = state.worklist.recent_evidence(
+            screener.model_id, screener.model_version, RUNNING_BATCH
+        )
+        screener.judge(result, history)
     new, summary = patient_screening(
         state.screener, result, form["files"], form["patient"], form["eyes"]
     )

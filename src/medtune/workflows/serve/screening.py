@@ -37,8 +37,15 @@ from medtune.evaluation.patients import (
     aggregate_patient,
 )
 from medtune.evaluation.quality import working_side
-from medtune.evaluation.referral import DEFAULT_OPERATING_POINT
-from medtune.workflows.predict import load_predictor, predict_images, prediction_meta, to_csv
+from medtune.evaluation.referral import DEFAULT_OPERATING_POINT, VALIDATION_COLUMNS, mark_referrals
+from medtune.workflows.predict import (
+    batch_check,
+    batch_evidence,
+    load_predictor,
+    predict_images,
+    prediction_meta,
+    to_csv,
+)
 from medtune.workflows.serve import card as model_card
 from medtune.worklist.store import NewImage, NewScreening
 
@@ -46,6 +53,11 @@ log = logging.getLogger("medtune.serve")
 
 #: Content types accepted, by their magic bytes (Pillow/pydicom decode them afterwards).
 ACCEPTED_TYPES = ("JPEG", "PNG", "TIFF", "DICOM")
+#: Photographs in the page's running batch: the last ones screened with the model, this
+#: request's included, tested as one batch (:meth:`Screener.judge`). 100 is the batch size at
+#: which the batch shift test was measured to detect every held-out development site
+#: (``docs/generalisation.md``); a smaller window reacts sooner but sees only gross shifts.
+RUNNING_BATCH = 100
 
 
 @dataclass(frozen=True)
@@ -144,6 +156,13 @@ class ScreeningResult:
         For each row, the index of its upload in the request.
     kinds : list of str
         For each row, its sniffed type (:data:`ACCEPTED_TYPES`).
+    evidence : list of dict or None
+        For each row, what the batch shift test reads of it (``features``, ``probs`` as lists);
+        ``None`` when the model has no batch shift test.
+    batch : dict or None
+        The running batch's verdict after this request (:meth:`Screener.judge`): ``n_images``,
+        ``verdict`` (the batch shift test's, ``None`` below its minimum) and ``validation``
+        (whether the referrals are at a validated operating point); ``None`` before judging.
     """
 
     rows: list[dict[str, Any]]
@@ -153,6 +172,8 @@ class ScreeningResult:
     seconds: float = 0.0
     uploads: list[int] = field(default_factory=list)
     kinds: list[str] = field(default_factory=list)
+    evidence: list[dict[str, Any]] | None = None
+    batch: dict[str, Any] | None = None
 
     @property
     def csv(self) -> str:
@@ -173,6 +194,7 @@ class ScreeningResult:
                 for i, png in self.gradcam.items()
             },
             "seconds": round(self.seconds, 4),
+            "batch": self.batch,
         }
 
 
@@ -276,6 +298,7 @@ class Screener:
         started = time.perf_counter()
         explain = explain and self.can_explain
         uploads = [i for i, _, _ in decoded]
+        evidence: dict[str, Any] = {}
         with self._lock or contextlib.nullcontext():
             rows, pngs = predict_images(
                 [names[i] for i in uploads],
@@ -283,6 +306,7 @@ class Screener:
                 self.predictor,
                 operating_point=self.operating_point,
                 explain=explain,
+                evidence_out=evidence,
             )
         seconds = time.perf_counter() - started
         meta = prediction_meta(self.predictor, self.operating_point)
@@ -296,7 +320,36 @@ class Screener:
             seconds,
             uploads,
             [kind for _, _, kind in decoded],
+            _per_row(evidence),
         )
+
+    def judge(self, result: ScreeningResult, history: Sequence[dict[str, Any]]) -> None:
+        """Test the running batch (``result``'s photographs and the ``history`` before them)
+        and mark ``result``'s referrals: sets ``result.batch``, and every yes/no referral row
+        gets ``operating_point_validated`` / ``operating_point_status``
+        (:func:`medtune.evaluation.referral.mark_referrals`); the referrals themselves stay.
+
+        Parameters
+        ----------
+        result : ScreeningResult
+            From :meth:`screen`.
+        history : sequence of dict
+            The evidence of the photographs screened before with this model, newest first
+            (:meth:`medtune.worklist.store.Worklist.recent_evidence`); at most
+            ``RUNNING_BATCH - len(result.rows)`` of them are used.
+        """
+        if result.evidence is None:
+            return
+        older = list(history)[: max(0, RUNNING_BATCH - len(result.evidence))]
+        window = [*result.evidence, *older]
+        verdict, validation = batch_check(self.predictor, batch_evidence(window), len(window))
+        result.batch = {"n_images": len(window), "verdict": verdict, "validation": validation}
+        result.rows = mark_referrals(result.rows, validation)
+        result.meta["batch_shift"] = result.batch
+        if validation is not None and result.meta.get("referral") is not None:
+            result.meta["columns"].update(VALIDATION_COLUMNS)
+        if verdict is not None and verdict["shifted"]:
+            log.warning("running batch: %s", verdict["message"])
 
     def _decode_all(self, names: list[str], contents: list[bytes]) -> tuple[list, list]:
         """``[(upload index, PIL image, type)]`` of the readable uploads and the skipped list."""
@@ -328,6 +381,16 @@ class Screener:
 
 
 _SUFFIX = {"JPEG": ".jpg", "PNG": ".png", "TIFF": ".tif", "DICOM": ".dcm"}
+
+
+def _per_row(evidence: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """``{"features": (N, d), "probs": (N, K)}`` as one JSON-ready dict per row."""
+    if not evidence:
+        return None
+    return [
+        {"features": f.tolist(), "probs": p.tolist()}
+        for f, p in zip(evidence["features"], evidence["probs"], strict=True)
+    ]
 
 
 def _skip(name: str, reason: str) -> dict[str, str]:
@@ -416,9 +479,12 @@ def patient_screening(
     chosen = [chosen_sides[i] if i < len(chosen_sides) else None for i in result.uploads]
     sides = resolve_sides(names, chosen)
     referral, quality, eyes = patient_answer(sides, result.rows)
+    evidence = result.evidence or [None] * len(result.rows)
     images = [
-        NewImage(side, row["image"], files[i][1], kind, row)
-        for side, row, i, kind in zip(sides, result.rows, result.uploads, result.kinds, strict=True)
+        NewImage(side, row["image"], files[i][1], kind, row, e)
+        for side, row, i, kind, e in zip(
+            sides, result.rows, result.uploads, result.kinds, evidence, strict=True
+        )
     ]
     p = screener.predictor
     new = NewScreening(
@@ -434,6 +500,7 @@ def patient_screening(
         class_names=[str(c) for c in p.class_names],
         grade_names=list(p.grade_names),
         site_shift=any(r.get("outside_training") == "yes" for r in result.rows),
+        batch_shift=result.batch,
     )
     summary = {"patient": patient, "referral": referral, "quality": quality, "eyes": eyes,
                "sides": sides}  # fmt: skip
