@@ -66,3 +66,16 @@ def test_save_load_round_trip_and_clear_errors(tmp_path):
     (tmp_path / "bad.npz").write_bytes(b"no")
     with pytest.raises(MedtuneError, match="not a readable batch-shift file"):
         BatchShiftTest.load(tmp_path / "bad.npz")
+
+
+def test_a_small_validation_set_keeps_the_false_alarm_rate():
+    """Components fitted on the reference itself narrow its minor components: 40 validation
+    images with 32 components flagged a third of same-site batches; one per 12 images does not."""
+    rng = np.random.default_rng(5)
+    alarms = []
+    for _ in range(60):
+        test = BatchShiftTest.fit(*_site(40, rng))
+        assert test.pca_components.shape[0] == 40 // 12
+        alarms.append(test.test(*_site(25, rng))["shifted"])
+    assert np.mean(alarms) <= 0.12
+    assert BatchShiftTest.fit(*_site(400, rng)).pca_components.shape[0] == 32

@@ -95,3 +95,19 @@ def test_label_free_points_are_scored_by_evaluate_and_others_are_not():
     plain = OperatingPoints.from_dict({**ops, "label_free": None})
     assert score_label_free_points(y, p, plain) is None
     assert score_label_free_points(y, p, OperatingPoints.from_dict(ops), tta="rot90") is None
+
+
+def test_label_free_threshold_sits_in_the_gap_below_tied_and_saturated_scores():
+    """The gap rule of every validated point (metrics.gap_threshold): a new image scoring a
+    hair under a saturated score is referred too, and tied scores are referred together."""
+    saturated = np.array([1.0, 1.0, 1.0, 0.6, 0.2, 0.1])
+    thr = label_free_threshold(saturated, sensitivity=1.0, specificity=1.0, prevalence=0.5)
+    assert thr == pytest.approx(0.8)  # 3 referred: between 1.0 and the next score, 0.6
+    assert thr <= 1.0 - 1e-14  # was exactly 1.0: this image went unreferred
+    tied = np.array([0.9, 0.7, 0.7, 0.7, 0.3, 0.3])
+    thr = label_free_threshold(tied, sensitivity=0.5, specificity=1.0, prevalence=0.5)
+    assert (tied >= thr).sum() == 4 and thr == pytest.approx(0.5)  # all tied 0.7s, not one
+    everyone = label_free_threshold(tied, sensitivity=1.0, specificity=0.0, prevalence=0.5)
+    assert everyone == 0.3 and (tied >= everyone).all()  # the lowest score: no gap below it
+    same = np.full(5, 0.42)
+    assert label_free_threshold(same, sensitivity=0.9, specificity=0.9, prevalence=0.2) == 0.42

@@ -91,7 +91,11 @@ def test_resume_predicts_only_the_unfinished_batches_and_writes_the_full_rows(
     assert [r["image"] for r in rows] == sorted(str(p) for p in photos.glob("*.png"))
     assert not journal.exists()
     meta = json.loads(out.with_suffix(".meta.json").read_text())
-    assert meta["model"] == json.loads(full.with_suffix(".meta.json").read_text())["model"]
+    full_meta = json.loads(full.with_suffix(".meta.json").read_text())
+    assert meta["model"] == full_meta["model"]
+    # the batch verdict of all 40 images, two fifths of them read back from the journal
+    assert meta["batch_shift"]["n_images"] == N_IMAGES
+    assert meta["batch_shift"] == full_meta["batch_shift"]
 
 
 def test_a_journal_for_other_images_is_refused_in_one_line(run, photos, tmp_path, monkeypatch):

@@ -446,3 +446,52 @@ def test_access_log_lines_carry_no_query_string() -> None:
     )  # fmt: skip
     assert drop_query(record) is True
     assert "P-0173" not in record.getMessage() and "/api/screenings" in record.getMessage()
+
+
+def test_a_worklist_of_the_first_schema_is_upgraded_and_keeps_its_screenings(
+    tmp_path: Path,
+) -> None:
+    """Migration 0002 adds the running batch's columns; screenings made before it read as
+    untested and never enter a running batch."""
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import create_engine
+
+    from medtune.worklist.db import MIGRATIONS
+    from medtune.worklist.store import NewImage, NewScreening, Worklist
+
+    url = f"sqlite:///{tmp_path / 'old.sqlite'}"
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    engine = create_engine(url)
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0001")
+        connection.execute(text(
+            "INSERT INTO screenings VALUES ('s1', '2026-12-01 10:00:00', 'ann', 'P', 'refer', "
+            "'gradable', 'sens90', 0.3, 'm', 'v', '{\"classes\": [\"0\", \"1\"], \"grades\": "
+            "[\"0\", \"1\"]}', 0)"
+        ))  # fmt: skip
+    engine.dispose()
+    db = open_database(url)
+    try:
+        with db.engine.connect() as conn:
+            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0002"
+        worklist = Worklist(db)
+        assert worklist.get("s1")["batch_shift"] is None
+        row = {"image": "a.jpg", "quality": "gradable", "grade": 1, "grade_name": "1",
+               "p_0": 0.2, "p_1": 0.8, "p_referable": 0.8, "refer": "yes"}  # fmt: skip
+        evidence = {"features": [0.5, -1.0], "probs": [0.2, 0.8]}
+        eye = {"side": "left", "quality": "gradable", "grade": 1, "grade_name": "1", "refer": "yes"}
+        batch = {"n_images": 1, "verdict": None,
+                 "validation": {"validated": "unknown", "status": "not tested"}}  # fmt: skip
+        new = NewScreening("P", [NewImage("left", "a.jpg", b"x", "JPEG", row, evidence)], [eye],
+                           "refer", "gradable", "sens90", 0.3, "m", "v", ["0", "1"], ["0", "1"],
+                           batch_shift=batch)  # fmt: skip
+        sid = worklist.add_screening(new, ADMIN)
+        assert worklist.recent_evidence("m", "v", 100) == [evidence]
+        assert worklist.recent_evidence("m", "other version", 100) == []
+        image = worklist.get(sid)["images"][0]
+        assert image["operating_point_validated"] == "unknown"
+    finally:
+        db.close()

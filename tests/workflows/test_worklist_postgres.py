@@ -106,7 +106,7 @@ def test_worklist_on_postgresql_migrates_stores_reviews_and_stays_append_only(
     try:
         with again.engine.connect() as conn:
             assert conn.execute(text("SELECT count(*) FROM images")).scalar() == 4
-            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0001"
+            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0002"
         for statement in ("DELETE FROM audit_log", "UPDATE reviews SET grade = 0"):
             with pytest.raises(Exception, match="append-only"), again.engine.begin() as conn:
                 conn.execute(text(statement))

@@ -96,6 +96,7 @@ HTML = """<!doctype html>
     <button type="button" id="f-apply">Show</button>
     <a id="export-csv" class="button" href="/api/screenings.csv">Export CSV</a>
   </div>
+  <div class="warn" id="worklist-batch" data-role="worklist-batch-shift" hidden></div>
   <div class="scroll"><table id="worklist-table"></table></div>
 </section>
 <section class="view panel" id="admin-view" hidden>
@@ -481,6 +482,30 @@ function renderPatient(s) {
   box.append(el("p", "hint", rule));
   box.append(el("p", "hint", "Screened " + s.time + " by " + s.user + " with model " + s.model.id +
     " (" + s.model.version + ")" + (s.site_shift ? "; site-shift warning on a photograph" : "")));
+  const batch = batchNote(s.batch_shift);
+  if (batch) box.append(batch);
+}
+// The running batch (the last photographs screened with this model) against the validation
+// images: a banner when it differs from every validation site, a quiet line otherwise.
+function batchNote(b) {
+  const v = b && b.validation;
+  if (!v) return null;
+  const shifted = v.validated === "no";
+  const text = shifted
+    ? "Operating point not validated here: the referrals below still follow the threshold, " +
+      "but its validated sensitivity may not hold for these photographs. " + v.status +
+      " (running batch of the last " + b.n_images + " photographs)."
+    : "Running batch of the last " + b.n_images + " photographs: " + v.status + ".";
+  const box = el(shifted ? "div" : "p", shifted ? "warn" : "hint", text);
+  box.dataset.role = "batch-shift";
+  box.dataset.validated = v.validated;
+  return box;
+}
+function notValidatedMark(status) {
+  const m = el("div", "warn", "Operating point not validated here");
+  m.dataset.role = "op-not-validated";
+  m.title = status || "";
+  return m;
 }
 function eyeSummary(s, eye) {
   const box = el("article", "eye-summary");
@@ -507,6 +532,8 @@ function eyeSummary(s, eye) {
     d.dataset.role = "eye-refer";
     d.dataset.refer = eye.refer;
     box.append(d);
+    const v = s.batch_shift && s.batch_shift.validation;
+    if (v && v.validated === "no" && (eye.refer === "yes" || eye.refer === "no")) box.append(notValidatedMark(v.status));
   }
   box.append(reviewBox(s, eye));
   return box;
@@ -588,6 +615,7 @@ function photoCard(img, index, fresh) {
     d.dataset.role = "decision";
     d.dataset.refer = img.refer;
     box.append(d);
+    if (img.operating_point_validated === "no") box.append(notValidatedMark(img.operating_point_status));
   }
   if (img.outside_training) {
     const w = el("div", "warn", "Site-shift warning: this photograph lies outside the training " +
@@ -651,8 +679,15 @@ async function loadWorklist() {
   table.textContent = "";
   if (!r.ok) return;
   const head = el("tr");
-  for (const c of ["time (UTC)", "patient", "referral", "quality", "eyes", "reviewed", "user", ""]) head.append(el("th", null, c));
+  for (const c of ["time (UTC)", "patient", "referral", "quality", "eyes", "reviewed", "user", "operating point", ""]) head.append(el("th", null, c));
   table.append(head);
+  const newest = r.data.screenings[0];
+  const banner = $("#worklist-batch");
+  const nv = newest && newest.batch_shift && newest.batch_shift.validation;
+  banner.hidden = !(nv && nv.validated === "no");
+  banner.textContent = banner.hidden ? "" : "The latest running batch differs from every " +
+    "validation site: referrals are marked “operating point not validated here” " +
+    "until the model is calibrated at this site (medtune adapt). " + nv.status;
   for (const s of r.data.screenings) {
     const tr = el("tr", "open");
     tr.dataset.id = s.id;
@@ -668,9 +703,19 @@ async function loadWorklist() {
     const cell = el("td"); cell.append(open);
     tr.append(el("td", null, s.time), el("td", null, s.patient),
       el("td", null, REFERRAL_SHORT[s.referral] || s.referral),
-      el("td", null, s.quality), el("td", null, eyes), el("td", null, reviewed), el("td", null, s.user), cell);
+      el("td", null, s.quality), el("td", null, eyes), el("td", null, reviewed), el("td", null, s.user),
+      opCell(s), cell);
     table.append(tr);
   }
+}
+
+function opCell(s) {
+  const v = s.batch_shift && s.batch_shift.validation;
+  const cell = el("td", v && v.validated === "no" ? "warn" : null,
+    !v ? "" : v.validated === "no" ? "not validated here" : v.validated === "yes" ? "validated" : "not tested");
+  cell.dataset.role = "worklist-op";
+  if (v) cell.title = v.status;
+  return cell;
 }
 
 // ------------------------------------------------------------------ admin
