@@ -590,7 +590,11 @@ def predict(
         and, for DR grading and binary models, ``p_referable`` (sum of the probabilities of
         grades >= 2, or of the positive class) and ``refer`` (``yes``/``no`` at the operating
         point, ``ungradable`` for ungradable images, empty when the model has no validated
-        thresholds).
+        thresholds), then ``operating_point_validated`` (``yes``/``no``/``unknown``) and
+        ``operating_point_status`` for each yes/no referral: every image of the call is tested
+        as one batch against the validation images when there are at least 20 and the model
+        has a batch shift test (:func:`batch_check`); the verdict goes to the sidecar
+        (``batch_shift``) and a shifted batch is logged as a warning (one line on the terminal).
 
     Raises
     ------
