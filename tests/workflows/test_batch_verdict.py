@@ -23,6 +23,7 @@ from medtune.workflows.predict import predict
 
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
+from test_serve import CHROMIUM, LiveServer, launch_chromium  # noqa: E402
 
 from medtune.workflows.serve import create_app  # noqa: E402
 
@@ -162,3 +163,39 @@ def test_the_page_keeps_a_running_batch_and_flags_it_once_shifted(
     assert listed[1]["batch_shift"]["validation"]["validated"] == "unknown"
     lines = list(csv.DictReader(exported.splitlines()))
     assert {line["operating_point_validated"] for line in lines} == {"unknown", "no"}
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run does)")
+def test_the_page_shows_the_banner_beside_each_referral_and_in_the_worklist(
+    dr_run: Path, tmp_path: Path
+) -> None:
+    sync_api = pytest.importorskip(
+        "playwright.sync_api", reason="playwright is not installed (.ci/run installs it)"
+    )
+    folder = _new_site(tmp_path / "new-site", n_per_grade=5)
+    photos = sorted(folder.iterdir())[: MIN_BATCH + 1]
+    with LiveServer(create_app(run=dr_run)) as server, sync_api.sync_playwright() as pw:
+        browser = launch_chromium(pw)
+        page = browser.new_page()
+        page.goto(server.url)
+        page.wait_for_selector("#card-body table")
+        page.set_input_files("#files", [str(p) for p in photos])
+        page.click("#screen")
+        page.wait_for_selector("#batch:not([hidden])", timeout=60_000)
+        banner = page.locator("#patient-result [data-role=batch-shift]")
+        assert banner.get_attribute("data-validated") == "no"
+        assert "Operating point not validated here" in banner.inner_text()
+        cards = page.locator("article.photo")
+        assert cards.count() == len(photos)
+        for i in range(cards.count()):  # every referral, yes or no, carries the mark
+            card = cards.nth(i)
+            assert card.locator("[data-role=decision]").get_attribute("data-refer") in ("yes", "no")
+            assert card.locator("[data-role=op-not-validated]").count() == 1
+        header = page.locator("#table tr th").all_inner_texts()
+        assert header[header.index("refer") + 1] == "operating_point_validated"
+        page.screenshot(path=str(tmp_path / "result.png"), full_page=True)
+        page.click("#tab-worklist")
+        page.wait_for_selector("#worklist-batch:not([hidden])")
+        assert page.inner_text("[data-role=worklist-op]") == "not validated here"
+        page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+        browser.close()

@@ -492,15 +492,16 @@ function batchNote(b) {
   if (!v) return null;
   const shifted = v.validated === "no";
   const text = shifted
-    ? "Operating point not validated here: the referrals below still follow the threshold, " +
-      "but its validated sensitivity may not hold for these photographs. " + v.status +
-      " (running batch of the last " + b.n_images + " photographs)."
+    ? capital(v.status) + ". The referrals below still follow the threshold, but its " +
+      "validated sensitivity may not hold for these photographs (the running batch: the last " +
+      b.n_images + " photographs screened with this model)."
     : "Running batch of the last " + b.n_images + " photographs: " + v.status + ".";
   const box = el(shifted ? "div" : "p", shifted ? "warn" : "hint", text);
   box.dataset.role = "batch-shift";
   box.dataset.validated = v.validated;
   return box;
 }
+function capital(text) { return text ? text.charAt(0).toUpperCase() + text.slice(1) : ""; }
 function notValidatedMark(status) {
   const m = el("div", "warn", "Operating point not validated here");
   m.dataset.role = "op-not-validated";
@@ -686,8 +687,8 @@ async function loadWorklist() {
   const nv = newest && newest.batch_shift && newest.batch_shift.validation;
   banner.hidden = !(nv && nv.validated === "no");
   banner.textContent = banner.hidden ? "" : "The latest running batch differs from every " +
-    "validation site: referrals are marked “operating point not validated here” " +
-    "until the model is calibrated at this site (medtune adapt). " + nv.status;
+    "validation site: referrals are marked \u201coperating point not validated here\u201d " +
+    "until the model is calibrated at this site (medtune adapt --labels). " + capital(nv.status) + ".";
   for (const s of r.data.screenings) {
     const tr = el("tr", "open");
     tr.dataset.id = s.id;
