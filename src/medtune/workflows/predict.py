@@ -24,7 +24,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
@@ -52,6 +52,9 @@ from medtune.evaluation.scoring import Scorer, score
 from medtune.io import write_json, write_text
 from medtune.runs import RunFolder
 from medtune.workflows.predict_journal import PredictJournal, fingerprint
+
+if TYPE_CHECKING:
+    from medtune.evaluation.shift import BatchShiftTest
 
 log = logging.getLogger("medtune")
 
@@ -119,7 +122,7 @@ class Predictor:
     tta: str = "none"
     operating_points: OperatingPoints | None = None
     quality_model: Predictor | None = field(default=None, repr=False)
-    batch_shift: Any = field(default=None, repr=False)
+    batch_shift: BatchShiftTest | None = field(default=None, repr=False)
 
     # views of the card (the web page shows them)
     @property
@@ -251,11 +254,11 @@ def _run_predictor(run: Path, tta: str) -> Predictor:
     folder = RunFolder(run)
     scorer = folder.load_scorer(batch_size=BATCH)
     points = scorer.card.operating_points or _points_from_val_logits(folder, scorer.card)
-    return Predictor(str(run), scorer, tta, _with_site_status(folder, points), None,
-                     folder.read_batch_shift())  # fmt: skip
+    points = _with_site_status(folder, points)
+    return Predictor(str(run), scorer, tta, points, batch_shift=folder.read_batch_shift())
 
 
-def _with_site_status(folder: RunFolder, points: OperatingPoints | None) -> Any:
+def _with_site_status(folder: RunFolder, points: OperatingPoints | None) -> OperatingPoints | None:
     """Points chosen again from the labelled sample of ``medtune adapt --labels`` (the card
     keeps none) carry the status ``adaptation.json`` recorded: calibrated at that site."""
     record = folder.read_adaptation()
@@ -265,7 +268,7 @@ def _with_site_status(folder: RunFolder, points: OperatingPoints | None) -> Any:
     return replace(points, validated=bool(status["validated"]), status=str(status["status"]))
 
 
-def _export_batch_shift(onnx: Any) -> Any:
+def _export_batch_shift(onnx: Any) -> BatchShiftTest | None:
     """The batch shift test an ONNX export carries beside ``model.onnx`` (named in its card's
     ``export`` block, :func:`medtune.deploy.exporter.export_model`), else ``None``."""
     export = onnx.card.export
