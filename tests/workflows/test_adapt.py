@@ -18,7 +18,7 @@ from medtune.runs import RunFolder
 from medtune.transfer.adabn import adaptable_norms
 from medtune.workflows.adapt import adapt
 from medtune.workflows.evaluate import evaluate
-from medtune.workflows.predict import predict
+from medtune.workflows.predict import batch_check, load_predictor, predict
 from medtune.workflows.train import train
 
 FREEZE = 4  # test_efficientnet: 7 stages, 7 BatchNorm layers adapted, 6 kept
@@ -126,6 +126,11 @@ def test_thresholds_move_only_with_labels_and_evaluate_uses_the_moved_ones(
     evaluated = evaluate(out, gradcam=False, n_boot=0, progress=False)
     chosen = evaluated.metrics["operating_points"]["sens90"]["threshold"]
     assert chosen == pytest.approx(sens90["to"])
+    # predict's referrals with this run are at points calibrated on the site's labels
+    predictor = load_predictor(run=out)
+    assert predictor.batch_shift is None  # not carried over: AdaBN changed the features
+    validation = batch_check(predictor, None, 30)[1]
+    assert validation == {"validated": "yes", "status": "moved on 24 labelled images of this site"}
 
 
 def test_adapt_refuses_probe_runs_an_existing_out_and_too_few_positives(source_run: Path, tmp_path):
@@ -186,6 +191,7 @@ def test_label_free_recalibration_suggestions_and_the_batch_verdict(source_run: 
     assert moved.threshold != pytest.approx(moved.validated_threshold, abs=1e-9)
     rows = predict([str(site_b)], run=out)
     assert len(rows) == 24  # predict reads the moved points
+    assert batch_check(load_predictor(run=out), None, 30)[1]["validated"] == "no"  # marked
     labelled = _site_b(tmp_path / "b-labelled", seed=5)
     scored = evaluate(out, str(labelled), gradcam=False, n_boot=0, progress=False)
     assert scored.metrics["label_free_operating_points"]["sens90"]["threshold"] == pytest.approx(

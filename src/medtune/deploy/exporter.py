@@ -244,7 +244,8 @@ class LogitsAndFeatures(nn.Module):
 def _check_features(
     graph: nn.Module, path: Path, card: ModelCard, images: np.ndarray, x: np.ndarray
 ) -> None:
-    """The exported ``features`` output must match PyTorch's (what the site shift scores)."""
+    """The exported ``features`` output must match PyTorch's (what the site-shift score and the
+    batch shift test read)."""
     with torch.no_grad():
         ref = torch.cat(
             [
@@ -257,7 +258,8 @@ def _check_features(
     if not gap <= 1e-3 * max(1.0, float(np.abs(ref).max())):
         raise MedtuneError(
             f"{path.name}: exported features differ from PyTorch's by {gap:.3g}; nothing was "
-            "written; export without the site-shift model or retry another exporter"
+            "written; export without the site-shift model and batch shift test (remove "
+            "site_shift.npz and batch_shift.npz from a copy of the run) or retry another exporter"
         )
 
 
