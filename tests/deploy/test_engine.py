@@ -94,3 +94,28 @@ def test_predict_with_a_run_does_not_import_torch(dr_run: Path, tmp_path: Path) 
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("side", [32, 33])
+def test_static_padding_keeps_the_outputs_of_dynamic_same_padding(side: int) -> None:
+    """TensorFlow-style 'same' padding (timm's Conv2dSame, asymmetric at odd sides) made static
+    for the model's input size gives the same outputs, and no dynamic layer is left."""
+    import torch
+    from timm.layers.conv2d_same import Conv2dSame
+    from torch import nn
+
+    from medtune.deploy.exporter import static_same_padding
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        Conv2dSame(3, 8, 3, stride=2),
+        nn.ReLU(),
+        Conv2dSame(8, 8, 5, stride=2, groups=8, bias=False),
+        nn.Conv2d(8, 4, 1),
+    ).eval()
+    static = static_same_padding(model, side)
+    assert not any(isinstance(m, Conv2dSame) for m in static.modules())
+    assert any(isinstance(m, Conv2dSame) for m in model.modules())  # the original is untouched
+    x = torch.rand(2, 3, side, side)
+    with torch.no_grad():
+        torch.testing.assert_close(static(x), model(x), rtol=0, atol=1e-6)

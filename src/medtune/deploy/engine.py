@@ -99,11 +99,12 @@ def engine_graph(
         _export_onnx,
         _parity,
         _torch_logits,
+        static_same_padding,
     )
 
     images = _parity_images(card.input_spec.image_size, parity_images)
     with _cpu_eval_copy(model) as net, tempfile.TemporaryDirectory() as tmp:
-        graph = LogitsAndFeatures(net).eval()
+        graph = LogitsAndFeatures(static_same_padding(net, card.input_spec.image_size)).eval()
         path = Path(tmp) / "model.onnx"
         # the torch exporters write files only; a private temporary folder, removed at once
         spec = card.input_spec
