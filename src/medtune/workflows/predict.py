@@ -650,7 +650,7 @@ def predict(
                 _write_gradcam(predictor, batch, new, labels, Path(explain), written)
         journal.record(new, skipped, evidence)  # a killed run continues from here with --resume
     rows, skipped = journal.results()
-    rows = _judge_batch(predictor, rows, journal.evidence(), meta)
+    rows = judge_batch(predictor, rows, journal.evidence(), meta)[0]
     grouped = screen_patients(rows, manifest=manifest, rule=patient_rule)
     if grouped is not None:
         meta["patients"] = grouped.meta()
@@ -668,13 +668,37 @@ def predict(
     return [_as_dict(row) for row in rows]
 
 
-def _judge_batch(
-    predictor: Predictor, rows: list[Any], parts: list[Any], meta: dict[str, Any]
-) -> list[dict[str, Any]]:
-    """Test every image of the call as one batch (:func:`batch_check`): the verdict goes to the
-    sidecar (``batch_shift``), the referrals are marked (``operating_point_validated``), and a
-    shifted batch is said in one line on the terminal (a logged warning)."""
-    verdict, validation = batch_check(predictor, batch_evidence(parts), len(rows))
+def judge_batch(
+    predictor: Predictor,
+    rows: Sequence[PredictionRow | Mapping[str, Any]],
+    parts: Sequence[Mapping[str, Any] | None],
+    meta: dict[str, Any],
+) -> tuple[list[dict[str, Any]], dict[str, Any] | None, dict[str, str] | None]:
+    """Test a batch as one (:func:`batch_check` on the stacked ``parts``) and mark ``rows``:
+    the verdict goes to ``meta`` (``batch_shift``, as the sidecar carries it), so does whether
+    the referrals are at a validated point (``operating_point_validated``, with the columns
+    explained), and a shifted batch is said in one line (a logged warning: the terminal).
+
+    Parameters
+    ----------
+    predictor : Predictor
+    rows : sequence of PredictionRow or dict
+        The rows to mark (all of the batch's, or, on the page, the latest request's).
+    parts : sequence of dict or None
+        The evidence of every image of the batch (:func:`batch_evidence`'s parts).
+    meta : dict
+        :func:`prediction_meta`'s sidecar, updated in place.
+
+    Returns
+    -------
+    rows : list of dict
+        Marked (:func:`~medtune.evaluation.referral.mark_referrals`).
+    verdict, validation : dict or None
+        As :func:`batch_check`.
+    """
+    evidence = batch_evidence(parts)
+    n_images = 0 if evidence is None else len(evidence["probs"])
+    verdict, validation = batch_check(predictor, evidence, n_images or len(rows))
     if verdict is not None:
         meta["batch_shift"] = verdict
         if verdict["shifted"]:
@@ -683,7 +707,7 @@ def _judge_batch(
         meta["operating_point_validated"] = validation
         if meta.get("referral") is not None:
             meta["columns"].update(VALIDATION_COLUMNS)
-    return mark_referrals(rows, validation)
+    return mark_referrals(rows, validation), verdict, validation
 
 
 def _journal(

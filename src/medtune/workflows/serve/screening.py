@@ -37,10 +37,9 @@ from medtune.evaluation.patients import (
     aggregate_patient,
 )
 from medtune.evaluation.quality import working_side
-from medtune.evaluation.referral import DEFAULT_OPERATING_POINT, VALIDATION_COLUMNS, mark_referrals
+from medtune.evaluation.referral import DEFAULT_OPERATING_POINT
 from medtune.workflows.predict import (
-    batch_check,
-    batch_evidence,
+    judge_batch,
     load_predictor,
     predict_images,
     prediction_meta,
@@ -342,14 +341,10 @@ class Screener:
             return
         older = list(history)[: max(0, RUNNING_BATCH - len(result.evidence))]
         window = [*result.evidence, *older]
-        verdict, validation = batch_check(self.predictor, batch_evidence(window), len(window))
+        result.rows, verdict, validation = judge_batch(
+            self.predictor, result.rows, window, result.meta
+        )
         result.batch = {"n_images": len(window), "verdict": verdict, "validation": validation}
-        result.rows = mark_referrals(result.rows, validation)
-        result.meta["batch_shift"] = result.batch
-        if validation is not None and result.meta.get("referral") is not None:
-            result.meta["columns"].update(VALIDATION_COLUMNS)
-        if verdict is not None and verdict["shifted"]:
-            log.warning("running batch: %s", verdict["message"])
 
     def _decode_all(self, names: list[str], contents: list[bytes]) -> tuple[list, list]:
         """``[(upload index, PIL image, type)]`` of the readable uploads and the skipped list."""
