@@ -187,8 +187,9 @@ def score_label_free_points(
         "specificity_ci", "tp", "fp", "tn", "fn", ...}}`` plus ``method`` and ``status``;
         ``None`` when the points were not moved without labels.
     """
+    from medtune.evaluation.intervals import proportion_ci
     from medtune.evaluation.labels import BinaryTask
-    from medtune.evaluation.metrics import apply_operating_point, proportion_ci
+    from medtune.evaluation.operating_points import apply_operating_point
 
     ops = operating_points
     points = None if ops is None else ops.points.get(tta)

@@ -279,7 +279,7 @@ class RunFolder:
     ) -> None:
         """Validation labels (N,) and logits (N, K) per TTA mode, for later operating points,
         and the site of each image (``sites``, when the run has several: the worst-site rule of
-        :func:`medtune.evaluation.metrics.choose_operating_points`)."""
+        :func:`medtune.evaluation.operating_points.choose_operating_points`)."""
         extra = {} if sites is None else {"sites": np.asarray(sites, dtype=str)}
         with atomic_path(self.dir / self.VAL_LOGITS) as tmp, open(tmp, "wb") as fh:
             np.savez(fh, labels=labels, **extra, **{f"logits_{k}": v for k, v in logits.items()})

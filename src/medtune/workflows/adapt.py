@@ -10,9 +10,9 @@ validated operating point no longer holds there; moving it needs labels.
 With ``labels`` (a small labelled sample of the new site) the adapted model's temperature is
 refitted on the sample (Guo et al. 2017) and every sensitivity operating point moved to the
 highest specificity that keeps its validated sensitivity on the sample
-(:func:`medtune.evaluation.metrics.move_operating_point`). The sample's logits then replace the
-run's ``val_logits.npz``: every later command that chooses operating points from validation
-logits (``evaluate``, ``predict``) finds the moved ones, with the refitted temperature.
+(:func:`medtune.evaluation.operating_points.move_operating_point`). The sample's logits then
+replace the run's ``val_logits.npz``: every later command that chooses operating points from
+validation logits (``evaluate``, ``predict``) finds the moved ones, with the refitted temperature.
 
 Without labels, ``recalibrate`` moves the operating points onto the new site's unlabelled scores
 (quantile mapping, optionally with the prevalence estimated by EM, Saerens et al. 2002;
@@ -41,18 +41,17 @@ from typing import Any
 
 import numpy as np
 
-from medtune.config import TTA_MODES
+from medtune.config import OPERATING_POINTS, TTA_MODES
 from medtune.errors import MedtuneError
 from medtune.evaluation.card import ModelCard, OperatingPoints, Provenance
 from medtune.evaluation.label_free import LABEL_FREE_METHODS, operating_point_status
 from medtune.evaluation.labels import BinaryTask
-from medtune.evaluation.metrics import (
-    MIN_SITE_POSITIVES,
-    OPERATING_POINTS,
+from medtune.evaluation.operating_points import (
     apply_operating_point,
     choose_operating_points,
     move_operating_point,
 )
+from medtune.evaluation.site_points import MIN_SITE_POSITIVES
 from medtune.runs import RunFolder
 from medtune.workflows import new_site
 

@@ -19,11 +19,10 @@ from torch import nn
 
 from medtune.config import TTA_MODES, TrainConfig
 from medtune.data import Part
-from medtune.engines.finalize import per_site_metrics
 from medtune.errors import MedtuneError
 from medtune.evaluation.card import ModelCard
 from medtune.evaluation.label_free import score_label_free_points
-from medtune.evaluation.metrics import compute_metrics
+from medtune.evaluation.metrics import compute_metrics, per_site_metrics
 from medtune.evaluation.patients import DEFAULT_PATIENT_RULE, evaluation_patients
 from medtune.evaluation.scoring import Scorer, score
 from medtune.io import write_json
