@@ -227,92 +227,28 @@ def compute_metrics(
         raise ValueError("compute_metrics: no samples")
     if groups is not None and len(groups) != len(y):
         raise ValueError(f"groups has {len(groups)} entries for {len(y)} samples")
-    ordinal = space.ordinal
     pred = np.asarray(decode(p, decoding)).astype(np.int64)
-    notes: list[str] = []
     task = space.binary_task
-
-    # operating points: chosen on validation, applied unchanged
-    points: dict[str, dict[str, Any]] = {}
-    thresholds_from = None
-    if task is not None:
-        if val is not None:
-            yv, pv = _as_inputs(val[0], val[1], K, "compute_metrics(val=...)")
-            thresholds_from = "validation"
-        else:
-            yv, pv = y, p
-            thresholds_from = SAME_DATA
-            notes.append("no validation data given: thresholds chosen on the evaluated data")
-        points = choose_operating_points(task.labels(yv), task.score(pv), val_sites)
-        if val is not None and any("worst_site" in d for d in points.values()):
-            thresholds_from += ", sensitivity held at every validation site (worst-site rule)"
-        if not points:
-            notes.append(f"{task.name}: threshold data lack positives or negatives; no points")
-
-    # point estimates
-    point = _point_estimates(y, p, pred, K, ordinal, task)
+    points, thresholds_from, notes = _chosen_points(task, y, p, val, val_sites)
+    point = _point_estimates(y, p, pred, K, space.ordinal, task)
     aucs = _class_aucs(y, p)
-    missing = [class_names[k] for k in range(K) if not np.isfinite(aucs[k])]
-    if missing:
-        notes.append(
-            f"one-vs-rest AUC undefined for classes {missing} (absent or the only class); "
-            f"macro_auc averages the other {K - len(missing)} classes"
-        )
-    prec, rec, f1, support = precision_recall_fscore_support(
-        y, pred, labels=np.arange(K), zero_division=0
-    )
+    notes += _undefined_auc_notes(aucs, class_names)
+    g = None if groups is None else np.asarray([str(x) for x in groups])
     cis: dict[str, list[float] | None] = {}
     boot_info = intervals = None
     warn: list[str] = []
-    g = None if groups is None else np.asarray([str(x) for x in groups])
     if n_boot > 0:
-        stats = _weighted_statistics(y, p, K, ordinal, task)
+        stats = _weighted_statistics(y, p, K, space.ordinal, task)
         cis, boot_info = bootstrap_cis(stats, y * K + pred, K, groups, n_boot, seed)
         warn += zero_width_fallbacks(cis, point, y, pred, g)
         cis.update(_proportion_cis(y, p, pred, task, points, g))
         intervals = _interval_info(g)
-    counts = _case_counts(y, K, ordinal, task, bool(points))
-
-    def ci(name: str) -> list[float] | None:
-        return cis.get(name)
-
+    counts = _case_counts(y, K, space.ordinal, task, bool(points))
     out: dict[str, Any] = {
-        "n": int(len(y)),
-        "n_classes": K,
-        "class_names": class_names,
-        # classes of the model with no image here: their recall/AUC are undefined, not zero
-        "classes_absent": [c for k, c in enumerate(class_names) if not np.any(y == k)],
-        "ordinal": ordinal,
-        "task": "dr_grading" if task and task.prefix else ("binary" if task else "multiclass"),
-        # what the headline sensitivity, specificity and AUC are computed for
-        "positive": None if task is None else task.name,
-        "prediction": dict(decoding) if decoding else {"method": "argmax"},
-        "accuracy": finite_or_none(point["accuracy"]),
-        "accuracy_ci": ci("accuracy"),
-        "accuracy_n": counts["accuracy"],
-        "balanced_accuracy": finite_or_none(point["balanced_accuracy"]),
-        "balanced_accuracy_ci": ci("balanced_accuracy"),
-        "balanced_accuracy_n": counts["balanced_accuracy"],
-        "macro_f1": finite_or_none(
-            f1_score(y, pred, labels=np.arange(K), average="macro", zero_division=0)
-        ),
-        "qwk": finite_or_none(point.get("qwk")),
-        "qwk_ci": ci("qwk"),
-        "qwk_n": counts["qwk"],
-        "macro_auc": finite_or_none(point["macro_auc"]),
-        "macro_auc_ci": ci("macro_auc"),
-        "macro_auc_n": counts["macro_auc"],
+        **_description(y, space, decoding),
+        **_headline_figures(y, pred, K, point, cis, counts),
         "ece": finite_or_none(expected_calibration_error(p, y)),
-        "per_class": {
-            name: {
-                "precision": float(prec[k]),
-                "recall": float(rec[k]),
-                "f1": float(f1[k]),
-                "support": int(support[k]),
-                "auc": finite_or_none(aucs[k]),
-            }
-            for k, name in enumerate(class_names)
-        },
+        "per_class": _per_class(y, pred, aucs, class_names),
         "confusion_matrix": confusion_matrix(y, pred, labels=np.arange(K)).tolist(),
     }
     out.update(_binary_block(task, y, p, point, cis, points, thresholds_from, counts))
@@ -321,6 +257,113 @@ def compute_metrics(
     out["notes"] = notes
     out["warnings"] = warn + _small_n_warnings(out, g)
     return out
+
+
+def _chosen_points(
+    task: BinaryTask | None,
+    y: np.ndarray,
+    p: np.ndarray,
+    val: tuple[Any, Any] | None,
+    val_sites: Sequence[Any] | None,
+) -> tuple[dict[str, dict[str, Any]], str | None, list[str]]:
+    """Operating points chosen on validation (or, flagged, on the evaluated data), applied
+    unchanged: ``(points, thresholds_from, notes)``."""
+    notes: list[str] = []
+    if task is None:
+        return {}, None, notes
+    if val is not None:
+        yv, pv = _as_inputs(val[0], val[1], p.shape[1], "compute_metrics(val=...)")
+        thresholds_from = "validation"
+    else:
+        yv, pv = y, p
+        thresholds_from = SAME_DATA
+        notes.append("no validation data given: thresholds chosen on the evaluated data")
+    points = choose_operating_points(task.labels(yv), task.score(pv), val_sites)
+    if val is not None and any("worst_site" in d for d in points.values()):
+        thresholds_from += ", sensitivity held at every validation site (worst-site rule)"
+    if not points:
+        notes.append(f"{task.name}: threshold data lack positives or negatives; no points")
+    return points, thresholds_from, notes
+
+
+def _undefined_auc_notes(aucs: np.ndarray, class_names: list[str]) -> list[str]:
+    """A note naming the classes whose one-vs-rest AUC is undefined (none when all are)."""
+    missing = [class_names[k] for k in range(len(class_names)) if not np.isfinite(aucs[k])]
+    if not missing:
+        return []
+    return [
+        f"one-vs-rest AUC undefined for classes {missing} (absent or the only class); "
+        f"macro_auc averages the other {len(class_names) - len(missing)} classes"
+    ]
+
+
+def _description(
+    y: np.ndarray, space: LabelSpace, decoding: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The keys that say what was measured: counts, classes, task and prediction rule."""
+    class_names = list(space.class_names)
+    task = space.binary_task
+    return {
+        "n": int(len(y)),
+        "n_classes": len(class_names),
+        "class_names": class_names,
+        # classes of the model with no image here: their recall/AUC are undefined, not zero
+        "classes_absent": [c for k, c in enumerate(class_names) if not np.any(y == k)],
+        "ordinal": space.ordinal,
+        "task": "dr_grading" if task and task.prefix else ("binary" if task else "multiclass"),
+        # what the headline sensitivity, specificity and AUC are computed for
+        "positive": None if task is None else task.name,
+        "prediction": dict(decoding) if decoding else {"method": "argmax"},
+    }
+
+
+def _headline_figures(
+    y: np.ndarray,
+    pred: np.ndarray,
+    K: int,
+    point: dict[str, float],
+    cis: dict[str, list[float] | None],
+    counts: dict[str, int | None],
+) -> dict[str, Any]:
+    """The multiclass headline figures, each with its interval and case count."""
+    out: dict[str, Any] = {}
+    for key in ("accuracy", "balanced_accuracy"):
+        out.update(_figure(key, point[key], cis, counts))
+    out["macro_f1"] = finite_or_none(
+        f1_score(y, pred, labels=np.arange(K), average="macro", zero_division=0)
+    )
+    out.update(_figure("qwk", point.get("qwk"), cis, counts))
+    out.update(_figure("macro_auc", point["macro_auc"], cis, counts))
+    return out
+
+
+def _figure(
+    key: str,
+    value: float | None,
+    cis: dict[str, list[float] | None],
+    counts: dict[str, int | None],
+) -> dict[str, Any]:
+    """``key``, ``key_ci`` and ``key_n`` of one figure."""
+    return {key: finite_or_none(value), f"{key}_ci": cis.get(key), f"{key}_n": counts[key]}
+
+
+def _per_class(
+    y: np.ndarray, pred: np.ndarray, aucs: np.ndarray, class_names: list[str]
+) -> dict[str, dict[str, Any]]:
+    """Precision, recall, F1, support and one-vs-rest AUC of each class."""
+    prec, rec, f1, support = precision_recall_fscore_support(
+        y, pred, labels=np.arange(len(class_names)), zero_division=0
+    )
+    return {
+        name: {
+            "precision": float(prec[k]),
+            "recall": float(rec[k]),
+            "f1": float(f1[k]),
+            "support": int(support[k]),
+            "auc": finite_or_none(aucs[k]),
+        }
+        for k, name in enumerate(class_names)
+    }
 
 
 def _interval_info(groups: np.ndarray | None) -> dict[str, Any]:
