@@ -217,7 +217,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
     patients = result.metrics.get("patients")
     if patients:
         print(_patients_line(patients))
-    print(f"metrics: {result.dir / 'metrics.json'}\nreport: {result.report}")
+    print(f"metrics: {result.metrics_path}\nreport: {result.report}")
 
 
 def _patients_line(pm: dict[str, Any]) -> str:

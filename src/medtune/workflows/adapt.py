@@ -492,7 +492,7 @@ def _adapted_card(
 
 def _mark_metrics(target: RunFolder, record: dict[str, Any]) -> None:
     """Say in the copied ``metrics.json`` that its figures are the source model's."""
-    if not target.path(RunFolder.METRICS).is_file():
+    if not target.metrics_path.is_file():
         return
     metrics = target.read_metrics()
     metrics["adaptation"] = {

@@ -25,7 +25,6 @@ from medtune.evaluation.label_free import score_label_free_points
 from medtune.evaluation.metrics import compute_metrics, per_site_metrics
 from medtune.evaluation.patients import DEFAULT_PATIENT_RULE, evaluation_patients
 from medtune.evaluation.scoring import Scorer, score
-from medtune.io import write_json
 from medtune.models.stage_classifier import StageProbeClassifier
 from medtune.runs import RunFolder, prepare_run_data, prepare_source
 from medtune.runs.data import part_eyes
@@ -40,6 +39,11 @@ class EvalResult:
     dir: Path
     metrics: dict[str, Any]
     report: Path
+
+    @property
+    def metrics_path(self) -> Path:
+        """The evaluation's ``metrics.json`` (:meth:`RunFolder.write_eval_metrics`)."""
+        return self.dir / RunFolder.EVAL_METRICS
 
 
 def evaluate(
@@ -137,11 +141,11 @@ def evaluate(
         metrics["label_free_operating_points"] = moved
     metrics["tta"] = tta
     metrics["data"] = data or f"{config.data} (test split)"
-    out = folder.eval_dir(name or _default_name(data, tta))
-    write_json(out / "metrics.json", metrics)
+    name = name or _default_name(data, tta)
+    out = folder.write_eval_metrics(name, metrics).parent
     summary = _quality_summary(part, probs, settings, verdicts) if quality else None
     if summary is not None:
-        write_json(out / "quality.json", summary)
+        folder.write_eval_quality(name, summary)
     examples = _gradcam_examples(scorer.model, card, part, probs) if gradcam else None
     report = _write_report(out, folder, card, config, metrics, part, probs, examples, summary)
     return EvalResult(out, metrics, report)

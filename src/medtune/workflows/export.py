@@ -52,7 +52,7 @@ def export(run: str | Path, fmt: str = "onnx", out: str | Path | None = None) ->
     spec = card.input_spec
     return export_model(
         model,
-        Path(out) if out else run / "export",
+        Path(out) if out else folder.export_dir,
         card,
         fmt=fmt,
         parity_inputs=parity_images(run, spec.image_size, spec.fundus),
