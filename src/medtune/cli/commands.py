@@ -395,8 +395,8 @@ def run_adapt(args: argparse.Namespace) -> None:
             if home["before"].get(k) is not None and home["after"][k] is not None
         ]
         print(f"home site after fine-tuning ({home['images']}): {', '.join(pairs)}")
-    if result.record.get("suggested"):
-        print(f"images to label first: {result.dir / result.record['suggested']}")
+    if result.suggested_path is not None:
+        print(f"images to label first: {result.suggested_path}")
     print(f"run folder: {result.dir}")
 
 

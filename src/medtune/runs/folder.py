@@ -21,6 +21,7 @@ Layout (``FORMAT_VERSION`` 3: the model card of format version 3)::
     RUN/eval/<name>/         one ``medtune evaluate`` each: metrics.json, quality.json (with
                              ``--quality``), and the report (report.html, summary.md and
                              MODEL_CARD.md, :func:`medtune.evaluation.report.write_report`)
+    RUN/debug/               train_positions_rank<r>.txt (``MEDTUNE_RECORD_SAMPLES=1``)
     RUN/export/              ``medtune export``'s default destination (model.onnx, model.json)
 
 ``model.json`` is read and written by :mod:`medtune.evaluation.card` only (the same format as an
@@ -99,6 +100,7 @@ class RunFolder:
     EVAL_METRICS = "metrics.json"
     EVAL_QUALITY = "quality.json"
     EXPORT = "export"
+    DEBUG = "debug"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dir", Path(self.dir))
@@ -131,6 +133,11 @@ class RunFolder:
     def export_dir(self) -> Path:
         """``RUN/export``: where ``medtune export`` writes unless told otherwise."""
         return self.dir / self.EXPORT
+
+    @property
+    def debug_dir(self) -> Path:
+        """``RUN/debug``: debugging aids (``MEDTUNE_RECORD_SAMPLES=1``)."""
+        return self.dir / self.DEBUG
 
     @property
     def splits_path(self) -> Path:

@@ -80,6 +80,12 @@ class AdaptResult:
     record: dict[str, Any]
 
     @property
+    def suggested_path(self) -> Path | None:
+        """``RUN/suggested.csv`` when ``--suggest`` wrote it, else ``None``."""
+        name = self.record.get("suggested")
+        return None if name is None else RunFolder(self.dir).path(name)
+
+    @property
     def summary(self) -> str:
         """One line: ``adapted N BatchNorm layers on M images; operating point ...``."""
         head = (
