@@ -60,7 +60,7 @@ def export(run: str | Path, fmt: str = "onnx", out: str | Path | None = None) ->
     )
 
 
-def parity_images(run: Path, size: int, fundus: dict) -> np.ndarray:
+def parity_images(run: Path, image_size: int, fundus: dict) -> np.ndarray:
     """Real images for the parity check, preprocessed exactly as for training."""
     from medtune.data.preprocess import prepare_image
 
@@ -72,4 +72,6 @@ def parity_images(run: Path, size: int, fundus: dict) -> np.ndarray:
         from skimage import data
 
         photos = [data.retina(), data.chelsea(), data.coffee(), data.astronaut()]
-        return np.stack([prepare_image(np.ascontiguousarray(p), size, fundus) for p in photos])
+        return np.stack(
+            [prepare_image(np.ascontiguousarray(p), image_size, fundus) for p in photos]
+        )
