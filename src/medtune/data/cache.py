@@ -31,7 +31,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -117,11 +117,6 @@ class PreparedCache:
         state["_images"] = None  # each process (e.g. DataLoader worker) maps the file itself
         state["_fov"] = None
         return state
-
-    def index_of(self, keys: Iterable[str]) -> np.ndarray:
-        """Row indices of the given image keys (``KeyError`` names the first unknown key)."""
-        lookup = {k: i for i, k in enumerate(self.keys)}
-        return np.asarray([lookup[k] for k in keys], dtype=np.int64)
 
 
 def pack_mask(mask: np.ndarray) -> np.ndarray:
