@@ -39,11 +39,8 @@ class EvalResult:
     dir: Path
     metrics: dict[str, Any]
     report: Path
-
-    @property
-    def metrics_path(self) -> Path:
-        """The evaluation's ``metrics.json`` (:meth:`RunFolder.write_eval_metrics`)."""
-        return self.dir / RunFolder.EVAL_METRICS
+    #: The evaluation's ``metrics.json`` (:meth:`RunFolder.write_eval_metrics`).
+    metrics_path: Path
 
 
 def evaluate(
@@ -142,13 +139,14 @@ def evaluate(
     metrics["tta"] = tta
     metrics["data"] = data or f"{config.data} (test split)"
     name = name or _default_name(data, tta)
-    out = folder.write_eval_metrics(name, metrics).parent
+    metrics_path = folder.write_eval_metrics(name, metrics)
+    out = metrics_path.parent
     summary = _quality_summary(part, probs, settings, verdicts) if quality else None
     if summary is not None:
         folder.write_eval_quality(name, summary)
     examples = _gradcam_examples(scorer.model, card, part, probs) if gradcam else None
     report = _write_report(out, folder, card, config, metrics, part, probs, examples, summary)
-    return EvalResult(out, metrics, report)
+    return EvalResult(out, metrics, report, metrics_path)
 
 
 def _verdicts(part: Part) -> list[Any]:
