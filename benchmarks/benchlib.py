@@ -199,6 +199,24 @@ def rewrite_block(path: Path, begin: str, end: str, block: str, heading: str) ->
     path.write_text(text, encoding="utf-8")
 
 
+def machine() -> str:
+    """The CPU model (``lscpu``), logical CPU count and OS: every benchmark table names it."""
+    import os
+    import platform
+    import subprocess
+
+    text = ""
+    try:
+        text = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        model = next(ln.split(":", 1)[1].strip() for ln in text.splitlines() if "Model name" in ln)
+    except (OSError, StopIteration):
+        model = platform.processor() or "unknown CPU"
+    flags = next((ln for ln in text.splitlines() if ln.startswith("Flags")), "")
+    extras = [f for f in ("avx512_bf16", "avx512_vnni", "amx_bf16") if f in flags.split()]
+    cpu = f"{model} ({', '.join(extras) or 'no bf16/VNNI/AMX'})"
+    return f"{cpu}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}"
+
+
 def say(msg: str) -> None:
     """Progress on stderr (stdout of ``run.py`` is the JSON result)."""
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from benchlib import (
     Spec,
     build_subset,
     check_data,
+    machine,
     rewrite_block,
     say,
     write_lite0_weights,
@@ -217,17 +217,6 @@ def targets(figs: dict[str, dict[str, Any]], results: dict[str, Any]) -> list[di
     add("prediction images/s (model only, prepared images)", mo, ">= 150", mo >= 150)
     add("peak RSS fine-tuning (MB)", m["peak_rss_mb"], "<= 3072", m["peak_rss_mb"] <= 3072)
     return out
-
-
-def machine() -> str:
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        model = next(ln.split(":", 1)[1].strip() for ln in text.splitlines() if "Model name" in ln)
-    except (OSError, StopIteration):
-        model = platform.processor() or "unknown CPU"
-    import os
-
-    return f"{model}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}"
 
 
 def versions() -> str:

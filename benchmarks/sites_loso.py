@@ -138,13 +138,14 @@ def shift_detection(run: str, held: Path | list[Path], args: argparse.Namespace)
     """Share of ``--shift-draws`` batches of ``--shift-n`` images flagged by the batch shift
     test: from the held-out site(s), and from each training site's held-out test images."""
     from medtune.data import Part
+    from medtune.deploy.engine import run_scorer
     from medtune.evaluation.scoring import score
     from medtune.runs import RunFolder
     from medtune.runs.data import prepare_run_data, prepare_source
 
     folder = RunFolder(run)
     test = folder.read_batch_shift()
-    scorer = folder.load_scorer()
+    scorer = run_scorer(folder)
     card = scorer.card
     config = folder.read_config()
 

@@ -34,6 +34,9 @@ PROBE_STRATEGIES = ("linear-probe", "layer-probe")
 #: Validation logits are stored for each (``RUN/val_logits.npz``), so every mode has validated
 #: operating points, temperature and decoding.
 TTA_MODES = ("none", "rot90")
+#: Inference engines after training (:mod:`medtune.deploy.engine`): ONNX Runtime fp32, the
+#: default, or PyTorch eager fp32.
+ENGINES = ("onnx", "torch")
 #: Optimisers of the fine-tuning recipe (``transfer.recipe``).
 OPTIMIZERS = ("adamw", "sgd")
 #: Learning-rate decays after the warm-up (``transfer.recipe``).

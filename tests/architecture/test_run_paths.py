@@ -13,7 +13,12 @@ HOME = "runs/folder.py"
 #: The names of a run's files and folders (``RunFolder.CONFIG``, ``RunFolder.METRICS``, ...).
 NAMES = {v for k, v in vars(RunFolder).items() if k.isupper() and isinstance(v, str)}
 #: Modules that join one of these names to a folder that is not a run (what it is instead).
-NOT_A_RUN = {"models/backbones.py": "torch hub's checkpoints folder"}
+NOT_A_RUN = {
+    "models/backbones.py": "torch hub's checkpoints folder",
+    "deploy/engine.py": "a private temporary folder for the graph being built",
+    "deploy/onnx_predictor.py": "an export folder (model.onnx beside its model.json)",
+    "workflows/serve/card.py": "an export folder's model.onnx",
+}
 
 
 def _joins(tree: ast.AST) -> list[tuple[int, str]]:

@@ -14,6 +14,7 @@ from PIL import Image
 from medtune.config import TrainConfig
 from medtune.data import load_imageset, make_splits
 from medtune.data.preprocess import prepare_image
+from medtune.deploy.engine import run_scorer
 from medtune.evaluation.scoring import score
 from medtune.runs import RunFolder
 from medtune.workflows.evaluate import evaluate
@@ -149,7 +150,7 @@ def test_site_shift_scores_out_of_distribution_images_above_held_out_ones(shift_
     shift = folder.read_site_shift()
     assert shift is not None and shift.n_train >= 2 and shift.n_features == 1280
     assert json.loads((out / "metrics.json").read_text())["model"]["site_shift"]["threshold"] > 0
-    scorer = folder.load_scorer()
+    scorer = run_scorer(folder)
     assert scorer.card.site_shift.file == "site_shift.npz"  # the card names it
     assert scorer.card.site_shift.threshold == pytest.approx(shift.threshold)
     spec = scorer.card.input_spec

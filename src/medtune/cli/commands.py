@@ -15,7 +15,7 @@ from medtune.cli.worklist_commands import (
     run_users,
     run_worklist,
 )
-from medtune.config import DEFAULT_OPERATING_POINT, OPERATING_POINTS, TTA_MODES
+from medtune.config import DEFAULT_OPERATING_POINT, ENGINES, OPERATING_POINTS, TTA_MODES
 
 
 # ----------------------------------------------------------------------------------- prepare
@@ -148,6 +148,7 @@ def add_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", required=True, help="a run folder made by medtune train")
     p.add_argument("--data", help="labelled test images (default: the run's own test split)")
     _add_tta(p)
+    _add_engine(p)
     p.add_argument("--name", help="output name under RUN/eval/ (default from the data)")
     p.add_argument(
         "--bootstrap",
@@ -167,6 +168,17 @@ def _add_tta(p: argparse.ArgumentParser) -> None:
         choices=TTA_MODES,
         default="none",
         help="test-time augmentation: rot90 averages the four rotations",
+    )
+
+
+def _add_engine(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="onnx",
+        help="what scores a run's images: onnx (ONNX Runtime on the run's fp32 graph, "
+        "RUN/model.onnx) or torch (PyTorch eager fp32: the same probabilities to 1e-4, slower) "
+        "(default: onnx)",
     )
 
 
@@ -211,6 +223,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
         gradcam=not args.no_gradcam,
         skip_bad=args.skip_bad,
         patient_rule=args.patient_rule,
+        engine=args.engine,
     )
     synthetic = "synthetic" in str(result.metrics.get("data", "")).lower()
     print(metrics_table({"test": result.metrics}, synthetic=synthetic))
@@ -278,6 +291,7 @@ def add_predict(p: argparse.ArgumentParser) -> None:
         "OUT.patients.csv and OUT.eyes.csv",
     )
     _add_patient_rule(p)
+    _add_engine(p)
 
 
 def run_predict(args: argparse.Namespace) -> None:
@@ -303,6 +317,7 @@ def run_predict(args: argparse.Namespace) -> None:
             resume=args.resume,
             manifest=args.manifest,
             patient_rule=args.patient_rule,
+            engine=args.engine,
         )
         if to_stdout:  # the same document as --json PATH
             print(Path(json_path).read_text(encoding="utf-8"), end="")

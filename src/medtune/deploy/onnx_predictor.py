@@ -39,7 +39,7 @@ import numpy as np
 from PIL import Image
 
 from medtune.config import TTA_MODES
-from medtune.data.normalise import normalise_images
+from medtune.data.normalise import normalisation_table, normalise_with_table
 from medtune.errors import MedtuneError
 from medtune.evaluation.card import CARD_FILE, ExportInfo, ModelCard, read_card  # no torch
 
@@ -75,26 +75,43 @@ class OnnxPredictor:
 
     def __init__(
         self,
-        model_path: str | os.PathLike[str],
+        model_path: str | os.PathLike[str] | bytes,
         *,
         card: ModelCard | None = None,
         providers: Sequence[str] | None = None,
         num_threads: int | None = None,
         batch_size: int = 32,
+        site_shift: Any = None,
+        name: str = "model.onnx (in memory)",
     ) -> None:
-        path = Path(model_path)
-        if path.is_dir():
-            path = path / "model.onnx"
-        if not path.is_file():
-            raise MedtuneError(f"{path}: ONNX model not found; run the export first")
+        #: the serialised graph when given as bytes (``medtune.deploy.engine`` saves it)
+        self.graph: bytes | None = None
+        if isinstance(model_path, bytes):  # a serialised graph (medtune.deploy.engine)
+            if card is None:
+                raise MedtuneError(f"{name}: an in-memory ONNX model needs its card")
+            path, source, self.graph = Path(name), model_path, model_path
+        else:
+            path = Path(model_path)
+            if path.is_dir():
+                path = path / "model.onnx"
+            if not path.is_file():
+                raise MedtuneError(f"{path}: ONNX model not found; run the export first")
+            source = path
         self.model_path = path
         self.card = read_card(path.parent / SIDECAR_NAME) if card is None else card
         self.batch_size = max(1, int(batch_size))
-        self._session = _make_session(path, providers, num_threads)
+        self._session = _make_session(source, path, providers, num_threads)
         self._input_name = self._session.get_inputs()[0].name
         self._output_name = self._session.get_outputs()[0].name
         self._has_features = FEATURES_NAME in {o.name for o in self._session.get_outputs()}
-        self._site_shift: Any = None
+        self._site_shift: Any = site_shift
+        spec = self.card.input_spec
+        self._lut = normalisation_table(spec.mean, spec.std)
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """The graph's custom metadata (``medtune.deploy.engine`` stores the weights' digest)."""
+        return dict(self._session.get_modelmeta().custom_metadata_map)
 
     # --- inference -----------------------------------------------------------------------------
     def prepare(self, images: Images) -> np.ndarray:
@@ -125,8 +142,7 @@ class OnnxPredictor:
         return prepare_image(im, spec.image_size, spec.fundus)
 
     def _normalised(self, images: Images) -> np.ndarray:
-        spec = self.card.input_spec
-        return normalise_images(self.prepare(images), spec.mean, spec.std)
+        return normalise_with_table(self.prepare(images), self._lut)
 
     def logits(self, images: Images, tta: str | None = None) -> np.ndarray:
         """Raw logits (N x K float32); with ``tta="rot90"`` the mean over 4 rotations."""
@@ -199,15 +215,25 @@ class OnnxPredictor:
         return logits
 
 
-def _make_session(path: Path, providers: Sequence[str] | None, num_threads: int | None) -> Any:
+def _make_session(
+    source: Path | bytes, path: Path, providers: Sequence[str] | None, num_threads: int | None
+) -> Any:
+    """An ONNX Runtime session with every graph optimisation (BatchNorm folded into the
+    convolutions, fused activations) and NO spinning: medtune decodes the next batch in a thread
+    while the model runs, and on a 2-core CPU spinning intra-op threads starve it (measured in
+    ``benchmarks/engines.py``)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
     if num_threads:
         opts.intra_op_num_threads = int(num_threads)
-        opts.inter_op_num_threads = 1
+    opts.inter_op_num_threads = 1
     provs = list(providers) if providers else ["CPUExecutionProvider"]
+    model = source if isinstance(source, bytes) else str(source)
     try:
-        return ort.InferenceSession(str(path), sess_options=opts, providers=provs)
+        return ort.InferenceSession(model, sess_options=opts, providers=provs)
     except Exception as exc:  # onnxruntime raises its own exception types
         raise MedtuneError(f"{path}: ONNX Runtime cannot load the model ({exc})") from exc

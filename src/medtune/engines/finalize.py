@@ -2,8 +2,9 @@
 and per site), fit the site-shift model, save the deployable model and the metrics into the run
 folder.
 
-The model is scored through the scorer protocol (:class:`medtune.evaluation.inference.TorchScorer`,
-fp32, the deployment precision), and described by the run's
+The model is scored through the scorer protocol by the one inference engine
+(:func:`medtune.deploy.engine.model_scorer`: ONNX Runtime on the model's fp32 graph, saved as
+``RUN/model.onnx`` for every later answer), and described by the run's
 :class:`~medtune.evaluation.card.ModelCard`, whose label space says which task the metrics and the
 operating points are for."""
 
@@ -18,11 +19,11 @@ from torch import nn
 
 from medtune.config import TTA_MODES
 from medtune.data import Part
+from medtune.deploy.engine import describe, model_scorer, write_run_engine
 from medtune.errors import MedtuneError
 from medtune.evaluation.calibration import apply_temperature, fit_temperature
 from medtune.evaluation.card import ModelCard, SiteShiftRef
 from medtune.evaluation.decoding import choose_decoding
-from medtune.evaluation.inference import TorchScorer
 from medtune.evaluation.metrics import compute_metrics, per_site_metrics
 from medtune.evaluation.operating_points import card_operating_points
 from medtune.evaluation.scoring import Scorer
@@ -119,7 +120,10 @@ def finalize_run(
     # Deployment precision is fp32 for every run: the temperature, the decoding and the
     # operating points are fitted on the logits that `predict --run` and the exported ONNX model
     # compute (issue: one model, one answer), not on bf16 training-time logits.
-    scorer = TorchScorer(model, card, batch_size=batch_size, progress=progress)
+    # ... computed by the one inference engine (medtune.deploy.engine), like every later answer
+    scorer = model_scorer(
+        model, card, batch_size=batch_size, progress=progress, parity_images=data.val.images[:4]
+    )
     labels = card.label_space
     y_val = data.val.labels
     plain, val_features = scorer.logits_and_features(data.val.images)
@@ -146,6 +150,8 @@ def finalize_run(
         ),
     )
     run.write_model(model, card)
+    if describe(scorer) == "onnx":  # RUN/model.onnx: what predict, evaluate and serve run
+        write_run_engine(run, scorer)
     # the batch shift test's references (evaluate, adapt): validation features and probabilities
     try:
         run.write_batch_shift(BatchShiftTest.fit(val_features, val_probs, data.val.sites))
@@ -167,6 +173,7 @@ def finalize_run(
         "decoding": decoding,
         "strategy": strategy,
         "stage": card.stage,
+        "engine": describe(scorer),
         "site_shift": _site_shift(scorer, data, val_features, run),
     }
     run.write_metrics(metrics)

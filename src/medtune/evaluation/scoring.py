@@ -13,11 +13,12 @@ and carries the model's site-shift model (``None`` without one). :func:`score` i
 where "logits and features, then TTA, then the site-shift score" is written: the site-shift model
 was fitted on plain (no TTA) features, so its score comes from the plain pass whatever ``tta``.
 
-Two implementations: :class:`medtune.evaluation.inference.TorchScorer` (a PyTorch model, e.g.
-``RunFolder.load_scorer``) and :class:`medtune.deploy.onnx_predictor.OnnxPredictor` (an ONNX
-export, no torch). ``evaluate``, ``predict``, ``adapt``, the finalisation of a training run and
-the web page (through ``predict``) use them through this protocol only; a faster engine is one
-more implementation.
+Two implementations: :class:`medtune.deploy.onnx_predictor.OnnxPredictor` (ONNX Runtime on an
+fp32 graph, no torch: the one inference engine after training, :mod:`medtune.deploy.engine`) and
+:class:`medtune.evaluation.inference.TorchScorer` (PyTorch eager, ``engine="torch"`` and the
+fallback for a model that cannot be exported). ``evaluate``, ``predict``, ``adapt``, the
+finalisation of a training run and the web page (through ``predict``) use them through this
+protocol only.
 
 ``images`` may be an array or anything with ``len()`` whose slices are uint8 arrays (a
 :class:`medtune.data.Part` of a prepared cache), so a whole test split is read batch by batch.

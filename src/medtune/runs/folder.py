@@ -9,6 +9,8 @@ Layout (``FORMAT_VERSION`` 3: the model card of format version 3)::
     RUN/model.safetensors    the deployable model's weights (tensors only: loading runs no code)
     RUN/model.json           how to rebuild, feed and read it: the model card
                              (:class:`medtune.evaluation.card.ModelCard`)
+    RUN/model.onnx           the same model as an fp32 ONNX graph, what scores every image after
+                             training (:mod:`medtune.deploy.engine`; the weights' SHA-256 inside)
     RUN/metrics.json         {"val": {...}, "test": {...}, "model": {...}}
     RUN/val_logits.npz       validation labels and logits (plain and per TTA mode)
     RUN/probe.json           the probe's stage and L2 choice (scenarios 1 and 3)
@@ -48,7 +50,6 @@ from medtune.io import atomic_path, write_json, write_yaml
 if TYPE_CHECKING:
     from torch import nn
 
-    from medtune.evaluation.inference import TorchScorer
     from medtune.evaluation.shift import BatchShiftTest, SiteShiftModel
 
 FORMAT_VERSION = 3
@@ -84,6 +85,7 @@ class RunFolder:
     SPLITS = "splits.csv"
     MODEL_WEIGHTS = "model.safetensors"
     MODEL_META = CARD_FILE
+    ENGINE = "model.onnx"
     METRICS = "metrics.json"
     VAL_LOGITS = "val_logits.npz"
     PROBE = "probe.json"
@@ -303,21 +305,6 @@ class RunFolder:
         )
         model.load_state_dict(load_file(str(self.dir / self.MODEL_WEIGHTS)))
         return model.eval(), card
-
-    def load_scorer(self, *, batch_size: int = 32, progress: bool = False) -> TorchScorer:
-        """The trained model with its card and site-shift model, as a
-        :class:`~medtune.evaluation.scoring.Scorer` (fp32, eval mode).
-
-        Raises
-        ------
-        MedtuneError
-            When the folder holds no trained model.
-        """
-        from medtune.evaluation.inference import TorchScorer
-
-        model, card = self.load_model()
-        shift = self.read_site_shift()
-        return TorchScorer(model, card, shift, batch_size=batch_size, progress=progress)
 
     # ------------------------------------------------------------------ results
     def write_metrics(self, metrics: dict[str, Any]) -> None:

@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from medtune.config import OPERATING_POINTS, TTA_MODES
+from medtune.deploy.engine import write_run_engine
 from medtune.errors import MedtuneError
 from medtune.evaluation.card import ModelCard, OperatingPoints, Provenance
 from medtune.evaluation.label_free import LABEL_FREE_METHODS, operating_point_status
@@ -234,6 +235,7 @@ def adapt(
     if sample is not None:
         target.write_val_logits(sample["labels"], sample["logits"])
     target.write_model(model, card)
+    write_run_engine(target, model, images[:4])  # RUN/model.onnx of the adapted weights
     suggested = None
     if suggest:
         task = card.label_space.binary_task
@@ -367,10 +369,10 @@ def _sample_logits(
     model: Any, card: ModelCard, imageset: Any, batch_size: int, progress: bool
 ) -> dict[str, Any]:
     """Labels (N,) and logits per TTA mode of the labelled sample, from the adapted model (the
-    scorer protocol, :class:`~medtune.evaluation.inference.TorchScorer`)."""
-    from medtune.evaluation.inference import TorchScorer
+    scorer protocol on the one inference engine, :func:`medtune.deploy.engine.model_scorer`)."""
+    from medtune.deploy.engine import model_scorer
 
-    scorer = TorchScorer(model, card, batch_size=batch_size)
+    scorer = model_scorer(model, card, batch_size=batch_size)
     sources = [imageset.source_of(i) for i in range(len(imageset))]
     images = _prepare_all(sources, card, progress)
     logits = {tta: scorer.logits(images, tta) for tta in TTA_MODES}

@@ -19,6 +19,7 @@ from torch import nn
 
 from medtune.config import TTA_MODES, TrainConfig
 from medtune.data import Part
+from medtune.deploy.engine import run_scorer
 from medtune.errors import MedtuneError
 from medtune.evaluation.card import ModelCard
 from medtune.evaluation.label_free import score_label_free_points
@@ -55,6 +56,7 @@ def evaluate(
     skip_bad: bool = False,
     progress: bool = True,
     patient_rule: str = DEFAULT_PATIENT_RULE,
+    engine: str = "onnx",
 ) -> EvalResult:
     """Evaluate a run's model on labelled images, with intervals and a report.
 
@@ -90,6 +92,9 @@ def evaluate(
         as ``17_left.jpeg``; :mod:`medtune.data.laterality`), ``metrics["patients"]`` gives
         patient-level sensitivity and specificity (95% Wilson intervals) at each operating
         point and the share of patients with insufficient quality, and the report shows them.
+    engine : {"onnx", "torch"}, default "onnx"
+        What scores the images (:func:`medtune.deploy.engine.run_scorer`): ONNX Runtime on the
+        run's fp32 graph, or PyTorch eager fp32 (the same probabilities to 1e-4, slower).
 
     Returns
     -------
@@ -107,7 +112,7 @@ def evaluate(
     if tta not in TTA_MODES:
         raise MedtuneError(f"tta {tta!r} is unknown; use one of {', '.join(TTA_MODES)}")
     # fp32, the precision the temperature, decoding and operating points were fitted in
-    scorer = folder.load_scorer(progress=progress)
+    scorer = run_scorer(folder, engine=engine, progress=progress)
     card = scorer.card
     config = dataclasses.replace(folder.read_config(), skip_bad=skip_bad, progress=progress)
     run = folder.dir
@@ -144,7 +149,7 @@ def evaluate(
     summary = _quality_summary(part, probs, settings, verdicts) if quality else None
     if summary is not None:
         folder.write_eval_quality(name, summary)
-    examples = _gradcam_examples(scorer.model, card, part, probs) if gradcam else None
+    examples = _gradcam_examples(folder.load_model()[0], card, part, probs) if gradcam else None
     report = _write_report(out, folder, card, config, metrics, part, probs, examples, summary)
     return EvalResult(out, metrics, report, metrics_path)
 

@@ -28,12 +28,12 @@ def batches(images: np.ndarray, batch_size: int) -> list[Any]:
 
 def site_outputs(model: Any, card: ModelCard, images: np.ndarray, batch_size: int) -> dict:
     """Calibrated probabilities (N, K) and pooled features (N, D) of the site's images, through
-    the scorer protocol (:func:`medtune.evaluation.scoring.score` with a
-    :class:`~medtune.evaluation.inference.TorchScorer`)."""
-    from medtune.evaluation.inference import TorchScorer
+    the scorer protocol (:func:`medtune.evaluation.scoring.score` on the one inference engine,
+    :func:`medtune.deploy.engine.model_scorer`)."""
+    from medtune.deploy.engine import model_scorer
     from medtune.evaluation.scoring import score
 
-    scored = score(TorchScorer(model, card, batch_size=batch_size), images, features=True)
+    scored = score(model_scorer(model, card, batch_size=batch_size), images, features=True)
     return {"probs": card.probabilities(scored.plain), "features": scored.features}
 
 
@@ -152,8 +152,8 @@ def finetune_with_sample(
     the source run's validation figures before and the fine-tuned model's after (no forgetting
     at home is the point of the mix)."""
     from medtune.data import Part
+    from medtune.deploy.engine import model_scorer
     from medtune.engines.site_finetune import finetune_on_mix
-    from medtune.evaluation.inference import TorchScorer
     from medtune.evaluation.metrics import compute_metrics
     from medtune.runs.data import prepare_run_data, prepare_source
 
@@ -172,7 +172,7 @@ def finetune_with_sample(
         seed=config.seed,
         progress=progress,
     )
-    logits = TorchScorer(model, card).logits(home.val.images)
+    logits = model_scorer(model, card).logits(home.val.images)
     after = compute_metrics(
         home.val.labels,
         card.probabilities(logits),

@@ -111,6 +111,8 @@ class Predictor:
     tta: str = "none"
     operating_points: OperatingPoints | None = None
     quality_model: Predictor | None = field(default=None, repr=False)
+    run: RunFolder | None = field(default=None, repr=False)
+    _torch: Any = field(default=None, init=False, repr=False)
 
     # views of the card (the web page shows them)
     @property
@@ -147,8 +149,14 @@ class Predictor:
 
     @property
     def torch_model(self) -> Any:
-        """The PyTorch model of a run (Grad-CAM needs it); ``None`` for an ONNX export."""
-        return getattr(self.scorer, "model", None)
+        """The PyTorch model of a run (Grad-CAM needs it; built on first use when the run is
+        scored by the ONNX engine); ``None`` for an ONNX export."""
+        if self._torch is None:
+            model = getattr(self.scorer, "model", None)
+            if model is None and self.run is not None:
+                model = self.run.load_model()[0]
+            self._torch = model
+        return self._torch
 
     def probs(self, images: np.ndarray) -> np.ndarray:
         """Calibrated probabilities (N, K) of prepared uint8 images (N, S, S, 3)."""
@@ -168,6 +176,7 @@ def load_predictor(
     tta: str = "none",
     num_threads: int | None = None,
     quality_model: str | Path | None = None,
+    engine: str = "onnx",
 ) -> Predictor:
     """Load a run (PyTorch) or an exported ``model.onnx`` (ONNX Runtime) for prediction.
 
@@ -187,6 +196,10 @@ def load_predictor(
         A run trained on image-quality grades (e.g. EyeQ's Good / Usable / Reject folders) whose
         classes include one named like Reject / Ungradable / Bad / Poor: an image it assigns to
         that class is ungradable too, beside the rule-based gate (``docs/screening.md``).
+    engine : {"onnx", "torch"}, default "onnx"
+        What scores a run's images (:mod:`medtune.deploy.engine`): ONNX Runtime on the run's
+        fp32 graph, or PyTorch eager fp32 (same probabilities to 1e-4, slower). An export is
+        always run by ONNX Runtime.
 
     Returns
     -------
@@ -207,9 +220,9 @@ def load_predictor(
         onnx = OnnxPredictor(Path(model_path), num_threads=num_threads)
         predictor = Predictor(str(model_path), onnx, tta, onnx.card.operating_points)
     else:
-        predictor = _run_predictor(Path(run), tta)
+        predictor = _run_predictor(Path(run), tta, engine, num_threads)
     if quality_model is not None:
-        predictor.quality_model = _run_predictor(Path(quality_model), "none")
+        predictor.quality_model = _run_predictor(Path(quality_model), "none", engine, num_threads)
         reject_class(predictor.quality_model.class_names, quality_model)  # fails early
     return predictor
 
@@ -235,12 +248,14 @@ def reject_class(class_names: Sequence[str], source: object = "quality model") -
     )
 
 
-def _run_predictor(run: Path, tta: str) -> Predictor:
-    """A run's model (fp32: the same probabilities as the exported ONNX model)."""
+def _run_predictor(run: Path, tta: str, engine: str, num_threads: int | None) -> Predictor:
+    """A run's model on ``engine`` (fp32: the same probabilities as the exported ONNX model)."""
+    from medtune.deploy.engine import run_scorer
+
     folder = RunFolder(run)
-    scorer = folder.load_scorer(batch_size=BATCH)
+    scorer = run_scorer(folder, engine=engine, batch_size=BATCH, num_threads=num_threads)
     points = scorer.card.operating_points or _points_from_val_logits(folder, scorer.card)
-    return Predictor(str(run), scorer, tta, points)
+    return Predictor(str(run), scorer, tta, points, run=folder)
 
 
 def _points_from_val_logits(folder: RunFolder, card: ModelCard) -> OperatingPoints | None:
@@ -420,6 +435,7 @@ def predict(
     resume: bool = False,
     manifest: str | Path | None = None,
     patient_rule: str = DEFAULT_PATIENT_RULE,
+    engine: str = "onnx",
 ) -> list[dict[str, Any]]:
     """Screen every image with a trained run or an exported ONNX model.
 
@@ -475,6 +491,8 @@ def predict(
         (:func:`medtune.evaluation.patients.screen_patients`).
     patient_rule : {"either-eye", "both-eyes"}, default "either-eye"
         How eyes make a patient's answer (:data:`medtune.evaluation.patients.PATIENT_RULES`).
+    engine : {"onnx", "torch"}, default "onnx"
+        What scores a run's images (:func:`load_predictor`).
 
     Returns
     -------
@@ -498,7 +516,7 @@ def predict(
     """
     if predictor is None:
         predictor = load_predictor(
-            run=run, model_path=model_path, tta=tta, quality_model=quality_model
+            run=run, model_path=model_path, tta=tta, quality_model=quality_model, engine=engine
         )
     rule = predictor.referral(operating_point)  # fails early on an unknown point
     if explain and predictor.torch_model is None:
