@@ -119,7 +119,7 @@ def infer(spec: Spec) -> dict[str, Any]:
     """Feature extraction on a prepared cache (what the probes do); ``medtune.workflows.predict``
     from image files with the fine-tuned run; and the model alone on prepared images."""
     from medtune.data import load_imageset, prepare
-    from medtune.evaluation.inference import predict_logits
+    from medtune.deploy.engine import run_scorer
     from medtune.models import create_backbone
     from medtune.runs import RunFolder
     from medtune.transfer.features import TOP, extract_features
@@ -152,12 +152,10 @@ def infer(spec: Spec) -> dict[str, Any]:
         lambda: predict([spec.val_dir], run=run, progress=False), spec.repeats
     )
     labels = [int(Path(r["image"]).parent.name) for r in rows]
-    model, card = RunFolder(run).load_model()
+    scorer = run_scorer(RunFolder(run))
 
-    def logits() -> np.ndarray:  # the model as predict runs a bf16 run, on prepared images
-        starts = range(0, n, spec.batch_size)
-        batches = (torch_from(cache.images[i : i + spec.batch_size]) for i in starts)
-        return predict_logits(model, batches, card.input_spec, bf16=True)
+    def logits() -> np.ndarray:  # the engine predict runs (RUN/model.onnx), on prepared images
+        return scorer.logits(np.asarray(cache.images[0:n]))
 
     model_s, out = median_time(logits, spec.repeats)
     return {
@@ -168,12 +166,6 @@ def infer(spec: Spec) -> dict[str, Any]:
         "predict_model_only_images_per_s": n / model_s,
         "model_only_argmax_qwk": qwk(images.labels, out.argmax(1)),
     }
-
-
-def torch_from(batch: np.ndarray):
-    import torch
-
-    return torch.from_numpy(np.array(batch)).permute(0, 3, 1, 2)
 
 
 TASKS = {"finetune": finetune, "probe": probe, "infer": infer}

@@ -126,6 +126,10 @@ def figures(results: dict[str, dict[str, Any]], target_qwk: float) -> dict[str, 
         probe = r.get("probe")
         out[name] = {
             "train_images_per_s": sum(e["images"] for e in full) / sum(e["train_s"] for e in full),
+            # medtune's whole run (cache, model, epochs, finalisation, site-shift fit) counted
+            "train_images_per_s_startup": sum(e["images"] for e in full) / ft["total_s"]
+            if name == "medtune"
+            else None,
             "seconds_per_epoch": statistics.median(e["train_s"] + e["val_s"] for e in full),
             "features_images_per_s": infer["features_images_per_s"],
             "probe_model_s": probe["total_s"] if probe else ft.get("frozen_s"),
@@ -144,6 +148,12 @@ def figures(results: dict[str, dict[str, Any]], target_qwk: float) -> dict[str, 
 
 ROWS = [  # key, label, better ("high"/"low"/"qwk"), format
     ("train_images_per_s", "fine-tuning, training images/s", "high", "{:.1f}"),
+    (
+        "train_images_per_s_startup",
+        "fine-tuning images/s, medtune's start-up and finalisation included",
+        "high",
+        "{:.1f}",
+    ),
     ("seconds_per_epoch", "seconds per epoch (train + val)", "low", "{:.1f}"),
     ("features_images_per_s", "feature extraction, images/s", "high", "{:.1f}"),
     ("probe_model_s", "scenario-1 model, end-to-end s", "low", "{:.1f}"),
@@ -196,6 +206,8 @@ def targets(figs: dict[str, dict[str, Any]], results: dict[str, Any]) -> list[di
         f = figs["fastai"]
         r = m["train_images_per_s"] / f["train_images_per_s"]
         add("fine-tuning images/s vs fastai", r, ">= 3x", r >= 3)
+        r = m["train_images_per_s_startup"] / f["train_images_per_s"]
+        add("fine-tuning images/s vs fastai, medtune's start-up included", r, ">= 3x", r >= 3)
         r = f["probe_model_s"] / m["probe_model_s"]
         add("scenario-1 model sooner than fastai's frozen-body result", r, ">= 10x", r >= 10)
         d = m["probe_val_qwk"] - f["probe_val_qwk"]

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import shutil
 import time
 from pathlib import Path
@@ -91,21 +92,15 @@ def run_loso(args: argparse.Namespace) -> dict[str, Any]:
     folds: dict[str, Any] = {}
     for held in SITES:
         for name in names:
-            train_on = [data[s] for s in SITES if s != held]
-            run, seconds = _train(train_on, work / "runs" / f"{name}-without-{held}", name, args)
-            say(f"score {name} on held-out {held}")
-            fold = {"recipe": name, "held_out": held, "train_seconds": seconds}
-            fold["scores"] = score(run, data[held], "none", f"loso-{held}", args)
-            fold["shift"] = shift_detection(run, data[held], args)
-            if LOSO_RECIPES[name].get("strategy") != "linear-probe":  # adapt refuses probes
-                fold["label_free"] = label_free(run, data[held], work, args)
-                if args.few_labels:
-                    fold["few_labels"] = few_label_curve(run, data[held], work, args)
-            folds[f"{name} | {held}"] = fold
+            key = f"{name}-without-{held}"
+            folds[f"{name} | {held}"] = _kept(work, key, args) or _saved(
+                work, key, _fold(name, held, data, work, args), args
+            )
     pooled = {}
     for name in names:
-        run, seconds = _train(list(data.values()), work / "runs" / f"{name}-all", name, args)
-        pooled[name] = {"train_seconds": seconds, "test": _per_site_test(run, args)}
+        pooled[name] = _kept(work, f"{name}-all", args) or _saved(
+            work, f"{name}-all", _pooled(name, data, work, args), args
+        )
     return {
         "when": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "commit": _commit(),
@@ -115,6 +110,53 @@ def run_loso(args: argparse.Namespace) -> dict[str, Any]:
         "folds": folds,
         "pooled": pooled,
     }
+
+
+def _fold(name: str, held: str, data: dict[str, Path], work: Path, args) -> dict[str, Any]:
+    """Train ``name`` without ``held``, then score it there (module docstring)."""
+    train_on = [data[s] for s in SITES if s != held]
+    run, seconds = _train(train_on, work / "runs" / f"{name}-without-{held}", name, args)
+    say(f"score {name} on held-out {held}")
+    fold = {"recipe": name, "held_out": held, "train_seconds": seconds}
+    fold["scores"] = score(run, data[held], "none", f"loso-{held}", args)
+    fold["shift"] = shift_detection(run, data[held], args)
+    if LOSO_RECIPES[name].get("strategy") != "linear-probe":  # adapt refuses probes
+        fold["label_free"] = label_free(run, data[held], work, args)
+        if args.few_labels:
+            fold["few_labels"] = few_label_curve(run, data[held], work, args)
+    return fold
+
+
+def _pooled(name: str, data: dict[str, Path], work: Path, args) -> dict[str, Any]:
+    run, seconds = _train(list(data.values()), work / "runs" / f"{name}-all", name, args)
+    return {"train_seconds": seconds, "test": _per_site_test(run, args)}
+
+
+def _kept(work: Path, key: str, args: argparse.Namespace) -> dict[str, Any] | None:
+    """A fold finished by an earlier, interrupted invocation with the same settings."""
+    path = work / "done" / f"{key}.json"
+    if args.quick or not path.is_file():
+        return None
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    if saved.get("settings") != _settings(args):
+        return None
+    say(f"{key}: kept from {path}")
+    return saved["result"]
+
+
+def _saved(work: Path, key: str, result: dict[str, Any], args) -> dict[str, Any]:
+    """Keep a finished fold (atomically, with the commit it ran on), so an interrupted
+    benchmark resumes after it."""
+    from medtune.io import write_json
+
+    result = {**result, "commit": _commit()}
+    write_json(work / "done" / f"{key}.json", {"settings": _settings(args), "result": result})
+    return result
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    keys = ("seed", "image_size", "few_labels", "label_draws", "shift_n", "shift_draws")
+    return {k: getattr(args, k, None) for k in keys}
 
 
 def _train(sites: list[Path], out: Path, name: str, args: argparse.Namespace) -> tuple[str, float]:

@@ -149,7 +149,7 @@ def write_run_engine(
     card = folder.read_card()
     try:
         data = getattr(model, "graph", None) or engine_graph(model, card, parity_images)
-    except MedtuneError as err:
+    except (MedtuneError, ValueError) as err:
         log.warning("no ONNX engine for this run (PyTorch will score it): %s", err)
         return None
     data = _with_digest(data, weights_digest(folder.path(RunFolder.MODEL_WEIGHTS)))
@@ -246,7 +246,7 @@ def model_scorer(
                 batch_size=batch_size,
                 num_threads=num_threads,
             )
-        except MedtuneError as err:
+        except (MedtuneError, ValueError) as err:  # ValueError: a model without a head
             log.warning("the ONNX engine cannot run this model; PyTorch scores it: %s", err)
     from medtune.evaluation.inference import TorchScorer
 

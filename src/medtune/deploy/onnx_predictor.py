@@ -54,6 +54,10 @@ ImageLike = str | os.PathLike[str] | Image.Image | np.ndarray
 Images = np.ndarray | Sequence[ImageLike]
 
 
+#: ``OnnxPredictor(site_shift=...)`` default: the site-shift model the export's card names.
+FROM_CARD: Any = object()
+
+
 class Prediction(NamedTuple):
     """``probs`` (N x K float64) and decoded ``labels`` (N int64 class indices)."""
 
@@ -69,8 +73,12 @@ class Prediction(NamedTuple):
 class OnnxPredictor:
     """ONNX Runtime inference for a medtune export (``model.onnx`` + ``model.json``).
 
-    ``model_path`` is the ``.onnx`` file or the export folder. ``card`` overrides reading
-    ``model.json`` (the exporter uses this for its parity check before anything is written).
+    ``model_path`` is the ``.onnx`` file or the export folder, or the serialised graph (bytes,
+    with ``card``; :mod:`medtune.deploy.engine`). ``card`` overrides reading ``model.json`` (the
+    exporter uses this for its parity check before anything is written). ``site_shift``: the
+    :class:`~medtune.evaluation.shift.SiteShiftModel` to score with (``None``: none); by default
+    the one the card names beside the model file. ``num_threads``: ONNX Runtime's intra-op
+    threads (default one per core); ``batch_size``: images per ``run`` call.
     """
 
     def __init__(
@@ -81,7 +89,7 @@ class OnnxPredictor:
         providers: Sequence[str] | None = None,
         num_threads: int | None = None,
         batch_size: int = 32,
-        site_shift: Any = None,
+        site_shift: Any = FROM_CARD,
         name: str = "model.onnx (in memory)",
     ) -> None:
         #: the serialised graph when given as bytes (``medtune.deploy.engine`` saves it)
@@ -104,7 +112,8 @@ class OnnxPredictor:
         self._input_name = self._session.get_inputs()[0].name
         self._output_name = self._session.get_outputs()[0].name
         self._has_features = FEATURES_NAME in {o.name for o in self._session.get_outputs()}
-        self._site_shift: Any = site_shift
+        self._from_card = site_shift is FROM_CARD
+        self._site_shift: Any = None if self._from_card else site_shift
         spec = self.card.input_spec
         self._lut = normalisation_table(spec.mean, spec.std)
 
@@ -191,7 +200,7 @@ class OnnxPredictor:
     def site_shift(self) -> Any:
         """The export's :class:`~medtune.evaluation.shift.SiteShiftModel`, or ``None``."""
         ref = self.card.site_shift
-        if self._site_shift is None and ref is not None and self._has_features:
+        if self._from_card and self._site_shift is None and ref is not None and self._has_features:
             from medtune.evaluation.shift import SiteShiftModel  # numpy only
 
             self._site_shift = SiteShiftModel.load(self.model_path.parent / ref.file)
