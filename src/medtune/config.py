@@ -37,6 +37,9 @@ TTA_MODES = ("none", "rot90")
 #: Inference engines after training (:mod:`medtune.deploy.engine`): ONNX Runtime fp32, the
 #: default, or PyTorch eager fp32.
 ENGINES = ("onnx", "torch")
+#: Worklist roles: a grader screens, reviews and exports; an admin also manages users and reads
+#: the audit (``medtune.worklist``).
+ROLES = ("grader", "admin")
 #: Optimisers of the fine-tuning recipe (``transfer.recipe``).
 OPTIMIZERS = ("adamw", "sgd")
 #: Learning-rate decays after the warm-up (``transfer.recipe``).

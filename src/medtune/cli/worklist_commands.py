@@ -7,8 +7,8 @@ import datetime as dt
 import getpass
 import sys
 
+from medtune.config import ROLES
 from medtune.errors import MedtuneError
-from medtune.worklist.models import ROLES
 
 DB_HELP = "worklist database URL (default SQLite in the data folder; postgresql://user:pw@host/db)"
 DIR_HELP = "data folder (default $MEDTUNE_DATA or the user's data folder)"

@@ -15,7 +15,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax
 from scipy.special import softmax as _softmax
 
@@ -87,6 +86,8 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
     logits, y = _check_probs_labels(logits, y)
     if len(y) == 0:
         return 1.0
+    from scipy.optimize import minimize_scalar  # 0.25 s to import: only when fitting
+
     res = minimize_scalar(
         lambda log_t: nll(logits, y, float(np.exp(log_t))),
         bounds=_LOG_T_BOUNDS,

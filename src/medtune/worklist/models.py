@@ -18,8 +18,6 @@ from typing import Any
 from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-#: Roles: a grader screens, reviews and exports; an admin also manages users and reads the audit.
-ROLES = ("grader", "admin")
 #: Eye sides stored (``unknown`` when neither the user nor the file name said which eye).
 EYES = ("right", "left", "unknown")
 

@@ -18,9 +18,10 @@ from dataclasses import dataclass
 
 from sqlalchemy import delete, select
 
+from medtune.config import ROLES
 from medtune.errors import MedtuneError
 from medtune.worklist.db import Database
-from medtune.worklist.models import ROLES, ApiToken, AuditEntry, LoginSession, User, utcnow
+from medtune.worklist.models import ApiToken, AuditEntry, LoginSession, User, utcnow
 
 MAX_FAILURES = 5
 LOCK_MINUTES = 15

@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
+from medtune.config import ROLES
 from medtune.errors import MedtuneError
 from medtune.workflows.serve import page
 from medtune.workflows.serve.auth import check_origin, require_admin, require_user
@@ -30,7 +31,6 @@ from medtune.workflows.serve.screening import (
     display_name,
     patient_screening,
 )
-from medtune.worklist.models import ROLES
 from medtune.worklist.store import Filters
 from medtune.worklist.users import Identity, LoginRefused
 
