@@ -3,8 +3,8 @@
 A linear probe (``medtune.transfer.linear_probe.fit_probe``) on the ImageNet Lite0 features of the
 APTOS training split is calibrated (temperature) and given its sens90 point on the APTOS validation
 split, as ``medtune train`` does. On eyepacs-dev the stale point is applied, then
-:func:`medtune.evaluation.metrics.move_operating_point` is run on random labelled samples of
-whole patients (``--sizes`` images, ``--draws`` draws each) and the moved point is scored on the
+:func:`medtune.evaluation.operating_points.move_operating_point` is run on random labelled samples
+of whole patients (``--sizes`` images, ``--draws`` draws each) and the moved point is scored on the
 REST of eyepacs-dev. Prints JSON. Features are shared with ``site_shift.py`` (same cache).
 
     PYTHONPATH=src python benchmarks/site_operating_point.py
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     from medtune.errors import MedtuneError
     from medtune.evaluation.calibration import apply_temperature, fit_temperature
     from medtune.evaluation.labels import LabelSpace
-    from medtune.evaluation.metrics import (
+    from medtune.evaluation.operating_points import (
         apply_operating_point,
         choose_operating_points,
         move_operating_point,

@@ -48,7 +48,8 @@ SCHEDULES = ("cosine", "step")
 CLASS_WEIGHTS = ("auto", "none")
 #: Validated operating points on P(referable) and the sensitivity each one targets on validation
 #: (``None``: Youden's J, max sensitivity + specificity - 1); chosen by
-#: ``evaluation.metrics.choose_operating_points``, applied by ``predict``, ``serve`` and the report.
+#: ``evaluation.operating_points.choose_operating_points``, applied by ``predict``, ``serve`` and
+#: the report.
 OPERATING_POINTS: dict[str, float | None] = {"sens90": 0.90, "sens97.5": 0.975, "youden": None}
 #: The operating point that sets the referral flag unless one is chosen (screening).
 DEFAULT_OPERATING_POINT = "sens90"

@@ -49,3 +49,33 @@ def test_the_scan_sees_a_literal_list() -> None:
     """The check above would catch the literals this issue removed from cli/commands.py."""
     tree = ast.parse('p.add_argument("--x", choices=["sens90", "sens97.5", "youden"])')
     assert any(len(words & set(config.OPERATING_POINTS)) >= 2 for _, words in _literal_lists(tree))
+
+
+#: Parameters named ``size`` that are not the model's input side, and what they are instead.
+OTHER_SIZES = {
+    "data/synthetic.py": "the side of a generated synthetic photograph",
+    "data/fundus.py:_square_resize": "the side of any square resize",
+}
+
+
+def _size_parameters(tree: ast.AST, where: str):
+    """``(place, line)`` of every function parameter named ``size`` outside :data:`OTHER_SIZES`."""
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            args = [*node.args.posonlyargs, *node.args.args, *node.args.kwonlyargs]
+            place = f"{where}:{node.name}"
+            if any(a.arg == "size" for a in args) and not (
+                where in OTHER_SIZES or place in OTHER_SIZES
+            ):
+                yield place, node.lineno
+
+
+def test_the_model_input_side_is_called_image_size() -> None:
+    found = [
+        hit
+        for path in sorted(SRC.rglob("*.py"))
+        for hit in _size_parameters(ast.parse(path.read_text()), path.relative_to(SRC).as_posix())
+    ]
+    assert not found, f"call the model's input side image_size (docs/architecture.md): {found}"
+    sample = ast.parse("def prepare(img, size: int):\n    return img\n")
+    assert list(_size_parameters(sample, "data/x.py")) == [("data/x.py:prepare", 1)]

@@ -49,14 +49,13 @@ def test_prepare_builds_exact_cache(tmp_path: Path) -> None:
     assert c.images.shape == (6, 16, 16, 3) and c.images.dtype == np.uint8
     assert not c.images.flags.writeable
     assert c.keys == s.keys and c.labels.tolist() == s.labels.tolist()
-    assert c.class_names == ["0", "1"] and c.size == 16 and len(c) == 6
+    assert c.class_names == ["0", "1"] and c.image_size == 16 and len(c) == 6
     assert c.dir == tmp_path / "cache" / c.key and c.skipped == []
     for i in range(6):  # same size + no crop: stored pixels are the source pixels
         assert np.array_equal(c.images[i], np.asarray(s.load(i)))
     assert _dirs(tmp_path / "cache") == [c.key]
     again = open_cache(c.dir)
     assert again.keys == c.keys and np.array_equal(again.images, c.images)
-    assert c.index_of(["img3.png", "img0.png"]).tolist() == [3, 0]
 
 
 def test_default_options_resize(tmp_path: Path) -> None:

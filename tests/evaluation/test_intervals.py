@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 from scipy.stats import binomtest
 
+from medtune.evaluation import intervals
 from medtune.evaluation import metrics as M
-from medtune.evaluation.metrics import compute_metrics, effective_sample_size, proportion_ci
+from medtune.evaluation.intervals import effective_sample_size, proportion_ci
+from medtune.evaluation.metrics import compute_metrics
 from medtune.evaluation.report import write_report
 from medtune.evaluation.tables import metrics_table
 
@@ -111,7 +113,7 @@ def test_perfect_balanced_accuracy_gets_a_conservative_interval() -> None:
 def test_wilson_by_hand_equals_scipy_for_integer_counts() -> None:
     for k, n in [(0, 1), (0, 4), (3, 4), (4, 4), (17, 50), (999, 1000)]:
         ci = binomtest(k, n).proportion_ci(confidence_level=0.9, method="wilson")
-        assert M._wilson(k / n, n, 0.9) == pytest.approx([ci.low, ci.high], abs=1e-12)
+        assert intervals._wilson(k / n, n, 0.9) == pytest.approx([ci.low, ci.high], abs=1e-12)
         assert proportion_ci(np.arange(n) < k, level=0.9) == pytest.approx([ci.low, ci.high])
 
 

@@ -14,7 +14,7 @@ from medtune.evaluation.label_free import (
     operating_point_status,
     score_label_free_points,
 )
-from medtune.evaluation.metrics import choose_operating_points
+from medtune.evaluation.operating_points import choose_operating_points
 
 
 def _site(n: int, prevalence: float, rng: np.random.Generator, offset: float = 0.0):

@@ -16,10 +16,10 @@ import pytest
 
 from medtune.evaluation.calibration import apply_temperature
 from medtune.evaluation.labels import LabelSpace
-from medtune.evaluation.metrics import (
+from medtune.evaluation.metrics import compute_metrics
+from medtune.evaluation.operating_points import (
     apply_operating_point,
     choose_operating_points,
-    compute_metrics,
     move_operating_point,
 )
 from medtune.evaluation.referral import ReferralRule, build_rows, format_figure

@@ -8,7 +8,7 @@ import pytest
 from medtune.errors import MedtuneError
 from medtune.evaluation.calibration import apply_temperature, fit_temperature
 from medtune.evaluation.labels import LabelSpace
-from medtune.evaluation.metrics import (
+from medtune.evaluation.operating_points import (
     apply_operating_point,
     choose_operating_points,
     move_operating_point,

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from medtune.evaluation.metrics import choose_operating_points, compute_metrics
+from medtune.evaluation.metrics import compute_metrics
+from medtune.evaluation.operating_points import choose_operating_points
 from medtune.evaluation.site_points import worst_site_threshold
 
 

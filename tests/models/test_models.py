@@ -24,7 +24,7 @@ from medtune.models import (
 from medtune.models.backbones import (
     LITE0_ARCH,
     convert_lukemelas_lite0,
-    lite0_package_weights,
+    lite_package_weights,
 )
 
 LITE0_STAGES = ["stem"] + [f"blocks.{i}" for i in range(7)] + ["conv_head"]
@@ -78,7 +78,7 @@ def test_lite0_config_and_bn_conventions(lite0):
 
 
 def test_lite0_mapping_fails_loudly_on_a_wrong_shape():
-    path = lite0_package_weights()
+    path = lite_package_weights()
     state = load_state_dict_file(path)
     net = timm.create_model(LITE0_ARCH)
     key = "_blocks.3._project_conv.weight"
@@ -92,7 +92,7 @@ def test_lite0_mapping_fails_loudly_on_a_wrong_shape():
 
 
 def test_lite0_accepts_the_packaged_file_as_weights_path(lite0, tmp_path):
-    state = load_state_dict_file(lite0_package_weights())
+    state = load_state_dict_file(lite_package_weights())
     no_counters = {
         k: v.contiguous() for k, v in state.items() if not k.endswith("num_batches_tracked")
     }

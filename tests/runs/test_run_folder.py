@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from conftest import TINY_SETTINGS, tiny_flags, write_graded_images
 
 from medtune.cli.main import main
 from medtune.data import load_imageset
+from medtune.errors import MedtuneError
 from medtune.runs import RunFolder
 from medtune.workflows.evaluate import evaluate
 from medtune.workflows.train import train
@@ -124,3 +126,24 @@ def test_a_run_written_before_a_setting_existed_keeps_what_it_trained_with(tmp_p
     config = folder.read_config()
     assert config.augment == [] and config.ema is None
     assert TrainConfig().augment == ["site"]  # a new run gets site augmentation
+
+
+def test_evaluation_files_are_named_by_the_run_folder(tmp_path: Path) -> None:
+    folder = RunFolder(tmp_path)
+    assert folder.latest_eval_metrics() is None
+    old = folder.write_eval_metrics("old", {"n": 1})
+    new = folder.write_eval_metrics("new", {"n": 2})
+    assert old == tmp_path / "eval" / "old" / "metrics.json" and json.loads(old.read_text()) == {
+        "n": 1
+    }
+    newer = new.stat().st_mtime + 5
+    os.utime(new, (newer, newer))
+    assert folder.latest_eval_metrics() == ("new", {"n": 2})
+    new.write_text("{not json")  # an unreadable newest evaluation falls back to none
+    assert folder.latest_eval_metrics() is None
+    quality = folder.write_eval_quality("new", {"n_ungradable": 0})
+    assert quality.parent == new.parent and quality.name == "quality.json"
+    assert folder.export_dir == tmp_path / "export"
+    assert folder.metrics_path == tmp_path / "metrics.json"
+    with pytest.raises(MedtuneError, match="plain folder name"):
+        folder.write_eval_metrics("../x", {})

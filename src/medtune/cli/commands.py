@@ -230,7 +230,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
     patients = result.metrics.get("patients")
     if patients:
         print(_patients_line(patients))
-    print(f"metrics: {result.dir / 'metrics.json'}\nreport: {result.report}")
+    print(f"metrics: {result.metrics_path}\nreport: {result.report}")
 
 
 def _patients_line(pm: dict[str, Any]) -> str:
@@ -410,8 +410,8 @@ def run_adapt(args: argparse.Namespace) -> None:
             if home["before"].get(k) is not None and home["after"][k] is not None
         ]
         print(f"home site after fine-tuning ({home['images']}): {', '.join(pairs)}")
-    if result.record.get("suggested"):
-        print(f"images to label first: {result.dir / result.record['suggested']}")
+    if result.suggested_path is not None:
+        print(f"images to label first: {result.suggested_path}")
     print(f"run folder: {result.dir}")
 
 

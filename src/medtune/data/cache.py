@@ -31,7 +31,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -74,7 +74,7 @@ class PreparedCache:
 
     dir: Path
     key: str
-    size: int
+    image_size: int
     keys: list[str]
     labels: np.ndarray
     class_names: list[str]
@@ -107,7 +107,7 @@ class PreparedCache:
     def fov_mask(self, row: int) -> np.ndarray:
         """The field-of-view mask of image ``row`` (bool ``S x S``), as computed once by
         :func:`prepare` with :func:`medtune.data.fundus.field_of_view_mask`."""
-        return unpack_mask(self.fov[row], self.size)
+        return unpack_mask(self.fov[row], self.image_size)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -118,20 +118,15 @@ class PreparedCache:
         state["_fov"] = None
         return state
 
-    def index_of(self, keys: Iterable[str]) -> np.ndarray:
-        """Row indices of the given image keys (``KeyError`` names the first unknown key)."""
-        lookup = {k: i for i, k in enumerate(self.keys)}
-        return np.asarray([lookup[k] for k in keys], dtype=np.int64)
-
 
 def pack_mask(mask: np.ndarray) -> np.ndarray:
     """A bool ``S x S`` mask as uint8 ``S x ceil(S / 8)`` (``numpy.packbits`` along rows)."""
     return np.packbits(mask, axis=-1)
 
 
-def unpack_mask(packed: np.ndarray, size: int) -> np.ndarray:
+def unpack_mask(packed: np.ndarray, image_size: int) -> np.ndarray:
     """Inverse of :func:`pack_mask`: bool ``S x S``."""
-    return np.unpackbits(np.asarray(packed), axis=-1, count=size).astype(bool)
+    return np.unpackbits(np.asarray(packed), axis=-1, count=image_size).astype(bool)
 
 
 def open_cache(path: str | os.PathLike[str]) -> PreparedCache:
@@ -152,7 +147,7 @@ def open_cache(path: str | os.PathLike[str]) -> PreparedCache:
     cache = PreparedCache(
         dir=path,
         key=meta["key"],
-        size=int(meta["size"]),
+        image_size=int(meta["size"]),
         keys=list(meta["keys"]),
         labels=np.asarray(meta["labels"], dtype=np.int64),
         class_names=list(meta["class_names"]),
@@ -163,9 +158,9 @@ def open_cache(path: str | os.PathLike[str]) -> PreparedCache:
         params=dict(meta["params"]),
         sites=meta.get("sites"),
     )
-    n, size = len(cache.keys), cache.size
-    _check_array(path, "images.npy", lambda: cache.images.shape, (n, size, size, 3))
-    _check_array(path, "fov.npy", lambda: cache.fov.shape, (n, size, (size + 7) // 8))
+    n, image_size = len(cache.keys), cache.image_size
+    _check_array(path, "images.npy", lambda: cache.images.shape, (n, image_size, image_size, 3))
+    _check_array(path, "fov.npy", lambda: cache.fov.shape, (n, image_size, (image_size + 7) // 8))
     return cache
 
 
@@ -186,7 +181,7 @@ def _check_array(path: Path, name: str, shape_of: Any, expected: tuple[int, ...]
 
 def prepare(
     imageset: ImageSet,
-    size: int,
+    image_size: int,
     fundus_opts: FundusOptions | dict[str, Any] | None = None,
     out_dir: str | os.PathLike[str] = "cache",
     *,
@@ -203,16 +198,16 @@ def prepare(
     """
     from medtune.data import fundus
 
-    if int(size) < 1:
-        raise MedtuneError(f"image size must be a positive number of pixels, got {size}")
-    size = int(size)
+    if int(image_size) < 1:
+        raise MedtuneError(f"image size must be a positive number of pixels, got {image_size}")
+    image_size = int(image_size)
     if fundus_opts is None or isinstance(fundus_opts, dict):
         opts = fundus.FundusOptions.from_dict(fundus_opts)
     else:
         opts = fundus_opts
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    params = _params(size, opts, fundus)
+    params = _params(image_size, opts, fundus)
     identities = [imageset.identity(i) for i in range(len(imageset))]
     key = cache_key(imageset, identities, params)
     final = out / key
@@ -229,13 +224,13 @@ def prepare(
     return cache
 
 
-def _params(size: int, opts: Any, fundus: Any) -> dict[str, Any]:
+def _params(image_size: int, opts: Any, fundus: Any) -> dict[str, Any]:
     return {
         "format": FORMAT_VERSION,
-        "size": size,
+        "size": image_size,
         "fundus": opts.to_dict(),
         "fundus_version": getattr(fundus, "VERSION", None),
-        "decode": "min_side",  # decoded only as large as ``size`` needs (prepare_image)
+        "decode": "min_side",  # decoded only as large as ``image_size`` needs (prepare_image)
     }
 
 
@@ -484,7 +479,7 @@ def _run_pool(pool: cf.Executor, chunks: list[range], task: Any, take: Any, wind
 def _process_chunk(
     npy: str,
     items: list[tuple[int, str | np.ndarray]],
-    size: int,
+    image_size: int,
     fundus_opts: dict[str, Any],
 ) -> list[tuple[int, str]]:
     """Prepare ``items`` into their rows of ``npy`` and their FOV masks into ``fov.npy`` beside
@@ -498,12 +493,12 @@ def _process_chunk(
     try:
         for row, src in items:
             try:
-                arr = prepare_image(src, size, opts)
+                arr = prepare_image(src, image_size, opts)
             except BadImageError as err:
                 match = _REASON.search(str(err))
                 failures.append((row, match.group(1) if match else str(err)))
                 continue
-            if arr.shape != (size, size, 3) or arr.dtype != np.uint8:
+            if arr.shape != (image_size, image_size, 3) or arr.dtype != np.uint8:
                 raise RuntimeError(f"preprocess returned {arr.shape} {arr.dtype} for row {row}")
             mm[row] = arr
             fov[row] = pack_mask(fundus.field_of_view_mask(arr))

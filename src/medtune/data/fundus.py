@@ -430,16 +430,16 @@ def _ben_graham(arr: np.ndarray, mask: np.ndarray, sigma: float) -> np.ndarray:
 
 
 def preprocess(
-    img: Image.Image | np.ndarray, size: int, opts: FundusOptions | None = None
+    img: Image.Image | np.ndarray, image_size: int, opts: FundusOptions | None = None
 ) -> np.ndarray:
     """Crop a fundus photo to its field of view, pad to square, resize; optional masking, colour
     standardisation, CLAHE and Ben Graham.
 
-    Returns a ``size x size x 3`` uint8 array. With ``opts.crop=False`` the image is only padded to
-    square and resized. Images without a dark border are not cropped.
+    Returns an ``image_size x image_size x 3`` uint8 array. With ``opts.crop=False`` the image
+    is only padded to square and resized. Images without a dark border are not cropped.
     """
-    if size < 1:
-        raise ValueError(f"size must be >= 1, got {size}")
+    if image_size < 1:
+        raise ValueError(f"image_size must be >= 1, got {image_size}")
     opts = opts or FundusOptions()
     pil = _as_pil(img)
     if pil.mode != "RGB":
@@ -449,7 +449,7 @@ def preprocess(
         if box is not None:
             top, left, bottom, right = box
             pil = pil.crop((left, top, right, bottom))
-    arr = np.array(_square_resize(pil, size), dtype=np.uint8)
+    arr = np.array(_square_resize(pil, image_size), dtype=np.uint8)
     if not (opts.mask or opts.colour_std or opts.clahe or opts.ben_graham):
         return arr
     mask = field_of_view_mask(arr)
@@ -460,6 +460,6 @@ def preprocess(
     if opts.clahe:
         arr = _clahe_luminance(arr, mask)
     if opts.ben_graham:
-        sigma = opts.ben_graham_sigma if opts.ben_graham_sigma is not None else size / 30.0
+        sigma = opts.ben_graham_sigma if opts.ben_graham_sigma is not None else image_size / 30.0
         arr = _ben_graham(arr, mask, max(0.1, float(sigma)))
     return arr

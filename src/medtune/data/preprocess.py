@@ -68,12 +68,12 @@ def _array_to_pil(arr: np.ndarray) -> Image.Image:
 
 def prepare_image(
     src: str | os.PathLike[str] | np.ndarray | Image.Image,
-    size: int,
+    image_size: int,
     fundus_opts: Any = None,
 ) -> np.ndarray:
-    """Decode and preprocess ONE image exactly as :func:`prepare` does (uint8 size x size x 3).
+    """Decode and preprocess ONE image exactly as :func:`prepare` does (uint8, S x S x 3).
 
-    The image is decoded only as large as ``size`` needs (shorter side >= ``size``: JPEG DCT
+    The image is decoded only as large as ``image_size`` (S) needs (shorter side >= S: JPEG DCT
     scaling, or a whole-factor box reduction; :func:`decode_source`), then the field of view is
     found on it, cropped and resized once (:func:`medtune.data.fundus.preprocess`). ``predict``,
     the web page and the ONNX predictor use it, so deployed inputs match the training cache; the
@@ -83,7 +83,7 @@ def prepare_image(
     ----------
     src : path-like, numpy.ndarray or PIL.Image.Image
         A file, pixels, or an already decoded image (any size and mode).
-    size : int
+    image_size : int
         The network's input size in pixels.
     fundus_opts : FundusOptions or dict, optional
         Fundus preprocessing (default: crop to the field of view only).
@@ -91,7 +91,7 @@ def prepare_image(
     Returns
     -------
     numpy.ndarray
-        uint8 ``size x size x 3``.
+        uint8 ``image_size x image_size x 3``.
 
     Raises
     ------
@@ -104,7 +104,7 @@ def prepare_image(
         else (fundus.FundusOptions.from_dict(fundus_opts))
     )
     if isinstance(src, Image.Image):
-        img = reduce_to_min_side(to_rgb8(src), size)
+        img = reduce_to_min_side(to_rgb8(src), image_size)
     else:
-        img = decode_source(src, min_side=size)
-    return fundus.preprocess(img, size, opts)
+        img = decode_source(src, min_side=image_size)
+    return fundus.preprocess(img, image_size, opts)

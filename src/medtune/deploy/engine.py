@@ -258,11 +258,11 @@ def _check_engine(engine: str) -> None:
         raise MedtuneError(f"engine {engine!r} is unknown; use one of {', '.join(ENGINES)}")
 
 
-def _parity_images(size: int, images: np.ndarray | None) -> np.ndarray:
+def _parity_images(image_size: int, images: np.ndarray | None) -> np.ndarray:
     if images is not None and len(images):
         return np.asarray(images[:PARITY_IMAGES], dtype=np.uint8)
     rng = np.random.default_rng(0)
-    return rng.integers(0, 256, (PARITY_IMAGES, size, size, 3), dtype=np.uint8)
+    return rng.integers(0, 256, (PARITY_IMAGES, image_size, image_size, 3), dtype=np.uint8)
 
 
 def _with_digest(data: bytes, digest: str) -> bytes:

@@ -269,11 +269,11 @@ def _check_features(
 # ---------------------------------------------------------------------------------------------
 
 
-def _as_uint8_images(inputs: np.ndarray | torch.Tensor, size: int) -> np.ndarray:
+def _as_uint8_images(inputs: np.ndarray | torch.Tensor, image_size: int) -> np.ndarray:
     arr = inputs.detach().cpu().numpy() if isinstance(inputs, torch.Tensor) else np.asarray(inputs)
-    if arr.ndim != 4 or arr.shape[1:] != (size, size, 3) or len(arr) == 0:
+    if arr.ndim != 4 or arr.shape[1:] != (image_size, image_size, 3) or len(arr) == 0:
         raise MedtuneError(
-            f"parity inputs must be N x {size} x {size} x 3 uint8 images (N >= 1); "
+            f"parity inputs must be N x {image_size} x {image_size} x 3 uint8 images (N >= 1); "
             f"got {tuple(arr.shape)}"
         )
     if arr.dtype != np.uint8:

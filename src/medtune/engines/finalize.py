@@ -22,10 +22,10 @@ from medtune.data import Part
 from medtune.deploy.engine import describe, model_scorer, write_run_engine
 from medtune.errors import MedtuneError
 from medtune.evaluation.calibration import apply_temperature, fit_temperature
-from medtune.evaluation.card import ModelCard, OperatingPoints, SiteShiftRef
+from medtune.evaluation.card import ModelCard, SiteShiftRef
 from medtune.evaluation.decoding import choose_decoding
-from medtune.evaluation.labels import LabelSpace
-from medtune.evaluation.metrics import compute_metrics, validated_operating_points
+from medtune.evaluation.metrics import compute_metrics, per_site_metrics
+from medtune.evaluation.operating_points import card_operating_points
 from medtune.evaluation.scoring import Scorer
 from medtune.evaluation.shift import BatchShiftTest, SiteShiftModel
 from medtune.runs import RunData, RunFolder
@@ -75,34 +75,6 @@ def fit_site_shift(
         rows = np.sort(rng.choice(rows, size=max_train, replace=False))
     _, train_features = scorer.logits_and_features(Part(train.cache, rows).images)
     return SiteShiftModel.fit(train_features, val_features)
-
-
-def per_site_metrics(
-    part: Part, probs: np.ndarray, **kwargs: Any
-) -> dict[str, dict[str, Any]] | None:
-    """:func:`compute_metrics` of every site's images (``None`` when the part has no sites).
-
-    ``kwargs`` go to :func:`compute_metrics` unchanged (e.g. ``val=`` the POOLED validation
-    labels and probabilities, so every site is scored at the same operating points).
-    """
-    sites = part.sites
-    if sites is None:
-        return None
-    sites = np.asarray(sites, dtype=object)
-    groups = part.groups
-    out = {}
-    for site in sorted(set(sites.tolist())):
-        rows = np.flatnonzero(sites == site)
-        try:
-            out[site] = compute_metrics(
-                part.labels[rows],
-                probs[rows],
-                groups=None if groups is None else [groups[i] for i in rows],
-                **kwargs,
-            )
-        except (MedtuneError, ValueError) as err:
-            out[site] = {"n": len(rows), "error": str(err)}
-    return out
 
 
 def finalize_run(
@@ -173,7 +145,7 @@ def finalize_run(
         temperature=float(temperature),
         decoding=decoding,
         stage=getattr(model, "stage", None),
-        operating_points=operating_points(
+        operating_points=card_operating_points(
             y_val, val_logits, float(temperature), labels, data.val.groups, data.val.sites
         ),
     )
@@ -206,60 +178,6 @@ def finalize_run(
     }
     run.write_metrics(metrics)
     return metrics
-
-
-def operating_points(
-    y_val: np.ndarray,
-    val_logits: dict[str, np.ndarray],
-    temperature: float,
-    labels: LabelSpace,
-    groups: Any,
-    sites: Any = None,
-) -> OperatingPoints | None:
-    """The referral thresholds chosen on validation, per TTA mode, for the model card.
-
-    Parameters
-    ----------
-    y_val : ndarray of int, shape (N,)
-        Validation labels.
-    val_logits : dict of str to ndarray, shape (N, K)
-        Validation logits per TTA mode (``"none"``, ``"rot90"``).
-    temperature : float
-        The fitted temperature.
-    labels : LabelSpace
-        The model's classes (the referral task is :attr:`LabelSpace.binary_task`).
-    groups : sequence or None
-        Patient ids (clustered intervals).
-    sites : sequence or None, default None
-        The site of each validation image: sensitivity points hold at the worst site.
-
-    Returns
-    -------
-    OperatingPoints or None
-        ``None`` when the model has no referral task or validation lacks positives or
-        negatives. Sensitivity and specificity are those on validation, where the thresholds
-        were chosen (in-sample), with 95% Wilson intervals
-        (:func:`medtune.evaluation.metrics.validated_operating_points`).
-    """
-    task = labels.binary_task
-    if task is None:
-        return None
-    points = {
-        tta: validated_operating_points(
-            y_val, apply_temperature(z, temperature), task, groups, sites
-        )
-        for tta, z in val_logits.items()
-    }
-    if not points.get("none"):
-        return None
-    return OperatingPoints(
-        name=task.name,
-        positive_classes=task.positive,
-        score=task.score_name,
-        n_val=len(y_val),
-        n_val_positive=int(task.labels(y_val).sum()),
-        points=points,
-    )
 
 
 def _add_per_site(metrics: dict[str, Any], part: Part, probs: np.ndarray, **kwargs: Any) -> None:

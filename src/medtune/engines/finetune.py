@@ -104,7 +104,7 @@ class RecordTrainPositions(L.Callback):
     one ``epoch position`` line per image, so DDP sharding can be checked."""
 
     def __init__(self, run_dir: Path) -> None:
-        self.dir = Path(run_dir) / "debug"
+        self.dir = RunFolder(run_dir).debug_dir
         self.seen: list[int] = []
 
     def on_train_batch_end(

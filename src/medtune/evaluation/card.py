@@ -118,7 +118,7 @@ class OperatingPoint:
 @dataclass(frozen=True)
 class OperatingPoints:
     """The referral thresholds chosen on VALIDATION, per TTA mode (``sens90``, ``sens97.5``,
-    ``youden``; :func:`medtune.evaluation.metrics.validated_operating_points`).
+    ``youden``; :func:`medtune.evaluation.operating_points.validated_operating_points`).
 
     Attributes
     ----------

@@ -111,16 +111,16 @@ def label_free_threshold(
         ``t'``: refer when ``score >= t'``; about ``prevalence * sensitivity + (1 -
         prevalence) * (1 - specificity)`` of ``new_scores`` lie at or above it (more when
         scores tie at the cut: tied images are all referred). Like every validated operating
-        point (:func:`medtune.evaluation.metrics.gap_threshold`), ``t'`` lies in the middle of
-        the gap between the lowest referred score and the next lower one; the lowest score
-        itself when every image is referred.
+        point (:func:`medtune.evaluation.operating_points.gap_threshold`), ``t'`` lies in the
+        middle of the gap between the lowest referred score and the next lower one; the lowest
+        score itself when every image is referred.
 
     Raises
     ------
     MedtuneError
         For no scores, or a rate outside [0, 1].
     """
-    from medtune.evaluation.metrics import gap_threshold  # scikit-learn: only when moving points
+    from medtune.evaluation.operating_points import gap_threshold  # scikit-learn: when moving
 
     scores = np.asarray(new_scores, dtype=np.float64).ravel()
     if scores.size == 0 or not np.isfinite(scores).all():
@@ -261,8 +261,9 @@ def score_label_free_points(
         "specificity_ci", "tp", "fp", "tn", "fn", ...}}`` plus ``method`` and ``status``;
         ``None`` when the points were not moved without labels.
     """
+    from medtune.evaluation.intervals import proportion_ci
     from medtune.evaluation.labels import BinaryTask
-    from medtune.evaluation.metrics import apply_operating_point, proportion_ci
+    from medtune.evaluation.operating_points import apply_operating_point
 
     ops = operating_points
     points = None if ops is None else ops.points.get(tta)

@@ -430,7 +430,7 @@ def _rows_at(
 
 def _proportion(success: np.ndarray) -> tuple[float | None, list[float] | None]:
     """A proportion and its Wilson interval (patients are independent: no clustering)."""
-    from medtune.evaluation.metrics import proportion_ci
+    from medtune.evaluation.intervals import proportion_ci
 
     success = np.asarray(success, dtype=bool)
     if success.size == 0:
@@ -496,7 +496,7 @@ def patient_metrics(
     (imageability = 1 - that share), and so are the sensitivity and specificity when an
     insufficient-quality answer counts as a referral (what a programme does with it). Patients
     are independent units, so every interval is a Wilson score interval
-    (:func:`medtune.evaluation.metrics.proportion_ci` without groups).
+    (:func:`medtune.evaluation.intervals.proportion_ci` without groups).
 
     Parameters
     ----------

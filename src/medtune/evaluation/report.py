@@ -508,29 +508,6 @@ def _html(
     m = splits[main]
     esc = html.escape
     names = _names(m)
-    cfg = yaml.safe_dump(_plain(config), sort_keys=False, allow_unicode=True) if config else "{}"
-    boot = m.get("bootstrap") or {}
-    boot_txt = (
-        f"95% intervals: {_interval_words(m)}; bootstrap: {boot.get('n_boot')} resamples of "
-        f"{boot.get('n_units')} {boot.get('unit')}s (seed {boot.get('seed')}); "
-        "operating-point thresholds and decoding held fixed."
-        if boot
-        else "No intervals (n_boot = 0)."
-    )
-    thr_txt = ""
-    if m.get("operating_points"):
-        thr_txt = (
-            f"<h3>Operating points: {esc(m['binary_task']['name'])}</h3>"
-            f"<p>Thresholds on {esc(_score_in_words(m))} were chosen on "
-            f"<strong>{esc(str(m.get('thresholds_from')))}</strong> and applied unchanged to the "
-            f"{esc(main)} data; a case is positive when its score is at or above the threshold. "
-            "The headline sensitivity/specificity use the Youden point; <code>medtune predict"
-            "</code> refers at the 90% sensitivity point unless told otherwise.</p>"
-            + _table("tbl-operating-points", _OP_HEADER, _op_rows(m))
-        )
-    notes = "".join(
-        f"<li>{esc(n)}</li>" for n in [*(m.get("warnings") or []), *(m.get("notes") or [])]
-    )
     pred = m.get("prediction") or {"method": "argmax"}
     grades = ", ".join(f"{k} = {n}" for k, n in enumerate(names))
     parts = [
@@ -544,6 +521,36 @@ def _html(
         f'<p class="muted">Grades: {esc(grades)}. Grade = '
         f"{esc(decoding_rule(pred, names))}.</p></section>",
         _synthetic_banner(synthetic),
+        *_metrics_section(splits, main),
+        _patients_section(m),
+        _sites_section(extra.get("sites")),
+        _quality_section(extra.get("quality"), m),
+        _shift_section(extra.get("site_shift")),
+        *_data_sections(m, counts, figs),
+        '<section id="sec-config"><h2>Configuration</h2>',
+        "<details><summary>Training settings (config.yaml)</summary>",
+        f"<pre>{esc(_config_yaml(config))}</pre></details></section>",
+        '<p class="muted">Research and decision-support use only; not a standalone diagnostic. '
+        "See MODEL_CARD.md.</p>",
+        "</body></html>",
+    ]
+    return "\n".join(p for p in parts if p) + "\n"
+
+
+def _config_yaml(config: Mapping[str, Any]) -> str:
+    """The training settings as YAML (``{}`` when there are none)."""
+    return yaml.safe_dump(_plain(config), sort_keys=False, allow_unicode=True) if config else "{}"
+
+
+def _metrics_section(splits: Mapping[str, Mapping[str, Any]], main: str) -> list[str]:
+    """The headline metrics of every split, how their intervals were made, the operating points
+    and the notes (lines of ``report.html``; empty strings are dropped)."""
+    m = splits[main]
+    esc = html.escape
+    notes = "".join(
+        f"<li>{esc(n)}</li>" for n in [*(m.get("warnings") or []), *(m.get("notes") or [])]
+    )
+    return [
         '<section id="sec-metrics"><h2>Headline metrics</h2>',
         _table(
             "tbl-metrics", ["metric", *(f"{s} [95% CI]" for s in splits)], _headline_rows(splits)
@@ -551,17 +558,60 @@ def _html(
         f'<p class="muted">Sensitivity, specificity and AUC are for the {esc(m["positive"])}.</p>'
         if m.get("positive")
         else "",
-        f'<p class="muted">{esc(boot_txt)}{esc(_optimistic_note(splits))}</p>',
+        f'<p class="muted">{esc(_bootstrap_words(m))}{esc(_optimistic_note(splits))}</p>',
         f'<p class="warn" id="small-n-note">{esc(_small_n_note(splits))}</p>'
         if _small_n_note(splits)
         else "",
-        thr_txt,
+        _operating_points_html(m, main),
         f"<ul>{notes}</ul>" if notes else "",
         "</section>",
-        _patients_section(m),
-        _sites_section(extra.get("sites")),
-        _quality_section(extra.get("quality"), m),
-        _shift_section(extra.get("site_shift")),
+    ]
+
+
+def _bootstrap_words(m: Mapping[str, Any]) -> str:
+    """How the intervals of ``m`` were made and what the bootstrap held fixed, in one sentence."""
+    boot = m.get("bootstrap") or {}
+    if not boot:
+        return "No intervals (n_boot = 0)."
+    return (
+        f"95% intervals: {_interval_words(m)}; bootstrap: {boot.get('n_boot')} resamples of "
+        f"{boot.get('n_units')} {boot.get('unit')}s (seed {boot.get('seed')}); "
+        "operating-point thresholds and decoding held fixed."
+    )
+
+
+def _operating_points_html(m: Mapping[str, Any], main: str) -> str:
+    """The operating-point table with where its thresholds come from ('' without points)."""
+    if not m.get("operating_points"):
+        return ""
+    esc = html.escape
+    return (
+        f"<h3>Operating points: {esc(m['binary_task']['name'])}</h3>"
+        f"<p>Thresholds on {esc(_score_in_words(m))} were chosen on "
+        f"<strong>{esc(str(m.get('thresholds_from')))}</strong> and applied unchanged to the "
+        f"{esc(main)} data; a case is positive when its score is at or above the threshold. "
+        "The headline sensitivity/specificity use the Youden point; <code>medtune predict"
+        "</code> refers at the 90% sensitivity point unless told otherwise.</p>"
+        + _table("tbl-operating-points", _OP_HEADER, _op_rows(m))
+    )
+
+
+#: The figure sections after the data tables: (section id, title, figure id).
+_FIGURE_SECTIONS = (
+    ("sec-roc", "ROC", "fig-roc"),
+    ("sec-confusion", "Confusion matrix", "fig-confusion"),
+    ("sec-calibration", "Calibration", "fig-reliability"),
+    ("sec-curves", "Training curves", "fig-curves"),
+    ("sec-gradcam", "Grad-CAM examples", "fig-gradcam"),
+)
+
+
+def _data_sections(
+    m: Mapping[str, Any], counts: Mapping[str, Any], figs: Mapping[str, str]
+) -> list[str]:
+    """The data summary, the per-grade table and the figures (lines of ``report.html``)."""
+    names = _names(m)
+    parts = [
         '<section id="sec-data"><h2>Data summary and grade balance</h2>',
         _table(
             "tbl-class-counts",
@@ -581,29 +631,10 @@ def _html(
             _per_class_rows(m),
         ),
         "</section>",
-        '<section id="sec-roc"><h2>ROC</h2>',
-        figs["fig-roc"],
-        "</section>",
-        '<section id="sec-confusion"><h2>Confusion matrix</h2>',
-        figs["fig-confusion"],
-        "</section>",
-        '<section id="sec-calibration"><h2>Calibration</h2>',
-        figs["fig-reliability"],
-        "</section>",
-        '<section id="sec-curves"><h2>Training curves</h2>',
-        figs["fig-curves"],
-        "</section>",
-        '<section id="sec-gradcam"><h2>Grad-CAM examples</h2>',
-        figs["fig-gradcam"],
-        "</section>",
-        '<section id="sec-config"><h2>Configuration</h2>',
-        "<details><summary>Training settings (config.yaml)</summary>",
-        f"<pre>{esc(cfg)}</pre></details></section>",
-        '<p class="muted">Research and decision-support use only; not a standalone diagnostic. '
-        "See MODEL_CARD.md.</p>",
-        "</body></html>",
     ]
-    return "\n".join(p for p in parts if p) + "\n"
+    for sec_id, heading, fig_id in _FIGURE_SECTIONS:
+        parts += [f'<section id="{sec_id}"><h2>{heading}</h2>', figs[fig_id], "</section>"]
+    return parts
 
 
 def _interval_words(m: Mapping[str, Any]) -> str:

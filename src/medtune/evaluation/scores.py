@@ -18,6 +18,7 @@ __all__ = [
     "balanced_accuracy",
     "balanced_accuracy_from_confusion",
     "confusion",
+    "finite_or_none",
     "qwk",
     "qwk_from_confusion",
     "rank_value",
@@ -116,3 +117,8 @@ def rank_value(score: float) -> float:
     """``score`` for ranking candidates: an undefined (``NaN``) score ranks below every defined
     one (``-inf``)."""
     return float(score) if np.isfinite(score) else float("-inf")
+
+
+def finite_or_none(v: float | None) -> float | None:
+    """A score as JSON can hold it: ``float(v)``, or ``None`` for NaN, infinity and ``None``."""
+    return float(v) if v is not None and np.isfinite(v) else None

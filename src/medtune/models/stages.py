@@ -201,7 +201,7 @@ def _probe_size(model: nn.Module) -> int:
     return int(size[-1]) if size else _PROBE_SIZE
 
 
-def _probe(model: nn.Module, paths: list[str], size: int) -> dict[str, tuple[int, Tensor]]:
+def _probe(model: nn.Module, paths: list[str], image_size: int) -> dict[str, tuple[int, Tensor]]:
     """Run one eval-mode forward and record (completion order, output) of each module path."""
     modules = dict(model.named_modules())
     seen: dict[str, tuple[int, Tensor]] = {}
@@ -220,7 +220,7 @@ def _probe(model: nn.Module, paths: list[str], size: int) -> dict[str, tuple[int
     try:
         model.eval()
         with torch.no_grad():
-            model(torch.zeros(1, 3, size, size, device=param.device, dtype=param.dtype))
+            model(torch.zeros(1, 3, image_size, image_size, device=param.device, dtype=param.dtype))
     finally:
         model.train(was_training)
         for handle in handles:

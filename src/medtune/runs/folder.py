@@ -20,7 +20,11 @@ Layout (``FORMAT_VERSION`` 3: the model card of format version 3)::
     RUN/batch_shift.npz      the batch shift test's references: validation features, probabilities
     RUN/suggested.csv        images a grader should label first (``medtune adapt --suggest``)
     RUN/adaptation.json      what ``medtune adapt`` changed (a run adapted to a new site)
-    RUN/eval/<name>/         one ``medtune evaluate`` each: metrics.json, report.html, ...
+    RUN/eval/<name>/         one ``medtune evaluate`` each: metrics.json, quality.json (with
+                             ``--quality``), and the report (report.html, summary.md and
+                             MODEL_CARD.md, :func:`medtune.evaluation.report.write_report`)
+    RUN/debug/               train_positions_rank<r>.txt (``MEDTUNE_RECORD_SAMPLES=1``)
+    RUN/export/              ``medtune export``'s default destination (model.onnx, model.json)
 
 ``model.json`` is read and written by :mod:`medtune.evaluation.card` only (the same format as an
 export's card, format version 3); version 1 (``input_size``, medtune 0.1) and version 2 (flat
@@ -95,6 +99,10 @@ class RunFolder:
     CHECKPOINTS = "checkpoints"
     LOGS = "logs"
     EVAL = "eval"
+    EVAL_METRICS = "metrics.json"
+    EVAL_QUALITY = "quality.json"
+    EXPORT = "export"
+    DEBUG = "debug"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dir", Path(self.dir))
@@ -107,6 +115,31 @@ class RunFolder:
     @property
     def config_path(self) -> Path:
         return self.dir / self.CONFIG
+
+    @property
+    def weights_path(self) -> Path:
+        """``model.safetensors``: the deployable model's weights."""
+        return self.dir / self.MODEL_WEIGHTS
+
+    @property
+    def card_path(self) -> Path:
+        """``model.json``: the model card."""
+        return self.dir / self.MODEL_META
+
+    @property
+    def metrics_path(self) -> Path:
+        """``metrics.json``: the figures written when the run finished."""
+        return self.dir / self.METRICS
+
+    @property
+    def export_dir(self) -> Path:
+        """``RUN/export``: where ``medtune export`` writes unless told otherwise."""
+        return self.dir / self.EXPORT
+
+    @property
+    def debug_dir(self) -> Path:
+        """``RUN/debug``: debugging aids (``MEDTUNE_RECORD_SAMPLES=1``)."""
+        return self.dir / self.DEBUG
 
     @property
     def splits_path(self) -> Path:
@@ -134,6 +167,31 @@ class RunFolder:
         if not name or Path(name).name != name or name in (".", ".."):
             raise MedtuneError(f"{name!r}: an evaluation name must be a plain folder name")
         return self.dir / self.EVAL / name
+
+    def write_eval_metrics(self, name: str, metrics: dict[str, Any]) -> Path:
+        """Write ``RUN/eval/<name>/metrics.json`` (atomically); returns its path."""
+        path = self.eval_dir(name) / self.EVAL_METRICS
+        write_json(path, metrics)
+        return path
+
+    def write_eval_quality(self, name: str, summary: dict[str, Any]) -> Path:
+        """Write ``RUN/eval/<name>/quality.json`` (``evaluate --quality``); returns its path."""
+        path = self.eval_dir(name) / self.EVAL_QUALITY
+        write_json(path, summary)
+        return path
+
+    def latest_eval_metrics(self) -> tuple[str, dict[str, Any]] | None:
+        """The newest readable ``RUN/eval/<name>/metrics.json`` as ``(name, metrics)``, or
+        ``None`` when the run has no evaluation (or only unreadable ones)."""
+        evals = sorted(
+            (self.dir / self.EVAL).glob(f"*/{self.EVAL_METRICS}"), key=lambda p: p.stat().st_mtime
+        )
+        if evals:
+            try:
+                return evals[-1].parent.name, json.loads(evals[-1].read_text())
+            except (OSError, ValueError):
+                pass
+        return None
 
     # ------------------------------------------------------------------ config
     def has_config(self) -> bool:
@@ -250,10 +308,10 @@ class RunFolder:
 
     # ------------------------------------------------------------------ results
     def write_metrics(self, metrics: dict[str, Any]) -> None:
-        write_json(self.dir / self.METRICS, metrics)
+        write_json(self.metrics_path, metrics)
 
     def read_metrics(self) -> dict[str, Any]:
-        path = self.dir / self.METRICS
+        path = self.metrics_path
         if not path.is_file():
             raise MedtuneError(f"{path}: not found; the run has not finished")
         return json.loads(path.read_text(encoding="utf-8"))
@@ -266,7 +324,7 @@ class RunFolder:
     ) -> None:
         """Validation labels (N,) and logits (N, K) per TTA mode, for later operating points,
         and the site of each image (``sites``, when the run has several: the worst-site rule of
-        :func:`medtune.evaluation.metrics.choose_operating_points`)."""
+        :func:`medtune.evaluation.operating_points.choose_operating_points`)."""
         extra = {} if sites is None else {"sites": np.asarray(sites, dtype=str)}
         with atomic_path(self.dir / self.VAL_LOGITS) as tmp, open(tmp, "wb") as fh:
             np.savez(fh, labels=labels, **extra, **{f"logits_{k}": v for k, v in logits.items()})

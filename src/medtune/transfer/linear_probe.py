@@ -9,7 +9,8 @@ head on top of the backbone.
 Rotation-augmented training: ``X_train`` may hold several rows per image (e.g. 4 rows, one per
 rotation by 0/90/180/270 degrees); pass ``y_train`` repeated to match (``np.tile(y, 4)`` for
 rotation-major stacking). Class counts used elsewhere (advisor) should count images, not rows. At
-prediction time call ``predict_proba`` once per rotation and combine with ``average_rotations``.
+prediction time the probe is the model's linear head (``to_linear_weights``); ``tta="rot90"``
+averages the logits of the four rotations (:mod:`medtune.evaluation.inference`).
 """
 
 from __future__ import annotations
@@ -91,15 +92,6 @@ class ProbeResult:
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         return self.classes[np.argmax(self.predict_proba(X), axis=1)]
-
-
-def average_rotations(probs_list: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
-    """Average (N, K) probability arrays over rotations (list, or an (R, N, K) array)."""
-    stack = np.asarray(probs_list, dtype=np.float64)
-    if stack.ndim != 3 or stack.shape[0] == 0:
-        raise ValueError(f"expected R x N x K probabilities, got shape {stack.shape}")
-    mean = stack.mean(axis=0)
-    return mean / mean.sum(axis=1, keepdims=True)
 
 
 def _standardiser(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -10,9 +10,9 @@ validated operating point no longer holds there; moving it needs labels.
 With ``labels`` (a small labelled sample of the new site) the adapted model's temperature is
 refitted on the sample (Guo et al. 2017) and every sensitivity operating point moved to the
 highest specificity that keeps its validated sensitivity on the sample
-(:func:`medtune.evaluation.metrics.move_operating_point`). The sample's logits then replace the
-run's ``val_logits.npz``: every later command that chooses operating points from validation
-logits (``evaluate``, ``predict``) finds the moved ones, with the refitted temperature.
+(:func:`medtune.evaluation.operating_points.move_operating_point`). The sample's logits then
+replace the run's ``val_logits.npz``: every later command that chooses operating points from
+validation logits (``evaluate``, ``predict``) finds the moved ones, with the refitted temperature.
 
 Without labels, ``recalibrate`` moves the operating points onto the new site's unlabelled scores
 (quantile mapping, optionally with the prevalence estimated by EM, Saerens et al. 2002;
@@ -41,19 +41,18 @@ from typing import Any
 
 import numpy as np
 
-from medtune.config import TTA_MODES
+from medtune.config import OPERATING_POINTS, TTA_MODES
 from medtune.deploy.engine import write_run_engine
 from medtune.errors import MedtuneError
 from medtune.evaluation.card import ModelCard, OperatingPoints, Provenance
 from medtune.evaluation.label_free import LABEL_FREE_METHODS, operating_point_status
 from medtune.evaluation.labels import BinaryTask
-from medtune.evaluation.metrics import (
-    MIN_SITE_POSITIVES,
-    OPERATING_POINTS,
+from medtune.evaluation.operating_points import (
     apply_operating_point,
     choose_operating_points,
     move_operating_point,
 )
+from medtune.evaluation.site_points import MIN_SITE_POSITIVES
 from medtune.runs import RunFolder
 from medtune.workflows import new_site
 
@@ -80,6 +79,12 @@ class AdaptResult:
 
     dir: Path
     record: dict[str, Any]
+
+    @property
+    def suggested_path(self) -> Path | None:
+        """``RUN/suggested.csv`` when ``--suggest`` wrote it, else ``None``."""
+        name = self.record.get("suggested")
+        return None if name is None else RunFolder(self.dir).path(name)
 
     @property
     def summary(self) -> str:
@@ -495,7 +500,7 @@ def _adapted_card(
 
 def _mark_metrics(target: RunFolder, record: dict[str, Any]) -> None:
     """Say in the copied ``metrics.json`` that its figures are the source model's."""
-    if not target.path(RunFolder.METRICS).is_file():
+    if not target.metrics_path.is_file():
         return
     metrics = target.read_metrics()
     metrics["adaptation"] = {

@@ -126,7 +126,7 @@ def imagenet_probs(backbone: Backbone, top_features: np.ndarray) -> np.ndarray |
     return torch.softmax(logits, dim=1).numpy()
 
 
-def reference_similarity(backbone: Backbone, size: int) -> tuple[float | None, float | None]:
+def reference_similarity(backbone: Backbone, image_size: int) -> tuple[float | None, float | None]:
     """Normalised entropy and top-1 probability of the ImageNet head on natural photographs."""
     from PIL import Image
 
@@ -134,7 +134,7 @@ def reference_similarity(backbone: Backbone, size: int) -> tuple[float | None, f
         return None, None
     batch = np.stack(
         [
-            np.asarray(Image.fromarray(np.ascontiguousarray(p)).resize((size, size)))
+            np.asarray(Image.fromarray(np.ascontiguousarray(p)).resize((image_size, image_size)))
             for p in natural_photos()
         ]
     )
@@ -201,11 +201,11 @@ def measure_backbone(
     return BackboneReport(backbone.name, advice, stages, similarity, time.perf_counter() - started)
 
 
-def _similarity(backbone: Backbone, top: np.ndarray, y: np.ndarray, size: int) -> dict:
+def _similarity(backbone: Backbone, top: np.ndarray, y: np.ndarray, image_size: int) -> dict:
     probs = imagenet_probs(backbone, top)
     if probs is None:
         return {}
-    ref_entropy, ref_max = reference_similarity(backbone, size)
+    ref_entropy, ref_max = reference_similarity(backbone, image_size)
     return {
         "entropy": mean_prediction_entropy(probs, normalise=True),
         "reference_entropy": ref_entropy,

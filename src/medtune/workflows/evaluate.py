@@ -20,14 +20,12 @@ from torch import nn
 from medtune.config import TTA_MODES, TrainConfig
 from medtune.data import Part
 from medtune.deploy.engine import run_scorer
-from medtune.engines.finalize import per_site_metrics
 from medtune.errors import MedtuneError
 from medtune.evaluation.card import ModelCard
 from medtune.evaluation.label_free import score_label_free_points
-from medtune.evaluation.metrics import compute_metrics
+from medtune.evaluation.metrics import compute_metrics, per_site_metrics
 from medtune.evaluation.patients import DEFAULT_PATIENT_RULE, evaluation_patients
 from medtune.evaluation.scoring import Scorer, score
-from medtune.io import write_json
 from medtune.models.stage_classifier import StageProbeClassifier
 from medtune.runs import RunFolder, prepare_run_data, prepare_source
 from medtune.runs.data import part_eyes
@@ -42,6 +40,8 @@ class EvalResult:
     dir: Path
     metrics: dict[str, Any]
     report: Path
+    #: The evaluation's ``metrics.json`` (:meth:`RunFolder.write_eval_metrics`).
+    metrics_path: Path
 
 
 def evaluate(
@@ -143,14 +143,15 @@ def evaluate(
         metrics["label_free_operating_points"] = moved
     metrics["tta"] = tta
     metrics["data"] = data or f"{config.data} (test split)"
-    out = folder.eval_dir(name or _default_name(data, tta))
-    write_json(out / "metrics.json", metrics)
+    name = name or _default_name(data, tta)
+    metrics_path = folder.write_eval_metrics(name, metrics)
+    out = metrics_path.parent
     summary = _quality_summary(part, probs, settings, verdicts) if quality else None
     if summary is not None:
-        write_json(out / "quality.json", summary)
+        folder.write_eval_quality(name, summary)
     examples = _gradcam_examples(folder.load_model()[0], card, part, probs) if gradcam else None
     report = _write_report(out, folder, card, config, metrics, part, probs, examples, summary)
-    return EvalResult(out, metrics, report)
+    return EvalResult(out, metrics, report, metrics_path)
 
 
 def _verdicts(part: Part) -> list[Any]:

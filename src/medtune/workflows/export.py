@@ -54,7 +54,7 @@ def export(run: str | Path, fmt: str = "onnx", out: str | Path | None = None) ->
     spec = card.input_spec
     return export_model(
         model,
-        Path(out) if out else run / "export",
+        Path(out) if out else folder.export_dir,
         card,
         fmt=fmt,
         parity_inputs=parity_images(run, spec.image_size, spec.fundus),
@@ -63,7 +63,7 @@ def export(run: str | Path, fmt: str = "onnx", out: str | Path | None = None) ->
     )
 
 
-def parity_images(run: Path, size: int, fundus: dict) -> np.ndarray:
+def parity_images(run: Path, image_size: int, fundus: dict) -> np.ndarray:
     """Real images for the parity check, preprocessed exactly as for training."""
     from medtune.data.preprocess import prepare_image
 
@@ -75,4 +75,6 @@ def parity_images(run: Path, size: int, fundus: dict) -> np.ndarray:
         from skimage import data
 
         photos = [data.retina(), data.chelsea(), data.coffee(), data.astronaut()]
-        return np.stack([prepare_image(np.ascontiguousarray(p), size, fundus) for p in photos])
+        return np.stack(
+            [prepare_image(np.ascontiguousarray(p), image_size, fundus) for p in photos]
+        )

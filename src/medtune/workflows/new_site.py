@@ -12,7 +12,7 @@ import numpy as np
 from medtune.errors import MedtuneError
 from medtune.evaluation.calibration import apply_temperature
 from medtune.evaluation.card import ModelCard, OperatingPoint, OperatingPoints
-from medtune.evaluation.metrics import choose_operating_points
+from medtune.evaluation.operating_points import choose_operating_points
 from medtune.io import atomic_path
 from medtune.runs import RunFolder
 

@@ -300,14 +300,14 @@ def _export_batch_shift(onnx: Any) -> BatchShiftTest | None:
 def _points_from_val_logits(folder: RunFolder, card: ModelCard) -> OperatingPoints | None:
     """Runs trained before the card stored operating points: choose them from
     ``val_logits.npz`` exactly as training now does."""
-    from medtune.engines.finalize import operating_points
+    from medtune.evaluation.operating_points import card_operating_points
 
     try:
         val = folder.read_val_logits()
     except MedtuneError:
         return None
     logits = {k[len("logits_") :]: v for k, v in val.items() if k.startswith("logits_")}
-    return operating_points(val["labels"], logits, card.temperature, card.label_space, None)
+    return card_operating_points(val["labels"], logits, card.temperature, card.label_space, None)
 
 
 # ---------------------------------------------------------------------------- rows

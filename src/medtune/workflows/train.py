@@ -393,7 +393,7 @@ def _finished(folder: RunFolder, config: TrainConfig) -> bool:
     """Whether the run wrote its results after its last checkpoint (``metrics.json`` is the
     last file :func:`~medtune.engines.finalize.finalize_run` writes) and trained every epoch of
     its ``config.yaml`` (or stopped early); a config edited to more epochs is not finished."""
-    metrics = folder.path(RunFolder.METRICS)
+    metrics = folder.metrics_path
     if not metrics.is_file():
         return False
     last = folder.last_checkpoint

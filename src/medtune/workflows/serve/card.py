@@ -11,7 +11,6 @@ no metrics in its ``model.json``; when the export still sits in its run folder
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +76,7 @@ def identity(run: Path | None, model_path: Path | None) -> tuple[str, str]:
     from medtune.version import __version__
 
     if run is not None:
-        weights, name = run / RunFolder.MODEL_WEIGHTS, run.name
+        weights, name = RunFolder(run).weights_path, run.name
     else:
         weights = model_path / "model.onnx" if model_path.is_dir() else model_path
         name = weights.parent.name
@@ -114,14 +113,9 @@ def _run_card(folder: RunFolder) -> dict[str, Any]:
 
 def _best_metrics(folder: RunFolder) -> tuple[str | None, dict[str, Any]]:
     """The newest ``medtune evaluate`` result (bootstrap CIs) or else the run's test metrics."""
-    evals = sorted(
-        (folder.dir / RunFolder.EVAL).glob("*/metrics.json"), key=lambda p: p.stat().st_mtime
-    )
-    if evals:
-        try:
-            return f"evaluation {evals[-1].parent.name}", json.loads(evals[-1].read_text())
-        except (OSError, ValueError):
-            pass
+    latest = folder.latest_eval_metrics()
+    if latest is not None:
+        return f"evaluation {latest[0]}", latest[1]
     try:
         metrics = folder.read_metrics()
     except (MedtuneError, OSError, ValueError):
@@ -143,10 +137,10 @@ def _export_card(model_path: Path) -> dict[str, Any]:
         synthetic = read_card(folder / SIDECAR_NAME).synthetic
     except MedtuneError:
         synthetic = False
-    run = folder.parent
-    if (run / RunFolder.MODEL_META).is_file() and (run / RunFolder.METRICS).is_file():
+    run = RunFolder(folder.parent)
+    if run.card_path.is_file() and run.metrics_path.is_file():
         try:
-            return _run_card(RunFolder(run))
+            return _run_card(run)
         except (MedtuneError, OSError, ValueError):
             pass
     return {"training": {"synthetic": synthetic}}
