@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
+from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from medtune.config import TTA_MODES
@@ -388,7 +389,10 @@ def _predict_batch(
     """Rows, probabilities and grades of a batch, and what the batch shift test reads of it
     (:func:`batch_evidence`)."""
     test = predictor.batch_shift
-    scored = score(predictor.scorer, batch.images, predictor.tta, features=test is not None)
+    # NumPy's BLAS on one thread: its idle threads spin and starve the engine's and the decoding
+    # thread on a small CPU (predict of 733 images 1.35x faster on 2 cores; docs/performance.md)
+    with threadpool_limits(limits=1, user_api="blas"):
+        scored = score(predictor.scorer, batch.images, predictor.tta, features=test is not None)
     card, scores = predictor.card, scored.shift_scores
     probs = card.probabilities(scored.logits)
     labels = card.decode(probs)
@@ -398,8 +402,10 @@ def _predict_batch(
     )
     evidence = None
     if test is not None and len(batch.names):
+        with threadpool_limits(limits=1, user_api="blas"):
+            features = test.project(scored.features)
         evidence = {
-            "features": test.project(scored.features),
+            "features": features,
             "probs": card.probabilities(scored.plain),  # the test was fitted without TTA
         }
     return rows, probs, labels, evidence
