@@ -12,8 +12,9 @@ every idrid-800 JPEG of 800 px, all under ``--shared``) it times, in one run:
   agreement (largest probability difference; grades, quality verdicts and referral decisions
   identical or not);
 * a per-stage profile of the same work in one process, one thread for the front end (decode,
-  field-of-view crop and resize, quality gate, normalisation) and the engine's own threads for
-  the model: milliseconds per image for each stage, from ``time.perf_counter``.
+  field-of-view crop and resize, quality gate, normalisation of 32-image batches) and the
+  engine's own threads for the model (its logits and features, normalisation included):
+  milliseconds per image for each stage, from ``time.perf_counter``.
 
 The export is made once (``medtune export``) into a temporary folder. Prints JSON to stdout and
 rewrites the prediction table of ``docs/performance.md`` (unless ``--no-doc``), naming the CPU.
@@ -121,7 +122,9 @@ def stages(run: Path, folder: Path) -> dict[str, float]:
         lambda: np.stack([prepare_image(d, spec.image_size, spec.fundus) for d in decoded]),
     )
     timed("quality_gate", lambda: [assess_quality(im) for im in images])
-    timed("normalise", lambda: normalise_images(images, spec.mean, spec.std))
+    step = scorer.batch_size  # as predict runs them: a batch at a time
+    timed("normalise", lambda: [normalise_images(images[i : i + step], spec.mean, spec.std)
+                                for i in range(0, len(images), step)])  # fmt: skip
     logits, feats = timed("model", lambda: scorer.logits_and_features(images))
     timed("site_shift", lambda: scorer.site_shift.score(feats))
     rows = [{"image": str(f), "logit": float(z[0])} for f, z in zip(files, logits, strict=True)]
@@ -132,7 +135,8 @@ def stages(run: Path, folder: Path) -> dict[str, float]:
 def table(result: dict[str, Any]) -> str:
     lines = [
         "| images | n | `predict --run`, images/s | `predict --model`, images/s | run vs model |"
-        " decode | crop + resize | quality gate | normalise | model | site shift | CSV |",
+        " decode | crop + resize | quality gate | normalise | model (normalising too) |"
+        " site shift | CSV |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, r in result["sets"].items():
