@@ -90,6 +90,17 @@ def engine_graph(
         When the model cannot be exported or the graph's logits differ from PyTorch's by more
         than :data:`LOGIT_TOLERANCE`.
     """
+    graph = _checked_scorer(model, card, parity_images).graph
+    assert graph is not None  # made from bytes
+    return graph
+
+
+def _checked_scorer(
+    model: nn.Module, card: ModelCard, parity_images: np.ndarray | None, **options: Any
+) -> OnnxPredictor:
+    """The model exported in memory and its session, checked against PyTorch on the parity
+    images (:func:`engine_graph`); ``options`` go to :class:`OnnxPredictor` (the session that
+    passed the check is the one returned, not built again)."""
     from medtune.deploy.exporter import (  # torch: only when a graph is made
         MIN_OPSET,
         LogitsAndFeatures,
@@ -113,14 +124,14 @@ def engine_graph(
         _check_onnx(path, MIN_OPSET, features=True)
         data = path.read_bytes()
         ref = _torch_logits(net, x)
-    got = OnnxPredictor(data, card=card).logits(images)
-    _, gap = _parity(ref, got, card.temperature)
+    scorer = OnnxPredictor(data, card=card, **options)
+    _, gap = _parity(ref, scorer.logits(images), card.temperature)
     if not gap <= LOGIT_TOLERANCE:
         raise MedtuneError(
             f"the ONNX graph's logits differ from PyTorch's by {gap:.3g} (tolerance "
             f"{LOGIT_TOLERANCE:g}); use engine='torch' for this model"
         )
-    return data
+    return scorer
 
 
 def write_run_engine(
@@ -238,10 +249,10 @@ def model_scorer(
     _check_engine(engine)
     if engine == "onnx":
         try:
-            data = engine_graph(model, card, parity_images)
-            return OnnxPredictor(
-                data,
-                card=card,
+            return _checked_scorer(
+                model,
+                card,
+                parity_images,
                 site_shift=site_shift,
                 batch_size=batch_size,
                 num_threads=num_threads,

@@ -389,10 +389,14 @@ def _predict_batch(
     """Rows, probabilities and grades of a batch, and what the batch shift test reads of it
     (:func:`batch_evidence`)."""
     test = predictor.batch_shift
-    # NumPy's BLAS on one thread: its idle threads spin and starve the engine's and the decoding
-    # thread on a small CPU (predict of 733 images 1.35x faster on 2 cores; docs/performance.md)
+    # NumPy's BLAS on one thread (site-shift score, projection): its idle threads spin and starve
+    # the engine's and the decoding thread on a small CPU (733 APTOS images 11.2 -> 8.3 s on the
+    # loaded 2-core machine)
     with threadpool_limits(limits=1, user_api="blas"):
         scored = score(predictor.scorer, batch.images, predictor.tta, features=test is not None)
+        features = None
+        if test is not None and len(batch.names):
+            features = test.project(scored.features)
     card, scores = predictor.card, scored.shift_scores
     probs = card.probabilities(scored.logits)
     labels = card.decode(probs)
@@ -401,9 +405,7 @@ def _predict_batch(
         batch.names, probs, labels, card.label_space, card.decoding, rule, batch.quality, shift
     )
     evidence = None
-    if test is not None and len(batch.names):
-        with threadpool_limits(limits=1, user_api="blas"):
-            features = test.project(scored.features)
+    if features is not None:
         evidence = {
             "features": features,
             "probs": card.probabilities(scored.plain),  # the test was fitted without TTA
