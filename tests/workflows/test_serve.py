@@ -92,6 +92,7 @@ def test_grad_cam_figures_come_back_for_a_run(tiny_run: Path, images: list[Path]
         card = client.get("/api/model").json()
         res = client.post("/api/predict", files=upload(images), data={"explain": "true"})
     assert card["explain"] is True
+    assert card["backend"] == "ONNX Runtime (run folder)"  # the engine scores, PyTorch explains
     cams = res.json()["gradcam"]
     assert sorted(cams) == ["0", "1", "2"]
     assert all(c.startswith("data:image/png;base64,") for c in cams.values())

@@ -47,7 +47,7 @@ def card(screener: Any) -> dict[str, Any]:
     out: dict[str, Any] = {
         "intended_use": INTENDED_USE,
         "disclaimer": DISCLAIMER,
-        "backend": "PyTorch (run folder)" if screener.run is not None else "ONNX Runtime",
+        "backend": _backend(screener),
         "explain": screener.can_explain,
         "model": {
             "backbone": p.backbone,
@@ -144,3 +144,11 @@ def _export_card(model_path: Path) -> dict[str, Any]:
         except (MedtuneError, OSError, ValueError):
             pass
     return {"training": {"synthetic": synthetic}}
+
+
+def _backend(screener: Any) -> str:
+    """What scores the photographs (:func:`medtune.deploy.engine.describe`) and from where."""
+    from medtune.deploy.engine import describe
+
+    engine = "ONNX Runtime" if describe(screener.predictor.scorer) == "onnx" else "PyTorch"
+    return f"{engine} ({'run folder' if screener.run is not None else 'exported model'})"

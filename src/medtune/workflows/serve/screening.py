@@ -203,7 +203,7 @@ class Screener:
     Parameters
     ----------
     run : str or pathlib.Path, optional
-        A run folder (PyTorch; Grad-CAM available).
+        A run folder (scored by the ONNX engine, ``RUN/model.onnx``; Grad-CAM by PyTorch).
     model_path : str or pathlib.Path, optional
         An exported ``model.onnx`` with its ``model.json`` (ONNX Runtime). Exactly one of
         ``run`` and ``model_path``.
