@@ -14,8 +14,9 @@ training sites' validation images (the worst-site rule), each with its 95% inter
   training sites' held-out TEST images (false alarms at the stated rate, 0.05);
 - **label-free recalibration**: ``medtune adapt`` on H's images (unlabelled) with
   ``--recalibrate none|quantile|em-quantile``, scored on H's labels;
-- **few labels** (``--few-labels``): ``adapt --labels`` on N images of H chosen at random
-  (``--label-draws`` draws) or by ``adapt --suggest N``, scored on the rest of H.
+- **few labels** (``--few-labels``, first recipe only): ``adapt --labels`` on N images of H
+  chosen at random (``--label-draws`` draws) or by ``adapt --suggest N``, scored on the rest
+  of H. A fold kept from an earlier invocation without the curve gains it on its trained model.
 
 Last, the recipe trains on all three sites (test split per site) and reports per-site figures.
 H's labels are only ever used to score (and as the few-label sample). Prints the JSON result and
@@ -47,6 +48,8 @@ LOSO_RECIPES: dict[str, dict[str, Any]] = {
     "linear-probe": {"strategy": "linear-probe"},
 }
 LABEL_FREE = ("none", "quantile", "em-quantile")
+#: settings of the few-label curve only: a fold kept without them gains the curve on its model
+CURVE_SETTINGS = ("few_labels", "label_draws")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -93,9 +96,20 @@ def run_loso(args: argparse.Namespace) -> dict[str, Any]:
     for held in SITES:
         for name in names:
             key = f"{name}-without-{held}"
-            folds[f"{name} | {held}"] = _kept(work, key, args) or _saved(
-                work, key, _fold(name, held, data, work, args), args
+            # the few-label curve is measured for the first recipe only (it is about adapting)
+            fargs = (
+                args if name == names[0] else argparse.Namespace(**{**vars(args), "few_labels": ""})
             )
+            fold = _kept(work, key, fargs)
+            if fold is None:
+                fold = _saved(work, key, _fold(name, held, data, work, fargs), fargs)
+            elif fargs.few_labels and "few_labels" not in fold and "label_free" in fold:
+                # a fold kept from a run without the curve: add it on the kept model
+                run = str(work / "runs" / key)
+                fold["few_labels"] = few_label_curve(run, data[held], work, fargs)
+                fold["few_labels_commit"] = _commit()
+                _saved(work, key, fold, fargs, commit=fold.get("commit"))
+            folds[f"{name} | {held}"] = fold
     pooled = {}
     for name in names:
         pooled[name] = _kept(work, f"{name}-all", args) or _saved(
@@ -138,18 +152,23 @@ def _kept(work: Path, key: str, args: argparse.Namespace) -> dict[str, Any] | No
     if args.quick or not path.is_file():
         return None
     saved = json.loads(path.read_text(encoding="utf-8"))
-    if saved.get("settings") != _settings(args):
+    same = {k: v for k, v in _settings(args).items() if k not in CURVE_SETTINGS}
+    kept = saved.get("settings") or {}
+    if {k: v for k, v in kept.items() if k not in CURVE_SETTINGS} != same:
         return None
+    result = saved["result"]
+    if "few_labels" in result and any(kept.get(k) != getattr(args, k) for k in CURVE_SETTINGS):
+        del result["few_labels"]  # made with other N or draws: made again on the kept model
     say(f"{key}: kept from {path}")
-    return saved["result"]
+    return result
 
 
-def _saved(work: Path, key: str, result: dict[str, Any], args) -> dict[str, Any]:
+def _saved(work: Path, key: str, result: dict[str, Any], args, commit: str | None = None) -> dict:
     """Keep a finished fold (atomically, with the commit it ran on), so an interrupted
     benchmark resumes after it."""
     from medtune.io import write_json
 
-    result = {**result, "commit": _commit()}
+    result = {**result, "commit": commit or _commit()}
     write_json(work / "done" / f"{key}.json", {"settings": _settings(args), "result": result})
     return result
 

@@ -126,6 +126,25 @@ def test_worker_processes_match_in_process(tmp_path: Path) -> None:
     assert a.key == b.key and np.array_equal(a.images, b.images)
 
 
+def test_decoding_threads_match_one_thread_and_report_the_first_bad_image(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = _dataset(tmp_path / "data", n=40)  # 3 chunks of 16: the threads share the work
+    s = load_imageset(root)
+    built = {}
+    for threads in (1, 3):
+        monkeypatch.setattr(cache_mod, "_decode_threads", lambda t=threads: t)
+        c = prepare(s, 8, None, tmp_path / f"t{threads}", progress=False)
+        built[threads] = (np.asarray(c.images).copy(), [c.fov_mask(i) for i in range(len(c))])
+    assert np.array_equal(built[1][0], built[3][0])
+    assert all(np.array_equal(a, b) for a, b in zip(built[1][1], built[3][1], strict=True))
+    for name in ("img37.png", "img20.png", "img2.png"):  # bad in the last, middle, first chunk
+        (root / name).write_text("not a png")
+    with pytest.raises(BadImageError) as info:  # the first in order, as one thread reports it
+        prepare(load_imageset(root), 8, None, tmp_path / "bad", progress=False)
+    assert str(root / "img2.png") in str(info.value)
+
+
 def test_npz_cache(tmp_path: Path) -> None:
     path = tmp_path / "tiny.npz"
     rng = np.random.default_rng(0)

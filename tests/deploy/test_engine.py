@@ -15,6 +15,7 @@ from conftest import train_tiny_dr_run
 from medtune.deploy.engine import DIGEST_KEY, run_scorer, weights_digest
 from medtune.deploy.onnx_predictor import OnnxPredictor
 from medtune.evaluation.inference import TorchScorer
+from medtune.evaluation.scoring import logits_per_tta
 from medtune.runs import RunFolder
 from medtune.workflows.export import export
 from medtune.workflows.predict import predict
@@ -82,6 +83,23 @@ def test_a_stale_graph_is_never_used(dr_run: Path, tmp_path: Path) -> None:
     stale = OnnxPredictor(folder.path(RunFolder.ENGINE), card=card).logits(images)
     assert np.abs(stale - expected).max() > 0.5  # the old graph would have answered wrongly
     assert folder.path(RunFolder.ENGINE).read_bytes() == before  # loading wrote nothing
+
+
+def test_rot90_logits_reuse_the_plain_pass(dr_run: Path) -> None:
+    """Finalisation and adapt take every TTA mode's logits from the plain pass plus three turns:
+    the same numbers as the scorer's own rot90, one pass fewer."""
+    scorer = run_scorer(RunFolder(dr_run))
+    images = np.random.default_rng(2).integers(0, 256, (9, 32, 32, 3), dtype=np.uint8)
+    plain = scorer.logits(images)
+    passes: list[int] = []
+    counted = scorer.logits
+    scorer.logits = lambda x, tta="none": passes.append(len(x)) or counted(x, tta)  # type: ignore[method-assign]
+    out = logits_per_tta(scorer, images, plain)
+    assert passes == [9, 9, 9] and out["none"] is plain
+    assert np.array_equal(out["rot90"], counted(images, "rot90"))
+    assert not np.allclose(out["rot90"], plain)  # the turns were really scored
+    with pytest.raises(ValueError):
+        logits_per_tta(scorer, images[:3], plain)
 
 
 def test_predict_with_a_run_does_not_import_torch(dr_run: Path, tmp_path: Path) -> None:

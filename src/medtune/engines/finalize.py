@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from medtune.config import TTA_MODES
 from medtune.data import Part
 from medtune.deploy.engine import describe, model_scorer, write_run_engine
 from medtune.errors import MedtuneError
@@ -26,7 +25,7 @@ from medtune.evaluation.card import ModelCard, SiteShiftRef
 from medtune.evaluation.decoding import choose_decoding
 from medtune.evaluation.metrics import compute_metrics, per_site_metrics
 from medtune.evaluation.operating_points import card_operating_points
-from medtune.evaluation.scoring import Scorer
+from medtune.evaluation.scoring import Scorer, logits_per_tta
 from medtune.evaluation.shift import BatchShiftTest, SiteShiftModel
 from medtune.runs import RunData, RunFolder
 
@@ -127,9 +126,7 @@ def finalize_run(
     labels = card.label_space
     y_val = data.val.labels
     plain, val_features = scorer.logits_and_features(data.val.images)
-    val_logits = {
-        tta: plain if tta == "none" else scorer.logits(data.val.images, tta) for tta in TTA_MODES
-    }
+    val_logits = logits_per_tta(scorer, data.val.images, plain)
     run.write_val_logits(y_val, val_logits, data.val.sites)
     temperature = fit_temperature(val_logits["none"], y_val)
     val_probs = apply_temperature(val_logits["none"], temperature)

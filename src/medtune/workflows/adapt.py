@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from medtune.config import OPERATING_POINTS, TTA_MODES
+from medtune.config import OPERATING_POINTS
 from medtune.deploy.engine import write_run_engine
 from medtune.errors import MedtuneError
 from medtune.evaluation.card import ModelCard, OperatingPoints, Provenance
@@ -371,11 +371,12 @@ def _sample_logits(
     """Labels (N,) and logits per TTA mode of the labelled sample, from the adapted model (the
     scorer protocol on the one inference engine, :func:`medtune.deploy.engine.model_scorer`)."""
     from medtune.deploy.engine import model_scorer
+    from medtune.evaluation.scoring import logits_per_tta
 
     scorer = model_scorer(model, card, batch_size=batch_size)
     sources = [imageset.source_of(i) for i in range(len(imageset))]
     images = _prepare_all(sources, card, progress)
-    logits = {tta: scorer.logits(images, tta) for tta in TTA_MODES}
+    logits = logits_per_tta(scorer, images, scorer.logits(images, "none"))
     return {"labels": np.asarray(imageset.labels), "logits": logits}
 
 
