@@ -188,6 +188,9 @@ def run_scorer(
         ``"onnx"``: ``RUN/model.onnx`` when its digest matches ``model.safetensors`` (no PyTorch
         model is built), else the model exported in memory; ``"torch"``: PyTorch eager fp32.
     batch_size : int, default 32
+        Images per forward pass of the PyTorch engine. ONNX Runtime runs
+        :data:`~medtune.deploy.onnx_predictor.RUN_BATCH` (8) at a time whatever this says: its
+        memory arena keeps the activations of the largest batch it ran.
     progress : bool, default False
         A progress bar per pass (PyTorch scorer only).
     num_threads : int, optional
@@ -208,9 +211,7 @@ def run_scorer(
     if engine == "onnx":
         path = folder.path(RunFolder.ENGINE)
         if path.is_file():
-            scorer = OnnxPredictor(
-                path, card=card, site_shift=shift, batch_size=batch_size, num_threads=num_threads
-            )
+            scorer = OnnxPredictor(path, card=card, site_shift=shift, num_threads=num_threads)
             if scorer.metadata.get(DIGEST_KEY) == weights_digest(
                 folder.path(RunFolder.MODEL_WEIGHTS)
             ):
@@ -254,7 +255,6 @@ def model_scorer(
                 card,
                 parity_images,
                 site_shift=site_shift,
-                batch_size=batch_size,
                 num_threads=num_threads,
             )
         except (MedtuneError, ValueError) as err:  # ValueError: a model without a head

@@ -54,6 +54,12 @@ ImageLike = str | os.PathLike[str] | Image.Image | np.ndarray
 Images = np.ndarray | Sequence[ImageLike]
 
 
+#: Images per ``session.run`` call by default. ONNX Runtime's memory arena keeps the activations
+#: of the largest batch it has run: EfficientNet-Lite0 at 224 px holds about 320 MB after batches
+#: of 32 and 80 MB after batches of 8, at the same speed (measured, ``docs/performance.md``), and
+#: the same logits (ONNX Runtime's convolutions treat each image alone).
+RUN_BATCH = 8
+
 #: ``OnnxPredictor(site_shift=...)`` default: the site-shift model the export's card names.
 FROM_CARD: Any = object()
 
@@ -78,7 +84,8 @@ class OnnxPredictor:
     exporter uses this for its parity check before anything is written). ``site_shift``: the
     :class:`~medtune.evaluation.shift.SiteShiftModel` to score with (``None``: none); by default
     the one the card names beside the model file. ``num_threads``: ONNX Runtime's intra-op
-    threads (default one per core); ``batch_size``: images per ``run`` call.
+    threads (default one per core); ``batch_size``: images per ``run`` call (default
+    :data:`RUN_BATCH`).
     """
 
     def __init__(
@@ -88,7 +95,7 @@ class OnnxPredictor:
         card: ModelCard | None = None,
         providers: Sequence[str] | None = None,
         num_threads: int | None = None,
-        batch_size: int = 32,
+        batch_size: int = RUN_BATCH,
         site_shift: Any = FROM_CARD,
         name: str = "model.onnx (in memory)",
     ) -> None:

@@ -641,8 +641,6 @@ def predict(
     if explain and predictor.torch_model is None:
         raise MedtuneError("explain needs run (Grad-CAM needs the PyTorch model, not model.onnx)")
     paths = expand_inputs([str(item) for item in inputs])
-    if predictor.batch_shift is not None:
-        _import_meanwhile("scipy.stats")  # the batch test's (ks_2samp), run after the last image
     skipped: list[tuple[str, str]] = []
     written: set[str] = set()
     meta = prediction_meta(predictor, operating_point)
@@ -830,16 +828,6 @@ def _batches(paths: list[Path], progress: bool):
     starts = range(0, len(paths), BATCH)
     for start in tqdm(starts, desc="predict", unit="batch", disable=not progress):
         yield paths[start : start + BATCH]
-
-
-def _import_meanwhile(module: str) -> None:
-    """Import ``module`` in a thread while the engine scores (it releases the GIL): SciPy's
-    statistics take about 0.3 s to import, 6% of predicting 733 images. A later ``import`` of it
-    in the main thread waits for this one (Python's per-module import lock)."""
-    import importlib
-    import threading
-
-    threading.Thread(target=importlib.import_module, args=(module,), name="medtune-import").start()
 
 
 def _prefetched(chunks: Iterable[list[Path]], load):  # noqa: ANN001, ANN202
