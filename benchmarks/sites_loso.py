@@ -16,7 +16,9 @@ training sites' validation images (the worst-site rule), each with its 95% inter
   ``--recalibrate none|quantile|em-quantile``, scored on H's labels;
 - **few labels** (``--few-labels``, first recipe only): ``adapt --labels`` on N images of H
   chosen at random (``--label-draws`` draws) or by ``adapt --suggest N``, scored on the rest
-  of H. A fold kept from an earlier invocation without the curve gains it on its trained model.
+  of H. A fold kept from an earlier invocation without the curve gains it on its trained model;
+  ``--refit-batch-test`` fits a kept fold's batch shift test again with the current code and
+  measures shift detection again (``shift_commit`` in the JSON).
 
 Last, the recipe trains on all three sites (test split per site) and reports per-site figures.
 H's labels are only ever used to score (and as the few-label sample). Prints the JSON result and
@@ -62,6 +64,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--label-draws", type=int, default=3, help="random samples per N")
     p.add_argument("--image-size", type=int, default=None, help="train at this size")
+    p.add_argument(
+        "--refit-batch-test",
+        action="store_true",
+        help="for folds kept from an earlier invocation: fit each run's batch shift test again "
+        "with this commit's code (from its validation images) and measure shift detection again",
+    )
 
 
 def missing(shared: Path) -> list[str]:
@@ -108,6 +116,12 @@ def run_loso(args: argparse.Namespace) -> dict[str, Any]:
                 run = str(work / "runs" / key)
                 fold["few_labels"] = few_label_curve(run, data[held], work, fargs)
                 fold["few_labels_commit"] = _commit()
+                _saved(work, key, fold, fargs, commit=fold.get("commit"))
+            if args.refit_batch_test and fold.get("shift_commit") != _commit():
+                run = str(work / "runs" / key)
+                refit_batch_test(run)
+                fold["shift"] = shift_detection(run, data[held], fargs)
+                fold["shift_commit"] = _commit()
                 _saved(work, key, fold, fargs, commit=fold.get("commit"))
             folds[f"{name} | {held}"] = fold
     pooled = {}
@@ -243,6 +257,24 @@ def shift_detection(run: str, held: Path | list[Path], args: argparse.Namespace)
             "median_p": float(np.median([v["p_value"] for v in verdicts])),
         }
     return out
+
+
+def refit_batch_test(run: str) -> None:
+    """Fit ``RUN/batch_shift.npz`` again from the run's validation images, as this commit's
+    finalisation does (a kept fold's test was fitted by the code of its own commit)."""
+    from medtune.deploy.engine import run_scorer
+    from medtune.evaluation.scoring import score
+    from medtune.evaluation.shift import BatchShiftTest
+    from medtune.runs import RunFolder
+    from medtune.runs.data import prepare_run_data
+
+    folder = RunFolder(run)
+    say(f"refit the batch shift test of {folder.dir.name}")
+    scorer = run_scorer(folder)
+    val = prepare_run_data(folder.read_config(), folder.dir).val
+    scored = score(scorer, val.images, features=True)
+    probs = scorer.card.probabilities(scored.plain)
+    folder.write_batch_shift(BatchShiftTest.fit(scored.features, probs, val.sites))
 
 
 def label_free(run: str, held: Path, work: Path, args: argparse.Namespace) -> dict[str, Any]:
