@@ -376,7 +376,8 @@ def add_adapt(p: argparse.ArgumentParser) -> None:
         default=0,
         metavar="N",
         help="write the N images a grader should label first to OUT/suggested.csv "
-        "(uncertain and diverse)",
+        "(uncertain and diverse: for --finetune; they are not representative, so move the "
+        "operating points with a random sample instead, docs/generalisation.md)",
     )
     p.add_argument(
         "--finetune",
@@ -412,6 +413,10 @@ def run_adapt(args: argparse.Namespace) -> None:
         print(f"home site after fine-tuning ({home['images']}): {', '.join(pairs)}")
     if result.suggested_path is not None:
         print(f"images to label first: {result.suggested_path}")
+        print(
+            "  chosen as uncertain and diverse, not at random: use them with --finetune; to move "
+            "the operating points (--labels), label a random sample of the site as well"
+        )
     print(f"run folder: {result.dir}")
 
 
