@@ -10,6 +10,7 @@ from medtune.data.fundus import field_of_view_mask
 from medtune.data.site_augment import (
     SITE_AUGMENTATIONS,
     _colour_temperature,
+    _zoom,
     augment_site,
     resolve_augment,
 )
@@ -59,6 +60,16 @@ def test_colour_temperature_warms_red_and_cools_blue(fundus) -> None:
     cool = _colour_temperature(fundus, -0.1).float().mean(dim=(1, 2))
     assert warm[0] > cool[0] and warm[2] < cool[2]
     assert abs(float(warm[1] - cool[1])) < 1e-6  # green untouched
+
+
+def test_scale_zooms_the_image_and_its_mask_alike(fundus) -> None:
+    """One resampling call for image and mask gives what two separate calls give."""
+    fov = torch.as_tensor(field_of_view_mask(fundus.permute(1, 2, 0).numpy()).astype(np.uint8))
+    for seed in range(4):
+        out = augment_site(fundus, ("scale",), np.random.default_rng(seed), fov=fov.bool())
+        zoom = float(np.random.default_rng(seed).uniform(0.9, 1.1))
+        keep = _zoom(fov.mul(255).unsqueeze(0), zoom)
+        assert torch.equal(out, _zoom(fundus, zoom) * (keep >= 128).to(torch.uint8))
 
 
 def test_dataset_applies_site_augmentation_reproducibly(tmp_path) -> None:
