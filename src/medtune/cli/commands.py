@@ -375,9 +375,9 @@ def add_adapt(p: argparse.ArgumentParser) -> None:
         type=int,
         default=0,
         metavar="N",
-        help="write the N images a grader should label first to OUT/suggested.csv "
-        "(uncertain and diverse: for --finetune; they are not representative, so move the "
-        "operating points with a random sample instead, docs/generalisation.md)",
+        help="write the N most uncertain, diverse images to OUT/suggested.csv; not a random "
+        "sample: give --labels a random sample of the site, not these alone "
+        "(docs/generalisation.md)",
     )
     p.add_argument(
         "--finetune",
@@ -414,8 +414,8 @@ def run_adapt(args: argparse.Namespace) -> None:
     if result.suggested_path is not None:
         print(f"images to label first: {result.suggested_path}")
         print(
-            "  chosen as uncertain and diverse, not at random: use them with --finetune; to move "
-            "the operating points (--labels), label a random sample of the site as well"
+            "  chosen as uncertain and diverse, not at random: operating points moved on them "
+            "alone fell short of their sensitivity; give --labels a random sample of the site"
         )
     print(f"run folder: {result.dir}")
 

@@ -160,7 +160,9 @@ def adapt(
     suggest : int, default 0
         Write the ``suggest`` images a grader should label first to ``RUN/suggested.csv``
         (model uncertainty plus feature-space diversity, Cardoso et al. 2017; Sener &
-        Savarese 2018; :mod:`medtune.transfer.suggest`).
+        Savarese 2018; :mod:`medtune.transfer.suggest`). They are not a random sample:
+        ``labels`` must be one (operating points moved on suggested images alone kept 0.74-0.86
+        of a 0.90 sensitivity, ``docs/generalisation.md``).
     finetune : bool, default False
         With ``labels``: after AdaBN, fine-tune the head and the last backbone stage on the
         sample mixed with the source's training images (each drawn equally often;
