@@ -195,7 +195,8 @@ def prepare(
     ``fundus_opts``: :class:`~medtune.data.fundus.FundusOptions` or its dict (``None``: defaults).
     ``skip_bad``: drop undecodable images (listed in ``skipped.csv`` and ``cache.skipped``)
     instead of raising :class:`BadImageError`. ``num_workers > 0``: decode in that many ``spawn``
-    processes (a script calling this needs the usual ``if __name__ == "__main__":`` guard).
+    processes (a script calling this needs the usual ``if __name__ == "__main__":`` guard);
+    ``0``: in threads of this process, one per core (at most 4).
     """
     from medtune.data import fundus
 
@@ -445,38 +446,34 @@ def _fill(
         items = [(i, imageset.source_of(i)) for i in rows]
         return (str(npy), items, params["size"], params["fundus"])
 
-    with bar:
-        if num_workers <= 0:  # in this process: decoding threads (Pillow, NumPy and OpenCV
-            # release the GIL)
-            with cf.ThreadPoolExecutor(max_workers=_decode_threads()) as pool:
-                try:
-                    _run_in_order(pool, chunks, task, take, window=2 * _decode_threads())
-                except BaseException:
-                    pool.shutdown(wait=True, cancel_futures=True)
-                    raise
-            return failures
+    if num_workers <= 0:  # in this process: threads (Pillow, NumPy and OpenCV release the GIL)
+        workers = _decode_threads()
+        pool: cf.Executor = cf.ThreadPoolExecutor(max_workers=workers)
+        window = 2 * workers
+    else:
         ctx = multiprocessing.get_context("spawn")
-        with cf.ProcessPoolExecutor(max_workers=num_workers, mp_context=ctx) as pool:
-            try:
-                _run_pool(pool, chunks, task, take, window=4 * num_workers)
-            except BaseException:
-                pool.shutdown(wait=True, cancel_futures=True)
-                raise
+        pool = cf.ProcessPoolExecutor(max_workers=num_workers, mp_context=ctx)
+        window = 4 * num_workers
+    with bar, pool:
+        try:
+            _run_pool(pool, chunks, task, take, window=window)
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
     return failures
 
 
 def _decode_threads() -> int:
     """Threads preparing images in this process: one per usable core, at most 4 (600 APTOS
-    PNGs: 1.55 -> 1.2 s on 2 cores; ``docs/performance.md``)."""
+    PNGs: 1.32 -> 0.91 s on 2 cores, identical arrays; ``docs/performance.md``)."""
     return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                       else os.cpu_count() or 1))  # fmt: skip
 
 
-def _run_in_order(
-    pool: cf.Executor, chunks: list[range], task: Any, take: Any, window: int
-) -> None:
-    """Like :func:`_run_pool`, but results are taken in chunk order, so the first bad image
-    reported is the one a single thread would report."""
+def _run_pool(pool: cf.Executor, chunks: list[range], task: Any, take: Any, window: int) -> None:
+    """Submit chunks with at most ``window`` in flight (bounds memory for in-memory npz arrays),
+    taking their results in chunk order, so the first bad image reported is the one a single
+    worker would report."""
     pending: collections.deque[tuple[range, cf.Future[list[tuple[int, str]]]]] = collections.deque()
     for rows in chunks:
         pending.append((rows, pool.submit(_process_chunk, *task(rows))))
@@ -486,23 +483,6 @@ def _run_in_order(
     while pending:
         done, fut = pending.popleft()
         take(done, fut.result())
-
-
-def _run_pool(pool: cf.Executor, chunks: list[range], task: Any, take: Any, window: int) -> None:
-    """Submit chunks with at most ``window`` in flight (bounds memory for in-memory npz arrays)."""
-    pending: dict[cf.Future[list[tuple[int, str]]], range] = {}
-    todo = iter(chunks)
-    while True:
-        while len(pending) < window:
-            rows = next(todo, None)
-            if rows is None:
-                break
-            pending[pool.submit(_process_chunk, *task(rows))] = rows
-        if not pending:
-            return
-        done, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
-        for fut in done:
-            take(pending.pop(fut), fut.result())
 
 
 def _process_chunk(
