@@ -23,7 +23,7 @@ from medtune.workflows.predict import predict
 
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
-from test_serve import CHROMIUM, LiveServer, launch_chromium  # noqa: E402
+from test_serve import CHROMIUM, LiveServer, launch_chromium, playwright_api  # noqa: E402
 
 from medtune.workflows.serve import create_app  # noqa: E402
 
@@ -169,9 +169,7 @@ def test_the_page_keeps_a_running_batch_and_flags_it_once_shifted(
 def test_the_page_shows_the_banner_beside_each_referral_and_in_the_worklist(
     dr_run: Path, tmp_path: Path
 ) -> None:
-    sync_api = pytest.importorskip(
-        "playwright.sync_api", reason="playwright is not installed (.ci/run installs it)"
-    )
+    sync_api = playwright_api()
     folder = _new_site(tmp_path / "new-site", n_per_grade=5)
     photos = sorted(folder.iterdir())[: MIN_BATCH + 1]
     with LiveServer(create_app(run=dr_run)) as server, sync_api.sync_playwright() as pw:

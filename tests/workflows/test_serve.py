@@ -369,6 +369,13 @@ def browser_photographs(folder: Path) -> list[Path]:
     return paths
 
 
+def playwright_api():  # noqa: ANN201
+    """``playwright.sync_api``, or skip the test (``.ci/run`` installs playwright)."""
+    return pytest.importorskip(
+        "playwright.sync_api", reason="playwright is not installed (.ci/run installs it)"
+    )
+
+
 def launch_chromium(playwright):  # noqa: ANN001, ANN201
     return playwright.chromium.launch(
         executable_path=CHROMIUM,
@@ -385,9 +392,7 @@ def launch_chromium(playwright):  # noqa: ANN001, ANN201
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run does)")
 def test_page_end_to_end_in_headless_chromium(tiny_run: Path, tmp_path: Path) -> None:
-    sync_api = pytest.importorskip(
-        "playwright.sync_api", reason="playwright is not installed (.ci/run installs it)"
-    )
+    sync_api = playwright_api()
     photos = browser_photographs(tmp_path / "photos")
     gate = importlib.util.find_spec("medtune.evaluation.quality") is not None
     if gate:  # the three photographs are what they claim to be, judged as predict judges them

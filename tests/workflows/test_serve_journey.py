@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import patient_photographs
-from test_serve import CHROMIUM, LiveServer, launch_chromium
+from test_serve import CHROMIUM, LiveServer, launch_chromium, playwright_api
 
 from medtune.workflows.serve import create_app
 from medtune.worklist.db import open_database
@@ -31,9 +31,7 @@ def start(served_run: Path, folder: Path, port: int | None = None) -> LiveServer
 def test_a_clinic_day_log_in_screen_review_restart_find_export_log_out(
     served_run: Path, tmp_path: Path
 ) -> None:
-    sync_api = pytest.importorskip(
-        "playwright.sync_api", reason="playwright is not installed (.ci/run installs it)"
-    )
+    sync_api = playwright_api()
     folder = tmp_path / "data"
     db = open_database(folder=folder)
     Users(db).add("ann", PASSWORD, "grader")
