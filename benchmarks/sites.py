@@ -154,7 +154,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--recipes",
         default=None,
         help=f"comma-separated subset of {', '.join(RECIPES)} (default: all); with --loso, "
-        "of default, site-balance, linear-probe (default: default)",
+        "of default, site-balance, mixstyle, linear-probe (default: default)",
     )
     p.add_argument(
         "--work",

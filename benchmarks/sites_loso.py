@@ -1,6 +1,7 @@
 """Leave-one-site-out benchmark over the three development sites (``make bench-sites``).
 
-    python benchmarks/sites.py --loso [--recipes default,site-balance] [--few-labels 25,50,100,200]
+    python benchmarks/sites.py --loso [--recipes default,site-balance,mixstyle]
+        [--few-labels 25,50,100,200]
     python benchmarks/sites.py --loso --quick     # smoke test: 40 images per site, 1 epoch
 
 For each site H of ``aptos2019-224``, ``eyepacs-dev`` and ``idrid-800`` (IDRiD: Porwal et al.,
@@ -47,6 +48,7 @@ QUICK_N = 40  # images per site with --quick
 LOSO_RECIPES: dict[str, dict[str, Any]] = {
     "default": {},
     "site-balance": {"site_balance": 0.5},
+    "mixstyle": {"mixstyle": 0.5},
     "linear-probe": {"strategy": "linear-probe"},
 }
 LABEL_FREE = ("none", "quantile", "em-quantile")

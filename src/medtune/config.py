@@ -316,6 +316,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "vflip": False,
         "augment": [],
         "ema": None,
+        "mixstyle": None,
         "fundus": {"crop": True},
     },
 }
@@ -462,6 +463,14 @@ class TrainConfig:
         help="validate, checkpoint and ship an exponential moving average of the weights with "
         "this per-step decay, e.g. 0.99 (Lightning's `EMAWeightAveraging`; Polyak & Juditsky "
         "1992); fine-tuning only",
+    )
+    mixstyle: float | None = setting(
+        None,
+        shown="off",
+        unit="probability",
+        help="mix the channel statistics of training images after the stride-4 and stride-8 "
+        "stages with this probability per batch, e.g. 0.5 (MixStyle, Zhou et al. 2021: styles "
+        "between the training sites); fine-tuning only (`docs/generalisation.md`)",
     )
     class_weights: str | None = setting(
         None, choices=CLASS_WEIGHTS, help="`auto`: inverse-frequency loss weights"
@@ -646,6 +655,10 @@ class TrainConfig:
         if self.ema is not None and not 0.0 < self.ema < 1.0:
             raise MedtuneError(
                 f"ema {self.ema} is not a decay in (0, 1); try 0.99, or leave it out"
+            )
+        if self.mixstyle is not None and not 0.0 < self.mixstyle <= 1.0:
+            raise MedtuneError(
+                f"mixstyle {self.mixstyle} is not a probability in (0, 1]; try 0.5, or leave it out"
             )
         if not 0.0 <= self.site_balance <= 1.0:
             raise MedtuneError(

@@ -235,3 +235,20 @@ def test_ema_run_ships_the_averaged_weights_and_records_site_augmentation(
 def test_ema_outside_zero_one_is_a_clear_error(graded_folder: Path, tmp_path):
     with pytest.raises(MedtuneError, match="ema 1.5 is not a decay"):
         train(data=str(graded_folder), out=str(tmp_path / "x"), ema=1.5, **TINY)
+
+
+def test_mixstyle_changes_training_only_and_is_recorded(graded_folder: Path, tmp_path):
+    """MixStyle mixes feature statistics while training (the weights differ from a run without
+    it, same seed) and is stored in config.yaml; a bad probability is a clear error."""
+    from safetensors.torch import load_file
+
+    runs = {}
+    for name, p in (("plain", None), ("mixed", 1.0)):
+        out = tmp_path / name
+        train(data=str(graded_folder), out=str(out), epochs=1, early_stopping=None, mixstyle=p,
+              **TINY)  # fmt: skip
+        runs[name] = load_file(str(out / "model.safetensors"))
+        assert TrainConfig.load(out / "config.yaml").mixstyle == p
+    assert not torch.allclose(runs["plain"]["head.weight"], runs["mixed"]["head.weight"])
+    with pytest.raises(MedtuneError, match="mixstyle 1.5 is not a probability"):
+        train(data=str(graded_folder), out=str(tmp_path / "x"), mixstyle=1.5, **TINY)

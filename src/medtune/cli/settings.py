@@ -41,7 +41,7 @@ NOT_ON_COMMAND_LINE = frozenset({"mean", "std", "channels_last", "progress", "sy
 #: on by default is derived).
 FLAG_NAMES = {"num_workers": "--workers"}
 #: Placeholders of flags whose unit does not name their value.
-METAVARS = {"positive_class": "NAME", "augment": "LIST", "ema": "DECAY"}
+METAVARS = {"positive_class": "NAME", "augment": "LIST", "ema": "DECAY", "mixstyle": "P"}
 #: The syntax of flags whose value is not a plain number or word, shown before their help.
 SYNTAX = {"fundus": FUNDUS_HELP}
 #: Markers around the generated table in docs/configuration.md.

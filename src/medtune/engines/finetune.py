@@ -188,6 +188,7 @@ def run_finetune(
         ordinal=ordinal,
         channels_last=config.channels_last,
         epochs=config.epochs,
+        mixstyle=config.mixstyle,
     )
     trainer = _trainer(config, run, monitor_metric(ordinal))
     ckpt = _resume_checkpoint(run) if resume else None
@@ -197,6 +198,7 @@ def run_finetune(
         # validation metrics are computed from predictions gathered from every process
         warnings.filterwarnings("ignore", message=".*sync_dist=True.*")
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt, weights_only=True)
+    module.detach_mixstyle()
     best = run.best_checkpoint
     if trainer.is_global_zero:  # only global rank 0 goes on to evaluate
         if best.is_file():

@@ -14,6 +14,7 @@ from torch import nn
 from medtune.config import FinetuneRecipe, InputSpec
 from medtune.data.normalise import normalise_batch
 from medtune.evaluation.metrics import quick_metrics
+from medtune.models.mixstyle import attach_mixstyle
 from medtune.models.stages import param_stage_index
 from medtune.transfer.recipe import (
     apply_freeze,
@@ -68,6 +69,7 @@ class FinetuneModule(L.LightningModule):
         channels_last: bool = True,
         steps_per_epoch: int = 1,
         epochs: int = 1,
+        mixstyle: float | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -94,8 +96,16 @@ class FinetuneModule(L.LightningModule):
         self._frozen_norm_names = [names[id(m)] for m in frozen]
         set_norm_momentum(body, BN_MOMENTUM)
         self.anchors = self._pretrained_anchors(body) if recipe.l2sp > 0 else {}
+        # MixStyle acts only on modules in training mode; detach_mixstyle() removes it for good
+        self._mixstyle = attach_mixstyle(body, stages, mixstyle) if mixstyle else []
         self._val_outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.val_history: list[dict[str, float]] = []
+
+    def detach_mixstyle(self) -> None:
+        """Remove the MixStyle hooks: the trained model then runs exactly as it was built."""
+        for handle in self._mixstyle:
+            handle.remove()
+        self._mixstyle = []
 
     def _pretrained_anchors(self, body: nn.Module) -> dict[str, torch.Tensor]:
         return {

@@ -145,6 +145,7 @@ def train(
     vflip: bool = _D.vflip,
     augment: str | list[str] | None = _D.augment,
     ema: float | None = _D.ema,
+    mixstyle: float | None = _D.mixstyle,
     class_weights: str | None = _D.class_weights,
     balanced_sampler: bool = _D.balanced_sampler,
     site_balance: float = _D.site_balance,
@@ -248,6 +249,8 @@ def _note_ignored_by_probe(config: TrainConfig) -> None:
         ignored.append(f"augment={','.join(config.augment) or 'none'}")
     if config.ema is not None:
         ignored.append(f"ema={config.ema}")
+    if config.mixstyle is not None:
+        ignored.append(f"mixstyle={config.mixstyle}")
     if ignored:
         log.warning(
             "note: %s ignores %s: a probe fits its logistic-regression head to convergence on "
