@@ -425,7 +425,7 @@ def main_loso(args: argparse.Namespace) -> int:
         say("--quick: SMOKE TEST ONLY; figures are meaningless and the document is unchanged")
         result["note"] = "smoke test (--quick): not a measurement"
     else:
-        write_report(args.out, sites_loso.report_md(result), sites_loso.TABLE)
+        write_report(args.out, sites_loso.report_md(result, args.loso_table), args.loso_table)
         say(f"wrote {args.out}")
     print(json.dumps(result, indent=1))
     return 0

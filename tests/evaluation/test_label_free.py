@@ -12,6 +12,7 @@ from medtune.evaluation.label_free import (
     estimate_prevalence,
     label_free_threshold,
     operating_point_status,
+    random_sample_check,
     score_label_free_points,
 )
 from medtune.evaluation.operating_points import choose_operating_points
@@ -74,6 +75,28 @@ def test_status_marks_a_shifted_site_without_labels_as_not_validated():
     assert operating_point_status(None)["validated"] is False
     assert operating_point_status(False)["validated"] is True
     assert operating_point_status(True, labelled=40)["validated"] is True
+
+
+def test_random_samples_pass_the_sample_check_at_its_rate_and_chosen_ones_fail():
+    """A random sample of a site passes about 95% of the time; the images a grader is shown
+    first (the most uncertain: P(referable) nearest 0.5) fail, and their points are marked."""
+    rng = np.random.default_rng(0)
+    _, probs = _site(800, 0.2, rng)
+    site = probs[:, 1]
+    flagged = []
+    for _ in range(300):
+        drawn = rng.choice(len(site), 100, replace=False)
+        flagged.append(not random_sample_check(site[drawn], np.delete(site, drawn))["random"])
+    assert 0.02 <= np.mean(flagged) <= 0.09  # the stated 5%
+    order = np.argsort(np.abs(site - 0.5))
+    check = random_sample_check(site[order[:100]], site[order[100:]])
+    assert not check["random"] and check["p_value"] < 1e-6
+    assert (check["n_sample"], check["n_site"]) == (100, 700)
+    status = operating_point_status(True, labelled=100, sample=check)
+    assert status["validated"] is False and status["status"].startswith(NOT_VALIDATED)
+    assert "not a random sample" in status["status"]
+    passed = random_sample_check(site[:400], site)
+    assert operating_point_status(True, labelled=400, sample=passed)["validated"] is True
 
 
 def test_label_free_points_are_scored_by_evaluate_and_others_are_not():

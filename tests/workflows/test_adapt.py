@@ -162,6 +162,28 @@ def test_cli_adapt_prints_one_line(source_run: Path, tmp_path, capsys):
     assert out.startswith("adapted 7 BatchNorm layers on 24 images; operating points kept")
 
 
+def test_points_moved_on_a_sample_unlike_the_site_are_not_validated(source_run: Path, tmp_path):
+    """A labelled sample that is not a random sample of the site (here half referable where the
+    site is one eighth) moves the points but leaves them marked "not validated here"."""
+    import shutil
+
+    sample = _site_b(tmp_path / "sample", n_per_class=12, seed=9)
+    site = tmp_path / "site"
+    shutil.copytree(sample, site)
+    more = _site_b(tmp_path / "negatives", n_per_class=72, seed=11)
+    for i, path in enumerate(sorted((more / "0").glob("*.png"))):
+        shutil.copy(path, site / "0" / f"extra_{i:03d}.png")
+    out = tmp_path / "adapted"
+    result = adapt(source_run, site, out, labels=sample, batch_size=8, progress=False)
+    check = result.record["operating_points"]["random_sample"]
+    assert (check["n_sample"], check["n_site"]) == (24, 72) and check["random"] is False
+    assert check["sample_images_among_the_site"] == 24
+    assert result.record["operating_point_status"]["validated"] is False
+    assert "not a random sample of the site" in result.summary
+    validation = batch_check(load_predictor(run=out), None, 30)[1]
+    assert validation["validated"] == "no" and "not a random sample" in validation["status"]
+
+
 def test_label_free_recalibration_suggestions_and_the_batch_verdict(source_run: Path, tmp_path):
     import pandas as pd
 

@@ -118,6 +118,17 @@ class AdaptResult:
             f"{point['to']:.4f} (temperature {points['temperature']['from']:.3f} -> "
             f"{points['temperature']['to']:.3f}) using {points['n_images']} labelled images "
             f"({points['n_positives']} positives)"
+        ) + self._sample_warning()
+
+    def _sample_warning(self) -> str:
+        check = self.record["operating_points"].get("random_sample")
+        if not check or check["random"]:
+            return ""
+        return (
+            f"; WARNING: the labelled images are not a random sample of the site (their "
+            f"P(referable) differs from the site's, KS p = {check['p_value']:.2g}; chosen "
+            "images such as --suggest's lose sensitivity): operating point not validated here; "
+            "label a random sample of the site"
         )
 
 
@@ -151,7 +162,10 @@ def adapt(
         labelled with the run's classes): refits the temperature and moves the sensitivity
         operating points (``sens90``, ``sens97.5``; ``youden`` is re-chosen) on it. Needs at
         least 10 positives and one negative of the model's binary task (referable DR for
-        five DR grades, the positive class for two classes).
+        five DR grades, the positive class for two classes). It must be a random sample of
+        the site: when its P(referable) differs from the site's images' (two-sample KS test,
+        :func:`medtune.evaluation.label_free.random_sample_check`), the moved points are
+        marked "operating point not validated here" and the summary warns.
     recalibrate : {"none", "quantile", "em-quantile"}, default "none"
         Without ``labels``: move the operating points onto the site's unlabelled scores after
         AdaBN (:mod:`medtune.evaluation.label_free`: quantile mapping at the validation
@@ -209,16 +223,20 @@ def adapt(
     sample, moved = None, None
     label_free = recalibrate if sample_set is None else "none"
     outputs = None
-    if label_free != "none" or suggest:
+    if label_free != "none" or suggest or sample_set is not None:
         outputs = new_site.site_outputs(model, card, images, batch_size)  # the adapted model
+    check, sample_images = None, None
+    if sample_set is not None:  # before --finetune trains on the sample: the same model
+        sample_images = _prepare_all(_sources(sample_set), card, progress)
+        check = new_site.sample_check(model, card, sample_images, images, outputs, batch_size)
     tuned = None
     if finetune:
         tuned = new_site.finetune_with_sample(
             model, card, config, source, labels, target, batch_size=batch_size, progress=progress
         )
     if sample_set is not None:
-        sample = _sample_logits(model, card, sample_set, batch_size, progress)
-        points = _move_points(card, source, sample, str(labels))
+        sample = _sample_logits(model, card, sample_set.labels, sample_images, batch_size)
+        points = {**_move_points(card, source, sample, str(labels)), "random_sample": check}
     elif label_free != "none":
         moved = new_site.label_free_points(card, source, outputs["probs"], label_free)
         points = {"moved": True, "rule": f"moved without labels ({label_free})", **moved.to_dict()}
@@ -226,6 +244,7 @@ def adapt(
         None if shift is None else shift["shifted"],
         labelled=0 if sample is None else len(sample["labels"]),
         method=label_free,
+        sample=check,
     )
     card = _adapted_card(card, source, points, moved, status)
     # everything is computed: only now is the new folder written
@@ -367,19 +386,22 @@ def _labelled_set(source: RunFolder, card: ModelCard, labels: str | Path) -> Any
     return imageset
 
 
+def _sources(imageset: Any) -> list[Any]:
+    return [imageset.source_of(i) for i in range(len(imageset))]
+
+
 def _sample_logits(
-    model: Any, card: ModelCard, imageset: Any, batch_size: int, progress: bool
+    model: Any, card: ModelCard, labels: Any, images: np.ndarray, batch_size: int
 ) -> dict[str, Any]:
-    """Labels (N,) and logits per TTA mode of the labelled sample, from the adapted model (the
-    scorer protocol on the one inference engine, :func:`medtune.deploy.engine.model_scorer`)."""
+    """Labels (N,) and logits per TTA mode of the labelled sample's prepared images, from the
+    adapted model (the scorer protocol on the one inference engine,
+    :func:`medtune.deploy.engine.model_scorer`)."""
     from medtune.deploy.engine import model_scorer
     from medtune.evaluation.scoring import logits_per_tta
 
     scorer = model_scorer(model, card, batch_size=batch_size)
-    sources = [imageset.source_of(i) for i in range(len(imageset))]
-    images = _prepare_all(sources, card, progress)
     logits = logits_per_tta(scorer, images, scorer.logits(images, "none"))
-    return {"labels": np.asarray(imageset.labels), "logits": logits}
+    return {"labels": np.asarray(labels), "logits": logits}
 
 
 def _move_points(

@@ -1,9 +1,11 @@
 """The new-site steps of ``medtune adapt`` beyond AdaBN: the batch shift verdict, label-free
-operating points and the images a grader should label first (``RUN/suggested.csv``)."""
+operating points, whether a labelled sample is a random one, and the images a grader should
+label first (``RUN/suggested.csv``)."""
 
 from __future__ import annotations
 
 import csv
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +104,35 @@ def label_free_points(
         label_free=method,
         prevalence=prevalence,
     )
+
+
+def sample_check(
+    model: Any,
+    card: ModelCard,
+    images: np.ndarray,
+    site_images: np.ndarray,
+    site: dict[str, np.ndarray],
+    batch_size: int,
+) -> dict[str, Any] | None:
+    """Whether the labelled sample's prepared ``images`` look like a random sample of the site's
+    prepared ``site_images`` whose outputs are ``site`` (:func:`site_outputs` of the same
+    model): :func:`medtune.evaluation.label_free.random_sample_check` on P(referable), against
+    the site's images the sample does not hold; ``None`` for a model without a binary task."""
+    from medtune.evaluation.label_free import random_sample_check
+
+    task = card.label_space.binary_task
+    if task is None:
+        return None
+    sample = site_outputs(model, card, images, batch_size)
+    drawn = np.isin(_digests(site_images), _digests(images))
+    check = random_sample_check(task.score(sample["probs"]), task.score(site["probs"][~drawn]))
+    return {**check, "sample_images_among_the_site": int(drawn.sum())}
+
+
+def _digests(images: np.ndarray) -> np.ndarray:
+    """One 128-bit BLAKE2 digest per prepared image (N, S, S, 3), as bytes strings: which of
+    the site's images the labelled sample holds (the same file prepares to the same array)."""
+    return np.array([hashlib.blake2b(im.tobytes(), digest_size=16).digest() for im in images])
 
 
 def write_suggestions(
