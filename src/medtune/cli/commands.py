@@ -359,8 +359,10 @@ def add_adapt(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="the new run folder to write")
     p.add_argument(
         "--labels",
-        help="a small labelled sample of the new site: refits the temperature and moves the "
-        "operating points so the validated sensitivity holds there (needs 10+ positives)",
+        help="a small labelled RANDOM sample of the new site: refits the temperature and moves "
+        "the operating points so the validated sensitivity holds there (needs 10+ positives); "
+        "a sample whose scores differ from the site's (KS test) leaves them marked 'operating "
+        "point not validated here'",
     )
     p.add_argument(
         "--recalibrate",
