@@ -184,6 +184,24 @@ def test_points_moved_on_a_sample_unlike_the_site_are_not_validated(source_run: 
     assert validation["validated"] == "no" and "not a random sample" in validation["status"]
 
 
+def test_summary_of_a_shifted_site_says_whether_its_points_were_calibrated_there():
+    from medtune.evaluation.shift import _verdict
+    from medtune.workflows.adapt import AdaptResult
+
+    shift = _verdict(1e-9, "validation (all sites)", 1e-9, 0.5, 100, 0.05)
+    record = {
+        "layers_adapted": 7,
+        "images": 100,
+        "batch_shift": shift,
+        "operating_points": {"moved": False},
+        "operating_point_status": {"validated": False, "status": "not validated"},
+    }
+    assert shift["message"] in AdaptResult(Path("x"), record).summary
+    record["operating_point_status"] = {"validated": True, "status": "moved on 40 labelled"}
+    summary = AdaptResult(Path("x"), record).summary
+    assert "not validated here" not in summary and "moved on its labels" in summary
+
+
 def test_label_free_recalibration_suggestions_and_the_batch_verdict(source_run: Path, tmp_path):
     import pandas as pd
 

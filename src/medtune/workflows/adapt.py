@@ -95,6 +95,12 @@ class AdaptResult:
         )
         shift = self.record.get("batch_shift")
         tail = f"; {shift['message']}" if shift else ""
+        calibrated = (self.record.get("operating_point_status") or {}).get("validated")
+        if shift and shift["shifted"] and calibrated:  # moved on a random labelled sample
+            tail = (
+                f"; this batch of {shift['n_images']} images differs from every validation site "
+                f"(p = {shift['p_value']:.2g}): the operating points were moved on its labels"
+            )
         return f"{head}; {self._points_summary()}{tail}"
 
     def _points_summary(self) -> str:
