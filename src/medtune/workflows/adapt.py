@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from medtune.config import OPERATING_POINTS
-from medtune.deploy.engine import write_run_engine
+from medtune.deploy.engine import model_scorer, write_run_engine
 from medtune.errors import MedtuneError
 from medtune.evaluation.card import ModelCard, OperatingPoints, Provenance
 from medtune.evaluation.label_free import LABEL_FREE_METHODS, operating_point_status
@@ -223,25 +223,31 @@ def adapt(
     model, card = source.load_model()
     paths = _site_images(data)
     images = _prepare_all(paths, card, progress)
-    shift = new_site.batch_verdict(source, new_site.site_outputs(model, card, images, batch_size))
+    source_scorer = model_scorer(model, card, batch_size=batch_size)
+    shift = new_site.batch_verdict(source, new_site.site_outputs(source_scorer, card, images))
     info = _adabn(model, card, images, config.freeze, batch_size)
     points: dict[str, Any] = {"moved": False, "rule": "validated operating points kept"}
     sample, moved = None, None
     label_free = recalibrate if sample_set is None else "none"
-    outputs = None
+    outputs, scorer = None, None
     if label_free != "none" or suggest or sample_set is not None:
-        outputs = new_site.site_outputs(model, card, images, batch_size)  # the adapted model
-    check, sample_images = None, None
+        scorer = model_scorer(model, card, batch_size=batch_size)  # the adapted model
+        outputs = new_site.site_outputs(scorer, card, images)
+    check, sample_images, sample_plain = None, None, None
     if sample_set is not None:  # before --finetune trains on the sample: the same model
         sample_images = _prepare_all(_sources(sample_set), card, progress)
-        check = new_site.sample_check(model, card, sample_images, images, outputs, batch_size)
+        sample_plain = scorer.logits(sample_images, "none")
+        check = new_site.sample_check(
+            card, sample_images, card.probabilities(sample_plain), images, outputs["probs"]
+        )
     tuned = None
     if finetune:
         tuned = new_site.finetune_with_sample(
             model, card, config, source, labels, target, batch_size=batch_size, progress=progress
         )
+        scorer, sample_plain = model_scorer(model, card, batch_size=batch_size), None
     if sample_set is not None:
-        sample = _sample_logits(model, card, sample_set.labels, sample_images, batch_size)
+        sample = _sample_logits(scorer, sample_set.labels, sample_images, sample_plain)
         points = {**_move_points(card, source, sample, str(labels)), "random_sample": check}
     elif label_free != "none":
         moved = new_site.label_free_points(card, source, outputs["probs"], label_free)
@@ -397,17 +403,15 @@ def _sources(imageset: Any) -> list[Any]:
 
 
 def _sample_logits(
-    model: Any, card: ModelCard, labels: Any, images: np.ndarray, batch_size: int
+    scorer: Any, labels: Any, images: np.ndarray, plain: np.ndarray | None
 ) -> dict[str, Any]:
     """Labels (N,) and logits per TTA mode of the labelled sample's prepared images, from the
-    adapted model (the scorer protocol on the one inference engine,
-    :func:`medtune.deploy.engine.model_scorer`)."""
-    from medtune.deploy.engine import model_scorer
+    adapted model's scorer (:func:`medtune.deploy.engine.model_scorer`); ``plain``: its
+    untransformed logits when already computed."""
     from medtune.evaluation.scoring import logits_per_tta
 
-    scorer = model_scorer(model, card, batch_size=batch_size)
-    logits = logits_per_tta(scorer, images, scorer.logits(images, "none"))
-    return {"labels": np.asarray(labels), "logits": logits}
+    plain = scorer.logits(images, "none") if plain is None else plain
+    return {"labels": np.asarray(labels), "logits": logits_per_tta(scorer, images, plain)}
 
 
 def _move_points(

@@ -28,14 +28,13 @@ def batches(images: np.ndarray, batch_size: int) -> list[Any]:
     return [torch.from_numpy(images[c]).permute(0, 3, 1, 2) for c in chunks]
 
 
-def site_outputs(model: Any, card: ModelCard, images: np.ndarray, batch_size: int) -> dict:
+def site_outputs(scorer: Any, card: ModelCard, images: np.ndarray) -> dict:
     """Calibrated probabilities (N, K) and pooled features (N, D) of the site's images, through
-    the scorer protocol (:func:`medtune.evaluation.scoring.score` on the one inference engine,
-    :func:`medtune.deploy.engine.model_scorer`)."""
-    from medtune.deploy.engine import model_scorer
+    the scorer protocol (:func:`medtune.evaluation.scoring.score`; ``scorer`` from the one
+    inference engine, :func:`medtune.deploy.engine.model_scorer`)."""
     from medtune.evaluation.scoring import score
 
-    scored = score(model_scorer(model, card, batch_size=batch_size), images, features=True)
+    scored = score(scorer, images, features=True)
     return {"probs": card.probabilities(scored.plain), "features": scored.features}
 
 
@@ -107,25 +106,24 @@ def label_free_points(
 
 
 def sample_check(
-    model: Any,
     card: ModelCard,
     images: np.ndarray,
+    probs: np.ndarray,
     site_images: np.ndarray,
-    site: dict[str, np.ndarray],
-    batch_size: int,
+    site_probs: np.ndarray,
 ) -> dict[str, Any] | None:
-    """Whether the labelled sample's prepared ``images`` look like a random sample of the site's
-    prepared ``site_images`` whose outputs are ``site`` (:func:`site_outputs` of the same
-    model): :func:`medtune.evaluation.label_free.random_sample_check` on P(referable), against
-    the site's images the sample does not hold; ``None`` for a model without a binary task."""
+    """Whether the labelled sample's prepared ``images`` (calibrated probabilities ``probs``)
+    look like a random sample of the site's prepared ``site_images`` (``site_probs``, from the
+    same model): :func:`medtune.evaluation.label_free.random_sample_check` on P(referable),
+    against the site's images the sample does not hold; ``None`` for a model without a binary
+    task."""
     from medtune.evaluation.label_free import random_sample_check
 
     task = card.label_space.binary_task
     if task is None:
         return None
-    sample = site_outputs(model, card, images, batch_size)
     drawn = np.isin(_digests(site_images), _digests(images))
-    check = random_sample_check(task.score(sample["probs"]), task.score(site["probs"][~drawn]))
+    check = random_sample_check(task.score(probs), task.score(site_probs[~drawn]))
     return {**check, "sample_images_among_the_site": int(drawn.sum())}
 
 
