@@ -143,6 +143,8 @@ QUICK_RECIPES = ("finetune", "linear-probe", "finetune+adabn")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from sites_loso import LOSO_RECIPES, add_arguments  # leave-one-site-out (make bench-sites)
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
         "--shared",
@@ -154,7 +156,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--recipes",
         default=None,
         help=f"comma-separated subset of {', '.join(RECIPES)} (default: all); with --loso, "
-        "of default, site-balance, mixstyle, linear-probe (default: default)",
+        f"of {', '.join(LOSO_RECIPES)} (default: default)",
     )
     p.add_argument(
         "--work",
@@ -171,8 +173,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         f"recipes {', '.join(QUICK_RECIPES)}; the document is not rewritten",
     )
     p.add_argument("--out", type=Path, default=DOC, help="document to rewrite")
-    from sites_loso import add_arguments  # leave-one-site-out (make bench-sites)
-
     add_arguments(p)
     p.add_argument(
         "--table",
