@@ -259,16 +259,7 @@ def adapt(
         sample=check,
     )
     card = _adapted_card(card, source, points, moved, status)
-    # everything is computed: only now is the new folder written
-    target.dir.mkdir(parents=True, exist_ok=True)
-    target.write_config(config)
-    for name in _COPIED:
-        if source.path(name).is_file():
-            shutil.copy2(source.path(name), target.path(name))
-    if sample is not None:
-        target.write_val_logits(sample["labels"], sample["logits"])
-    target.write_model(model, card)
-    write_run_engine(target, model, images[:4])  # RUN/model.onnx of the adapted weights
+    _write_run(source, target, config, model, card, sample, images[:4])
     suggested = None
     if suggest:
         task = card.label_space.binary_task
@@ -287,6 +278,28 @@ def adapt(
     target.write_adaptation(record)
     _mark_metrics(target, record)
     return AdaptResult(target.dir, record)
+
+
+def _write_run(
+    source: RunFolder,
+    target: RunFolder,
+    config: Any,
+    model: Any,
+    card: ModelCard,
+    sample: dict[str, Any] | None,
+    parity_images: np.ndarray,
+) -> None:
+    """The adapted run folder, written once everything is computed: the source's copied files,
+    the labelled sample's logits (as ``val_logits.npz``), the model and its ONNX engine."""
+    target.dir.mkdir(parents=True, exist_ok=True)
+    target.write_config(config)
+    for name in _COPIED:
+        if source.path(name).is_file():
+            shutil.copy2(source.path(name), target.path(name))
+    if sample is not None:
+        target.write_val_logits(sample["labels"], sample["logits"])
+    target.write_model(model, card)
+    write_run_engine(target, model, parity_images)  # RUN/model.onnx of the adapted weights
 
 
 def _check_options(batch_size: int, recalibrate: str, finetune: bool, labels: Any) -> None:
