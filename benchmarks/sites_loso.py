@@ -237,9 +237,10 @@ def shift_detection(run: str, held: Path | list[Path], args: argparse.Namespace)
     card = scorer.card
     config = folder.read_config()
 
-    def outputs(part: Part) -> tuple[np.ndarray, np.ndarray]:
+    def outputs(part: Part) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         scored = score(scorer, part.images, features=True)
-        return scored.features, card.probabilities(scored.plain)
+        patients = np.asarray(part.groups or [""] * len(part), dtype=str)
+        return scored.features, card.probabilities(scored.plain), patients
 
     batches = {}
     for site in held if isinstance(held, list) else [held]:
@@ -248,17 +249,19 @@ def shift_detection(run: str, held: Path | list[Path], args: argparse.Namespace)
         batches[site.name] = outputs(Part(cache, np.arange(len(cache))))
     home = prepare_run_data(config, Path(run)).test
     if home is not None:
-        feats, probs = outputs(home)
+        feats, probs, patients = outputs(home)
         sites = np.asarray(home.sites or [""] * len(home), dtype=str)
         for site in sorted(set(sites.tolist())):
             rows = sites == site
-            batches[f"{site or 'home'} (held-out test images)"] = (feats[rows], probs[rows])
+            batches[f"{site or 'home'} (held-out test images)"] = (
+                feats[rows], probs[rows], patients[rows]
+            )  # fmt: skip
     rng = np.random.default_rng(args.seed)
     out = {}
-    for name, (feats, probs) in batches.items():
+    for name, (feats, probs, patients) in batches.items():
         n = min(args.shift_n, len(feats))
         verdicts = [
-            test.test(feats[rows], probs[rows])
+            test.test(feats[rows], probs[rows], patients[rows])
             for rows in (
                 rng.choice(len(feats), size=n, replace=False) for _ in range(args.shift_draws)
             )
@@ -287,7 +290,9 @@ def refit_batch_test(run: str) -> None:
     val = prepare_run_data(folder.read_config(), folder.dir).val
     scored = score(scorer, val.images, features=True)
     probs = scorer.card.probabilities(scored.plain)
-    folder.write_batch_shift(BatchShiftTest.fit(scored.features, probs, val.sites))
+    folder.write_batch_shift(
+        BatchShiftTest.fit(scored.features, probs, val.sites, patients=val.groups)
+    )
 
 
 def label_free(run: str, held: Path, work: Path, args: argparse.Namespace) -> dict[str, Any]:

@@ -276,3 +276,11 @@ def test_finetune_on_the_sample_keeps_the_home_figures(source_run: Path, tmp_pat
     head = dict(src_model.named_parameters())
     changed = [n for n, p in new_model.named_parameters() if not torch.equal(p, head[n])]
     assert changed and all("blocks.0" not in n for n in changed)
+
+
+def test_site_images_pair_fellow_eyes_by_file_name_for_the_batch_test(tmp_path):
+    """adapt's batch verdict counts patients as predict does (file names, no manifest)."""
+    from medtune.workflows.new_site import site_patients
+
+    sources = [tmp_path / "3_left.png", str(tmp_path / "3_right.jpeg"), tmp_path / "x.png"]
+    assert site_patients([*sources, np.zeros((4, 4, 3), np.uint8)]) == ["3", "3", None, None]

@@ -100,6 +100,26 @@ def test_predict_marks_every_referral_of_a_shifted_batch_and_keeps_the_decision(
     )
 
 
+def test_predict_counts_fellow_eyes_once_and_tests_from_min_batch_patients(
+    dr_run: Path, tmp_path: Path
+) -> None:
+    """Files named ``<patient>_left/right`` pair up: their batch is tested at the number of
+    patients, and MIN_BATCH + 2 photographs of half as many patients are not tested."""
+    darker = _new_site(tmp_path / "new-site", n_per_grade=9)
+    paired = tmp_path / "paired"
+    paired.mkdir()
+    for i, path in enumerate(sorted(darker.glob("*.png"))[: 2 * MIN_BATCH + 2]):
+        path.rename(paired / f"{i // 2}_{('left', 'right')[i % 2]}.png")
+    few = sorted(paired.iterdir())[: MIN_BATCH + 2]  # (MIN_BATCH + 2) / 2 patients
+    predict(few, run=dr_run, out=tmp_path / "few.csv", progress=False)
+    rows, meta = _read(tmp_path / "few.csv")
+    assert "batch_shift" not in meta and meta["operating_point_validated"]["validated"] == "unknown"
+    predict([paired], run=dr_run, out=tmp_path / "all.csv", progress=False)
+    verdict = _read(tmp_path / "all.csv")[1]["batch_shift"]
+    assert (verdict["n_images"], verdict["n_patients"]) == (2 * MIN_BATCH + 2, MIN_BATCH + 1)
+    assert verdict["shifted"] and f"({MIN_BATCH + 1} patients)" in verdict["message"]
+
+
 def test_a_batch_like_validation_is_validated_and_json_carries_the_verdict(
     dr_run: Path, tmp_path: Path
 ) -> None:
@@ -137,30 +157,43 @@ def _upload(folder: Path, names: list[str]) -> list[tuple[str, tuple[str, bytes,
     return [("files", (n, (folder / n).read_bytes(), "image/png")) for n in names]
 
 
+def _visits(post, folder: Path, names: list[str], per_visit: int = 2) -> list[dict]:  # noqa: ANN001
+    """Screen ``names`` as patients' visits of ``per_visit`` photographs, one request each."""
+    chunks = [names[i : i + per_visit] for i in range(0, len(names), per_visit)]
+    return [post("/api/predict", files=_upload(folder, chunk)).json() for chunk in chunks]
+
+
 def test_the_page_keeps_a_running_batch_and_flags_it_once_shifted(
     dr_run: Path, tmp_path: Path
 ) -> None:
-    folder = _new_site(tmp_path / "new-site", n_per_grade=5)
-    names = sorted(p.name for p in folder.iterdir())[: MIN_BATCH + 2]
+    """A request is one patient's visit: its photographs count as one patient, so the running
+    batch is tested from the MIN_BATCH-th visit on."""
+    folder = _new_site(tmp_path / "new-site", n_per_grade=13)
+    names = sorted(p.name for p in folder.iterdir())
     with TestClient(create_app(run=dr_run), base_url=BASE) as client:
-        first = client.post("/api/predict", files=_upload(folder, names[:4])).json()
-        assert first["batch"]["n_images"] == 4 and first["batch"]["verdict"] is None
-        assert first["batch"]["validation"]["validated"] == "unknown"
-        second = client.post("/api/predict", files=_upload(folder, names[4:])).json()
-        stored = client.get(f"/api/screenings/{second['screening']['id']}").json()
+        one = client.post("/api/predict", files=_upload(folder, names[: MIN_BATCH + 2])).json()
+        visits = _visits(client.post, folder, names[MIN_BATCH + 2 : MIN_BATCH + 2 + 2 * MIN_BATCH])
+        last = visits[-1]
+        stored = client.get(f"/api/screenings/{last['screening']['id']}").json()
         listed = client.get("/api/screenings").json()["screenings"]
         exported = client.get("/api/screenings.csv").text
-    # the second request alone is below the minimum; with the first one's photographs, it is not
-    batch = second["batch"]
-    assert batch["n_images"] == MIN_BATCH + 2 and batch["verdict"]["shifted"] is True
+    # MIN_BATCH + 2 photographs of one visit are one patient: not tested
+    assert one["batch"]["n_images"] == MIN_BATCH + 2 and one["batch"]["verdict"] is None
+    assert one["batch"]["validation"]["validated"] == "unknown"
+    assert "at least 20 patients" in one["batch"]["validation"]["status"]
+    # the running batch: that visit, then MIN_BATCH - 2 visits of 2 photographs, still untested
+    assert visits[MIN_BATCH - 3]["batch"]["verdict"] is None
+    batch = visits[MIN_BATCH - 2]["batch"]  # MIN_BATCH patients
+    assert batch["verdict"]["shifted"] is True and batch["verdict"]["n_patients"] == MIN_BATCH
     assert batch["validation"]["validated"] == "no"
-    referred = [r for r in second["rows"] if r["refer"] in ("yes", "no")]
+    assert f"({MIN_BATCH} patients)" in batch["validation"]["status"]
+    referred = [r for r in last["rows"] if r["refer"] in ("yes", "no")]
     assert referred and all(r["operating_point_validated"] == "no" for r in referred)
     assert stored["batch_shift"]["validation"]["status"].startswith(NOT_VALIDATED)
     marked = [i for i in stored["images"] if i["refer"] in ("yes", "no")]
     assert all(i["operating_point_validated"] == "no" for i in marked)
     assert listed[0]["batch_shift"]["validation"]["validated"] == "no"  # newest first
-    assert listed[1]["batch_shift"]["validation"]["validated"] == "unknown"
+    assert listed[-1]["batch_shift"]["validation"]["validated"] == "unknown"
     lines = list(csv.DictReader(exported.splitlines()))
     assert {line["operating_point_validated"] for line in lines} == {"unknown", "no"}
 
@@ -169,10 +202,15 @@ def test_the_page_keeps_a_running_batch_and_flags_it_once_shifted(
 def test_the_page_shows_the_banner_beside_each_referral_and_in_the_worklist(
     dr_run: Path, tmp_path: Path
 ) -> None:
+    import httpx
+
     sync_api = playwright_api()
     folder = _new_site(tmp_path / "new-site", n_per_grade=5)
-    photos = sorted(folder.iterdir())[: MIN_BATCH + 1]
+    earlier = sorted(p.name for p in folder.iterdir())[: MIN_BATCH - 1]
+    photos = sorted(folder.iterdir())[MIN_BATCH - 1 : MIN_BATCH + 1]  # the MIN_BATCH-th visit
     with LiveServer(create_app(run=dr_run)) as server, sync_api.sync_playwright() as pw:
+        with httpx.Client(base_url=server.url, timeout=60) as client:
+            _visits(client.post, folder, earlier, per_visit=1)  # earlier patients, one photo each
         browser = launch_chromium(pw)
         page = browser.new_page()
         page.goto(server.url)

@@ -489,7 +489,7 @@ def test_a_worklist_of_the_first_schema_is_upgraded_and_keeps_its_screenings(
                            "refer", "gradable", "sens90", 0.3, "m", "v", ["0", "1"], ["0", "1"],
                            batch_shift=batch)  # fmt: skip
         sid = worklist.add_screening(new, ADMIN)
-        assert worklist.recent_evidence("m", "v", 100) == [evidence]
+        assert worklist.recent_evidence("m", "v", 100) == [{**evidence, "patient": sid}]
         assert worklist.recent_evidence("m", "other version", 100) == []
         image = worklist.get(sid)["images"][0]
         assert image["operating_point_validated"] == "unknown"

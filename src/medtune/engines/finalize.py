@@ -149,9 +149,11 @@ def finalize_run(
     run.write_model(model, card)
     if describe(scorer) == "onnx":  # RUN/model.onnx: what predict, evaluate and serve run
         write_run_engine(run, scorer)
-    # the batch shift test's references (evaluate, adapt): validation features and probabilities
+    # the batch shift test's references (evaluate, adapt): validation features and probabilities,
+    # with the split's patient groups (fellow eyes count as one patient in its sample sizes)
     try:
-        run.write_batch_shift(BatchShiftTest.fit(val_features, val_probs, data.val.sites))
+        test = BatchShiftTest.fit(val_features, val_probs, data.val.sites, patients=data.val.groups)
+        run.write_batch_shift(test)
     except MedtuneError as err:
         log.warning("no batch shift test for this run: %s", err)
     _add_per_site(metrics["val"], data.val, val_probs, val=(y_val, val_probs), **common)

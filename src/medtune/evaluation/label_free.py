@@ -261,7 +261,8 @@ def referral_validation(
     testable : bool
         Whether the model has a batch shift test (``batch_shift.npz``).
     min_batch : int
-        The fewest images tested (:data:`medtune.evaluation.shift.MIN_BATCH`).
+        The fewest patients tested (:data:`medtune.evaluation.shift.MIN_BATCH`; an image of
+        an unknown patient counts as one).
 
     Returns
     -------
@@ -283,16 +284,20 @@ def referral_validation(
         return {"validated": "yes" if points.validated else "no", "status": points.status}
     if verdict is not None:
         p = f"p = {verdict['p_value']:.2g}"
+        patients = verdict.get("n_patients", n_images)
+        of = f"{n_images} images" + (f" ({patients} patients)" if patients != n_images else "")
         if verdict["shifted"]:
-            why = f"this batch of {n_images} images differs from every validation site, {p}"
+            why = f"this batch of {of} differs from every validation site, {p}"
             return {"validated": "no", "status": f"{NOT_VALIDATED} ({why})"}
-        why = f"this batch of {n_images} images is consistent with {verdict['closest']}, {p}"
+        why = f"this batch of {of} is consistent with {verdict['closest']}, {p}"
         return {"validated": "yes", "status": why}
     if not testable:
         return None
     return {  # the count is left out: every request of a growing running batch reads the same
         "validated": "unknown",
-        "status": f"not tested: the batch shift test needs at least {min_batch} images",
+        "status": (
+            f"not tested: the batch shift test needs images of at least {min_batch} patients"
+        ),
     }
 
 

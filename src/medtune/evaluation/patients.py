@@ -688,6 +688,7 @@ def screen_patients(
     *,
     manifest: Any = None,
     rule: str = DEFAULT_PATIENT_RULE,
+    eyes: Sequence[Any] | None = None,
 ) -> PatientScreening | None:
     """Group ``medtune predict`` rows by patient and eye and apply the eye and patient rules.
 
@@ -700,6 +701,10 @@ def screen_patients(
         without it DICOM tags and file names (``17_left.jpeg``, ``P1_OD.jpg``) are used.
     rule : {"either-eye", "both-eyes"}, default "either-eye"
         The patient rule (:data:`PATIENT_RULES`).
+    eyes : sequence of ImageEye, optional
+        The rows' patients and eyes when the caller has found them already
+        (:func:`medtune.data.laterality.image_eyes` of the rows' images with ``manifest``);
+        default found here.
 
     Returns
     -------
@@ -724,8 +729,10 @@ def screen_patients(
         raise MedtuneError(
             f"patient rule {rule!r} is unknown; use one of {', '.join(PATIENT_RULES)}"
         )
-    images = [str(_field(r, "image")) for r in rows]
-    eyes = image_eyes(images, manifest=manifest)
+    if eyes is None:
+        eyes = image_eyes([str(_field(r, "image")) for r in rows], manifest=manifest)
+    elif len(eyes) != len(rows):
+        raise ValueError(f"{len(eyes)} eyes for {len(rows)} rows")
     if not any(e.grouped for e in eyes):
         return None
     eye_results = aggregate_eyes(rows, eyes)

@@ -224,7 +224,8 @@ def adapt(
     paths = _site_images(data)
     images = _prepare_all(paths, card, progress)
     source_scorer = model_scorer(model, card, batch_size=batch_size)
-    shift = new_site.batch_verdict(source, new_site.site_outputs(source_scorer, card, images))
+    source_outputs = new_site.site_outputs(source_scorer, card, images)
+    shift = new_site.batch_verdict(source, source_outputs, new_site.site_patients(paths))
     info = _adabn(model, card, images, config.freeze, batch_size)
     points: dict[str, Any] = {"moved": False, "rule": "validated operating points kept"}
     sample, moved = None, None

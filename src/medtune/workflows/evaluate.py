@@ -218,8 +218,8 @@ def _logits_and_site_shift(
     """The logits with ``tta``, and the share of images outside the training distribution
     (:func:`medtune.evaluation.shift.shift_summary`; ``None`` for a run without
     ``site_shift.npz``) with the batch shift test's verdict on the whole set (``batch``,
-    :class:`medtune.evaluation.shift.BatchShiftTest`). Both were fitted on plain (no TTA)
-    features (:func:`medtune.evaluation.scoring.score`)."""
+    :class:`medtune.evaluation.shift.BatchShiftTest`, counting the part's patient groups). Both
+    were fitted on plain (no TTA) features (:func:`medtune.evaluation.scoring.score`)."""
     from medtune.evaluation.shift import shift_summary
 
     shift, batch = scorer.site_shift, folder.read_batch_shift()
@@ -232,7 +232,8 @@ def _logits_and_site_shift(
         summary = shift_summary(scores > shift.threshold, shift.percentile)
         summary.update(threshold=shift.threshold, median_score=float(np.median(scores)))
     if batch is not None:
-        summary["batch"] = batch.test(scored.features, scorer.card.probabilities(scored.plain))
+        probs = scorer.card.probabilities(scored.plain)
+        summary["batch"] = batch.test(scored.features, probs, part.groups)  # patients count once
     return scored.logits, summary
 
 

@@ -38,12 +38,30 @@ def site_outputs(scorer: Any, card: ModelCard, images: np.ndarray) -> dict:
     return {"probs": card.probabilities(scored.plain), "features": scored.features}
 
 
-def batch_verdict(source: RunFolder, outputs: dict[str, np.ndarray]) -> dict[str, Any] | None:
+def site_patients(sources: list[Any]) -> list[str | None]:
+    """Each image's patient (``None`` when unknown), as ``predict`` finds it without a manifest:
+    DICOM tags, then the file name (``10_left.jpeg``; :func:`medtune.data.laterality.image_eyes`);
+    images given as arrays (an ``.npz`` set) have none."""
+    from medtune.data.laterality import image_eyes
+
+    paths = [i for i, src in enumerate(sources) if isinstance(src, (str, Path))]
+    found: list[str | None] = [None] * len(sources)
+    for i, eye in zip(paths, image_eyes([sources[i] for i in paths]), strict=True):
+        found[i] = eye.patient_id
+    return found
+
+
+def batch_verdict(
+    source: RunFolder, outputs: dict[str, np.ndarray], patients: list[str | None] | None = None
+) -> dict[str, Any] | None:
     """The batch shift test of the site's images against the source run's validation images
-    (:class:`medtune.evaluation.shift.BatchShiftTest`), on the SOURCE model's outputs; ``None``
-    for a run trained before the test existed."""
+    (:class:`medtune.evaluation.shift.BatchShiftTest`), on the SOURCE model's outputs, counting
+    fellow eyes as one patient (``patients``, :func:`site_patients`); ``None`` for a run trained
+    before the test existed."""
     test = source.read_batch_shift()
-    return None if test is None else test.test(outputs["features"], outputs["probs"])
+    if test is None:
+        return None
+    return test.test(outputs["features"], outputs["probs"], patients)
 
 
 def validated_points(card: ModelCard, source: RunFolder) -> tuple[Any, dict, np.ndarray]:

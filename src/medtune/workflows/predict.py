@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from medtune.config import TTA_MODES
 from medtune.data.images import is_listed_image, iter_image_files
+from medtune.data.laterality import image_eyes
 from medtune.data.preprocess import decode_source, prepare_image
 from medtune.errors import BadImageError, MedtuneError
 from medtune.evaluation.card import ModelCard, OperatingPoints
@@ -415,21 +416,32 @@ def _predict_batch(
 
 def batch_evidence(parts: Sequence[Mapping[str, Any] | None]) -> dict[str, np.ndarray] | None:
     """The projected features and plain probabilities of several parts of one batch (parts of
-    several images, ``(n, d)``, or of one, ``(d,)``), stacked; ``None`` when a part lacks them
-    (e.g. a journal written before the test)."""
+    several images, ``(n, d)``, or of one, ``(d,)``), stacked, with the images' ``patients``
+    (a part's ``patients`` list or its one ``patient``; ``""`` when unknown); ``None`` when a
+    part lacks them (e.g. a journal written before the test)."""
     if not parts or any(p is None for p in parts):
         return None
-    return {
+    stacked = {
         key: np.vstack([np.asarray(p[key], dtype=np.float64) for p in parts])  # type: ignore[index]
         for key in ("features", "probs")
     }
+    stacked["patients"] = np.concatenate([_part_patients(p) for p in parts])  # type: ignore[arg-type]
+    return stacked
+
+
+def _part_patients(part: Mapping[str, Any]) -> np.ndarray:
+    """One patient id per image of an evidence part (``""``: unknown, counts as its own)."""
+    n = np.atleast_2d(np.asarray(part["features"])).shape[0]
+    ids = part.get("patients") or [part.get("patient")] * n
+    return np.asarray(["" if v is None else str(v) for v in ids], dtype=str)
 
 
 def batch_check(
     predictor: Predictor, evidence: Mapping[str, np.ndarray] | None, n_images: int
 ) -> tuple[dict[str, Any] | None, dict[str, str] | None]:
     """The batch shift test's verdict on a batch (``None`` below
-    :data:`~medtune.evaluation.shift.MIN_BATCH` images or without a test), and whether its
+    :data:`~medtune.evaluation.shift.MIN_BATCH` patients, an image of an unknown patient
+    counting as one, or without a test), and whether its
     referrals are at a validated operating point
     (:func:`medtune.evaluation.label_free.referral_validation`).
 
@@ -437,7 +449,8 @@ def batch_check(
     ----------
     predictor : Predictor
     evidence : mapping or None
-        :func:`batch_evidence` of the batch (``features`` (N, d), ``probs`` (N, K)).
+        :func:`batch_evidence` of the batch (``features`` (N, d), ``probs`` (N, K), optional
+        ``patients`` (N,): fellow eyes count as one patient in the test's sample sizes).
     n_images : int
         Images in the batch.
 
@@ -447,12 +460,16 @@ def batch_check(
     validation : dict or None
     """
     from medtune.evaluation.label_free import referral_validation
-    from medtune.evaluation.shift import MIN_BATCH
+    from medtune.evaluation.shift import MIN_BATCH, count_patients
 
     test = predictor.batch_shift
     verdict = None
-    if test is not None and evidence is not None and n_images >= MIN_BATCH:
-        verdict = test.test_projected(evidence["features"], evidence["probs"])
+    patients = None if evidence is None else evidence.get("patients")
+    n_patients = n_images if patients is None else count_patients(patients)
+    if test is not None and evidence is not None and n_patients >= MIN_BATCH:
+        verdict = test.test_projected(
+            evidence["features"], evidence["probs"], evidence.get("patients")
+        )
     validation = referral_validation(
         predictor.operating_points,
         verdict,
@@ -658,8 +675,10 @@ def predict(
                 _write_gradcam(predictor, batch, new, labels, Path(explain), written)
         journal.record(new, skipped, evidence)  # a killed run continues from here with --resume
     rows, skipped = journal.results()
-    rows = judge_batch(predictor, rows, journal.evidence(), meta)[0]
-    grouped = screen_patients(rows, manifest=manifest, rule=patient_rule)
+    eyes = image_eyes([_image_of(r) for r in rows], manifest=manifest)
+    patients = [eye.patient_id for eye in eyes]  # fellow eyes count once in the batch test
+    rows = judge_batch(predictor, rows, journal.evidence(), meta, patients)[0]
+    grouped = screen_patients(rows, manifest=manifest, rule=patient_rule, eyes=eyes)
     if grouped is not None:
         meta["patients"] = grouped.meta()
     if out:
@@ -676,11 +695,17 @@ def predict(
     return [_as_dict(row) for row in rows]
 
 
+def _image_of(row: PredictionRow | Mapping[str, Any]) -> str:
+    """A row's image (a resumed journal gives dicts)."""
+    return str(row["image"] if isinstance(row, Mapping) else row.image)
+
+
 def judge_batch(
     predictor: Predictor,
     rows: Sequence[PredictionRow | Mapping[str, Any]],
     parts: Sequence[Mapping[str, Any] | None],
     meta: dict[str, Any],
+    patients: Sequence[str | None] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any] | None, dict[str, str] | None]:
     """Test a batch as one (:func:`batch_check` on the stacked ``parts``) and mark ``rows``:
     the verdict goes to ``meta`` (``batch_shift``, as the sidecar carries it), so does whether
@@ -696,6 +721,9 @@ def judge_batch(
         The evidence of every image of the batch (:func:`batch_evidence`'s parts).
     meta : dict
         :func:`prediction_meta`'s sidecar, updated in place.
+    patients : sequence of str or None, optional
+        Each image's patient, in the order of ``parts``' images (``None``: unknown); default
+        those the parts carry.
 
     Returns
     -------
@@ -706,6 +734,8 @@ def judge_batch(
     """
     evidence = batch_evidence(parts)
     n_images = 0 if evidence is None else len(evidence["probs"])
+    if evidence is not None and patients is not None:
+        evidence["patients"] = _part_patients({"features": evidence["probs"], "patients": patients})
     verdict, validation = batch_check(predictor, evidence, n_images or len(rows))
     if verdict is not None:
         meta["batch_shift"] = verdict

@@ -205,10 +205,12 @@ class Worklist:
         Returns
         -------
         list of dict
-            ``{"features": [...], "probs": [...]}`` per photograph, newest first.
+            ``{"features": [...], "probs": [...], "patient": <screening id>}`` per photograph,
+            newest first: a screening is one patient's visit, so its photographs count as one
+            patient in the batch shift test.
         """
         query = (
-            select(ImageRecord.batch_evidence)
+            select(ImageRecord.batch_evidence, ImageRecord.screening_id)
             .join(Screening, ImageRecord.screening_id == Screening.id)
             .where(
                 Screening.model_id == model_id[:64],
@@ -219,7 +221,7 @@ class Worklist:
             .limit(max(0, int(limit)))
         )
         with self.db.session() as s:
-            return [e for e in s.scalars(query) if e]
+            return [{**e, "patient": sid} for e, sid in s.execute(query) if e]
 
     def get(self, screening_id: str) -> dict[str, Any]:
         """One screening with its eyes (and their reviews) and images, JSON-ready.

@@ -340,7 +340,8 @@ class Screener:
         if result.evidence is None:
             return
         older = list(history)[: max(0, RUNNING_BATCH - len(result.evidence))]
-        window = [*result.evidence, *older]
+        # one request is one patient's visit: its photographs count as one patient in the test
+        window = [*({**e, "patient": "this request"} for e in result.evidence), *older]
         result.rows, verdict, validation = judge_batch(
             self.predictor, result.rows, window, result.meta
         )
