@@ -70,6 +70,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--no-pooled", action="store_true", help="skip the runs trained on all three sites"
     )
     p.add_argument(
+        "--held",
+        default=",".join(SITES),
+        help="comma-separated sites to hold out, one fold each (default all three)",
+    )
+    p.add_argument(
         "--loso-table",
         default=TABLE,
         help=f"name of the generated block to rewrite (default {TABLE}); another name keeps "
@@ -112,8 +117,11 @@ def run_loso(args: argparse.Namespace) -> dict[str, Any]:
     unknown = [n for n in names if n not in LOSO_RECIPES]
     if unknown:
         raise SystemExit(f"unknown LOSO recipe(s) {unknown}; choose from {', '.join(LOSO_RECIPES)}")
+    held_out = [s.strip() for s in args.held.split(",")]
+    if set(held_out) - set(SITES):
+        raise SystemExit(f"--held {args.held}: choose among {', '.join(SITES)}")
     folds: dict[str, Any] = {}
-    for held in SITES:
+    for held in [s for s in SITES if s in held_out]:
         for name in names:
             key = f"{name}-without-{held}"
             # the few-label curve is measured for the first recipe only (it is about adapting)
