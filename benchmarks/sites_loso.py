@@ -287,8 +287,8 @@ def refit_batch_test(run: str) -> None:
     """Fit ``RUN/batch_shift.npz`` again from the run's validation images, as this commit's
     finalisation does (a kept fold's test was fitted by the code of its own commit)."""
     from medtune.deploy.engine import run_scorer
+    from medtune.engines.finalize import fit_batch_shift
     from medtune.evaluation.scoring import score
-    from medtune.evaluation.shift import BatchShiftTest
     from medtune.runs import RunFolder
     from medtune.runs.data import prepare_run_data
 
@@ -298,9 +298,7 @@ def refit_batch_test(run: str) -> None:
     val = prepare_run_data(folder.read_config(), folder.dir).val
     scored = score(scorer, val.images, features=True)
     probs = scorer.card.probabilities(scored.plain)
-    folder.write_batch_shift(
-        BatchShiftTest.fit(scored.features, probs, val.sites, patients=val.groups)
-    )
+    folder.write_batch_shift(fit_batch_shift(scored.features, probs, val))
 
 
 def label_free(run: str, held: Path, work: Path, args: argparse.Namespace) -> dict[str, Any]:

@@ -288,7 +288,8 @@ def add_predict(p: argparse.ArgumentParser) -> None:
         metavar="CSV",
         help="image,patient_id,eye per image (default: DICOM PatientID + ImageLaterality, or "
         "names like 17_left.jpeg / P1_OD.jpg); with --out, patients and eyes go to "
-        "OUT.patients.csv and OUT.eyes.csv",
+        "OUT.patients.csv and OUT.eyes.csv; the batch shift test counts a patient's images "
+        "once",
     )
     _add_patient_rule(p)
     _add_engine(p)

@@ -35,6 +35,33 @@ log = logging.getLogger("medtune")
 SITE_SHIFT_MAX_TRAIN = 2000
 
 
+def fit_batch_shift(val_features: np.ndarray, val_probs: np.ndarray, val: Part) -> BatchShiftTest:
+    """The batch shift test's references (what ``evaluate``, ``adapt``, ``predict`` and the page
+    compare a batch with): the validation images' features and plain calibrated probabilities,
+    with their sites and patient groups (fellow eyes count as one patient).
+
+    Parameters
+    ----------
+    val_features : ndarray, shape (M, D)
+        Pooled fp32 features of the validation images (no TTA).
+    val_probs : ndarray, shape (M, K)
+        Their calibrated class probabilities (no TTA).
+    val : Part
+        The validation split (its ``sites`` and ``groups``).
+
+    Returns
+    -------
+    BatchShiftTest
+        Rabanser et al. 2019 (:class:`medtune.evaluation.shift.BatchShiftTest`).
+
+    Raises
+    ------
+    MedtuneError
+        From :meth:`BatchShiftTest.fit` (e.g. fewer than 2 validation images).
+    """
+    return BatchShiftTest.fit(val_features, val_probs, val.sites, patients=val.groups)
+
+
 def fit_site_shift(
     scorer: Scorer,
     train: Part,
@@ -149,11 +176,8 @@ def finalize_run(
     run.write_model(model, card)
     if describe(scorer) == "onnx":  # RUN/model.onnx: what predict, evaluate and serve run
         write_run_engine(run, scorer)
-    # the batch shift test's references (evaluate, adapt): validation features and probabilities,
-    # with the split's patient groups (fellow eyes count as one patient in its sample sizes)
     try:
-        test = BatchShiftTest.fit(val_features, val_probs, data.val.sites, patients=data.val.groups)
-        run.write_batch_shift(test)
+        run.write_batch_shift(fit_batch_shift(val_features, val_probs, data.val))
     except MedtuneError as err:
         log.warning("no batch shift test for this run: %s", err)
     _add_per_site(metrics["val"], data.val, val_probs, val=(y_val, val_probs), **common)

@@ -431,8 +431,13 @@ def batch_evidence(parts: Sequence[Mapping[str, Any] | None]) -> dict[str, np.nd
 
 def _part_patients(part: Mapping[str, Any]) -> np.ndarray:
     """One patient id per image of an evidence part (``""``: unknown, counts as its own)."""
-    n = np.atleast_2d(np.asarray(part["features"])).shape[0]
-    ids = part.get("patients") or [part.get("patient")] * n
+    ids = part.get("patients")
+    if ids is None:
+        ids = [part.get("patient")] * np.atleast_2d(np.asarray(part["features"])).shape[0]
+    return _patient_array(ids)
+
+
+def _patient_array(ids: Iterable[Any]) -> np.ndarray:
     return np.asarray(["" if v is None else str(v) for v in ids], dtype=str)
 
 
@@ -467,9 +472,7 @@ def batch_check(
     patients = None if evidence is None else evidence.get("patients")
     n_patients = n_images if patients is None else count_patients(patients)
     if test is not None and evidence is not None and n_patients >= MIN_BATCH:
-        verdict = test.test_projected(
-            evidence["features"], evidence["probs"], evidence.get("patients")
-        )
+        verdict = test.test_projected(evidence["features"], evidence["probs"], patients)
     validation = referral_validation(
         predictor.operating_points,
         verdict,
@@ -616,8 +619,9 @@ def predict(
     manifest : str or pathlib.Path, optional
         A CSV ``image,patient_id,eye`` naming each image's patient and eye; without it DICOM
         ``PatientID`` + ``ImageLaterality`` and file names such as ``17_left.jpeg`` or
-        ``P1_OD.jpg`` are used (:mod:`medtune.data.laterality`). When any image's patient is
-        known, ``out`` also gets ``<out stem>.eyes.csv`` (one row per eye: the highest grade
+        ``P1_OD.jpg`` are used (:mod:`medtune.data.laterality`); the batch shift test counts
+        a patient's images as one patient. When any image's patient is known, ``out`` also
+        gets ``<out stem>.eyes.csv`` (one row per eye: the highest grade
         of its gradable images, or ungradable) and ``<out stem>.patients.csv`` (one row per
         patient: refer / no / insufficient quality), and the JSON ``eyes`` and ``patients``
         (:func:`medtune.evaluation.patients.screen_patients`).
@@ -735,7 +739,7 @@ def judge_batch(
     evidence = batch_evidence(parts)
     n_images = 0 if evidence is None else len(evidence["probs"])
     if evidence is not None and patients is not None:
-        evidence["patients"] = _part_patients({"features": evidence["probs"], "patients": patients})
+        evidence["patients"] = _patient_array(patients)
     verdict, validation = batch_check(predictor, evidence, n_images or len(rows))
     if verdict is not None:
         meta["batch_shift"] = verdict
