@@ -1,6 +1,7 @@
 """Do a patient's two eyes break the batch shift test's false-alarm rate?
 
     python benchmarks/fellow_eyes.py --run RUN [--site eyepacs-dev] [--draws 400] [--seed 0]
+    python benchmarks/fellow_eyes.py --predictions OUT.csv [--sample-patients 50,100]
 
 Takes a trained multi-site run (e.g. a fold of ``make bench-sites``:
 ``/tmp/medtune-bench-sites/loso/runs/default-without-aptos2019-224``) and the images of one of
@@ -12,7 +13,14 @@ half as reference): counting images (the test before fellow eyes were counted on
 counting patients (now). As a control, halves of the IMAGES (fellow eyes split between the
 halves) counting images. Both halves come from one site and one model, so every flag is a false
 alarm; the stated rate is 0.05. Also the run's own verdict on the site's test split against its
-validation split, both ways. Prints JSON; writes nothing into the docs.
+validation split, both ways.
+
+With ``--predictions`` (the CSV of ``medtune predict`` on a site whose file names carry the
+patient, e.g. eyepacs-dev's ``10_left.jpeg``): the same question for ``adapt --labels``'s check
+that a labelled sample is a random one (:func:`medtune.evaluation.label_free.random_sample_check`
+on ``p_referable``), on ``--draws`` random samples of ``--sample-patients`` patients (both eyes
+each, as graders label them) against the site's other images, counting images and counting
+patients. Prints JSON; writes nothing into the docs.
 """
 
 from __future__ import annotations
@@ -28,16 +36,50 @@ import numpy as np
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--run", type=Path, required=True, help="a run trained on several sites")
+    p.add_argument("--run", type=Path, help="a run trained on several sites")
+    p.add_argument("--predictions", type=Path, help="predict's CSV of one site's images")
+    p.add_argument("--sample-patients", default="50,100", help="labelled sample sizes (patients)")
     p.add_argument("--site", default="eyepacs-dev", help="one of the run's training sites")
     p.add_argument("--draws", type=int, default=400)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    if not (args.run / "batch_shift.npz").is_file():
+    if args.predictions is not None:
+        sizes = [int(n) for n in args.sample_patients.split(",")]
+        print(json.dumps(sample_check(args.predictions, sizes, args.draws, args.seed), indent=1))
+        return 0
+    if args.run is None or not (args.run / "batch_shift.npz").is_file():
         print(f"{args.run}: no batch_shift.npz; give a trained run folder", file=sys.stderr)
         return 2
     print(json.dumps(measure(args.run, args.site, args.draws, args.seed), indent=1))
     return 0
+
+
+def sample_check(predictions: Path, sizes: list[int], draws: int, seed: int) -> dict[str, Any]:
+    """How often random samples of patients are called "not a random sample" (module docstring)."""
+    import pandas as pd
+
+    from medtune.data.laterality import image_eyes
+    from medtune.evaluation.label_free import random_sample_check
+
+    table = pd.read_csv(predictions)
+    ids = np.asarray([e.patient_id or "" for e in image_eyes(list(table["image"]))], dtype=str)
+    if (ids == "").any():
+        raise SystemExit(f"{predictions}: {(ids == '').sum()} images name no patient")
+    scores, people = table["p_referable"].to_numpy(), np.unique(ids)
+    rng = np.random.default_rng(seed)
+    out: dict[str, Any] = {"predictions": str(predictions), "images": len(ids)}
+    out.update(patients=len(people), draws=draws, not_random_rate={})
+    for n in sizes:
+        flagged = {"images counted": 0, "patients counted": 0}
+        for _ in range(draws):
+            m = np.isin(ids, rng.choice(people, n, replace=False))
+            flagged["images counted"] += not random_sample_check(scores[m], scores[~m])["random"]
+            counted = random_sample_check(
+                scores[m], scores[~m], sample_patients=ids[m], site_patients=ids[~m]
+            )
+            flagged["patients counted"] += not counted["random"]
+        out["not_random_rate"][f"{n} patients"] = {k: v / draws for k, v in flagged.items()}
+    return out
 
 
 def _site_outputs(run: Path, site: str) -> dict[str, dict[str, np.ndarray]]:

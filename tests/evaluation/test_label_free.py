@@ -99,6 +99,27 @@ def test_random_samples_pass_the_sample_check_at_its_rate_and_chosen_ones_fail()
     assert operating_point_status(True, labelled=400, sample=passed)["validated"] is True
 
 
+def test_a_random_sample_of_patients_passes_when_fellow_eyes_count_once():
+    """Graders label patients, both eyes: counted as independent images, a random sample of
+    patients looks unlike the site far more often than 5%; counted as patients it does not."""
+    rng = np.random.default_rng(3)
+    n_patients = 500
+    person = rng.normal(size=n_patients)  # fellow eyes share most of their score
+    eyes = np.repeat(person, 2) + 0.2 * rng.normal(size=2 * n_patients)
+    site, ids = 1 / (1 + np.exp(-eyes)), np.repeat([f"p{i}" for i in range(n_patients)], 2)
+    naive, counted = [], []
+    for _ in range(300):
+        drawn = np.isin(ids, [f"p{i}" for i in rng.choice(n_patients, 60, replace=False)])
+        naive.append(not random_sample_check(site[drawn], site[~drawn])["random"])
+        check = random_sample_check(
+            site[drawn], site[~drawn], sample_patients=ids[drawn], site_patients=ids[~drawn]
+        )
+        counted.append(not check["random"])
+    assert np.mean(naive) >= 0.12 and np.mean(counted) <= 0.08
+    assert (check["n_sample"], check["n_sample_patients"]) == (120, 60)
+    assert check["n_site_patients"] == n_patients - 60
+
+
 def test_label_free_points_are_scored_by_evaluate_and_others_are_not():
     rng = np.random.default_rng(2)
     y, p = _site(500, 0.3, rng)

@@ -142,7 +142,12 @@ def label_free_threshold(
 
 
 def random_sample_check(
-    sample_scores: np.ndarray, site_scores: np.ndarray, alpha: float = SAMPLE_ALPHA
+    sample_scores: np.ndarray,
+    site_scores: np.ndarray,
+    alpha: float = SAMPLE_ALPHA,
+    *,
+    sample_patients: Any = None,
+    site_patients: Any = None,
 ) -> dict[str, Any]:
     """Test whether a labelled sample looks like a random sample of the site's images.
 
@@ -163,28 +168,36 @@ def random_sample_check(
         not hold: with the sample among them the test is conservative).
     alpha : float, default 0.05
         Level of the test: a random sample is called "not random" with about this probability.
+    sample_patients, site_patients : sequence of str, optional
+        Each image's patient (``""`` or ``None`` when unknown): a sample of patients holds
+        both eyes of each, which are not independent images, so the test counts patients
+        (:func:`medtune.evaluation.shift.ks_test`).
 
     Returns
     -------
     dict
-        ``test`` (its name), ``n_sample``, ``n_site``, ``statistic`` (KS distance), ``p_value``
-        and ``random`` (``p_value >= alpha``).
+        ``test`` (its name), ``n_sample``, ``n_site``, their ``n_sample_patients`` and
+        ``n_site_patients``, ``statistic`` (KS distance), ``p_value`` and ``random``
+        (``p_value >= alpha``).
 
     Notes
     -----
-    ``scipy.stats.ks_2samp`` (exact p-values for small samples).
+    ``scipy.stats.ks_2samp`` (exact p-values for independent images; Kolmogorov's distribution
+    at the patients' effective size otherwise, :func:`medtune.evaluation.shift.ks_test`).
     """
-    from scipy.stats import ks_2samp
+    from medtune.evaluation.shift import count_patients, ks_test
 
     x = np.asarray(sample_scores, dtype=np.float64).ravel()
     y = np.asarray(site_scores, dtype=np.float64).ravel()
-    result = ks_2samp(x, y)
-    p = float(result.pvalue)
+    statistic, p_values = ks_test(x, y, sample_patients, site_patients)
+    p = float(p_values[0])
     return {
         "test": "two-sample Kolmogorov-Smirnov, P(referable) of the sample vs the site's images",
         "n_sample": int(len(x)),
         "n_site": int(len(y)),
-        "statistic": float(result.statistic),
+        "n_sample_patients": len(x) if sample_patients is None else count_patients(sample_patients),
+        "n_site_patients": len(y) if site_patients is None else count_patients(site_patients),
+        "statistic": float(statistic[0]),
         "p_value": p,
         "random": bool(p >= alpha),
     }

@@ -67,7 +67,14 @@ import numpy as np
 from medtune.errors import MedtuneError
 from medtune.io import atomic_path
 
-__all__ = ["MIN_BATCH", "BatchShiftTest", "SiteShiftModel", "count_patients", "shift_summary"]
+__all__ = [
+    "MIN_BATCH",
+    "BatchShiftTest",
+    "SiteShiftModel",
+    "count_patients",
+    "ks_test",
+    "shift_summary",
+]
 
 #: Default percentile of the validation scores used as the threshold.
 DEFAULT_PERCENTILE = 99.0
@@ -568,17 +575,17 @@ class BatchShiftTest:
         p = _as_features(probs, "batch probabilities", self.reference_probs.shape[1])
         if len(p) != len(x):
             raise MedtuneError(f"{len(x)} feature rows but {len(p)} probability rows")
-        n_batch = _count_patients(_patient_ids(patients, len(x), "batch images"))
+        who = _patient_ids(patients, len(x), "batch images")
         results = []
         for name, rows in self._references():
-            n_ref = _count_patients(None if self.patients is None else self.patients[rows])
-            sizes = (len(rows), n_ref, len(x), n_batch)
-            pf = _ks_pvalues(self.reference[rows], x, sizes)
-            pp = _ks_pvalues(self.reference_probs[rows], p, sizes)
+            ref = None if self.patients is None else self.patients[rows]
+            pf = ks_test(self.reference[rows], x, ref, who)[1]
+            pp = ks_test(self.reference_probs[rows], p, ref, who)[1]
             feat_p = min(1.0, float(np.min(pf)) * pf.size)  # Bonferroni over dimensions
             prob_p = min(1.0, float(np.min(pp)) * pp.size)
             results.append((min(1.0, 2 * min(feat_p, prob_p)), name, feat_p, prob_p))
         p_value, closest, feat_p, prob_p = max(results, key=lambda r: r[0])
+        n_batch = _count_patients(who)
         return _verdict(p_value, closest, feat_p, prob_p, len(x), self.alpha, n_batch)
 
     def save(self, path: str | Path) -> Path:
@@ -647,22 +654,44 @@ def count_patients(patients: Any) -> int:
     return int(_count_patients(ids) or 0)
 
 
-def _ks_pvalues(
-    ref: np.ndarray, x: np.ndarray, sizes: tuple[int, int | None, int, int | None]
-) -> np.ndarray:
-    """Per-column two-sample KS p-values of ``ref`` against ``x``; with fewer patients than
-    images on either side, Kolmogorov's distribution at the patients' effective size (scipy's
-    asymptotic two-sample rule, ``kstwo.sf(D, round(n1 n2 / (n1 + n2)))``) instead of the
-    images' exact p-value (module notes). ``sizes``: images and patients of ``ref``, then of
-    ``x`` (``None`` patients: as many as images)."""
+def ks_test(
+    a: Any, b: Any, a_patients: Any = None, b_patients: Any = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Two-sample Kolmogorov-Smirnov tests, column by column, counting patients.
+
+    Parameters
+    ----------
+    a : array-like, shape (n,) or (n, d)
+    b : array-like, shape (m,) or (m, d)
+        The two samples (the same columns).
+    a_patients, b_patients : sequence of str, shape (n,) and (m,), optional
+        Each row's patient (``""`` or ``None``: unknown, counts as one).
+
+    Returns
+    -------
+    statistic, p_value : ndarray, shape (d,) (``(1,)`` for 1-D samples)
+        The KS distances over all rows; with as many patients as rows on both sides, scipy's
+        exact p-values
+        (``scipy.stats.ks_2samp``); else the statistic over all rows with its p-value from
+        Kolmogorov's distribution at ``round(n1 n2 / (n1 + n2))`` for ``n1``, ``n2`` patients
+        (scipy's asymptotic two-sample rule, ``scipy.stats.kstwo``): fellow eyes count once
+        (module notes).
+
+    Raises
+    ------
+    MedtuneError
+        When a patient list's length differs from its sample's.
+    """
     from scipy.stats import ks_2samp, kstwo
 
-    result = ks_2samp(ref, x, axis=0)
-    n_ref, p_ref, n_x, p_x = sizes
-    n1, n2 = p_ref or n_ref, p_x or n_x
-    if (n1, n2) == (n_ref, n_x):
-        return np.atleast_1d(result.pvalue)
-    return np.atleast_1d(kstwo.sf(result.statistic, round(n1 * n2 / (n1 + n2))))
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    result = ks_2samp(a, b, axis=0)
+    n1 = _count_patients(_patient_ids(a_patients, len(a), "rows")) or len(a)
+    n2 = _count_patients(_patient_ids(b_patients, len(b), "rows")) or len(b)
+    statistic = np.atleast_1d(result.statistic)
+    if (n1, n2) == (len(a), len(b)):
+        return statistic, np.atleast_1d(result.pvalue)
+    return statistic, kstwo.sf(statistic, round(n1 * n2 / (n1 + n2)))
 
 
 def _verdict(

@@ -225,7 +225,8 @@ def adapt(
     images = _prepare_all(paths, card, progress)
     source_scorer = model_scorer(model, card, batch_size=batch_size)
     source_outputs = new_site.site_outputs(source_scorer, card, images)
-    shift = new_site.batch_verdict(source, source_outputs, new_site.site_patients(paths))
+    patients = new_site.site_patients(paths)  # fellow eyes count once in both KS tests
+    shift = new_site.batch_verdict(source, source_outputs, patients)
     info = _adabn(model, card, images, config.freeze, batch_size)
     points: dict[str, Any] = {"moved": False, "rule": "validated operating points kept"}
     sample, moved = None, None
@@ -236,11 +237,8 @@ def adapt(
         outputs = new_site.site_outputs(scorer, card, images)
     check, sample_images, sample_plain = None, None, None
     if sample_set is not None:  # before --finetune trains on the sample: the same model
-        sample_images = _prepare_all(_sources(sample_set), card, progress)
-        sample_plain = scorer.logits(sample_images, "none")
-        check = new_site.sample_check(
-            card, sample_images, card.probabilities(sample_plain), images, outputs["probs"]
-        )
+        site = (images, outputs["probs"], patients)
+        check, sample_images, sample_plain = _check_sample(card, scorer, sample_set, site, progress)
     tuned = None
     if finetune:
         tuned = new_site.finetune_with_sample(
@@ -410,6 +408,27 @@ def _labelled_set(source: RunFolder, card: ModelCard, labels: str | Path) -> Any
             "label more images of the new site, or adapt without labels"
         )
     return imageset
+
+
+def _check_sample(
+    card: ModelCard, scorer: Any, sample_set: Any, site: tuple, progress: bool
+) -> tuple[dict[str, Any] | None, np.ndarray, np.ndarray]:
+    """Score the labelled sample with the adapted model and test whether it looks like a random
+    sample of the site (``site``: its prepared images, probabilities and patients;
+    :func:`new_site.sample_check`); returns the check, the sample's prepared images and their
+    plain logits."""
+    sample_images = _prepare_all(_sources(sample_set), card, progress)
+    sample_plain = scorer.logits(sample_images, "none")
+    images, probs, patients = site
+    check = new_site.sample_check(
+        card,
+        sample_images,
+        card.probabilities(sample_plain),
+        images,
+        probs,
+        (sample_set.groups, patients),
+    )
+    return check, sample_images, sample_plain
 
 
 def _sources(imageset: Any) -> list[Any]:

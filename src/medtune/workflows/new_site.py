@@ -129,11 +129,13 @@ def sample_check(
     probs: np.ndarray,
     site_images: np.ndarray,
     site_probs: np.ndarray,
+    patients: tuple[Any, Any] = (None, None),
 ) -> dict[str, Any] | None:
     """Whether the labelled sample's prepared ``images`` (calibrated probabilities ``probs``)
     look like a random sample of the site's prepared ``site_images`` (``site_probs``, from the
     same model): :func:`medtune.evaluation.label_free.random_sample_check` on P(referable),
-    against the site's images the sample does not hold; ``None`` for a model without a binary
+    against the site's images the sample does not hold, counting ``patients`` (the sample's
+    and the site's, each a sequence or ``None``) once; ``None`` for a model without a binary
     task."""
     from medtune.evaluation.label_free import random_sample_check
 
@@ -141,7 +143,13 @@ def sample_check(
     if task is None:
         return None
     drawn = np.isin(_digests(site_images), _digests(images))
-    check = random_sample_check(task.score(probs), task.score(site_probs[~drawn]))
+    sample_ids, site_ids = patients
+    check = random_sample_check(
+        task.score(probs),
+        task.score(site_probs[~drawn]),
+        sample_patients=sample_ids,
+        site_patients=None if site_ids is None else np.asarray(site_ids, dtype=object)[~drawn],
+    )
     return {**check, "sample_images_among_the_site": int(drawn.sum())}
 
 
