@@ -291,14 +291,15 @@ def referral_validation(
     test decides (``no`` when shifted: :data:`NOT_VALIDATED`); an untested batch is
     ``unknown``.
     """
+    from medtune.evaluation.shift import batch_words
+
     if points is None:
         return None
     if points.validated is not None and points.status:
         return {"validated": "yes" if points.validated else "no", "status": points.status}
     if verdict is not None:
         p = f"p = {verdict['p_value']:.2g}"
-        patients = verdict.get("n_patients", n_images)
-        of = f"{n_images} images" + (f" ({patients} patients)" if patients != n_images else "")
+        of = batch_words(n_images, verdict.get("n_patients"))
         if verdict["shifted"]:
             why = f"this batch of {of} differs from every validation site, {p}"
             return {"validated": "no", "status": f"{NOT_VALIDATED} ({why})"}

@@ -71,6 +71,7 @@ __all__ = [
     "MIN_BATCH",
     "BatchShiftTest",
     "SiteShiftModel",
+    "batch_words",
     "count_patients",
     "ks_test",
     "shift_summary",
@@ -694,6 +695,13 @@ def ks_test(
     return statistic, kstwo.sf(statistic, round(n1 * n2 / (n1 + n2)))
 
 
+def batch_words(n_images: int, n_patients: int | None = None) -> str:
+    """A batch's size in words, as the verdicts say it: ``"100 images"``, or ``"100 images (52
+    patients)"`` when fellow eyes made the patients fewer."""
+    more = n_patients is not None and n_patients != n_images
+    return f"{n_images} images" + (f" ({n_patients} patients)" if more else "")
+
+
 def _verdict(
     p_value: float,
     closest: str,
@@ -704,7 +712,7 @@ def _verdict(
     patients: int | None = None,
 ) -> dict[str, Any]:
     shifted = p_value < alpha
-    of = f"{n} images" + (f" ({patients} patients)" if patients not in (None, n) else "")
+    of = batch_words(n, patients)
     if shifted:
         message = (
             f"this batch of {of} differs from every validation site (p = {p_value:.2g} < "

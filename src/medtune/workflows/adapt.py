@@ -52,6 +52,7 @@ from medtune.evaluation.operating_points import (
     choose_operating_points,
     move_operating_point,
 )
+from medtune.evaluation.shift import batch_words
 from medtune.evaluation.site_points import MIN_SITE_POSITIVES
 from medtune.runs import RunFolder
 from medtune.workflows import new_site
@@ -98,7 +99,8 @@ class AdaptResult:
         calibrated = (self.record.get("operating_point_status") or {}).get("validated")
         if shift and shift["shifted"] and calibrated:  # moved on a random labelled sample
             tail = (
-                f"; this batch of {shift['n_images']} images differs from every validation site "
+                f"; this batch of {batch_words(shift['n_images'], shift.get('n_patients'))} "
+                "differs from every validation site "
                 f"(p = {shift['p_value']:.2g}): the operating points were moved on its labels"
             )
         return f"{head}; {self._points_summary()}{tail}"

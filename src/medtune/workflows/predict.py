@@ -425,20 +425,17 @@ def batch_evidence(parts: Sequence[Mapping[str, Any] | None]) -> dict[str, np.nd
         key: np.vstack([np.asarray(p[key], dtype=np.float64) for p in parts])  # type: ignore[index]
         for key in ("features", "probs")
     }
-    stacked["patients"] = np.concatenate([_part_patients(p) for p in parts])  # type: ignore[arg-type]
+    ids = [i for p in parts for i in _part_patients(p)]  # type: ignore[union-attr]
+    stacked["patients"] = np.asarray(ids, dtype=object)
     return stacked
 
 
-def _part_patients(part: Mapping[str, Any]) -> np.ndarray:
-    """One patient id per image of an evidence part (``""``: unknown, counts as its own)."""
+def _part_patients(part: Mapping[str, Any]) -> list[Any]:
+    """One patient id per image of an evidence part (``None``: unknown, counts as its own)."""
     ids = part.get("patients")
     if ids is None:
         ids = [part.get("patient")] * np.atleast_2d(np.asarray(part["features"])).shape[0]
-    return _patient_array(ids)
-
-
-def _patient_array(ids: Iterable[Any]) -> np.ndarray:
-    return np.asarray(["" if v is None else str(v) for v in ids], dtype=str)
+    return list(ids)
 
 
 def batch_check(
@@ -739,7 +736,7 @@ def judge_batch(
     evidence = batch_evidence(parts)
     n_images = 0 if evidence is None else len(evidence["probs"])
     if evidence is not None and patients is not None:
-        evidence["patients"] = _patient_array(patients)
+        evidence["patients"] = np.asarray(list(patients), dtype=object)
     verdict, validation = batch_check(predictor, evidence, n_images or len(rows))
     if verdict is not None:
         meta["batch_shift"] = verdict
