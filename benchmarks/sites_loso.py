@@ -1,6 +1,6 @@
 """Leave-one-site-out benchmark over the three development sites (``make bench-sites``).
 
-    python benchmarks/sites.py --loso [--recipes default,site-balance,mixstyle]
+    python benchmarks/sites.py --loso [--recipes default,site-balance,mixstyle,swad]
         [--few-labels 25,50,100,200]
     python benchmarks/sites.py --loso --quick     # smoke test: 40 images per site, 1 epoch
 
@@ -49,6 +49,7 @@ LOSO_RECIPES: dict[str, dict[str, Any]] = {
     "default": {},
     "site-balance": {"site_balance": 0.5},
     "mixstyle": {"mixstyle": 0.5},
+    "swad": {"swad": True},
     "linear-probe": {"strategy": "linear-probe"},
 }
 LABEL_FREE = ("none", "quantile", "em-quantile")

@@ -317,6 +317,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "augment": [],
         "ema": None,
         "mixstyle": None,
+        "swad": False,
         "fundus": {"crop": True},
     },
 }
@@ -471,6 +472,13 @@ class TrainConfig:
         help="mix the channel statistics of training images after the stride-4 and stride-8 "
         "stages with this probability per batch, e.g. 0.5 (MixStyle, Zhou et al. 2021: styles "
         "between the training sites); fine-tuning only (`docs/generalisation.md`)",
+    )
+    swad: bool = setting(
+        False,
+        help="average the weights of every training step from the epoch the validation loss "
+        "stops falling, and validate, checkpoint and ship the average (SWAD, Cha et al. 2021, "
+        "on Lightning's `WeightAveraging`); not with `ema`; fine-tuning only "
+        "(`docs/generalisation.md`)",
     )
     class_weights: str | None = setting(
         None, choices=CLASS_WEIGHTS, help="`auto`: inverse-frequency loss weights"
@@ -655,6 +663,10 @@ class TrainConfig:
         if self.ema is not None and not 0.0 < self.ema < 1.0:
             raise MedtuneError(
                 f"ema {self.ema} is not a decay in (0, 1); try 0.99, or leave it out"
+            )
+        if self.swad and self.ema is not None:
+            raise MedtuneError(
+                "swad and ema both average the weights; choose one (drop --ema or --swad)"
             )
         if self.mixstyle is not None and not 0.0 < self.mixstyle <= 1.0:
             raise MedtuneError(

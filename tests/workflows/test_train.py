@@ -237,6 +237,30 @@ def test_ema_outside_zero_one_is_a_clear_error(graded_folder: Path, tmp_path):
         train(data=str(graded_folder), out=str(tmp_path / "x"), ema=1.5, **TINY)
 
 
+def test_swad_run_ships_the_checkpointed_average_and_refuses_ema_beside_it(
+    graded_folder: Path, tmp_path
+):
+    """With swad the best checkpoint is either the plain weights (valley not reached when it was
+    saved) or the average, and the shipped model is that checkpoint; swad is stored; swad with
+    ema is a clear error (both average the weights)."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "swad"
+    train(data=str(graded_folder), out=str(out), epochs=6, early_stopping=None, swad=True,
+          lr=0.05, **TINY)  # fmt: skip
+    assert TrainConfig.load(out / "config.yaml").swad is True
+    ckpt = torch.load(out / "checkpoints" / "best.ckpt", weights_only=True)
+    shipped = load_file(str(out / "model.safetensors"))
+    head = next(k for k in ckpt["state_dict"] if k.endswith("head.weight"))
+    assert torch.equal(shipped[head.removeprefix("model.")], ckpt["state_dict"][head])
+    last = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["callbacks"]["ValleyWeightAveraging"]["started"]  # this seed's loss turns
+    assert last["averaging_state"]["n_averaged"] >= 1
+    assert not torch.equal(last["state_dict"][head], last["current_model_state"][head])
+    with pytest.raises(MedtuneError, match="swad and ema both average the weights"):
+        train(data=str(graded_folder), out=str(tmp_path / "x"), swad=True, ema=0.9, **TINY)
+
+
 def test_mixstyle_changes_training_only_and_is_recorded(graded_folder: Path, tmp_path):
     """MixStyle mixes feature statistics while training (the weights differ from a run without
     it, same seed) and is stored in config.yaml; a bad probability is a clear error."""

@@ -34,6 +34,7 @@ from medtune.data.site_augment import resolve_augment
 from medtune.engines.datamodule import CacheDataModule, class_weights
 from medtune.engines.guards import NonFiniteLossGuard
 from medtune.engines.lightning_module import FinetuneModule
+from medtune.engines.swad import ValleyWeightAveraging
 from medtune.errors import MedtuneError, unpickling_detail
 from medtune.evaluation.labels import is_ordinal
 from medtune.io import atomic_path
@@ -232,6 +233,8 @@ def _trainer(config: TrainConfig, run: RunFolder, monitor: str) -> L.Trainer:
         callbacks.append(EpochProgressBar())
     if config.ema is not None:  # validate, checkpoint and ship the averaged weights
         callbacks.append(EMAWeightAveraging(decay=config.ema, use_buffers=True))
+    if config.swad:  # from the validation-loss valley on: the average is validated and shipped
+        callbacks.append(ValleyWeightAveraging())
     if config.early_stopping:
         callbacks.append(EarlyStopping(monitor=monitor, mode="max", patience=config.early_stopping))
     if os.environ.get(RECORD_SAMPLES_ENV, "") not in ("", "0"):

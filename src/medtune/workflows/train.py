@@ -146,6 +146,7 @@ def train(
     augment: str | list[str] | None = _D.augment,
     ema: float | None = _D.ema,
     mixstyle: float | None = _D.mixstyle,
+    swad: bool = _D.swad,
     class_weights: str | None = _D.class_weights,
     balanced_sampler: bool = _D.balanced_sampler,
     site_balance: float = _D.site_balance,
@@ -251,6 +252,8 @@ def _note_ignored_by_probe(config: TrainConfig) -> None:
         ignored.append(f"ema={config.ema}")
     if config.mixstyle is not None:
         ignored.append(f"mixstyle={config.mixstyle}")
+    if config.swad:
+        ignored.append("swad")
     if ignored:
         log.warning(
             "note: %s ignores %s: a probe fits its logistic-regression head to convergence on "
