@@ -49,7 +49,7 @@ LOSO_RECIPES: dict[str, dict[str, Any]] = {
     "default": {},
     "site-balance": {"site_balance": 0.5},
     "mixstyle": {"mixstyle": 0.5},
-    "swad": {"swad": True},
+    "swad": {"swad": True, "schedule": "constant"},  # SWAD averages at a constant rate
     "linear-probe": {"strategy": "linear-probe"},
 }
 LABEL_FREE = ("none", "quantile", "em-quantile")

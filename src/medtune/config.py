@@ -43,7 +43,7 @@ ROLES = ("grader", "admin")
 #: Optimisers of the fine-tuning recipe (``transfer.recipe``).
 OPTIMIZERS = ("adamw", "sgd")
 #: Learning-rate decays after the warm-up (``transfer.recipe``).
-SCHEDULES = ("cosine", "step")
+SCHEDULES = ("cosine", "step", "constant")
 #: ``class_weights`` values: inverse-frequency loss weights, or none.
 CLASS_WEIGHTS = ("auto", "none")
 #: Validated operating points on P(referable) and the sensitivity each one targets on validation
@@ -230,7 +230,8 @@ class FinetuneRecipe:
     schedule: str = setting(
         "cosine",
         choices=SCHEDULES,
-        help="learning-rate decay after the warm-up, down to `lr_floor` times the rate",
+        help="learning-rate decay after the warm-up, down to `lr_floor` times the rate; "
+        "`constant`: none (the rate stays at `lr`, as SWAD trains for `swad`)",
     )
     lr_floor: float = setting(
         0.01, unit="fraction", help="final learning rate as a fraction of the starting one"
@@ -477,8 +478,9 @@ class TrainConfig:
         False,
         help="average the weights of every training step from the epoch the validation loss "
         "stops falling, and validate, checkpoint and ship the average (SWAD, Cha et al. 2021, "
-        "on Lightning's `WeightAveraging`); not with `ema`; fine-tuning only "
-        "(`docs/generalisation.md`)",
+        "on Lightning's `WeightAveraging`); the paper trains at a constant rate (`schedule "
+        "constant`): under the cosine decay the loss falls until the last epochs and little is "
+        "averaged; not with `ema`; fine-tuning only (`docs/generalisation.md`)",
     )
     class_weights: str | None = setting(
         None, choices=CLASS_WEIGHTS, help="`auto`: inverse-frequency loss weights"

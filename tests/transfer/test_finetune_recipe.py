@@ -74,6 +74,10 @@ def test_schedule_warms_up_then_decays_to_the_floor_and_head_epochs_hold_the_bod
     assert all(a >= b for a, b in zip(values, values[1:], strict=False))
     step = lr_lambda(FinetuneRecipe(schedule="step", lr_floor=0.001, warmup_epochs=0), 10, 3, False)
     assert step(0) == 1.0 and math.isclose(step(29), 0.01)
+    flat = FinetuneRecipe(schedule="constant", warmup_epochs=1, head_epochs=1)
+    flat_body = lr_lambda(flat, 10, 5, True)
+    assert flat_body(5) == 0.0 and [flat_body(s) for s in (10, 30, 49)] == [1.0, 1.0, 1.0]
+    assert lr_lambda(flat, 10, 5, False)(4) == pytest.approx(0.5)  # still warms up
 
 
 def test_frozen_batchnorm_statistics_stay_fixed_while_training(lite0):

@@ -123,7 +123,8 @@ def make_optimizer(groups: list[dict], name: str, lr: float, momentum: float = 0
 def lr_lambda(
     recipe: FinetuneRecipe, steps_per_epoch: int, total_epochs: int, is_backbone: bool
 ) -> Callable[[int], float]:
-    """Per-step factor: linear warm-up, then cosine (or step) decay to ``lr_floor``.
+    """Per-step factor: linear warm-up, then cosine (or step) decay to ``lr_floor``, or none
+    (``constant``, the schedule SWAD averages over: Cha et al. 2021).
 
     During the first ``head_epochs`` the backbone's factor is 0: only the new head trains. Using a
     zero rate rather than toggling ``requires_grad`` keeps the parameter set fixed, which DDP needs.
@@ -139,6 +140,8 @@ def lr_lambda(
         if step < warmup:
             return (step + 1) / warmup
         progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if recipe.schedule == "constant":
+            return 1.0
         if recipe.schedule == "step":
             return max(floor, 0.1 ** int(progress * 3))
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
