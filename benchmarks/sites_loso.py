@@ -50,6 +50,7 @@ LOSO_RECIPES: dict[str, dict[str, Any]] = {
     "site-balance": {"site_balance": 0.5},
     "mixstyle": {"mixstyle": 0.5},
     "swad": {"swad": True, "schedule": "constant"},  # SWAD averages at a constant rate
+    "constant-lr": {"schedule": "constant"},  # the control: the rate without the average
     "linear-probe": {"strategy": "linear-probe"},
 }
 LABEL_FREE = ("none", "quantile", "em-quantile")

@@ -5,6 +5,7 @@ training hold."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -86,6 +87,16 @@ def test_averaging_starts_after_the_first_epoch_whose_validation_loss_does_not_i
     # the end of training ships the average, not the last step
     assert torch.allclose(module.layer.weight, average, atol=1e-6)
     assert not torch.allclose(steps[-1], average, atol=1e-4)
+
+
+def test_a_loss_that_falls_to_the_end_averages_nothing_and_says_so(
+    tmp_path: Path, caplog, monkeypatch
+):
+    monkeypatch.setattr(sys.modules[__name__], "LOSSES", [1.0, 0.9, 0.8, 0.7, 0.6])
+    module, swad, _ = _fit(tmp_path)
+    assert not swad.started and int(swad._average_model.n_averaged) == 0
+    assert torch.equal(module.layer.weight, module.after_step[-1])  # the last step, untouched
+    assert "swad averaged no weights" in caplog.text
 
 
 def test_checkpoints_hold_the_current_weights_before_the_valley_and_the_average_after(

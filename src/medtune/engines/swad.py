@@ -44,7 +44,8 @@ class ValleyWeightAveraging(WeightAveraging):
     the current weights, exactly as without it. From the valley on they hold the running equal
     average (Izmailov et al. 2018's SWA, updated every step as in SWAD), so the checkpoint
     callback keeps the best-validated average. The state (started, best loss) is saved in
-    checkpoints, so ``--resume`` continues the same average.
+    checkpoints, so ``--resume`` continues the same average. When the loss falls until the last
+    epoch (a decaying learning rate does that) nothing is averaged and a note says so.
 
     References
     ----------
@@ -95,6 +96,11 @@ class ValleyWeightAveraging(WeightAveraging):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._has_average():
             self._copy_average_to_current(pl_module)
+        elif trainer.is_global_zero:  # otherwise --swad would change nothing, silently
+            log.warning(
+                "note: swad averaged no weights: the validation loss fell until the last epoch; "
+                "train at a constant rate as SWAD does (--schedule constant) or for more epochs"
+            )
 
     def on_save_checkpoint(
         self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
