@@ -38,7 +38,7 @@ bench: $(STAMP)
 # Cross-site benchmark (not a test): train on ../shared/data/aptos2019-224, score at home and on
 # ../shared/data/eyepacs-dev; rewrites the table in docs/generalisation.md. Exits 2 without the data.
 bench-sites: $(STAMP)
-	$(BIN)/python benchmarks/sites.py --loso --recipes default,site-balance,mixstyle,swad --few-labels 25,50,100,200
+	$(BIN)/python benchmarks/sites.py --loso --recipes default,site-balance,mixstyle,swad,constant-lr --few-labels 25,50,100,200
 
 ablation: $(STAMP)
 	$(BIN)/python benchmarks/ablation.py --skip probe-large

@@ -1,6 +1,6 @@
 """Leave-one-site-out benchmark over the three development sites (``make bench-sites``).
 
-    python benchmarks/sites.py --loso [--recipes default,site-balance,mixstyle,swad]
+    python benchmarks/sites.py --loso [--recipes default,site-balance,mixstyle,swad,constant-lr]
         [--few-labels 25,50,100,200]
     python benchmarks/sites.py --loso --quick     # smoke test: 40 images per site, 1 epoch
 

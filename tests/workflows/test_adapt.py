@@ -276,6 +276,14 @@ def test_finetune_on_the_sample_keeps_the_home_figures(source_run: Path, tmp_pat
     head = dict(src_model.named_parameters())
     changed = [n for n, p in new_model.named_parameters() if not torch.equal(p, head[n])]
     assert changed and all("blocks.0" not in n for n in changed)
+    # RUN/model.onnx is the tuned model's graph (reused from its scorer), not the AdaBN one's
+    from medtune.deploy.engine import run_scorer
+
+    size = Folder(out).read_card().input_spec.image_size
+    x = np.random.default_rng(0).integers(0, 256, (4, size, size, 3), dtype=np.uint8)
+    onnx_logits = run_scorer(Folder(out), engine="onnx").logits(x)
+    torch_logits = run_scorer(Folder(out), engine="torch").logits(x)
+    assert np.abs(onnx_logits - torch_logits).max() < 1e-4
 
 
 def test_site_images_pair_fellow_eyes_by_file_name_for_the_batch_test(tmp_path):

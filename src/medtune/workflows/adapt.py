@@ -52,6 +52,7 @@ from medtune.evaluation.operating_points import (
     choose_operating_points,
     move_operating_point,
 )
+from medtune.evaluation.scoring import Scorer
 from medtune.evaluation.shift import batch_words
 from medtune.evaluation.site_points import MIN_SITE_POSITIVES
 from medtune.runs import RunFolder
@@ -235,7 +236,7 @@ def adapt(
     label_free = recalibrate if sample_set is None else "none"
     outputs, scorer = None, None
     if label_free != "none" or suggest or sample_set is not None:
-        scorer = model_scorer(model, card, batch_size=batch_size)  # the adapted model
+        scorer = model_scorer(model, card, batch_size=batch_size, parity_images=images)
         outputs = new_site.site_outputs(scorer, card, images)
     check, sample_images, sample_plain = None, None, None
     if sample_set is not None:  # before --finetune trains on the sample: the same model
@@ -246,7 +247,8 @@ def adapt(
         tuned = new_site.finetune_with_sample(
             model, card, config, source, labels, target, batch_size=batch_size, progress=progress
         )
-        scorer, sample_plain = model_scorer(model, card, batch_size=batch_size), None
+        scorer = model_scorer(model, card, batch_size=batch_size, parity_images=images)
+        sample_plain = None
     if sample_set is not None:
         sample = _sample_logits(scorer, sample_set.labels, sample_images, sample_plain)
         points = {**_move_points(card, source, sample, str(labels)), "random_sample": check}
@@ -260,7 +262,7 @@ def adapt(
         sample=check,
     )
     card = _adapted_card(card, source, points, moved, status)
-    _write_run(source, target, config, model, card, sample, images[:4])
+    _write_run(source, target, config, (model, scorer), card, sample, images)
     suggested = None
     if suggest:
         task = card.label_space.binary_task
@@ -285,13 +287,16 @@ def _write_run(
     source: RunFolder,
     target: RunFolder,
     config: Any,
-    model: Any,
+    adapted: tuple[Any, Scorer | None],
     card: ModelCard,
     sample: dict[str, Any] | None,
     parity_images: np.ndarray,
 ) -> None:
     """The adapted run folder, written once everything is computed: the source's copied files,
-    the labelled sample's logits (as ``val_logits.npz``), the model and its ONNX engine."""
+    the labelled sample's logits (as ``val_logits.npz``), the model and its ONNX engine (the
+    graph of the adapted model's scorer when there is one: it was exported and checked against
+    PyTorch on the site's images already)."""
+    model, scorer = adapted
     target.dir.mkdir(parents=True, exist_ok=True)
     target.write_config(config)
     for name in _COPIED:
@@ -300,7 +305,8 @@ def _write_run(
     if sample is not None:
         target.write_val_logits(sample["labels"], sample["logits"])
     target.write_model(model, card)
-    write_run_engine(target, model, parity_images)  # RUN/model.onnx of the adapted weights
+    engine = scorer if getattr(scorer, "graph", None) else model
+    write_run_engine(target, engine, parity_images)  # RUN/model.onnx of the adapted weights
 
 
 def _check_options(batch_size: int, recalibrate: str, finetune: bool, labels: Any) -> None:
