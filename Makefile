@@ -35,8 +35,8 @@ bench: $(STAMP)
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[bench]'
 	$(BIN)/python benchmarks/run.py
 
-# Cross-site benchmark (not a test): train on ../shared/data/aptos2019-224, score at home and on
-# ../shared/data/eyepacs-dev; rewrites the table in docs/generalisation.md. Exits 2 without the data.
+# Leave-one-site-out benchmark (not a test) over ../shared/data's aptos2019-224, eyepacs-dev and
+# idrid-800; rewrites its table in docs/generalisation.md. Exits 2 without the data.
 bench-sites: $(STAMP)
 	$(BIN)/python benchmarks/sites.py --loso --recipes default,site-balance,mixstyle,swad,constant-lr --few-labels 25,50,100,200
 
