@@ -57,7 +57,6 @@ class ValleyWeightAveraging(WeightAveraging):
         super().__init__(use_buffers=use_buffers)
         self.started = False
         self.best_loss = math.inf
-        self._swapped = False
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
         """Every optimizer step after the valley; never at an epoch's end."""
@@ -84,14 +83,12 @@ class ValleyWeightAveraging(WeightAveraging):
         )
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._swapped = self._has_average()
-        if self._swapped:
+        if self._has_average():  # no step runs during validation: the end swaps back alike
             self._swap_models(pl_module)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._swapped:
+        if self._has_average():
             self._swap_models(pl_module)
-            self._swapped = False
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._has_average():

@@ -262,7 +262,7 @@ def adapt(
         sample=check,
     )
     card = _adapted_card(card, source, points, moved, status)
-    _write_run(source, target, config, (model, scorer), card, sample, images)
+    _write_run(source, target, config, model, card, sample, images, scorer=scorer)
     suggested = None
     if suggest:
         task = card.label_space.binary_task
@@ -287,16 +287,16 @@ def _write_run(
     source: RunFolder,
     target: RunFolder,
     config: Any,
-    adapted: tuple[Any, Scorer | None],
+    model: Any,
     card: ModelCard,
     sample: dict[str, Any] | None,
     parity_images: np.ndarray,
+    scorer: Scorer | None = None,
 ) -> None:
     """The adapted run folder, written once everything is computed: the source's copied files,
     the labelled sample's logits (as ``val_logits.npz``), the model and its ONNX engine (the
     graph of the adapted model's scorer when there is one: it was exported and checked against
     PyTorch on the site's images already)."""
-    model, scorer = adapted
     target.dir.mkdir(parents=True, exist_ok=True)
     target.write_config(config)
     for name in _COPIED:
