@@ -51,6 +51,7 @@ LOSO_RECIPES: dict[str, dict[str, Any]] = {
     "mixstyle": {"mixstyle": 0.5},
     "swad": {"swad": True, "schedule": "constant"},  # SWAD averages at a constant rate
     "constant-lr": {"schedule": "constant"},  # the control: the rate without the average
+    "sord": {"loss": "sord"},  # soft ordinal labels
     "linear-probe": {"strategy": "linear-probe"},
 }
 LABEL_FREE = ("none", "quantile", "em-quantile")

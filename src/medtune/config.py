@@ -46,6 +46,9 @@ OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "step", "constant")
 #: ``class_weights`` values: inverse-frequency loss weights, or none.
 CLASS_WEIGHTS = ("auto", "none")
+#: Fine-tuning losses (``engines.losses``): cross-entropy on the one-hot grade, or SORD's soft
+#: ordinal targets (graded labels only).
+LOSSES = ("cross-entropy", "sord")
 #: Validated operating points on P(referable) and the sensitivity each one targets on validation
 #: (``None``: Youden's J, max sensitivity + specificity - 1); chosen by
 #: ``evaluation.operating_points.choose_operating_points``, applied by ``predict``, ``serve`` and
@@ -481,6 +484,14 @@ class TrainConfig:
         "on Lightning's `WeightAveraging`); the paper trains at a constant rate (`schedule "
         "constant`): under the cosine decay the loss falls until the last epochs and little is "
         "averaged; not with `ema`; fine-tuning only (`docs/generalisation.md`)",
+    )
+    loss: str = setting(
+        "cross-entropy",
+        choices=LOSSES,
+        help="fine-tuning loss: `cross-entropy` on the grade, or `sord` (soft ordinal labels, "
+        "Diaz & Marathe 2019: the target spreads over neighbouring grades, so a grade one off "
+        "costs less than two off); `sord` needs graded labels (0-4); fine-tuning only "
+        "(`docs/generalisation.md`)",
     )
     class_weights: str | None = setting(
         None, choices=CLASS_WEIGHTS, help="`auto`: inverse-frequency loss weights"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -259,6 +260,27 @@ def test_swad_run_ships_the_checkpointed_average_and_refuses_ema_beside_it(
     assert not torch.equal(last["state_dict"][head], last["current_model_state"][head])
     with pytest.raises(MedtuneError, match="swad and ema both average the weights"):
         train(data=str(graded_folder), out=str(tmp_path / "x"), swad=True, ema=0.9, **TINY)
+
+
+def test_sord_loss_trains_graded_labels_and_refuses_unordered_classes(
+    graded_folder: Path, tmp_path
+):
+    """``loss sord`` changes the trained weights (same seed), is stored in config.yaml, and on
+    classes that are not grades is a clear error naming the fix."""
+    from safetensors.torch import load_file
+
+    graded, heads = graded_folder, {}
+    for loss in ("cross-entropy", "sord"):
+        out = tmp_path / loss
+        train(data=str(graded), out=str(out), epochs=1, early_stopping=None, loss=loss, **TINY)
+        heads[loss] = load_file(str(out / "model.safetensors"))["head.weight"]
+        assert TrainConfig.load(out / "config.yaml").loss == loss
+    assert not torch.allclose(heads["cross-entropy"], heads["sord"])
+    named = tmp_path / "named"
+    for i, name in enumerate(("cat", "dog", "fox")):
+        shutil.copytree(graded / str(i), named / name)
+    with pytest.raises(MedtuneError, match="loss sord needs graded classes.*cross-entropy"):
+        train(data=str(named), out=str(tmp_path / "x"), loss="sord", **TINY)
 
 
 def test_mixstyle_changes_training_only_and_is_recorded(graded_folder: Path, tmp_path):

@@ -163,6 +163,11 @@ def run_finetune(
     L.seed_everything(config.seed, workers=True, verbose=False)
     num_classes = len(data.class_names)
     ordinal = is_ordinal(data.class_names)
+    if config.loss == "sord" and not ordinal:
+        raise MedtuneError(
+            f"loss sord needs graded classes (consecutive numbers such as DR grades 0-4); "
+            f"these are {', '.join(map(str, data.class_names))}: use --loss cross-entropy"
+        )
     model = TransferModel(backbone, num_classes, dropout=config.dropout)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -190,6 +195,7 @@ def run_finetune(
         channels_last=config.channels_last,
         epochs=config.epochs,
         mixstyle=config.mixstyle,
+        loss=config.loss,
     )
     trainer = _trainer(config, run, monitor_metric(ordinal))
     ckpt = _resume_checkpoint(run) if resume else None

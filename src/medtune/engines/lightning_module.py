@@ -13,6 +13,7 @@ from torch import nn
 
 from medtune.config import FinetuneRecipe, InputSpec
 from medtune.data.normalise import normalise_batch
+from medtune.engines.losses import grade_loss, sord_targets
 from medtune.evaluation.metrics import quick_metrics
 from medtune.models.mixstyle import attach_mixstyle
 from medtune.models.stages import param_stage_index
@@ -70,6 +71,7 @@ class FinetuneModule(L.LightningModule):
         steps_per_epoch: int = 1,
         epochs: int = 1,
         mixstyle: float | None = None,
+        loss: str = "cross-entropy",
     ) -> None:
         super().__init__()
         self.model = model
@@ -85,6 +87,8 @@ class FinetuneModule(L.LightningModule):
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
         weights = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
         self.register_buffer("class_weights", weights, persistent=False)
+        soft = sord_targets(model.num_classes) if loss == "sord" else None
+        self.register_buffer("soft_targets", soft, persistent=False)
 
         body = model.backbone
         stages = model.stages
@@ -151,16 +155,17 @@ class FinetuneModule(L.LightningModule):
         images, labels = batch[0], batch[1]
         x = normalise_batch(images, self.mean, self.std, channels_last=self.channels_last)
         logits, aux_logits = self.model.forward_train(x)
-        loss = F.cross_entropy(logits.float(), labels, weight=self.class_weights)
+        loss = self._loss(logits, labels)
         for aux in aux_logits:  # GoogLeNet's auxiliary classifiers, weighted as in the paper
-            loss = loss + AUX_WEIGHT * F.cross_entropy(
-                aux.float(), labels, weight=self.class_weights
-            )
+            loss = loss + AUX_WEIGHT * self._loss(aux, labels)
         self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True)
         if self.anchors:
             penalty = l2sp_penalty(self.named_parameters(), self.anchors)
             loss = loss + 0.5 * self.recipe.l2sp * penalty
         return loss
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return grade_loss(logits, labels, weight=self.class_weights, soft_targets=self.soft_targets)
 
     def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
         images, labels, indices = batch
@@ -191,6 +196,8 @@ class FinetuneModule(L.LightningModule):
         return logits[keep], labels[keep], indices[keep]
 
     def _validation_metrics(self, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        # the one-hot cross-entropy (the validation NLL) whatever the training loss: SWAD's
+        # valley is read on it
         loss = F.cross_entropy(logits, labels).item()
         probs = torch.softmax(logits, dim=1).cpu().numpy()
         stats = quick_metrics(labels.cpu().numpy(), probs, ordinal=self.ordinal)

@@ -147,6 +147,7 @@ def train(
     ema: float | None = _D.ema,
     mixstyle: float | None = _D.mixstyle,
     swad: bool = _D.swad,
+    loss: str = _D.loss,
     class_weights: str | None = _D.class_weights,
     balanced_sampler: bool = _D.balanced_sampler,
     site_balance: float = _D.site_balance,
@@ -254,6 +255,8 @@ def _note_ignored_by_probe(config: TrainConfig) -> None:
         ignored.append(f"mixstyle={config.mixstyle}")
     if config.swad:
         ignored.append("swad")
+    if config.loss != TrainConfig.loss:
+        ignored.append(f"loss={config.loss}")
     if ignored:
         log.warning(
             "note: %s ignores %s: a probe fits its logistic-regression head to convergence on "
