@@ -49,6 +49,7 @@ LOSO_RECIPES: dict[str, dict[str, Any]] = {
     "default": {},
     "site-balance": {"site_balance": 0.5},
     "mixstyle": {"mixstyle": 0.5},
+    "dsu": {"dsu": 0.5},
     "swad": {"swad": True, "schedule": "constant"},  # SWAD averages at a constant rate
     "constant-lr": {"schedule": "constant"},  # the control: the rate without the average
     "sord": {"loss": "sord"},  # soft ordinal labels

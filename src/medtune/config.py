@@ -477,6 +477,15 @@ class TrainConfig:
         "stages with this probability per batch, e.g. 0.5 (MixStyle, Zhou et al. 2021: styles "
         "between the training sites); fine-tuning only (`docs/generalisation.md`)",
     )
+    dsu: float | None = setting(
+        None,
+        shown="off",
+        unit="probability",
+        help="draw new channel statistics around each training image's own after the stride-4 "
+        "and stride-8 stages, as wide as they vary across the batch, with this probability per "
+        "batch, e.g. 0.5 (DSU, Li et al. 2022); not with `mixstyle`; fine-tuning only "
+        "(`docs/generalisation.md`)",
+    )
     swad: bool = setting(
         False,
         help="average the weights of every training step from the epoch the validation loss "
@@ -681,9 +690,16 @@ class TrainConfig:
             raise MedtuneError(
                 "swad and ema both average the weights; choose one (drop --ema or --swad)"
             )
-        if self.mixstyle is not None and not 0.0 < self.mixstyle <= 1.0:
+        for name in ("mixstyle", "dsu"):
+            p = getattr(self, name)
+            if p is not None and not 0.0 < p <= 1.0:
+                raise MedtuneError(
+                    f"{name} {p} is not a probability in (0, 1]; try 0.5, or leave it out"
+                )
+        if self.mixstyle is not None and self.dsu is not None:
             raise MedtuneError(
-                f"mixstyle {self.mixstyle} is not a probability in (0, 1]; try 0.5, or leave it out"
+                "mixstyle and dsu both replace the feature statistics; choose one (drop --dsu "
+                "or --mixstyle)"
             )
         if not 0.0 <= self.site_balance <= 1.0:
             raise MedtuneError(

@@ -1,4 +1,5 @@
-"""MixStyle (Zhou et al. 2021): feature statistics mixed while training, nothing at inference."""
+"""MixStyle (Zhou et al. 2021) and DSU (Li et al. 2022): feature statistics changed while
+training, nothing at inference."""
 
 from __future__ import annotations
 
@@ -7,7 +8,15 @@ import torch
 
 from medtune.models.backbones import create_backbone
 from medtune.models.classifier import TransferModel
-from medtune.models.mixstyle import MixStyle, attach_mixstyle, mix_statistics, mixstyle_stages
+from medtune.models.mixstyle import (
+    DSU,
+    MixStyle,
+    attach_mixstyle,
+    attach_style,
+    mix_statistics,
+    mixstyle_stages,
+    perturb_statistics,
+)
 
 
 def _stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,6 +42,31 @@ def test_mixed_maps_carry_the_mixed_statistics_and_keep_their_pattern():
     torch.testing.assert_close(norm, own, atol=1e-3, rtol=1e-3)
 
 
+def test_dsu_draws_statistics_as_wide_as_the_batch_varies_and_keeps_the_pattern():
+    g = torch.Generator().manual_seed(0)
+    scale = torch.tensor([1.0, 2.0, 3.0, 4.0]).view(4, 1, 1, 1)
+    x = torch.randn(4, 3, 8, 8, generator=g) * scale + torch.arange(4.0).view(4, 1, 1, 1)
+    noise = torch.randn(2, 4, 3, 1, 1, generator=g)
+    out = perturb_statistics(x, noise)
+    mu, sd = _stats(x)
+    mu_out, sd_out = _stats(out)
+    s_mu, s_sd = mu.std(dim=0, keepdim=True), sd.std(dim=0, keepdim=True)  # over the batch
+    torch.testing.assert_close(mu_out, mu + noise[0, ..., 0, 0] * s_mu, atol=1e-3, rtol=1e-3)
+    gamma = sd + noise[1, ..., 0, 0] * s_sd  # may fall below 0 (no clamp in the paper): a flip
+    torch.testing.assert_close(sd_out, gamma.abs(), atol=1e-2, rtol=1e-2)
+    norm = (out - mu_out[..., None, None]) / gamma[..., None, None]
+    own = (x - mu[..., None, None]) / sd[..., None, None]
+    torch.testing.assert_close(norm, own, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(perturb_statistics(x, torch.zeros_like(noise)), x)
+    # one style in the whole batch: nothing to draw from, the maps stay as they are
+    same = x[:1].expand(4, -1, -1, -1)
+    torch.testing.assert_close(perturb_statistics(same, noise), same, atol=1e-2, rtol=1e-2)
+    # the statistics are not detached (the paper): gradients reach the input through them
+    leaf = x.clone().requires_grad_(True)
+    perturb_statistics(leaf, noise).sum().backward()
+    assert leaf.grad is not None and leaf.grad.abs().sum() > 0
+
+
 def test_hook_mixes_only_in_training_mode_and_with_its_probability():
     conv = torch.nn.Conv2d(3, 3, 1)
     x = torch.randn(8, 3, 6, 6)
@@ -49,6 +83,10 @@ def test_hook_mixes_only_in_training_mode_and_with_its_probability():
     assert 160 < mixed < 240
     with pytest.raises(ValueError, match="probability"):
         MixStyle(0.0)
+    dsu = DSU(1.0)
+    assert dsu(conv, (x,), y) is not None and not torch.allclose(dsu(conv, (x,), y), y)
+    conv.eval()
+    assert dsu(conv, (x,), y) is None
 
 
 def test_attached_to_the_stride_4_and_8_stages_and_removed_without_trace():
@@ -60,6 +98,7 @@ def test_attached_to_the_stride_4_and_8_stages_and_removed_without_trace():
     with torch.no_grad():
         before = model(x)
     handles = attach_mixstyle(model.backbone, model.stages, p=1.0)
+    handles += attach_style(model.backbone, model.stages, DSU(1.0))
     with torch.no_grad():
         assert torch.equal(model(x), before)  # eval mode: inference is untouched
         model.train()

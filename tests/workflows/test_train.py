@@ -283,9 +283,10 @@ def test_sord_loss_trains_graded_labels_and_refuses_unordered_classes(
         train(data=str(named), out=str(tmp_path / "x"), loss="sord", **TINY)
 
 
-def test_mixstyle_changes_training_only_and_is_recorded(graded_folder: Path, tmp_path):
-    """MixStyle mixes feature statistics while training (the weights differ from a run without
-    it, same seed) and is stored in config.yaml; a bad probability is a clear error."""
+def test_mixstyle_and_dsu_change_training_only_and_are_recorded(graded_folder: Path, tmp_path):
+    """MixStyle and DSU change feature statistics while training (the weights differ from a run
+    without them, same seed) and are stored in config.yaml; a bad probability or both at once is
+    a clear error."""
     from safetensors.torch import load_file
 
     runs = {}
@@ -295,6 +296,13 @@ def test_mixstyle_changes_training_only_and_is_recorded(graded_folder: Path, tmp
               **TINY)  # fmt: skip
         runs[name] = load_file(str(out / "model.safetensors"))
         assert TrainConfig.load(out / "config.yaml").mixstyle == p
-    assert not torch.allclose(runs["plain"]["head.weight"], runs["mixed"]["head.weight"])
+    out = tmp_path / "dsu"
+    train(data=str(graded_folder), out=str(out), epochs=1, early_stopping=None, dsu=1.0, **TINY)
+    runs["dsu"] = load_file(str(out / "model.safetensors"))
+    assert TrainConfig.load(out / "config.yaml").dsu == 1.0
+    for name in ("mixed", "dsu"):
+        assert not torch.allclose(runs["plain"]["head.weight"], runs[name]["head.weight"])
     with pytest.raises(MedtuneError, match="mixstyle 1.5 is not a probability"):
         train(data=str(graded_folder), out=str(tmp_path / "x"), mixstyle=1.5, **TINY)
+    with pytest.raises(MedtuneError, match="mixstyle and dsu both replace"):
+        train(data=str(graded_folder), out=str(tmp_path / "x"), mixstyle=0.5, dsu=0.5, **TINY)

@@ -195,6 +195,7 @@ def run_finetune(
         channels_last=config.channels_last,
         epochs=config.epochs,
         mixstyle=config.mixstyle,
+        dsu=config.dsu,
         loss=config.loss,
     )
     trainer = _trainer(config, run, monitor_metric(ordinal))
@@ -205,7 +206,7 @@ def run_finetune(
         # validation metrics are computed from predictions gathered from every process
         warnings.filterwarnings("ignore", message=".*sync_dist=True.*")
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt, weights_only=True)
-    module.detach_mixstyle()
+    module.detach_style()
     best = run.best_checkpoint
     if trainer.is_global_zero:  # only global rank 0 goes on to evaluate
         if best.is_file():

@@ -15,7 +15,7 @@ from medtune.config import FinetuneRecipe, InputSpec
 from medtune.data.normalise import normalise_batch
 from medtune.engines.losses import grade_loss, sord_targets
 from medtune.evaluation.metrics import quick_metrics
-from medtune.models.mixstyle import attach_mixstyle
+from medtune.models.mixstyle import DSU, MixStyle, attach_style
 from medtune.models.stages import param_stage_index
 from medtune.transfer.recipe import (
     apply_freeze,
@@ -71,6 +71,7 @@ class FinetuneModule(L.LightningModule):
         steps_per_epoch: int = 1,
         epochs: int = 1,
         mixstyle: float | None = None,
+        dsu: float | None = None,
         loss: str = "cross-entropy",
     ) -> None:
         super().__init__()
@@ -100,16 +101,17 @@ class FinetuneModule(L.LightningModule):
         self._frozen_norm_names = [names[id(m)] for m in frozen]
         set_norm_momentum(body, BN_MOMENTUM)
         self.anchors = self._pretrained_anchors(body) if recipe.l2sp > 0 else {}
-        # MixStyle acts only on modules in training mode; detach_mixstyle() removes it for good
-        self._mixstyle = attach_mixstyle(body, stages, mixstyle) if mixstyle else []
+        # MixStyle and DSU act only on modules in training mode; detach_style() removes them
+        style = MixStyle(mixstyle) if mixstyle else DSU(dsu) if dsu else None
+        self._style = attach_style(body, stages, style) if style else []
         self._val_outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.val_history: list[dict[str, float]] = []
 
-    def detach_mixstyle(self) -> None:
-        """Remove the MixStyle hooks: the trained model then runs exactly as it was built."""
-        for handle in self._mixstyle:
+    def detach_style(self) -> None:
+        """Remove the MixStyle or DSU hooks: the trained model then runs exactly as built."""
+        for handle in self._style:
             handle.remove()
-        self._mixstyle = []
+        self._style = []
 
     def _pretrained_anchors(self, body: nn.Module) -> dict[str, torch.Tensor]:
         return {

@@ -1,15 +1,18 @@
-"""MixStyle: mix the feature statistics of training images in the early stages.
+"""MixStyle and DSU: change the feature statistics of training images in the early stages.
 
-Zhou, Yang, Qiao & Xiang 2021, "Domain generalization with MixStyle" (ICLR): a camera or clinic
-shows in the per-channel mean and spread of early feature maps (their "style"); replacing an
-image's statistics by a random convex mix of its own and another training image's statistics
-makes the later stages see styles between the training sites. It has no parameters and acts
-only while training; inference is untouched.
+A camera or clinic shows in the per-channel mean and spread of early feature maps (their
+"style"). Zhou, Yang, Qiao & Xiang 2021, "Domain generalization with MixStyle" (ICLR): replacing
+an image's statistics by a random convex mix of its own and another training image's statistics
+makes the later stages see styles between the training sites. Li et al. 2022, "Uncertainty
+modeling for out-of-distribution generalization" (DSU, ICLR): drawing new statistics from a
+Gaussian around the image's own, as wide as the statistics vary across the batch, reaches styles
+beyond the mixes of those seen. Neither has parameters; both act only while training, and
+inference is untouched.
 
-Written here because no maintained package ships it: timm, torchvision and Lightning do not,
-and the authors' ``Dassl.pytorch`` is a research framework that is not on PyPI. It is a forward
-hook on the stage outputs of :mod:`medtune.models.stages`, so it works on any backbone whose
-stages give (B, C, H, W) maps.
+Written here because no maintained package ships them: timm, torchvision and Lightning do not,
+and the authors' code (``Dassl.pytorch``, the DSU repository) is research code that is not on
+PyPI. Each is a forward hook on the stage outputs of :mod:`medtune.models.stages`, so it works on
+any backbone whose stages give (B, C, H, W) maps.
 """
 
 from __future__ import annotations
@@ -59,8 +62,72 @@ def mix_statistics(x: Tensor, lam: Tensor, perm: Tensor, eps: float = EPS) -> Te
     return ((f - mu) / sigma * sigma_mix + mu_mix).to(x.dtype)
 
 
-class MixStyle:
-    """The forward hook: with probability ``p`` per batch, mixes the stage output's statistics.
+def perturb_statistics(x: Tensor, noise: Tensor, eps: float = EPS) -> Tensor:
+    """Give every image channel statistics drawn around its own (DSU).
+
+    Parameters
+    ----------
+    x : Tensor, (B, C, H, W)
+        Feature maps (any float dtype; computed in float32 and returned in ``x``'s dtype).
+    noise : Tensor, (2, B, C, 1, 1)
+        Standard normal draws for the new means (``noise[0]``) and spreads (``noise[1]``).
+    eps : float, default 1e-6
+        Added to each variance before the square root.
+
+    Returns
+    -------
+    Tensor, (B, C, H, W)
+        ``(x - mu) / sigma * gamma + beta`` with ``mu``, ``sigma`` the per-image, per-channel
+        mean and standard deviation over H and W, ``beta = mu + noise[0] * s_mu`` and
+        ``gamma = sigma + noise[1] * s_sigma``, where ``s_mu``, ``s_sigma`` are the standard
+        deviations of ``mu`` and ``sigma`` over the batch (Li et al. 2022, eqs. 4-8; the
+        statistics are not detached, as in the paper).
+    """
+    f = x.float()
+    mu = f.mean(dim=(2, 3), keepdim=True)
+    sigma = (f.var(dim=(2, 3), keepdim=True) + eps).sqrt()
+    s_mu = (mu.var(dim=0, keepdim=True) + eps).sqrt()
+    s_sigma = (sigma.var(dim=0, keepdim=True) + eps).sqrt()
+    noise = noise.to(f.dtype)
+    beta, gamma = mu + noise[0] * s_mu, sigma + noise[1] * s_sigma
+    return ((f - mu) / sigma * gamma + beta).to(x.dtype)
+
+
+class StyleHook:
+    """A forward hook that, with probability ``p`` per training batch, restyles a stage output.
+
+    Parameters
+    ----------
+    p : float
+        Probability that a training batch is restyled at this stage (both papers: 0.5).
+
+    Notes
+    -----
+    Draws come from PyTorch's global generator, which the trainer seeds. Evaluation-mode passes,
+    outputs that are not (B, C, H, W) maps and batches of one image are left as they are.
+    """
+
+    name = "style"
+
+    def __init__(self, p: float) -> None:
+        if not 0.0 < p <= 1.0:
+            raise ValueError(f"{self.name} probability must be in (0, 1], got {p}")
+        self.p = float(p)
+
+    def __call__(self, module: nn.Module, _inputs: object, output: object) -> Tensor | None:
+        if not module.training or not isinstance(output, Tensor) or output.dim() != 4:
+            return None  # evaluation, or not a feature map: the output is kept
+        if output.shape[0] < 2 or torch.rand(()).item() >= self.p:
+            return None
+        return self.restyle(output)
+
+    def restyle(self, x: Tensor) -> Tensor:
+        """The new feature maps of a batch, (B, C, H, W)."""
+        raise NotImplementedError
+
+
+class MixStyle(StyleHook):
+    """MixStyle (Zhou et al. 2021): mixes every image's statistics with a random partner's.
 
     Parameters
     ----------
@@ -71,26 +138,36 @@ class MixStyle:
 
     Notes
     -----
-    Draws come from PyTorch's global generator, which the trainer seeds. The partner is a random
-    permutation of the batch ("random" mixing in the paper): with several sites in a batch, most
-    pairs cross sites.
+    The partner is a random permutation of the batch ("random" mixing in the paper): with
+    several sites in a batch, most pairs cross sites.
     """
 
+    name = "MixStyle"
+
     def __init__(self, p: float, alpha: float = ALPHA) -> None:
-        if not 0.0 < p <= 1.0:
-            raise ValueError(f"MixStyle probability must be in (0, 1], got {p}")
-        self.p = float(p)
+        super().__init__(p)
         self.beta = torch.distributions.Beta(float(alpha), float(alpha))
 
-    def __call__(self, module: nn.Module, _inputs: object, output: object) -> Tensor | None:
-        if not module.training or not isinstance(output, Tensor) or output.dim() != 4:
-            return None  # evaluation, or not a feature map: the output is kept
-        batch = output.shape[0]
-        if batch < 2 or torch.rand(()).item() >= self.p:
-            return None
-        lam = self.beta.sample((batch,)).to(output.device)
-        perm = torch.randperm(batch, device=output.device)
-        return mix_statistics(output, lam, perm)
+    def restyle(self, x: Tensor) -> Tensor:
+        lam = self.beta.sample((x.shape[0],)).to(x.device)
+        perm = torch.randperm(x.shape[0], device=x.device)
+        return mix_statistics(x, lam, perm)
+
+
+class DSU(StyleHook):
+    """DSU (Li et al. 2022): draws every image's statistics around its own.
+
+    Parameters
+    ----------
+    p : float
+        Probability that a training batch is perturbed at this stage (the paper: 0.5).
+    """
+
+    name = "DSU"
+
+    def restyle(self, x: Tensor) -> Tensor:
+        noise = torch.randn((2, x.shape[0], x.shape[1], 1, 1), device=x.device)
+        return perturb_statistics(x, noise)
 
 
 def mixstyle_stages(
@@ -148,10 +225,11 @@ def _side_recorder(sides: dict[str, int], tap: str):
     return hook
 
 
-def attach_mixstyle(
-    backbone: nn.Module, stages: list[Stage], p: float, alpha: float = ALPHA
+def attach_style(
+    backbone: nn.Module, stages: list[Stage], hook: StyleHook
 ) -> list[RemovableHandle]:
-    """Register MixStyle after the stride-4 and stride-8 stages of ``backbone``.
+    """Register a style hook (:class:`MixStyle`, :class:`DSU`) after the stride-4 and stride-8
+    stages of ``backbone``.
 
     Parameters
     ----------
@@ -159,23 +237,34 @@ def attach_mixstyle(
         The feature extractor (``TransferModel.backbone``).
     stages : list of Stage
         Its stage map (``TransferModel.stages``).
-    p : float
-        Probability of mixing a training batch at each of the stages.
-    alpha : float, default 0.1
-        Beta parameter of the mixing weight.
+    hook : StyleHook
+        What to do there, and with which probability per training batch.
 
     Returns
     -------
     list of RemovableHandle
-        Remove them to detach MixStyle (the model is then exactly what it was).
+        Remove them to detach the hook (the model is then exactly what it was).
 
     Raises
     ------
     ValueError
-        When no stage of the backbone has output stride 4 or 8 (MixStyle would do nothing).
+        When no stage of the backbone has output stride 4 or 8 (the hook would do nothing).
+
+    Notes
+    -----
+    Both papers' ResNet setting restyles early stages (MixStyle after res1-2; DSU at more
+    positions, up to the last block): DSU here uses MixStyle's two stages, a like-for-like
+    comparison of the two.
     """
     taps = mixstyle_stages(backbone, stages)
     if not taps:
-        raise ValueError("no stage of this backbone has output stride 4 or 8 for MixStyle")
-    hook = MixStyle(p, alpha)
+        raise ValueError(f"no stage of this backbone has output stride 4 or 8 for {hook.name}")
     return [backbone.get_submodule(tap).register_forward_hook(hook) for tap in taps]
+
+
+def attach_mixstyle(
+    backbone: nn.Module, stages: list[Stage], p: float, alpha: float = ALPHA
+) -> list[RemovableHandle]:
+    """Register MixStyle (probability ``p``, Beta(``alpha``, ``alpha``) weights) as
+    :func:`attach_style` does; returns the handles that detach it."""
+    return attach_style(backbone, stages, MixStyle(p, alpha))

@@ -146,6 +146,7 @@ def train(
     augment: str | list[str] | None = _D.augment,
     ema: float | None = _D.ema,
     mixstyle: float | None = _D.mixstyle,
+    dsu: float | None = _D.dsu,
     swad: bool = _D.swad,
     loss: str = _D.loss,
     class_weights: str | None = _D.class_weights,
@@ -251,8 +252,9 @@ def _note_ignored_by_probe(config: TrainConfig) -> None:
         ignored.append(f"augment={','.join(config.augment) or 'none'}")
     if config.ema is not None:
         ignored.append(f"ema={config.ema}")
-    if config.mixstyle is not None:
-        ignored.append(f"mixstyle={config.mixstyle}")
+    for name in ("mixstyle", "dsu"):
+        if getattr(config, name) is not None:
+            ignored.append(f"{name}={getattr(config, name)}")
     if config.swad:
         ignored.append("swad")
     if config.loss != TrainConfig.loss:
