@@ -27,6 +27,8 @@ from medtune.transfer.recipe import (
 )
 
 AUX_WEIGHT = 0.3
+#: The logged validation loss (one-hot cross-entropy), read by ``engines.swad``.
+VAL_LOSS = "val_loss"
 BN_MOMENTUM = 0.1
 """Running-statistics momentum while fine-tuning. TF-ported weights (Lite0) come with 0.01, which
 needs hundreds of steps to track the changing weights: a short fine-tune then evaluates with
@@ -203,7 +205,7 @@ class FinetuneModule(L.LightningModule):
         loss = F.cross_entropy(logits, labels).item()
         probs = torch.softmax(logits, dim=1).cpu().numpy()
         stats = quick_metrics(labels.cpu().numpy(), probs, ordinal=self.ordinal)
-        out = {"val_loss": loss, "val_n": float(len(labels))}
+        out = {VAL_LOSS: loss, "val_n": float(len(labels))}
         out.update({f"val_{k}": float(v) for k, v in stats.items() if np.isfinite(v)})
         return out
 

@@ -24,9 +24,9 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import WeightAveraging
 
-log = logging.getLogger("medtune")
+from medtune.engines.lightning_module import VAL_LOSS
 
-LOSS = "val_loss"
+log = logging.getLogger("medtune")
 
 
 class ValleyWeightAveraging(WeightAveraging):
@@ -67,7 +67,7 @@ class ValleyWeightAveraging(WeightAveraging):
         ``on_validation_epoch_end``) and start averaging when it no longer improves."""
         if self.started or trainer.sanity_checking:
             return
-        loss = trainer.callback_metrics.get(LOSS)
+        loss = trainer.callback_metrics.get(VAL_LOSS)
         if loss is None:
             return
         loss = float(loss)
