@@ -50,6 +50,7 @@ LOSO_RECIPES: dict[str, dict[str, Any]] = {
     "site-balance": {"site_balance": 0.5},
     "mixstyle": {"mixstyle": 0.5},
     "dsu": {"dsu": 0.5},
+    "artefact": {"augment": "site,artefact"},  # GDRNet's halo, hole and spot on top
     "swad": {"swad": True, "schedule": "constant"},  # SWAD averages at a constant rate
     "constant-lr": {"schedule": "constant"},  # the control: the rate without the average
     "sord": {"loss": "sord"},  # soft ordinal labels

@@ -458,9 +458,10 @@ class TrainConfig:
         shown="`[site]` (all seven)",
         help="site augmentation inside the field of view, against camera and clinic "
         "differences: `brightness`, `contrast`, `gamma`, `colour-temperature`, `blur`, `jpeg`, "
-        "`scale`, or the groups `colour`, `camera`, `site` (all seven), comma-separated on the "
-        "command line; `none` (`[]` in YAML) turns it off, as the `seed` preset does; stored "
-        "expanded; fine-tuning only (`docs/generalisation.md`)",
+        "`scale`, or the groups `colour`, `camera`, `site` (all seven); the fundus artefacts "
+        "`halo`, `hole`, `spot` (the group `artefact`, GDRNet 2023; not in `site`); "
+        "comma-separated on the command line; `none` (`[]` in YAML) turns it off, as the `seed` "
+        "preset does; stored expanded; fine-tuning only (`docs/generalisation.md`)",
     )
     ema: float | None = setting(
         None,

@@ -8,6 +8,8 @@ import torch
 
 from medtune.data.fundus import field_of_view_mask
 from medtune.data.site_augment import (
+    ARTEFACTS,
+    AUGMENTATIONS,
     SITE_AUGMENTATIONS,
     _colour_temperature,
     _zoom,
@@ -30,11 +32,15 @@ def test_names_and_groups_expand_in_application_order() -> None:
         "brightness", "contrast", "gamma", "colour-temperature", "jpeg",
     )  # fmt: skip
     assert resolve_augment(["scale", "camera"]) == ("blur", "jpeg", "scale")
+    assert resolve_augment("spot,site,halo") == (*SITE_AUGMENTATIONS, "halo", "spot")
+    assert resolve_augment("artefact") == ARTEFACTS and not set(ARTEFACTS) & set(
+        SITE_AUGMENTATIONS
+    )  # the default group is unchanged
     with pytest.raises(MedtuneError, match="'hue' is unknown.*brightness"):
         resolve_augment("hue")
 
 
-@pytest.mark.parametrize("name", SITE_AUGMENTATIONS)
+@pytest.mark.parametrize("name", AUGMENTATIONS)
 def test_each_augmentation_changes_the_fov_and_leaves_the_border_black(fundus, name) -> None:
     fov = field_of_view_mask(fundus.permute(1, 2, 0).numpy())
     changed = 0
@@ -53,6 +59,32 @@ def test_all_augmentations_repeat_with_the_same_seed(fundus) -> None:
     c = augment_site(fundus, SITE_AUGMENTATIONS, np.random.default_rng(8))
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert torch.equal(augment_site(fundus, (), np.random.default_rng(0)), fundus)
+
+
+def _applied(fundus: torch.Tensor, name: str) -> torch.Tensor:
+    """The first draw (by seed) in which the artefact is applied (probability 0.5)."""
+    for seed in range(20):
+        out = augment_site(fundus, (name,), np.random.default_rng(seed))
+        if (out.float() - fundus.float()).abs().mean() > 0.1:
+            return out.float()
+    raise AssertionError(f"{name} never applied")
+
+
+def test_artefacts_darken_a_region_brighten_the_rim_and_add_bright_spots(fundus) -> None:
+    before = fundus.float()
+    fov = torch.from_numpy(field_of_view_mask(fundus.permute(1, 2, 0).numpy()))
+    side = fundus.shape[-1]
+    yy, xx = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    radius = torch.sqrt((yy - side / 2) ** 2 + (xx - side / 2) ** 2) / (side / 2)
+    rim, centre = fov & (radius > 0.85), fov & (radius < 0.4)
+    assert rim.sum() > 50 and centre.sum() > 50
+    hole = _applied(fundus, "hole") - before
+    assert hole[:, fov].max() <= 0 and hole[:, fov].mean() < -3  # only darker
+    halo = _applied(fundus, "halo") - before
+    assert halo[:, fov].min() >= 0 and halo[:, rim].mean() > 3 * halo[:, centre].mean()
+    spot = _applied(fundus, "spot") - before
+    assert spot[:, fov].min() >= 0 and spot.amax() >= 10  # bright, local
+    assert (spot.amax(dim=0)[fov] > 2).float().mean() < 0.5
 
 
 def test_colour_temperature_warms_red_and_cools_blue(fundus) -> None:

@@ -15,13 +15,29 @@ Each name and its change, drawn per image:
 * ``colour-temperature``: red x (1 + t), blue x (1 - t), t ~ U(-0.1, 0.1) (warmer / cooler);
 * ``blur``: with probability 0.5, Gaussian blur with sigma U(0.2, 1.5) % of the side;
 * ``jpeg``: with probability 0.5, JPEG re-compression at quality U(30, 95);
-* ``scale``: zoom about the centre by U(0.9, 1.1) (field-of-view diameter differences).
+* ``scale``: zoom about the centre by U(0.9, 1.1) (field-of-view diameter differences);
+
+and the artefacts of a poor fundus photograph (GDRNet's "fundus visual-artifact augmentation",
+Che et al. 2023, MICCAI, with GDRBench: halo, hole, spot), each with probability 0.5:
+
+* ``halo``: a bright tinted ring at the rim of the field of view (light scattered at the edge of
+  a small pupil): ``+ a * tint / (1 + exp(-(r - r0) / w))``, ``a`` ~ U(20, 70) grey levels,
+  ``r0`` ~ U(0.55, 0.85) and ``w`` ~ U(0.05, 0.15) of the half side, one of three tints;
+* ``hole``: a large soft under-exposed region (uneven illumination): pixels x ``1 - d * g``,
+  ``g`` a Gaussian of width U(0.25, 0.5) half sides about a centre within 0.3 of the middle,
+  depth ``d`` ~ U(0.2, 0.5);
+* ``spot``: 3-8 bright diffuse spots (dust on the lens, reflections): Gaussians of width
+  U(0.03, 0.08) half sides and height U(20, 60) grey levels, wider and fainter than hard
+  exudates (a lesion) so that they do not teach the network to ignore those.
 
 Groups: ``colour`` (brightness, contrast, gamma, colour-temperature), ``camera`` (blur, jpeg,
-scale) and ``site`` (all seven). The ranges are moderate, so lesions stay visible, and were set
-once, not tuned on the cross-site benchmark (``docs/generalisation.md`` measures each group).
-Operations come from ``torchvision.transforms.v2`` and Pillow (JPEG); the colour-temperature
-gain is written here because neither has a white-balance operation.
+scale), ``site`` (those seven) and ``artefact`` (halo, hole, spot). The ranges are moderate, so
+lesions stay visible, and were set once, not tuned on the cross-site benchmark
+(``docs/generalisation.md`` measures each group). Operations come from
+``torchvision.transforms.v2`` and Pillow (JPEG); the colour-temperature gain and the artefacts
+are written here because neither has a white-balance operation, and the artefact transforms
+of general libraries (albumentations' sun flare, shadow and spatter) model outdoor scenes, not
+a fundus camera's circular field of view.
 """
 
 from __future__ import annotations
@@ -38,7 +54,14 @@ from PIL import Image
 from medtune.data.fundus import field_of_view_mask
 from medtune.errors import MedtuneError
 
-__all__ = ["AUGMENT_GROUPS", "SITE_AUGMENTATIONS", "augment_site", "resolve_augment"]
+__all__ = [
+    "ARTEFACTS",
+    "AUGMENTATIONS",
+    "AUGMENT_GROUPS",
+    "SITE_AUGMENTATIONS",
+    "augment_site",
+    "resolve_augment",
+]
 
 SITE_AUGMENTATIONS = (
     "brightness",
@@ -49,11 +72,18 @@ SITE_AUGMENTATIONS = (
     "jpeg",
     "scale",
 )
+#: Fundus photograph artefacts (GDRNet's halo, hole and spot; not in the ``site`` group).
+ARTEFACTS = ("halo", "hole", "spot")
+#: Every name, in application order.
+AUGMENTATIONS = SITE_AUGMENTATIONS + ARTEFACTS
 AUGMENT_GROUPS = {
     "colour": ("brightness", "contrast", "gamma", "colour-temperature"),
     "camera": ("blur", "jpeg", "scale"),
     "site": SITE_AUGMENTATIONS,
+    "artefact": ARTEFACTS,
 }
+#: Halo tints (RGB gains): warm white, yellow-green, cyan; set once, not tuned.
+HALO_TINTS = ((1.0, 0.95, 0.85), (0.75, 1.0, 0.6), (0.55, 0.9, 1.0))
 
 
 def resolve_augment(names: Iterable[str] | str | None) -> tuple[str, ...]:
@@ -62,7 +92,7 @@ def resolve_augment(names: Iterable[str] | str | None) -> tuple[str, ...]:
     Parameters
     ----------
     names : iterable of str, a comma-separated str, or None
-        Augmentation names (:data:`SITE_AUGMENTATIONS`), groups (:data:`AUGMENT_GROUPS`) or
+        Augmentation names (:data:`AUGMENTATIONS`), groups (:data:`AUGMENT_GROUPS`) or
         ``"none"``.
 
     Returns
@@ -84,12 +114,12 @@ def resolve_augment(names: Iterable[str] | str | None) -> tuple[str, ...]:
             continue
         if name in AUGMENT_GROUPS:
             chosen.update(AUGMENT_GROUPS[name])
-        elif name in SITE_AUGMENTATIONS:
+        elif name in AUGMENTATIONS:
             chosen.add(name)
         else:
-            known = ", ".join([*AUGMENT_GROUPS, *SITE_AUGMENTATIONS])
+            known = ", ".join([*AUGMENT_GROUPS, *AUGMENTATIONS])
             raise MedtuneError(f"augmentation {raw!r} is unknown; use none or some of: {known}")
-    return tuple(n for n in SITE_AUGMENTATIONS if n in chosen)
+    return tuple(n for n in AUGMENTATIONS if n in chosen)
 
 
 def augment_site(
@@ -139,6 +169,7 @@ def augment_site(
         img = TF.adjust_gamma(img, float(math.exp(rng.uniform(math.log(0.7), math.log(1.4)))))
     if "colour-temperature" in names:
         img = _colour_temperature(img, float(rng.uniform(-0.1, 0.1)))
+    img = _artefacts(img, names, rng)  # in the optics: before the sensor's blur and JPEG
     if "blur" in names and rng.random() < 0.5:
         sigma = float(rng.uniform(0.002, 0.015)) * img.shape[-1]
         kernel = 2 * math.ceil(3 * sigma) + 1
@@ -146,6 +177,33 @@ def augment_site(
     if "jpeg" in names and rng.random() < 0.5:
         img = _jpeg(img, int(rng.integers(30, 96)))
     return img * (keep >= 128).to(img.dtype)
+
+
+def _artefacts(img: torch.Tensor, names: tuple[str, ...], rng: np.random.Generator) -> torch.Tensor:
+    """Halo, hole and spots (each drawn with probability 0.5), in grey levels of ``img``."""
+    chosen = [n for n in ARTEFACTS if n in names and rng.random() < 0.5]
+    if not chosen:
+        return img
+    h, w = img.shape[-2:]
+    yy = torch.linspace(-1.0, 1.0, h).view(h, 1)  # half sides from the centre
+    xx = torch.linspace(-1.0, 1.0, w).view(1, w)
+    out = img.float()
+    if "hole" in chosen:
+        cy, cx = rng.uniform(-0.3, 0.3, size=2)
+        width, depth = rng.uniform(0.25, 0.5), rng.uniform(0.2, 0.5)
+        shade = torch.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * width**2))
+        out = out * (1.0 - depth * shade)
+    if "halo" in chosen:
+        radius = torch.sqrt(yy**2 + xx**2)
+        ring = torch.sigmoid((radius - rng.uniform(0.55, 0.85)) / rng.uniform(0.05, 0.15))
+        tint = torch.tensor(HALO_TINTS[int(rng.integers(len(HALO_TINTS)))]).view(3, 1, 1)
+        out = out + rng.uniform(20.0, 70.0) * tint * ring
+    if "spot" in chosen:
+        for _ in range(int(rng.integers(3, 9))):
+            cy, cx = rng.uniform(-0.8, 0.8, size=2)
+            width, height = rng.uniform(0.03, 0.08), rng.uniform(20.0, 60.0)
+            out = out + height * torch.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * width**2))
+    return out.round_().clamp_(0, 255).to(torch.uint8)
 
 
 def _zoom(img: torch.Tensor, zoom: float) -> torch.Tensor:
