@@ -191,8 +191,7 @@ def _artefacts(img: torch.Tensor, names: tuple[str, ...], rng: np.random.Generat
     if "hole" in chosen:
         cy, cx = rng.uniform(-0.3, 0.3, size=2)
         width, depth = rng.uniform(0.25, 0.5), rng.uniform(0.2, 0.5)
-        shade = torch.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * width**2))
-        out = out * (1.0 - depth * shade)
+        out = out * (1.0 - depth * _bump(yy, xx, cy, cx, width))
     if "halo" in chosen:
         radius = torch.sqrt(yy**2 + xx**2)
         ring = torch.sigmoid((radius - rng.uniform(0.55, 0.85)) / rng.uniform(0.05, 0.15))
@@ -202,8 +201,13 @@ def _artefacts(img: torch.Tensor, names: tuple[str, ...], rng: np.random.Generat
         for _ in range(int(rng.integers(3, 9))):
             cy, cx = rng.uniform(-0.8, 0.8, size=2)
             width, height = rng.uniform(0.03, 0.08), rng.uniform(20.0, 60.0)
-            out = out + height * torch.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * width**2))
+            out = out + height * _bump(yy, xx, cy, cx, width)
     return out.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _bump(yy: torch.Tensor, xx: torch.Tensor, cy: float, cx: float, width: float) -> torch.Tensor:
+    """A unit-height Gaussian centred at (cy, cx) on the (H, 1) x (1, W) grid, in half sides."""
+    return torch.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * width**2))
 
 
 def _zoom(img: torch.Tensor, zoom: float) -> torch.Tensor:
