@@ -32,6 +32,12 @@ EPS = 1e-6
 _PROBE_SIDE = 64
 
 
+def channel_statistics(f: Tensor, eps: float = EPS) -> tuple[Tensor, Tensor]:
+    """Per-image, per-channel mean and standard deviation over H and W of ``f`` (B, C, H, W):
+    two (B, C, 1, 1) tensors, ``eps`` added to the variance (the "style" of both papers)."""
+    return f.mean(dim=(2, 3), keepdim=True), (f.var(dim=(2, 3), keepdim=True) + eps).sqrt()
+
+
 def mix_statistics(x: Tensor, lam: Tensor, perm: Tensor, eps: float = EPS) -> Tensor:
     """Give every image the mixed channel statistics of itself and ``x[perm]``.
 
@@ -54,8 +60,7 @@ def mix_statistics(x: Tensor, lam: Tensor, perm: Tensor, eps: float = EPS) -> Te
         ``mu_mix = lam * mu + (1 - lam) * mu[perm]`` (the same for ``sigma``).
     """
     f = x.float()
-    mu = f.mean(dim=(2, 3), keepdim=True).detach()
-    sigma = (f.var(dim=(2, 3), keepdim=True) + eps).sqrt().detach()
+    mu, sigma = (s.detach() for s in channel_statistics(f, eps))
     w = lam.float().view(-1, 1, 1, 1)
     mu_mix = w * mu + (1 - w) * mu[perm]
     sigma_mix = w * sigma + (1 - w) * sigma[perm]
@@ -84,8 +89,7 @@ def perturb_statistics(x: Tensor, noise: Tensor, eps: float = EPS) -> Tensor:
         statistics are not detached, as in the paper).
     """
     f = x.float()
-    mu = f.mean(dim=(2, 3), keepdim=True)
-    sigma = (f.var(dim=(2, 3), keepdim=True) + eps).sqrt()
+    mu, sigma = channel_statistics(f, eps)
     s_mu = (mu.var(dim=0, keepdim=True) + eps).sqrt()
     s_sigma = (sigma.var(dim=0, keepdim=True) + eps).sqrt()
     noise = noise.to(f.dtype)
