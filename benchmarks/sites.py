@@ -288,6 +288,7 @@ def score(run: str, data: Path | None, tta: str, name: str, args: argparse.Names
             k: op.get(k)
             for k in ("threshold", "sensitivity", "sensitivity_ci", "specificity", "specificity_ci")
         }
+        out[point]["referred_by_class"] = op.get("referred_by_class")
     shift = m.get("site_shift")
     out["site_shift_share"] = None if shift is None else shift["share_outside"]
     return out

@@ -8,7 +8,8 @@ For each site H of ``aptos2019-224``, ``eyepacs-dev`` and ``idrid-800`` (IDRiD: 
 Data 2018, CC BY 4.0), every recipe trains on the other two (``medtune.train`` with one
 ``--data`` per site, each split on its own 70/15/15) and is scored on every image of H:
 QWK, referable AUC, and referable sensitivity and specificity at the sens90 point chosen on the
-training sites' validation images (the worst-site rule), each with its 95% interval. Beside it:
+training sites' validation images (the worst-site rule), each with its 95% interval, and the
+share of each grade of H that point refers (a kept fold without it is scored again). Beside it:
 
 - **shift detection**: the batch shift test (``RUN/batch_shift.npz``) on ``--shift-n`` (100)
   random images of H, ``--shift-draws`` (20) draws: the share flagged; and the same on the
@@ -136,18 +137,8 @@ def run_loso(args: argparse.Namespace) -> dict[str, Any]:
             fold = _kept(work, key, fargs)
             if fold is None:
                 fold = _saved(work, key, _fold(name, held, data, work, fargs), fargs)
-            elif fargs.few_labels and "few_labels" not in fold and "label_free" in fold:
-                # a fold kept from a run without the curve: add it on the kept model
-                run = str(work / "runs" / key)
-                fold["few_labels"] = few_label_curve(run, data[held], work, fargs)
-                fold["few_labels_commit"] = _commit()
-                _saved(work, key, fold, fargs, commit=fold.get("commit"))
-            if args.refit_batch_test and fold.get("shift_commit") != _commit():
-                run = str(work / "runs" / key)
-                refit_batch_test(run)
-                fold["shift"] = shift_detection(run, data[held], fargs)
-                fold["shift_commit"] = _commit()
-                _saved(work, key, fold, fargs, commit=fold.get("commit"))
+            else:
+                fold = _completed(fold, key, data[held], work, fargs)
             folds[f"{name} | {held}"] = fold
     pooled = {}
     for name in [] if args.no_pooled else names:
@@ -165,6 +156,26 @@ def run_loso(args: argparse.Namespace) -> dict[str, Any]:
         "folds": folds,
         "pooled": pooled,
     }
+
+
+def _completed(fold: dict[str, Any], key: str, held: Path, work: Path, args) -> dict[str, Any]:
+    """A kept fold with what later commits measure added on its kept model (saved again): the
+    few-label curve, the batch test refitted (``--refit-batch-test``), the grades referred."""
+    run, before = str(work / "runs" / key), json.dumps(fold, sort_keys=True)
+    if args.few_labels and "few_labels" not in fold and "label_free" in fold:
+        fold["few_labels"] = few_label_curve(run, held, work, args)
+        fold["few_labels_commit"] = _commit()
+    if args.refit_batch_test and fold.get("shift_commit") != _commit():
+        refit_batch_test(run)
+        fold["shift"] = shift_detection(run, held, args)
+        fold["shift_commit"] = _commit()
+    if fold["scores"]["sens90"].get("referred_by_class") is None:
+        # only the new key: the kept figures stay those of the commit that made them
+        again = score(run, held, "none", f"loso-{held.name}", args)["sens90"]
+        fold["scores"]["sens90"]["referred_by_class"] = again["referred_by_class"]
+    if json.dumps(fold, sort_keys=True) != before:
+        _saved(work, key, fold, args, commit=fold.get("commit"))
+    return fold
 
 
 def _fold(name: str, held: str, data: dict[str, Path], work: Path, args) -> dict[str, Any]:
@@ -428,7 +439,26 @@ def table_md(result: dict[str, Any]) -> str:
                 f"{_ci(s['sensitivity'], s['sensitivity_ci'])} / "
                 f"{_ci(s['specificity'], s['specificity_ci'])} |"
             )
-    return "\n".join(lines + few_labels_md(result))
+    return "\n".join(lines + grades_md(result) + few_labels_md(result))
+
+
+def grades_md(result: dict[str, Any]) -> list[str]:
+    """Per fold, the share of each true grade of the held-out site referred at sens90."""
+    rows, grades = [], None
+    for fold in result["folds"].values():
+        by = fold["scores"]["sens90"].get("referred_by_class")
+        if not by:
+            continue
+        grades = grades or list(by)
+        cells = [f"{by[g]['share']:.2f} ({by[g]['referred']}/{by[g]['n']})" if by[g]["n"] else
+                 "n/a" for g in grades]  # fmt: skip
+        rows.append(f"| {fold['recipe']} | {fold['held_out']} | " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    head = " | ".join(f"grade {g}" for g in grades)
+    return ["", "Share of each true grade of the held-out site referred at the sens90 point "
+            "(referred / images):", "", f"| recipe | held-out site | {head} |",
+            "|---" * (len(grades) + 2) + "|", *rows]  # fmt: skip
 
 
 def few_labels_md(result: dict[str, Any]) -> list[str]:

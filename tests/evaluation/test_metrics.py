@@ -201,6 +201,30 @@ def test_binary_task_uses_positive_class() -> None:
     assert m["sensitivity"] == pytest.approx(recall_score(y, pred))
     assert m["specificity"] == pytest.approx(recall_score(y, pred, pos_label=0))
     assert set(m["operating_points"]) == {"sens90", "sens97.5", "youden"}
+    assert "referred_by_class" not in m["operating_points"]["youden"]  # it IS sens/spec
+
+
+def test_referred_by_grade_counts_each_grade_at_the_validated_threshold() -> None:
+    # validation: grades 0-1 score 0.1-0.3, grades 2-4 score 0.6-0.8, so every point's
+    # threshold lies between 0.3 and 0.6
+    y_val = np.array([0, 0, 1, 1, 2, 2, 3, 3, 4, 4])
+    s_val = [0.1, 0.2, 0.25, 0.3, 0.6, 0.65, 0.7, 0.75, 0.8, 0.8]
+    # test: one grade-0 image above the cut, one grade-2 below, grade 3 all caught, no grade 1
+    y = np.array([0, 0, 0, 2, 2, 3, 3, 4])
+    s = [0.05, 0.1, 0.9, 0.2, 0.7, 0.9, 0.95, 0.1]
+    groups = ["a", "a", "b", "c", "d", "e", "e", "f"]
+    m = compute_metrics(y, _dr_probs(s), DR, val=(y_val, _dr_probs(s_val)), groups=groups, n_boot=0)
+    by = m["operating_points"]["sens90"]["referred_by_class"]
+    assert {g: (d["referred"], d["n"]) for g, d in by.items()} == {
+        "0": (1, 3), "1": (0, 0), "2": (1, 2), "3": (2, 2), "4": (0, 1)
+    }  # fmt: skip
+    assert by["0"]["share"] == pytest.approx(1 / 3) and by["1"]["share"] is None
+    assert by["1"]["share_ci"] is None
+    lo, hi = by["3"]["share_ci"]
+    assert lo < 1.0 == hi  # two images of ONE patient: a wide interval, not a certainty
+    # the positive grades add up to the point's sensitivity
+    op = m["operating_points"]["sens90"]
+    assert sum(by[g]["referred"] for g in "234") == op["tp"] and op["tp"] + op["fn"] == 5
 
 
 # ---------------------------------------------------------------- bootstrap

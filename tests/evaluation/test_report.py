@@ -176,11 +176,16 @@ def test_report_is_self_contained(tmp_path: Path) -> None:
     assert "http" not in without_images and "://" not in text and "<script" not in text
     assert "DR &lt;test&gt; report" in text and 'id="synthetic-warning"' in text
     assert 'id="tbl-metrics"' in text and 'id="tbl-operating-points"' in text
+    table = text.split('id="tbl-referred-by-grade"')[1].split("</table>")[0]
+    assert table.count("<tr>") == 1 + len(DR) and "Proliferative DR" in table
+    n4 = int((y == 4).sum())
+    assert f"/{n4})" in table.split("Proliferative DR")[1]  # k/n of grade 4 in its row
     summary = (out.parent / "summary.md").read_text()
     card = (out.parent / "MODEL_CARD.md").read_text()
     assert "synthetic" in summary.lower() and "synthetic" in card.lower()
     assert "Not a standalone diagnostic" in card and "Dataset shift" in card
     assert "Referable DR sensitivity" in summary and "sens97.5" in card
+    assert "by true grade" in summary and "| Severe NPDR |" in summary
     assert not list(out.parent.glob(".*.tmp"))  # atomic writes left no temp files
 
 

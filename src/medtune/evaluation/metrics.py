@@ -68,6 +68,7 @@ __all__ = [
     "compute_metrics",
     "per_site_metrics",
     "quick_metrics",
+    "referred_by_class",
 ]
 
 HEADLINE_POINT = "youden"
@@ -252,6 +253,11 @@ def compute_metrics(
         "confusion_matrix": confusion_matrix(y, pred, labels=np.arange(K)).tolist(),
     }
     out.update(_binary_block(task, y, p, point, cis, points, thresholds_from, counts))
+    if task is not None and K > 2:
+        for d in (out["operating_points"] or {}).values():
+            d["referred_by_class"] = referred_by_class(
+                y, task.score(p), d["threshold"], class_names, g
+            )
     out["bootstrap"] = boot_info
     out["intervals"] = intervals
     out["notes"] = notes
@@ -284,6 +290,54 @@ def _chosen_points(
     if not points:
         notes.append(f"{task.name}: threshold data lack positives or negatives; no points")
     return points, thresholds_from, notes
+
+
+def referred_by_class(
+    y: np.ndarray,
+    score: np.ndarray,
+    threshold: float,
+    class_names: Sequence[str],
+    groups: np.ndarray | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Share of each true class's images referred (``score >= threshold``) at one point.
+
+    Sensitivity pools the positive grades; screening studies also report it per grade, since a
+    missed proliferative eye costs more than a missed moderate one (e.g. Gulshan et al., JAMA
+    2016, give sensitivity for referable and for severe-or-worse DR separately). Among the
+    negative grades the share is the false-referral rate of that grade.
+
+    Parameters
+    ----------
+    y : ndarray of int, shape (N,)
+        True class index per image.
+    score : ndarray of float, shape (N,)
+        The binary task's score (e.g. P(referable)) per image.
+    threshold : float
+        The operating point's cut-off.
+    class_names : sequence of str, length K
+        Names of the classes, in index order.
+    groups : ndarray, shape (N,), optional
+        Patient (group) id per image: the intervals then use the cluster design effect.
+
+    Returns
+    -------
+    dict
+        ``{name: {"n", "referred", "share", "share_ci"}}`` per class; ``share`` and its Wilson
+        interval (:func:`~medtune.evaluation.intervals.proportion_ci`) are None for a class
+        without images.
+    """
+    hit = np.asarray(score) >= threshold
+    out: dict[str, dict[str, Any]] = {}
+    for k, name in enumerate(class_names):
+        mask = y == k
+        n, referred = int(mask.sum()), int(hit[mask].sum())
+        out[str(name)] = {
+            "n": n,
+            "referred": referred,
+            "share": referred / n if n else None,
+            "share_ci": proportion_ci(hit[mask], None if groups is None else groups[mask]),
+        }
+    return out
 
 
 def _undefined_auc_notes(aucs: np.ndarray, class_names: list[str]) -> list[str]:

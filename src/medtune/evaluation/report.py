@@ -210,6 +210,29 @@ def _op_rows(m: Mapping[str, Any]) -> list[list[str]]:
     return rows
 
 
+def _referred_header(m: Mapping[str, Any]) -> list[str]:
+    """``grade`` and the points that carry ``referred_by_class`` (none for two classes)."""
+    ops = m.get("operating_points") or {}
+    return ["grade", *(n for n, d in ops.items() if d.get("referred_by_class"))]
+
+
+def _referred_rows(m: Mapping[str, Any]) -> list[list[str]]:
+    """Per grade, the share of its images each operating point refers: ``share [CI] (k/n)``."""
+    ops = [d["referred_by_class"] for d in (m.get("operating_points") or {}).values()
+           if d.get("referred_by_class")]  # fmt: skip
+    if not ops:
+        return []
+    shown = dict(zip(m["class_names"], _names(m), strict=True))
+    return [
+        [shown.get(c, c)]
+        + [
+            f"{_num(o[c]['share'])} {_ci(o[c]['share_ci'])} ({o[c]['referred']}/{o[c]['n']})"
+            for o in ops
+        ]  # fmt: skip
+        for c in m["class_names"]
+    ]
+
+
 def _names(m: Mapping[str, Any]) -> list[str]:
     """Grade names of the metrics' classes (one table: ``LabelSpace.grade_names``)."""
     return LabelSpace(tuple(m["class_names"]), bool(m.get("ordinal"))).grade_names
@@ -593,6 +616,21 @@ def _operating_points_html(m: Mapping[str, Any], main: str) -> str:
         "The headline sensitivity/specificity use the Youden point; <code>medtune predict"
         "</code> refers at the 90% sensitivity point unless told otherwise.</p>"
         + _table("tbl-operating-points", _OP_HEADER, _op_rows(m))
+        + _referred_html(m)
+    )
+
+
+def _referred_html(m: Mapping[str, Any]) -> str:
+    """Which grades each point refers ('' for a two-class task)."""
+    rows = _referred_rows(m)
+    if not rows:
+        return ""
+    return (
+        "<h3>Referred at each operating point, by grade</h3><p>The share of each true grade's "
+        "images at or above the threshold, with its 95% interval: in the positive grades the "
+        "sensitivity per grade (a missed severe eye costs more than a missed moderate one), in "
+        "the negative grades the false-referral rate.</p>"
+        + _table("tbl-referred-by-grade", _referred_header(m), rows)
     )
 
 
@@ -669,7 +707,20 @@ def _md_ops(m: Mapping[str, Any], main: str) -> str:
         + "|\n"
         + "\n".join("| " + " | ".join(r) + " |" for r in rows)
         + "\n"
+        + _md_referred(m)
     )
+
+
+def _md_referred(m: Mapping[str, Any]) -> str:
+    rows = _referred_rows(m)
+    if not rows:
+        return ""
+    header = _referred_header(m)
+    return (
+        "\nReferred at each point, by true grade (share [95% CI] (referred/images)):\n\n"
+        + "| " + " | ".join(header) + " |\n" + "|---" * len(header) + "|\n"
+        + "\n".join("| " + " | ".join(r) + " |" for r in rows) + "\n"
+    )  # fmt: skip
 
 
 _SYNTHETIC_MD = (
