@@ -229,7 +229,7 @@ def _referred_rows(m: Mapping[str, Any]) -> list[list[str]]:
             f"{_num(o[c]['share'])} {_ci(o[c]['share_ci'])} ({o[c]['referred']}/{o[c]['n']})"
             for o in ops
         ]  # fmt: skip
-        for c in m["class_names"]
+        for c in map(str, m["class_names"])
     ]
 
 
