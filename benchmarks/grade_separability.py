@@ -117,24 +117,15 @@ def out_of_fold(x: np.ndarray, y: np.ndarray, groups: np.ndarray) -> np.ndarray:
 
 
 def auc_ci(positive: np.ndarray, scores: np.ndarray, groups: np.ndarray) -> dict[str, Any]:
-    """AUC with a percentile bootstrap interval resampling whole groups (patients).
-
-    Hand-written: ``scipy.stats.bootstrap`` resamples observations, not clusters, and a
-    patient's two eyes are not independent.
-    """
-    from sklearn.metrics import roc_auc_score
+    """AUC with a percentile bootstrap interval resampling whole groups (patients): medtune's
+    own cluster bootstrap (``evaluation.intervals.bootstrap_weights``, ``WeightedAUC``)."""
+    from medtune.evaluation.intervals import WeightedAUC, bootstrap_weights
 
     positive = np.asarray(positive, dtype=int)
-    ids, index = np.unique(groups, return_inverse=True)
-    members = [np.flatnonzero(index == k) for k in range(len(ids))]
-    rng = np.random.default_rng(0)
-    boot = []
-    for _ in range(N_BOOT):
-        take = np.concatenate([members[k] for k in rng.integers(0, len(ids), len(ids))])
-        if 0 < positive[take].sum() < len(take):
-            boot.append(roc_auc_score(positive[take], scores[take]))
-    lo, hi = np.percentile(boot, [2.5, 97.5])
-    return {"auc": float(roc_auc_score(positive, scores)), "ci": [float(lo), float(hi)],
+    auc = WeightedAUC(positive, scores)
+    boot = [auc(w) for w in bootstrap_weights(len(positive), groups, n_boot=N_BOOT, seed=0)]
+    lo, hi = np.nanpercentile(boot, [2.5, 97.5])
+    return {"auc": auc(np.ones(len(positive))), "ci": [float(lo), float(hi)],
             "n_positive": int(positive.sum())}  # fmt: skip
 
 
