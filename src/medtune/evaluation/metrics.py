@@ -254,10 +254,9 @@ def compute_metrics(
     }
     out.update(_binary_block(task, y, p, point, cis, points, thresholds_from, counts))
     if task is not None and K > 2:
+        score = task.score(p)
         for d in (out["operating_points"] or {}).values():
-            d["referred_by_class"] = referred_by_class(
-                y, task.score(p), d["threshold"], class_names, g
-            )
+            d["referred_by_class"] = referred_by_class(y, score, d["threshold"], class_names, g)
     out["bootstrap"] = boot_info
     out["intervals"] = intervals
     out["notes"] = notes

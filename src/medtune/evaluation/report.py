@@ -684,28 +684,26 @@ def _interval_words(m: Mapping[str, Any]) -> str:
     return f"{info['proportions']} for proportions, {info['other']} for the rest"
 
 
+def _md_table(header: Sequence[Any], rows: Sequence[Sequence[Any]]) -> str:
+    """A markdown table (no trailing newline): header, separator, one line per row."""
+    lines = ["| " + " | ".join(map(str, header)) + " |", "|---" * len(header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
+
+
 def _md_metrics(splits: Mapping[str, Mapping[str, Any]]) -> str:
-    names = list(splits)
-    lines = [
-        "| metric | " + " | ".join(f"{s} [95% CI]" for s in names) + " |",
-        "|---" * (len(names) + 1) + "|",
-    ]
-    lines += ["| " + " | ".join(r) + " |" for r in _headline_rows(splits)]
+    header = ["metric", *(f"{s} [95% CI]" for s in splits)]
     note = _small_n_note(splits).strip()
-    return "\n".join(lines) + (f"\n\n{note}" if note else "")
+    return _md_table(header, _headline_rows(splits)) + (f"\n\n{note}" if note else "")
 
 
 def _md_ops(m: Mapping[str, Any], main: str) -> str:
     rows = _op_rows(m)
     if not rows:
         return ""
-    head = "| " + " | ".join(_OP_HEADER) + " |"
     return (
         f"\nOperating points for {m['binary_task']['name']}: thresholds chosen on "
-        f"{m.get('thresholds_from')}, applied unchanged to {main}.\n\n{head}\n"
-        + "|---" * 7
-        + "|\n"
-        + "\n".join("| " + " | ".join(r) + " |" for r in rows)
+        f"{m.get('thresholds_from')}, applied unchanged to {main}.\n\n"
+        + _md_table(_OP_HEADER, rows)
         + "\n"
         + _md_referred(m)
     )
@@ -715,12 +713,11 @@ def _md_referred(m: Mapping[str, Any]) -> str:
     rows = _referred_rows(m)
     if not rows:
         return ""
-    header = _referred_header(m)
     return (
         "\nReferred at each point, by true grade (share [95% CI] (referred/images)):\n\n"
-        + "| " + " | ".join(header) + " |\n" + "|---" * len(header) + "|\n"
-        + "\n".join("| " + " | ".join(r) + " |" for r in rows) + "\n"
-    )  # fmt: skip
+        + _md_table(_referred_header(m), rows)
+        + "\n"
+    )
 
 
 _SYNTHETIC_MD = (
